@@ -1,0 +1,125 @@
+//! A TCP proxy in front of the real S3 server that injects faults, so retry
+//! and timeout behaviour is tested against real connections, not mocks.
+//!
+//! Each accepted connection consumes one entry of the fault plan (then the
+//! plan's default applies): forward it, answer one request with an HTTP error
+//! and close, drop it after reading the request, or hold it open silently.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Pass the connection through to the server.
+    Forward,
+    /// Answer `503 Service Unavailable`, as an overloaded server does.
+    ServiceUnavailable,
+    /// Answer S3's throttling error, `503 SlowDown`.
+    SlowDown,
+    /// Read the request, then close the connection without a word.
+    Drop,
+    /// Read the request and never answer.
+    Hang,
+}
+
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    plan: Arc<Mutex<(VecDeque<Fault>, Fault)>>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on 127.0.0.1 forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let plan = Arc::new(Mutex::new((VecDeque::new(), Fault::Forward)));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (plan.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let fault = {
+                    let mut plan = p.lock().expect("plan lock");
+                    let default = plan.1;
+                    plan.0.pop_front().unwrap_or(default)
+                };
+                tokio::spawn(handle(client, upstream, fault));
+            }
+        });
+        FaultProxy {
+            addr,
+            plan,
+            connections,
+            task,
+        }
+    }
+
+    /// The next connections get these faults, in order; later ones get `default`.
+    pub fn plan(&self, faults: &[Fault], default: Fault) {
+        let mut plan = self.plan.lock().expect("plan lock");
+        plan.0 = faults.iter().copied().collect();
+        plan.1 = default;
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
+    if fault == Fault::Forward {
+        if let Ok(mut server) = TcpStream::connect(upstream).await {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        }
+        return;
+    }
+    read_request_head(&mut client).await;
+    let answer = match fault {
+        Fault::ServiceUnavailable => error_response("503 Service Unavailable", ""),
+        Fault::SlowDown => error_response(
+            "503 Slow Down",
+            "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code><Message>Reduce your request rate</Message></Error>",
+        ),
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return;
+        }
+        Fault::Drop | Fault::Forward => return,
+    };
+    let _ = client.write_all(answer.as_bytes()).await;
+    let _ = client.shutdown().await;
+}
+
+fn error_response(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads until the end of the request headers (the body, if any, is left unread).
+async fn read_request_head(client: &mut TcpStream) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 1 << 20 {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The `sessionfs` binary's store tools and command line, run for real:
+//! `store check` against the real S3 server and a local store, wrong and
+//! missing credentials, bad flags, and the subcommands still to come.
+
+use std::process::{Command, Output};
+
+use sessionfs_tests::{s3_env, sessionfs_bin};
+
+/// The binary with a clean environment plus `vars`, so the host's own
+/// settings never leak into what is tested.
+fn sessionfs(args: &[&str], vars: &[(String, String)]) -> Output {
+    let home = tempfile::tempdir().unwrap();
+    Command::new(sessionfs_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        // Never wait on a cloud metadata service that does not exist here.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn with(vars: &[(String, String)], name: &str, value: &str) -> Vec<(String, String)> {
+    let mut v: Vec<_> = vars.iter().filter(|(k, _)| k != name).cloned().collect();
+    v.push((name.to_owned(), value.to_owned()));
+    v
+}
+
+fn without(vars: &[(String, String)], name: &str) -> Vec<(String, String)> {
+    vars.iter().filter(|(k, _)| k != name).cloned().collect()
+}
+
+#[test]
+fn store_check_passes_against_the_s3_server() {
+    let out = sessionfs(&["store", "check"], &s3_env());
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("s3://"), "{said}");
+    assert!(said.contains("store check passed"), "{said}");
+}
+
+#[test]
+fn store_check_with_a_wrong_secret_says_the_credentials_were_rejected() {
+    let vars = with(&s3_env(), "MINIO_ROOT_PASSWORD", "not-the-secret");
+    let out = sessionfs(&["store", "check"], &vars);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(said.contains("rejected the credentials"), "{said}");
+    assert!(
+        !said.contains("not-the-secret"),
+        "the secret is never printed: {said}"
+    );
+}
+
+#[test]
+fn store_check_with_an_unknown_access_key_says_the_credentials_were_rejected() {
+    let vars = with(&s3_env(), "MINIO_ROOT_USER", "nobody");
+    let out = sessionfs(&["store", "check"], &vars);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("rejected the credentials"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn store_check_of_a_missing_bucket_says_so() {
+    let vars = with(&s3_env(), "MINIO_BUCKET", "no-such-bucket-here");
+    let out = sessionfs(&["store", "check"], &vars);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("no-such-bucket-here") && said.contains("does not exist"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_missing_credential_names_the_variable_to_set() {
+    let out = sessionfs(
+        &["store", "check"],
+        &without(&s3_env(), "MINIO_ROOT_PASSWORD"),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("MINIO_ROOT_PASSWORD"), "{}", text(&out));
+
+    let none = without(
+        &without(&s3_env(), "MINIO_ROOT_PASSWORD"),
+        "MINIO_ROOT_USER",
+    );
+    let out = sessionfs(&["store", "check"], &none);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("no S3 credentials") && said.contains("MINIO_ROOT_USER"),
+        "{said}"
+    );
+}
+
+#[test]
+fn an_unreachable_endpoint_is_reported_as_unavailable() {
+    let vars = with(
+        &with(&s3_env(), "MINIO_PORT", "1"),
+        "SESSIONFS_S3_MAX_ATTEMPTS",
+        "2",
+    );
+    let out = sessionfs(&["store", "check"], &vars);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("unavailable after retries") && said.contains("MINIO_ENDPOINT"),
+        "{said}"
+    );
+}
+
+#[test]
+fn store_check_passes_on_the_local_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vec![(
+        "SESSIONFS_STORE_DIR".to_owned(),
+        dir.path().display().to_string(),
+    )];
+    let out = sessionfs(&["store", "check"], &vars);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("local:"), "{}", text(&out));
+    // The check cleans up after itself.
+    let bucket = dir.path().join("sessions");
+    assert_eq!(std::fs::read_dir(bucket).unwrap().count(), 0);
+}
+
+#[test]
+fn the_local_store_is_the_default_without_s3_settings() {
+    let out = sessionfs(&["store", "check"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("local:"), "{}", text(&out));
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_clear_error() {
+    let out = sessionfs(&["--minio-port", "not-a-port", "store", "check"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("not-a-port"), "{}", text(&out));
+
+    let out = sessionfs(&["--store", "ftp", "store", "check"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let out = sessionfs(&["--bucket", "Bad_Bucket", "store", "check"], &[]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("invalid bucket name"), "{}", text(&out));
+
+    let out = sessionfs(&["--s3-max-attempts", "0", "store", "check"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let out = sessionfs(&["no-such-command"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
+    let out = sessionfs(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = text(&out);
+    let pending = [
+        "serve", "mount", "sync", "push", "pull", "ls", "cat", "flush", "versions", "restore",
+    ];
+    for name in pending.iter().chain(&["store"]) {
+        assert!(
+            help.contains(&format!("\n  {name} ")),
+            "{name} missing from:\n{help}"
+        );
+    }
+    for name in pending {
+        let out = sessionfs(&[name, "some-session", "--flag"], &[]);
+        assert!(!out.status.success(), "{name} must fail until it is built");
+        assert!(
+            text(&out).contains("not implemented yet"),
+            "{name}: {}",
+            text(&out)
+        );
+    }
+}
