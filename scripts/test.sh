@@ -35,11 +35,31 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "building"
 cargo build --workspace --all-targets --quiet
 
+# A port for the S3 server whose gRPC companion (port + 10000) is free too, so a
+# developer's own server, or another run, never collides with this one.
+free_port_pair() {
+  python3 - <<'PY'
+import random, socket
+for _ in range(200):
+    port = random.randint(20000, 29999)
+    try:
+        socks = []
+        for p in (port, port + 10000):
+            s = socket.socket(); s.bind(("127.0.0.1", p)); socks.append(s)
+        print(port)
+        break
+    except OSError:
+        pass
+    finally:
+        for s in socks: s.close()
+PY
+}
+
 log "starting the S3 server"
-export S3_PORT="${S3_PORT:-18333}"
+export S3_PORT="${S3_PORT:-$(free_port_pair)}"
 trap 'scripts/s3-server.sh stop >/dev/null 2>&1 || true' EXIT
-scripts/s3-server.sh stop >/dev/null 2>&1 || true
-eval "$(scripts/s3-server.sh start)"
+s3_env="$(scripts/s3-server.sh start)"
+eval "$s3_env"
 
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
