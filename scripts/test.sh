@@ -12,7 +12,9 @@ log() { printf '\n== %s\n' "$*" >&2; }
 
 install_system_packages() {
   local missing=()
-  for pkg in fuse3 libfuse3-dev pkg-config; do
+  # fuse3 for the mounts; bsdtar, node and python3 read our objects in the compatibility tests;
+  # pigz makes foreign tarballs.
+  for pkg in fuse3 libfuse3-dev pkg-config libarchive-tools nodejs python3 pigz; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

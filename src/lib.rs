@@ -3,7 +3,12 @@
 //! The FUSE mounts (`fuse/`), the HTTP API (`api/`) and the sync agent and CLI
 //! (`agent/`) are thin layers over what lives here:
 //! - [`store`]: object stores, S3 and a local directory, behind one trait;
-//! - the session tarball format and its index, the block cache and sessions
-//!   with their pending changes arrive with the issues that need them.
+//! - [`tarball`]: the seekable session object, its writer, lazy reader and TOC index;
+//! - [`session`]: session paths and the keys of their objects.
+//!
+//! The block cache and sessions with pending changes arrive with the issues
+//! that need them.
 
+pub mod session;
 pub mod store;
+pub mod tarball;

@@ -6,12 +6,18 @@
 //! (`store check`). This file only parses the command line and dispatches;
 //! the work lives in the library crates.
 
+mod inspect;
 mod store_args;
 mod store_check;
+mod transfer;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::tarball::index::TocIndex;
 use store_args::StoreArgs;
 
 /// Coding sessions stored as tar.gz objects in S3, as live directories.
@@ -21,9 +27,18 @@ struct Cli {
     #[command(flatten)]
     store: StoreArgs,
 
-    /// Log filter (e.g. `info`, `sessionfs_core=debug`); also SESSIONFS_LOG.
+    /// Log filter (e.g. `info`, `sessionfs_core=debug`).
     #[arg(long, env = "SESSIONFS_LOG", default_value = "warn", global = true)]
     log: String,
+
+    /// Directory of local state: the index of session TOCs (and, later, the block cache).
+    /// [default: $XDG_CACHE_HOME/sessionfs or ~/.cache/sessionfs]
+    #[arg(long, env = "SESSIONFS_CACHE_DIR", value_name = "DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+
+    /// No progress bars or summaries.
+    #[arg(long, short, global = true)]
+    quiet: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -40,14 +55,33 @@ enum Command {
     Mount(Pending),
     /// Keep a plain local directory in sync with a session (hosts without FUSE).
     Sync(Pending),
-    /// Pack a directory and upload it as a session.
-    Push(Pending),
+    /// Pack a directory into a seekable session tarball file.
+    Pack {
+        /// The directory to pack (its contents become the session's root).
+        dir: PathBuf,
+        /// The file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Pack a directory and upload it as a session, replacing the session's object.
+    Push {
+        dir: PathBuf,
+        /// Session path, e.g. `owner__repo__branch`.
+        session: String,
+    },
     /// Download a session and extract it into a directory.
-    Pull(Pending),
-    /// List the files of a session.
-    Ls(Pending),
-    /// Print one file of a session.
-    Cat(Pending),
+    Pull { session: String, dir: PathBuf },
+    /// List the files of a session (reads only its index).
+    Ls {
+        session: String,
+        /// List only this directory's entries.
+        path: Option<String>,
+        /// Type, mode, size and mtime too.
+        #[arg(short, long)]
+        long: bool,
+    },
+    /// Print one file of a session (reads only the segments holding it).
+    Cat { session: String, path: String },
     /// Write back a mount's pending changes now.
     Flush(Pending),
     /// List the stored versions of a session.
@@ -104,16 +138,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Store(StoreCommand::Check) => {
             return store_check::run(&cli.store.config()?).await;
         }
+        Command::Pack { dir, output } => {
+            let stats = transfer::pack(&dir, &output, cli.quiet).await?;
+            if !cli.quiet {
+                eprintln!(
+                    "packed {}: {} entries, {} bytes of tar in {} bytes ({} segments)",
+                    dir.display(),
+                    stats.entries,
+                    stats.tar_size,
+                    stats.object_size,
+                    stats.segments
+                );
+            }
+            return Ok(());
+        }
+        Command::Push { dir, session } => {
+            let session = SessionPath::parse(&session)?;
+            let store = cli.store.config()?.open().await?;
+            return transfer::push(store, &dir, &session, cli.quiet).await;
+        }
+        Command::Pull { session, dir } => {
+            let session = SessionPath::parse(&session)?;
+            let store = cli.store.config()?.open().await?;
+            return transfer::pull(store, &session, &dir, cli.quiet).await;
+        }
+        Command::Ls {
+            session,
+            path,
+            long,
+        } => {
+            let session = SessionPath::parse(&session)?;
+            let store = cli.store.config()?.open().await?;
+            let index = open_index(cli.cache_dir)?;
+            let reader = inspect::open(store, &session, &index).await?;
+            return inspect::ls(&reader, path.as_deref(), long).await;
+        }
+        Command::Cat { session, path } => {
+            let session = SessionPath::parse(&session)?;
+            let store = cli.store.config()?.open().await?;
+            let index = open_index(cli.cache_dir)?;
+            let reader = inspect::open(store, &session, &index).await?;
+            return inspect::cat(&reader, &path).await;
+        }
         Command::Serve(_) => "serve",
         Command::Mount(_) => "mount",
         Command::Sync(_) => "sync",
-        Command::Push(_) => "push",
-        Command::Pull(_) => "pull",
-        Command::Ls(_) => "ls",
-        Command::Cat(_) => "cat",
         Command::Flush(_) => "flush",
         Command::Versions(_) => "versions",
         Command::Restore(_) => "restore",
     };
     anyhow::bail!("`sessionfs {name}` is not implemented yet")
+}
+
+fn open_index(cache_dir: Option<PathBuf>) -> anyhow::Result<TocIndex> {
+    let dir = match cache_dir {
+        Some(dir) => dir,
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .context("cannot tell where local state lives: set SESSIONFS_CACHE_DIR or --cache-dir")?
+            .join("sessionfs"),
+    };
+    Ok(TocIndex::open(&dir.join("index.db"))?)
 }

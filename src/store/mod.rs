@@ -26,6 +26,7 @@
 pub mod config;
 pub mod error;
 pub mod local;
+pub mod metered;
 pub mod s3;
 
 use std::collections::BTreeMap;

@@ -167,14 +167,29 @@ fn bad_arguments_are_refused_with_a_clear_error() {
 }
 
 #[test]
+fn session_paths_are_checked_before_anything_is_read() {
+    for bad in ["a/b", "..", "", "x\u{1}y"] {
+        let out = sessionfs(&["ls", bad], &[]);
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(
+            text(&out).contains("invalid session path"),
+            "{bad:?}: {}",
+            text(&out)
+        );
+    }
+    let out = sessionfs(&["cat", "no__such__session", "x"], &[]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no such object"), "{}", text(&out));
+}
+
+#[test]
 fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
     let out = sessionfs(&["--help"], &[]);
     assert!(out.status.success());
     let help = text(&out);
-    let pending = [
-        "serve", "mount", "sync", "push", "pull", "ls", "cat", "flush", "versions", "restore",
-    ];
-    for name in pending.iter().chain(&["store"]) {
+    let pending = ["serve", "mount", "sync", "flush", "versions", "restore"];
+    let built = ["store", "pack", "push", "pull", "ls", "cat"];
+    for name in pending.iter().chain(&built) {
         assert!(
             help.contains(&format!("\n  {name} ")),
             "{name} missing from:\n{help}"

@@ -1,0 +1,222 @@
+//! `sessionfs pack`, `push` and `pull`: moving whole sessions between a
+//! directory and the store.
+//!
+//! `push` packs into a temporary file first (so a tree that changes during the
+//! pack never reaches the store half-written), then uploads it: one PUT up to
+//! [`MULTIPART_THRESHOLD`], multipart above. `pull` downloads to a temporary
+//! file and extracts it with the `tar` crate, whose unpacking refuses `..`
+//! paths and writes through no symlink out of the destination; it reads
+//! multi-member gzip too, so any tarball of the bucket can be pulled.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::{CompletedPart, GetOptions, ObjectStore, Precondition, PutOptions};
+use sessionfs_core::tarball::toc::RESERVED_DIR;
+use sessionfs_core::tarball::writer::{pack_dir, PackOptions, PackStats};
+
+/// Objects up to this size go up in one PUT.
+pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
+const PART_SIZE: u64 = 32 << 20;
+
+fn bytes_bar(total: Option<u64>, what: &str) -> ProgressBar {
+    let bar = match total {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {spinner} {bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Packs `dir` into the file `out`.
+pub async fn pack(dir: &Path, out: &Path, quiet: bool) -> Result<PackStats> {
+    let (dir, out) = (dir.to_path_buf(), out.to_path_buf());
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        bytes_bar(None, "packing")
+    };
+    let b = bar.clone();
+    let stats = tokio::task::spawn_blocking(move || -> Result<PackStats> {
+        let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let stats = pack_dir(&dir, &mut writer, &PackOptions::default(), &|n| {
+            b.set_position(n)
+        })
+        .with_context(|| format!("packing {}", dir.display()))?;
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(stats)
+    })
+    .await??;
+    bar.finish_and_clear();
+    Ok(stats)
+}
+
+/// Packs `dir` and uploads it as session `session`, replacing what was there.
+pub async fn push(
+    store: Arc<dyn ObjectStore>,
+    dir: &Path,
+    session: &SessionPath,
+    quiet: bool,
+) -> Result<()> {
+    let scratch = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    let stats = pack(dir, scratch.path(), quiet).await?;
+    let key = session.object_key();
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        bytes_bar(Some(stats.object_size), "uploading")
+    };
+    let opts = PutOptions {
+        content_type: Some("application/gzip".to_owned()),
+        ..PutOptions::default()
+    };
+    let mut file = File::open(scratch.path())?;
+    let etag = if stats.object_size <= MULTIPART_THRESHOLD {
+        let mut body = Vec::with_capacity(stats.object_size as usize);
+        file.read_to_end(&mut body)?;
+        let put = store.put(&key, Bytes::from(body), opts).await?;
+        bar.set_position(stats.object_size);
+        put.etag
+    } else {
+        let id = store.create_multipart(&key, opts).await?;
+        match upload_parts(
+            store.as_ref(),
+            &key,
+            &id,
+            &mut file,
+            stats.object_size,
+            &bar,
+        )
+        .await
+        {
+            Ok(parts) => {
+                store
+                    .complete_multipart(&key, &id, &parts, Precondition::None)
+                    .await?
+                    .etag
+            }
+            Err(e) => {
+                let _ = store.abort_multipart(&key, &id).await;
+                return Err(e);
+            }
+        }
+    };
+    bar.finish_and_clear();
+    if !quiet {
+        eprintln!(
+            "pushed {session}: {} entries, {} bytes of tar in {} bytes ({} segments), etag {etag}",
+            stats.entries, stats.tar_size, stats.object_size, stats.segments
+        );
+    }
+    Ok(())
+}
+
+async fn upload_parts(
+    store: &dyn ObjectStore,
+    key: &str,
+    id: &str,
+    file: &mut File,
+    size: u64,
+    bar: &ProgressBar,
+) -> Result<Vec<CompletedPart>> {
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    let mut number = 1;
+    while offset < size {
+        let len = PART_SIZE.min(size - offset);
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact(&mut buf)?;
+        parts.push(store.upload_part(key, id, number, Bytes::from(buf)).await?);
+        offset += len;
+        number += 1;
+        bar.set_position(offset);
+    }
+    Ok(parts)
+}
+
+/// Downloads session `session` and extracts it into `dir`.
+pub async fn pull(
+    store: Arc<dyn ObjectStore>,
+    session: &SessionPath,
+    dir: &Path,
+    quiet: bool,
+) -> Result<()> {
+    let key = session.object_key();
+    let mut stream = store.get_stream(&key, GetOptions::default()).await?;
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        bytes_bar(Some(stream.meta.size), "downloading")
+    };
+    let scratch = tempfile::NamedTempFile::new().context("creating a temporary file")?;
+    {
+        let mut out = BufWriter::with_capacity(1 << 20, scratch.as_file());
+        let mut done = 0u64;
+        while let Some(chunk) = stream.body.next().await {
+            let chunk = chunk?;
+            out.write_all(&chunk)?;
+            done += chunk.len() as u64;
+            bar.set_position(done);
+        }
+        out.flush()?;
+    }
+    bar.finish_and_clear();
+    let (archive, dir) = (scratch.reopen()?, dir.to_path_buf());
+    let count = tokio::task::spawn_blocking(move || extract(archive, &dir)).await??;
+    if !quiet {
+        eprintln!("pulled {session}: {count} entries");
+    }
+    Ok(())
+}
+
+/// Extracts a (possibly multi-member) tar.gz into `dir`, leaving out
+/// sessionfs's own index.
+fn extract(archive: File, dir: &Path) -> Result<usize> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, archive));
+    let mut tar = tar::Archive::new(gz);
+    tar.set_preserve_permissions(true);
+    tar.set_preserve_mtime(true);
+    tar.set_overwrite(true);
+    let mut count = 0;
+    for entry in tar.entries().context("reading the archive")? {
+        let mut entry = entry.context("reading the archive")?;
+        let path = entry.path().context("reading an entry name")?.into_owned();
+        if path
+            .components()
+            .next()
+            .is_some_and(|c| c.as_os_str() == RESERVED_DIR)
+        {
+            continue;
+        }
+        if !entry
+            .unpack_in(dir)
+            .with_context(|| format!("extracting {}", path.display()))?
+        {
+            bail!(
+                "refusing to extract {}: it points outside {}",
+                path.display(),
+                dir.display()
+            );
+        }
+        count += 1;
+    }
+    Ok(count)
+}

@@ -1,0 +1,476 @@
+//! Reading a session object lazily.
+//!
+//! A sessionfs object (see [`super::writer`]) opens with one HEAD and one
+//! suffix GET of [`SUFFIX_LEN`] bytes, which
+//! holds the locator and, for all but the largest sessions, the whole TOC (a
+//! second GET fetches a larger TOC). With the TOC in the local index an open
+//! is one HEAD. A read fetches, in one ranged GET pinned to the ETag seen at
+//! open, only the segments that hold the requested bytes, and checks each
+//! against its digest, length and CRC before using a byte of it.
+//!
+//! Any other tarball is indexed once by [`super::foreign`] (one streaming
+//! pass, kept in the local index too); a read then fetches the compressed
+//! bytes from the access point before the range to the one after it (about
+//! one span) and inflates from there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use futures::TryStreamExt;
+
+use super::deflate::{inflate_exact, zlib_decompress_exact, GZIP_TRAILER_LEN, STORED_HEADER_LEN};
+use super::foreign::{self, ForeignIndex, Format, Limits};
+use super::index::{IndexedToc, TocIndex};
+use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, LOCATOR_FROM_END, LOCATOR_LEN};
+use super::zran::{inflate_from_point, AccessPoint};
+use super::TarballError;
+use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore, StoreError};
+
+/// Bytes fetched from the end of an object at open.
+pub const SUFFIX_LEN: u64 = 256 * 1024;
+
+/// How tar bytes are found in the object.
+enum Layout {
+    /// Written by sessionfs: the TOC's segments.
+    Native,
+    /// Written by another tool: access points into its gzip (or none, for a plain tar).
+    Foreign {
+        format: Format,
+        points: Vec<AccessPoint>,
+    },
+}
+
+pub struct SessionReader {
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    meta: ObjectMeta,
+    layout: Layout,
+    toc: Toc,
+    by_path: HashMap<String, usize>,
+    children: HashMap<String, Vec<usize>>,
+}
+
+impl std::fmt::Debug for SessionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionReader")
+            .field("key", &self.key)
+            .field("etag", &self.meta.etag)
+            .field("entries", &self.toc.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionReader {
+    /// Opens the session object at `key`; `index` caches TOCs between opens.
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        index: Option<&TocIndex>,
+    ) -> Result<SessionReader, TarballError> {
+        let meta = store.head(key).await?;
+        let store_id = store.describe();
+        if let Some(index) = index {
+            if let Some(cached) = index.get(&store_id, key, &meta.etag).await? {
+                // A damaged cache entry is not fatal: fall through and read the object.
+                match decode_cached(&cached, meta.size) {
+                    Ok(toc) => {
+                        return Ok(SessionReader::new(store, key, meta, Layout::Native, toc))
+                    }
+                    Err(e) => tracing::warn!(key, "ignoring a damaged cached index: {e}"),
+                }
+            }
+            match index.get_foreign(&store_id, key, &meta.etag).await {
+                Ok(Some(found)) => return Ok(SessionReader::foreign(store, key, meta, found)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(key, "ignoring a damaged cached index: {e}"),
+            }
+        }
+        match read_tail(store.as_ref(), key, &meta).await {
+            Ok((locator, toc_bytes, toc)) => {
+                if let Some(index) = index {
+                    let entry = IndexedToc {
+                        locator: locator.encode().to_vec(),
+                        toc: toc_bytes,
+                    };
+                    index.put(&store_id, key, &meta.etag, entry).await?;
+                }
+                Ok(SessionReader::new(store, key, meta, Layout::Native, toc))
+            }
+            Err(TarballError::NotSeekable) => {
+                let found = index_foreign(store.as_ref(), key, &meta).await?;
+                if let Some(index) = index {
+                    index
+                        .put_foreign(&store_id, key, &meta.etag, &found)
+                        .await?;
+                }
+                Ok(SessionReader::foreign(store, key, meta, found))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn foreign(
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        meta: ObjectMeta,
+        found: ForeignIndex,
+    ) -> SessionReader {
+        let toc = Toc {
+            v: super::toc::FORMAT_VERSION,
+            segments: Vec::new(),
+            entries: found.entries,
+        };
+        let layout = Layout::Foreign {
+            format: found.format,
+            points: found.points,
+        };
+        SessionReader::new(store, key, meta, layout, toc)
+    }
+
+    /// True for objects sessionfs did not write (indexed by a streaming pass).
+    pub fn is_foreign(&self) -> bool {
+        matches!(self.layout, Layout::Foreign { .. })
+    }
+
+    fn new(
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        meta: ObjectMeta,
+        layout: Layout,
+        toc: Toc,
+    ) -> SessionReader {
+        let mut by_path = HashMap::with_capacity(toc.entries.len());
+        let mut children: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, e) in toc.entries.iter().enumerate() {
+            by_path.insert(e.p.clone(), i);
+            let parent = e.p.rsplit_once('/').map_or("", |(parent, _)| parent);
+            children.entry(parent.to_owned()).or_default().push(i);
+        }
+        SessionReader {
+            store,
+            key: key.to_owned(),
+            meta,
+            layout,
+            toc,
+            by_path,
+            children,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+
+    pub fn toc(&self) -> &Toc {
+        &self.toc
+    }
+
+    /// Every entry, in archive order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.toc.entries
+    }
+
+    pub fn stat(&self, path: &str) -> Option<&Entry> {
+        self.by_path
+            .get(path.trim_matches('/'))
+            .map(|&i| &self.toc.entries[i])
+    }
+
+    /// The entries directly inside directory `path` (`""` is the root).
+    pub fn list_dir(&self, path: &str) -> Vec<&Entry> {
+        self.children
+            .get(path.trim_matches('/'))
+            .map(|ids| ids.iter().map(|&i| &self.toc.entries[i]).collect())
+            .unwrap_or_default()
+    }
+
+    /// The regular file `path` names, following hard links.
+    fn file(&self, path: &str) -> Result<&Entry, TarballError> {
+        let mut entry = self
+            .stat(path)
+            .ok_or_else(|| TarballError::NoSuchPath(path.to_owned()))?;
+        // Validation guarantees hard links point at earlier entries: this ends.
+        while entry.t == Kind::HardLink {
+            let target = entry.lt.as_deref().unwrap_or_default();
+            entry = self
+                .stat(target)
+                .ok_or_else(|| TarballError::NoSuchPath(target.to_owned()))?;
+        }
+        match entry.t {
+            Kind::File => Ok(entry),
+            Kind::Dir => Err(TarballError::IsADirectory(path.to_owned())),
+            _ => Err(TarballError::NotAFile(path.to_owned())),
+        }
+    }
+
+    /// Reads up to `len` bytes of `path` from `offset` (fewer at the end of the file).
+    pub async fn read(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, TarballError> {
+        let entry = self.file(path)?;
+        let end = offset.saturating_add(len).min(entry.s);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        self.read_tar(entry.data_offset + offset, entry.data_offset + end)
+            .await
+    }
+
+    pub async fn read_all(&self, path: &str) -> Result<Bytes, TarballError> {
+        self.read(path, 0, u64::MAX).await
+    }
+
+    /// Tar-stream bytes `start..end`.
+    async fn read_tar(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
+        match &self.layout {
+            Layout::Native => self.read_segments(start, end).await,
+            Layout::Foreign {
+                format: Format::Plain,
+                ..
+            } => self.fetch(start, end).await,
+            Layout::Foreign {
+                format: Format::Gzip,
+                points,
+            } => {
+                // A read never inflates across a gzip member boundary: split it there.
+                let mut out = BytesMut::with_capacity((end - start) as usize);
+                let mut at = start;
+                while at < end {
+                    let i = points.partition_point(|p| p.uo <= at).saturating_sub(1);
+                    let point = points.get(i).ok_or_else(|| {
+                        TarballError::Corrupt("no access point before the data".into())
+                    })?;
+                    let member_end = points[i + 1..]
+                        .iter()
+                        .find(|p| p.window_len == 0)
+                        .map_or(u64::MAX, |p| p.uo);
+                    let piece_end = end.min(member_end);
+                    let fetch_end = points[i + 1..]
+                        .iter()
+                        .find(|p| p.uo >= piece_end)
+                        .map_or(self.meta.size, |p| p.co.min(self.meta.size));
+                    let fetch_start = point.co - u64::from(point.bits > 0);
+                    let compressed = self.fetch(fetch_start, fetch_end).await?;
+                    // About one span of CPU work: off the async runtime.
+                    let point = point.clone();
+                    let piece = tokio::task::spawn_blocking(move || {
+                        inflate_from_point(&point, &compressed, at, piece_end)
+                    })
+                    .await
+                    .map_err(|e| TarballError::Corrupt(format!("inflate worker failed: {e}")))??;
+                    out.extend_from_slice(&piece);
+                    at = piece_end;
+                }
+                Ok(out.freeze())
+            }
+        }
+    }
+
+    /// Object bytes `start..end`, pinned to the version opened.
+    async fn fetch(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
+        let got = self
+            .store
+            .get(
+                &self.key,
+                GetOptions::range(ByteRange::Bounded { start, end })
+                    .if_match(self.meta.etag.clone()),
+            )
+            .await
+            .map_err(changed_or)?;
+        if got.body.len() as u64 != end - start {
+            return Err(TarballError::Corrupt(
+                "object shorter than its index says".into(),
+            ));
+        }
+        Ok(got.body)
+    }
+
+    /// Tar-stream bytes `start..end`, from the segments that hold them.
+    async fn read_segments(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
+        let segs = &self.toc.segments;
+        let first = segs.partition_point(|s| s.uo + s.ul <= start);
+        let last = segs.partition_point(|s| s.uo < end);
+        if first >= last {
+            return Err(TarballError::Corrupt(format!(
+                "no segment holds tar bytes {start}..{end}"
+            )));
+        }
+        let wanted = &segs[first..last];
+        let co_start = wanted[0].co;
+        let co_end = wanted[wanted.len() - 1].co + wanted[wanted.len() - 1].cl;
+        let got = self
+            .store
+            .get(
+                &self.key,
+                GetOptions::range(ByteRange::Bounded {
+                    start: co_start,
+                    end: co_end,
+                })
+                .if_match(self.meta.etag.clone()),
+            )
+            .await
+            .map_err(changed_or)?;
+        if got.body.len() as u64 != co_end - co_start {
+            return Err(TarballError::Corrupt(
+                "object shorter than its index says".into(),
+            ));
+        }
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for (i, seg) in wanted.iter().enumerate() {
+            let compressed =
+                &got.body[(seg.co - co_start) as usize..(seg.co - co_start + seg.cl) as usize];
+            let raw = verify_segment(first + i, seg, compressed)?;
+            let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
+            let to = (end - seg.uo).min(seg.ul) as usize;
+            out.extend_from_slice(&raw[from..to]);
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// Inflates one segment, refusing it unless digest, length and CRC all match.
+pub fn verify_segment(
+    index: usize,
+    seg: &Segment,
+    compressed: &[u8],
+) -> Result<Vec<u8>, TarballError> {
+    let bad = |what: String| TarballError::BadSegment {
+        index,
+        start: seg.co,
+        end: seg.co + seg.cl,
+        what,
+    };
+    let digest = blake3::hash(compressed);
+    if super::tar_header::hex_encode(&digest.as_bytes()[..16]) != seg.d {
+        return Err(bad("digest mismatch".into()));
+    }
+    let raw = inflate_exact(compressed, seg.ul as usize).map_err(|e| bad(format!("{e:?}")))?;
+    if crc32fast::hash(&raw) != seg.crc {
+        return Err(bad("CRC mismatch".into()));
+    }
+    Ok(raw)
+}
+
+/// A read pinned to an ETag fails with a precondition error when the object
+/// was replaced since the open.
+fn changed_or(e: StoreError) -> TarballError {
+    match e {
+        StoreError::PreconditionFailed { .. } => TarballError::ObjectChanged,
+        e => TarballError::Store(e),
+    }
+}
+
+fn decode_cached(cached: &IndexedToc, object_size: u64) -> Result<Toc, TarballError> {
+    let locator = Locator::decode(&cached.locator, object_size)?;
+    decode_toc(&locator, &cached.toc)
+}
+
+/// Checks and parses the compressed TOC.
+fn decode_toc(locator: &Locator, toc_bytes: &[u8]) -> Result<Toc, TarballError> {
+    if crc32fast::hash(toc_bytes) != locator.toc_crc {
+        return Err(TarballError::Corrupt(
+            "table of contents: CRC mismatch".into(),
+        ));
+    }
+    let raw = zlib_decompress_exact(toc_bytes, locator.toc_raw_len as usize)
+        .map_err(|e| TarballError::Corrupt(format!("table of contents: {e:?}")))?;
+    let toc: Toc = serde_json::from_slice(&raw)
+        .map_err(|e| TarballError::Corrupt(format!("table of contents: {e}")))?;
+    toc.validate(locator)?;
+    Ok(toc)
+}
+
+/// Streams the whole object through the foreign index pass, off the async runtime.
+async fn index_foreign(
+    store: &dyn ObjectStore,
+    key: &str,
+    meta: &ObjectMeta,
+) -> Result<ForeignIndex, TarballError> {
+    let stream = store
+        .get_stream(key, GetOptions::default().if_match(meta.etag.clone()))
+        .await
+        .map_err(changed_or)?;
+    let reader = tokio_util::io::StreamReader::new(stream.body.map_err(std::io::Error::other));
+    let bridge = tokio_util::io::SyncIoBridge::new(reader);
+    tokio::task::spawn_blocking(move || foreign::index(bridge, Limits::default()))
+        .await
+        .map_err(|e| TarballError::Corrupt(format!("index worker failed: {e}")))?
+}
+
+/// Reads and checks the tail of the object: locator, end of archive, TOC.
+async fn read_tail(
+    store: &dyn ObjectStore,
+    key: &str,
+    meta: &ObjectMeta,
+) -> Result<(Locator, Vec<u8>, Toc), TarballError> {
+    let size = meta.size;
+    let final_block = (STORED_HEADER_LEN + LOCATOR_LEN + EOA_LEN) as u64;
+    if size < final_block + GZIP_TRAILER_LEN as u64 + 10 {
+        return Err(TarballError::NotSeekable);
+    }
+    let pinned = |range| GetOptions::range(range).if_match(meta.etag.clone());
+    let suffix_len = SUFFIX_LEN.min(size);
+    let tail = store
+        .get(key, pinned(ByteRange::Suffix(suffix_len)))
+        .await
+        .map_err(changed_or)?
+        .body;
+    if tail.len() as u64 != suffix_len {
+        return Err(TarballError::Corrupt(
+            "short read of the object's tail".into(),
+        ));
+    }
+    let t = tail.len();
+    let block = &tail[t - GZIP_TRAILER_LEN - final_block as usize..t - GZIP_TRAILER_LEN];
+    let stored_len = (LOCATOR_LEN + EOA_LEN) as u16;
+    let expected_header = [
+        1,
+        stored_len as u8,
+        (stored_len >> 8) as u8,
+        !stored_len as u8,
+        (!stored_len >> 8) as u8,
+    ];
+    if block[..STORED_HEADER_LEN] != expected_header {
+        return Err(TarballError::NotSeekable);
+    }
+    let locator_bytes = &tail[t - LOCATOR_FROM_END..t - LOCATOR_FROM_END + LOCATOR_LEN];
+    let locator = Locator::decode(locator_bytes, size)?;
+    if block[STORED_HEADER_LEN + LOCATOR_LEN..]
+        .iter()
+        .any(|&b| b != 0)
+    {
+        return Err(TarballError::Corrupt("end of archive is not zero".into()));
+    }
+    let isize = u32::from_le_bytes([tail[t - 4], tail[t - 3], tail[t - 2], tail[t - 1]]);
+    if isize != locator.tar_size as u32 {
+        return Err(TarballError::Corrupt(
+            "gzip trailer disagrees with the locator".into(),
+        ));
+    }
+
+    // The TOC region: stored blocks from toc_offset up to the final block.
+    let region_end = size - GZIP_TRAILER_LEN as u64 - final_block;
+    let region_start = locator.toc_offset;
+    let tail_start = size - suffix_len;
+    let region: Bytes = if region_start >= tail_start {
+        tail.slice((region_start - tail_start) as usize..(region_end - tail_start) as usize)
+    } else {
+        store
+            .get(
+                key,
+                pinned(ByteRange::Bounded {
+                    start: region_start,
+                    end: region_end,
+                }),
+            )
+            .await
+            .map_err(changed_or)?
+            .body
+    };
+    let content_len = Locator::toc_entry_len(locator.toc_len) as usize + 512 - LOCATOR_LEN;
+    let content = inflate_exact(&region, content_len)
+        .map_err(|e| TarballError::Corrupt(format!("table of contents region: {e:?}")))?;
+    let toc_bytes = content[512..512 + locator.toc_len as usize].to_vec();
+    let toc = decode_toc(&locator, &toc_bytes)?;
+    Ok((locator, toc_bytes, toc))
+}

@@ -1,0 +1,348 @@
+//! The table of contents of a session object and the locator that finds it.
+//!
+//! The TOC lists the deflate segments (where each sits in the object and in
+//! the tar stream, its CRC32 and a BLAKE3 digest of its compressed bytes) and
+//! the entries (name, type, size, mode, owner, nanosecond mtime, link target,
+//! device numbers, xattrs, header and data offsets in the tar stream). It is
+//! zlib-compressed JSON stored as the data of the tar entry [`TOC_PATH`].
+//!
+//! The locator is the last [`LOCATOR_LEN`] bytes of that entry's data, which
+//! is padded so the locator ends on a tar block boundary. Together with the
+//! 1024-byte end-of-archive it forms the final stored deflate block, so it sits
+//! at a fixed distance from the end of every object: one suffix GET finds it.
+//!
+//! Everything read back is validated before use: a TOC that points outside
+//! the object, overlaps itself, promises absurd inflation ratios or names
+//! unsafe paths is rejected as corrupt.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::deflate::{GZIP_HEADER, GZIP_TRAILER_LEN, MAX_INFLATE_RATIO, STORED_HEADER_LEN};
+use super::path::check_entry_path;
+use super::TarballError;
+
+/// Name of the tar entry holding the TOC; hidden from listings.
+pub const TOC_PATH: &str = ".sessionfs/toc";
+/// The top-level name reserved for sessionfs's own entries.
+pub const RESERVED_DIR: &str = ".sessionfs";
+pub const LOCATOR_LEN: usize = 72;
+pub const LOCATOR_MAGIC: &[u8; 8] = b"SFSLOC\x00\x01";
+pub const FORMAT_VERSION: u32 = 1;
+/// End-of-archive: two zero blocks.
+pub const EOA_LEN: usize = 1024;
+/// Bytes from the start of the locator to the end of the object.
+pub const LOCATOR_FROM_END: usize = LOCATOR_LEN + EOA_LEN + GZIP_TRAILER_LEN;
+/// Largest inflated TOC accepted: far beyond any real session, well below harm.
+pub const MAX_TOC_RAW: u64 = 1 << 30;
+/// Largest segment accepted (the writer cuts at 1 MiB).
+pub const MAX_SEGMENT_LEN: u64 = 64 << 20;
+
+/// One deflate segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Offset of the compressed bytes in the object.
+    pub co: u64,
+    /// Length of the compressed bytes.
+    pub cl: u64,
+    /// Offset of the inflated bytes in the tar stream.
+    pub uo: u64,
+    /// Length of the inflated bytes.
+    pub ul: u64,
+    /// CRC32 of the inflated bytes (also needed to rebuild the gzip trailer).
+    pub crc: u32,
+    /// BLAKE3 of the compressed bytes, first 16 bytes, hex.
+    pub d: String,
+}
+
+/// The type of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    #[serde(rename = "f")]
+    File,
+    #[serde(rename = "d")]
+    Dir,
+    #[serde(rename = "l")]
+    Symlink,
+    #[serde(rename = "h")]
+    HardLink,
+    #[serde(rename = "p")]
+    Fifo,
+    #[serde(rename = "c")]
+    CharDevice,
+    #[serde(rename = "b")]
+    BlockDevice,
+}
+
+/// One entry of the session tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the session root, no trailing `/`.
+    pub p: String,
+    pub t: Kind,
+    /// Size of the data (0 but for files).
+    #[serde(default)]
+    pub s: u64,
+    /// Permission bits (`0o7777`).
+    pub m: u32,
+    #[serde(default)]
+    pub u: u64,
+    #[serde(default)]
+    pub g: u64,
+    /// mtime, seconds since the epoch.
+    pub mt: i64,
+    /// mtime, nanoseconds.
+    #[serde(default)]
+    pub mn: u32,
+    /// Symlink target, or the path a hard link points at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lt: Option<String>,
+    /// Device numbers (major, minor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dv: Option<(u32, u32)>,
+    /// Extended attributes, values hex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub x: BTreeMap<String, String>,
+    /// Offset of the entry's first header block in the tar stream.
+    pub ho: u64,
+    /// Offset of the entry's data in the tar stream.
+    #[serde(rename = "do")]
+    pub data_offset: u64,
+}
+
+/// The table of contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Toc {
+    pub v: u32,
+    pub segments: Vec<Segment>,
+    pub entries: Vec<Entry>,
+}
+
+/// Where the TOC is, and what the tail of the object must look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Locator {
+    /// Object offset where the TOC region (stored blocks) starts.
+    pub toc_offset: u64,
+    /// Tar offset of the TOC entry's header.
+    pub toc_tar_offset: u64,
+    /// Length of the zlib-compressed TOC.
+    pub toc_len: u64,
+    /// Length of the TOC once inflated.
+    pub toc_raw_len: u64,
+    /// Total length of the tar stream, end-of-archive included.
+    pub tar_size: u64,
+    /// Object size the locator was written for.
+    pub object_size: u64,
+    /// CRC32 of the zlib-compressed TOC.
+    pub toc_crc: u32,
+}
+
+impl Locator {
+    pub fn encode(&self) -> [u8; LOCATOR_LEN] {
+        let mut b = [0u8; LOCATOR_LEN];
+        b[..8].copy_from_slice(LOCATOR_MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // 12..16: flags, none defined.
+        let fields = [
+            self.toc_offset,
+            self.toc_tar_offset,
+            self.toc_len,
+            self.toc_raw_len,
+            self.tar_size,
+            self.object_size,
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&f.to_le_bytes());
+        }
+        b[64..68].copy_from_slice(&self.toc_crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[..68]);
+        b[68..72].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks a locator read from an object of `object_size` bytes.
+    pub fn decode(b: &[u8], object_size: u64) -> Result<Locator, TarballError> {
+        let corrupt = |what: &str| TarballError::Corrupt(format!("locator: {what}"));
+        if b.len() != LOCATOR_LEN {
+            return Err(corrupt("wrong length"));
+        }
+        if &b[..8] != LOCATOR_MAGIC {
+            return Err(TarballError::NotSeekable);
+        }
+        let crc = u32::from_le_bytes([b[68], b[69], b[70], b[71]]);
+        if crc32fast::hash(&b[..68]) != crc {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if version != FORMAT_VERSION {
+            return Err(TarballError::Unsupported(format!(
+                "session format version {version} (this sessionfs reads {FORMAT_VERSION})"
+            )));
+        }
+        let field = |i: usize| {
+            let mut f = [0u8; 8];
+            f.copy_from_slice(&b[16 + 8 * i..24 + 8 * i]);
+            u64::from_le_bytes(f)
+        };
+        let loc = Locator {
+            toc_offset: field(0),
+            toc_tar_offset: field(1),
+            toc_len: field(2),
+            toc_raw_len: field(3),
+            tar_size: field(4),
+            object_size: field(5),
+            toc_crc: u32::from_le_bytes([b[64], b[65], b[66], b[67]]),
+        };
+        if loc.object_size != object_size {
+            return Err(corrupt(
+                "written for an object of another size (truncated or appended to?)",
+            ));
+        }
+        let tail_start = object_size
+            .checked_sub((LOCATOR_FROM_END + STORED_HEADER_LEN) as u64)
+            .ok_or_else(|| corrupt("object too small"))?;
+        if loc.toc_offset < GZIP_HEADER.len() as u64
+            || loc.toc_offset > tail_start
+            || loc.toc_len > loc.toc_raw_len.saturating_mul(2) + 1024
+            || loc.toc_raw_len > MAX_TOC_RAW
+            || loc.toc_raw_len > loc.toc_len.saturating_mul(MAX_INFLATE_RATIO)
+            || !loc.toc_tar_offset.is_multiple_of(512)
+            || loc.tar_size
+                < loc.toc_tar_offset + 512 + loc.toc_len + (LOCATOR_LEN + EOA_LEN) as u64
+        {
+            return Err(corrupt("fields out of range"));
+        }
+        Ok(loc)
+    }
+
+    /// Length of the TOC entry's data: compressed TOC, zero padding, locator,
+    /// ending on a block boundary.
+    pub fn toc_entry_len(toc_len: u64) -> u64 {
+        (toc_len + LOCATOR_LEN as u64).div_ceil(512) * 512
+    }
+}
+
+impl Toc {
+    /// Checks the TOC against its locator: segments contiguous from the gzip
+    /// header to the TOC region, sane ratios, entries inside the data segments,
+    /// safe and unique paths, hard links to earlier files.
+    pub fn validate(&self, loc: &Locator) -> Result<(), TarballError> {
+        let corrupt = |what: String| TarballError::Corrupt(format!("table of contents: {what}"));
+        if self.v != FORMAT_VERSION {
+            return Err(corrupt(format!("version {}", self.v)));
+        }
+        let mut co = GZIP_HEADER.len() as u64;
+        let mut uo = 0u64;
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.co != co || s.uo != uo {
+                return Err(corrupt(format!("segment {i} is not contiguous")));
+            }
+            if s.cl == 0
+                || s.ul == 0
+                || s.ul > MAX_SEGMENT_LEN
+                || s.ul > s.cl.saturating_mul(MAX_INFLATE_RATIO)
+            {
+                return Err(corrupt(format!("segment {i} has impossible lengths")));
+            }
+            if s.d.len() != 32 || !s.d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(corrupt(format!("segment {i} has a malformed digest")));
+            }
+            co = co
+                .checked_add(s.cl)
+                .ok_or_else(|| corrupt("offsets overflow".into()))?;
+            uo = uo
+                .checked_add(s.ul)
+                .ok_or_else(|| corrupt("offsets overflow".into()))?;
+        }
+        if co != loc.toc_offset || uo != loc.toc_tar_offset {
+            return Err(corrupt("segments do not end where the TOC begins".into()));
+        }
+        let mut seen = HashSet::with_capacity(self.entries.len());
+        for e in &self.entries {
+            check_entry_path(&e.p)?;
+            if !seen.insert(e.p.as_str()) {
+                return Err(corrupt(format!("{:?} listed twice", e.p)));
+            }
+            let data_end = e
+                .data_offset
+                .checked_add(if e.t == Kind::File { e.s } else { 0 });
+            if e.ho > e.data_offset
+                || data_end.is_none_or(|end| end > uo)
+                || !e.ho.is_multiple_of(512)
+            {
+                return Err(corrupt(format!("{:?} lies outside the data", e.p)));
+            }
+            match e.t {
+                Kind::HardLink => {
+                    let target = e.lt.as_deref().unwrap_or_default();
+                    if !seen.contains(target) || target == e.p {
+                        return Err(corrupt(format!("hard link {:?} to an unknown entry", e.p)));
+                    }
+                }
+                Kind::Symlink if e.lt.is_none() => {
+                    return Err(corrupt(format!("symlink {:?} without a target", e.p)))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locator(object_size: u64) -> Locator {
+        Locator {
+            toc_offset: 1000,
+            toc_tar_offset: 4096,
+            toc_len: 300,
+            toc_raw_len: 2000,
+            tar_size: 4096 + 512 + 512 + 1024,
+            object_size,
+            toc_crc: 7,
+        }
+    }
+
+    #[test]
+    fn locator_round_trips_and_detects_damage() {
+        let loc = locator(5000);
+        let b = loc.encode();
+        assert_eq!(Locator::decode(&b, 5000).unwrap(), loc);
+        let mut bad = b;
+        bad[20] ^= 1;
+        assert!(matches!(
+            Locator::decode(&bad, 5000),
+            Err(TarballError::Corrupt(_))
+        ));
+        assert!(matches!(
+            Locator::decode(&b, 4000),
+            Err(TarballError::Corrupt(_))
+        ));
+        let mut not_ours = b;
+        not_ours[0] = b'X';
+        assert!(matches!(
+            Locator::decode(&not_ours, 5000),
+            Err(TarballError::NotSeekable)
+        ));
+    }
+
+    #[test]
+    fn locator_refuses_absurd_fields() {
+        let mut loc = locator(5000);
+        loc.toc_raw_len = MAX_TOC_RAW + 1;
+        assert!(Locator::decode(&loc.encode(), 5000).is_err());
+        let mut loc = locator(5000);
+        loc.toc_offset = 4990;
+        assert!(Locator::decode(&loc.encode(), 5000).is_err());
+    }
+
+    #[test]
+    fn toc_entry_len_ends_on_a_block() {
+        assert_eq!(Locator::toc_entry_len(1), 512);
+        assert_eq!(Locator::toc_entry_len(512 - 72), 512);
+        assert_eq!(Locator::toc_entry_len(512 - 71), 1024);
+    }
+}

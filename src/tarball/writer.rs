@@ -1,0 +1,310 @@
+//! Packing a tree into a session object.
+//!
+//! One thread walks the entries and lays out the tar stream, cutting it into
+//! segments: at an entry's first header block once a segment holds at least
+//! `segment_min` bytes, and every `segment_max` bytes inside a large file.
+//! Worker threads (one per core) compress segments in parallel; the caller's
+//! writer receives them in order. The table of contents, its locator and the
+//! end of archive follow as stored blocks, then the gzip trailer, whose CRC is
+//! combined from the segments' CRCs.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::mpsc;
+
+use super::deflate::{compress_segment, gzip_trailer, stored_blocks, zlib_compress, GZIP_HEADER};
+use super::tar_header;
+use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, FORMAT_VERSION, TOC_PATH};
+use super::tree::{walk, TreeEntry};
+use super::TarballError;
+
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// zlib level, 0-9.
+    pub level: u32,
+    /// Small entries are grouped until a segment holds this many bytes.
+    pub segment_min: usize,
+    /// A large file is cut every this many bytes.
+    pub segment_max: usize,
+    /// Compression threads; 0 means one per core.
+    pub threads: usize,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            level: 6,
+            segment_min: 256 * 1024,
+            segment_max: 1024 * 1024,
+            threads: 0,
+        }
+    }
+}
+
+/// What a pack produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackStats {
+    pub entries: usize,
+    pub segments: usize,
+    pub tar_size: u64,
+    pub object_size: u64,
+}
+
+/// Packs the directory `root` into `out`. `progress` is told how many file
+/// bytes have been read so far.
+pub fn pack_dir<W: Write + Send>(
+    root: &Path,
+    out: W,
+    opts: &PackOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<PackStats, TarballError> {
+    let tree = walk(root)?;
+    pack_entries(tree, out, opts, progress)
+}
+
+/// Packs `entries` (in order, hard-link targets first) into `out`.
+pub fn pack_entries<W: Write + Send>(
+    entries: Vec<TreeEntry>,
+    mut out: W,
+    opts: &PackOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<PackStats, TarballError> {
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    out.write_all(&GZIP_HEADER).map_err(TarballError::write)?;
+
+    let (raw_tx, raw_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
+    // The workers alone own the receiver: if they all stop (the output failed),
+    // the layout thread's next send fails instead of blocking forever.
+    let raw_rx = std::sync::Arc::new(std::sync::Mutex::new(raw_rx));
+    let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Vec<u8>, u32, u64)>(threads * 2);
+
+    let (laid_out, written) = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let raw_rx = std::sync::Arc::clone(&raw_rx);
+            let level = opts.level;
+            scope.spawn(move || loop {
+                let next = raw_rx.lock().map(|rx| rx.recv());
+                let Ok(Ok((index, raw))) = next else { return };
+                let crc = crc32fast::hash(&raw);
+                let compressed = compress_segment(&raw, level);
+                if done_tx
+                    .send((index, compressed, crc, raw.len() as u64))
+                    .is_err()
+                {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        drop(raw_rx);
+        let out = &mut out;
+        let collector = scope.spawn(move || collect_in_order(done_rx, out));
+        let laid_out = lay_out(entries, opts, raw_tx, progress);
+        (laid_out, collector.join())
+    });
+    let mut toc_entries = laid_out?;
+    let (segments, mut co) = match written {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(TarballError::Corrupt(
+                "a compression thread panicked".into(),
+            ))
+        }
+    };
+    let tar_data_end = segments.last().map_or(0, |s| s.uo + s.ul);
+    toc_entries.shrink_to_fit();
+
+    // The tail: the TOC entry (header, compressed TOC, padding, locator) and the end of archive.
+    let toc = Toc {
+        v: FORMAT_VERSION,
+        segments,
+        entries: toc_entries,
+    };
+    let raw_toc = serde_json::to_vec(&toc).map_err(|e| TarballError::Corrupt(e.to_string()))?;
+    let toc_bytes = zlib_compress(&raw_toc);
+    let toc_entry_len = Locator::toc_entry_len(toc_bytes.len() as u64);
+    let toc_header = tar_header::encode(&Entry {
+        p: TOC_PATH.to_owned(),
+        t: Kind::File,
+        s: toc_entry_len,
+        m: 0o644,
+        u: 0,
+        g: 0,
+        mt: 0,
+        mn: 0,
+        lt: None,
+        dv: None,
+        x: BTreeMap::new(),
+        ho: tar_data_end,
+        data_offset: tar_data_end + 512,
+    })?;
+    let tar_size = tar_data_end + 512 + toc_entry_len + EOA_LEN as u64;
+    let mut head = toc_header;
+    head.extend_from_slice(&toc_bytes);
+    head.resize(512 + (toc_entry_len as usize - super::toc::LOCATOR_LEN), 0);
+    let mut tail_plain = Vec::with_capacity(super::toc::LOCATOR_LEN + EOA_LEN);
+    let mut stored = Vec::with_capacity(head.len() + head.len() / 65_535 * 5 + 2048);
+    stored_blocks(&head, false, &mut stored);
+    let final_block_len = 5 + super::toc::LOCATOR_LEN + EOA_LEN;
+    let object_size = co + stored.len() as u64 + final_block_len as u64 + 8;
+    let locator = Locator {
+        toc_offset: co,
+        toc_tar_offset: tar_data_end,
+        toc_len: toc_bytes.len() as u64,
+        toc_raw_len: raw_toc.len() as u64,
+        tar_size,
+        object_size,
+        toc_crc: crc32fast::hash(&toc_bytes),
+    };
+    tail_plain.extend_from_slice(&locator.encode());
+    tail_plain.resize(super::toc::LOCATOR_LEN + EOA_LEN, 0);
+    stored_blocks(&tail_plain, true, &mut stored);
+
+    let mut crc = crc32fast::Hasher::new();
+    for s in &toc.segments {
+        crc.combine(&crc32fast::Hasher::new_with_initial_len(s.crc, s.ul));
+    }
+    crc.update(&head);
+    crc.update(&tail_plain);
+    out.write_all(&stored).map_err(TarballError::write)?;
+    out.write_all(&gzip_trailer(crc.finalize(), tar_size))
+        .map_err(TarballError::write)?;
+    out.flush().map_err(TarballError::write)?;
+    co += stored.len() as u64 + 8;
+    debug_assert_eq!(co, object_size);
+    Ok(PackStats {
+        entries: toc.entries.len(),
+        segments: toc.segments.len(),
+        tar_size,
+        object_size,
+    })
+}
+
+/// Lays out the tar stream of `entries`, sending each segment's bytes to the
+/// compressors. Returns the entries with their offsets filled in.
+fn lay_out(
+    entries: Vec<TreeEntry>,
+    opts: &PackOptions,
+    tx: mpsc::SyncSender<(usize, Vec<u8>)>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Entry>, TarballError> {
+    let mut cut = Cutter {
+        tx,
+        current: Vec::with_capacity(opts.segment_max + 4096),
+        index: 0,
+        pos: 0,
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    let mut file_bytes = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    for TreeEntry { mut entry, source } in entries {
+        if cut.current.len() >= opts.segment_min {
+            cut.cut()?;
+        }
+        entry.ho = cut.pos;
+        let header = tar_header::encode(&entry)?;
+        cut.push(&header);
+        entry.data_offset = cut.pos;
+        if let Some(path) = source {
+            let mut file = File::open(&path).map_err(|e| TarballError::io(&path, e))?;
+            let mut left = entry.s;
+            while left > 0 {
+                let room = opts.segment_max.saturating_sub(cut.current.len()).max(1);
+                let want = (buf.len() as u64).min(left).min(room as u64) as usize;
+                let n = file
+                    .read(&mut buf[..want])
+                    .map_err(|e| TarballError::io(&path, e))?;
+                if n == 0 {
+                    return Err(TarballError::Changed(path.display().to_string()));
+                }
+                cut.push(&buf[..n]);
+                left -= n as u64;
+                file_bytes += n as u64;
+                progress(file_bytes);
+                if cut.current.len() >= opts.segment_max {
+                    cut.cut()?;
+                }
+            }
+            let mut probe = [0u8; 1];
+            if file
+                .read(&mut probe)
+                .map_err(|e| TarballError::io(&path, e))?
+                != 0
+            {
+                return Err(TarballError::Changed(path.display().to_string()));
+            }
+            let pad = (512 - (entry.s % 512) as usize) % 512;
+            cut.push(&[0u8; 512][..pad]);
+        }
+        out.push(entry);
+    }
+    if !cut.current.is_empty() {
+        cut.cut()?;
+    }
+    Ok(out)
+}
+
+struct Cutter {
+    tx: mpsc::SyncSender<(usize, Vec<u8>)>,
+    current: Vec<u8>,
+    index: usize,
+    pos: u64,
+}
+
+impl Cutter {
+    fn push(&mut self, bytes: &[u8]) {
+        self.current.extend_from_slice(bytes);
+        self.pos += bytes.len() as u64;
+    }
+
+    fn cut(&mut self) -> Result<(), TarballError> {
+        let capacity = self.current.capacity();
+        let raw = std::mem::replace(&mut self.current, Vec::with_capacity(capacity));
+        self.tx
+            .send((self.index, raw))
+            .map_err(|_| TarballError::write(std::io::Error::other("the writer stopped")))?;
+        self.index += 1;
+        Ok(())
+    }
+}
+
+/// Writes compressed segments in index order; returns their descriptions and
+/// the object offset after the last one.
+fn collect_in_order<W: Write>(
+    rx: mpsc::Receiver<(usize, Vec<u8>, u32, u64)>,
+    out: &mut W,
+) -> Result<(Vec<Segment>, u64), TarballError> {
+    let mut pending = BTreeMap::new();
+    let mut segments = Vec::new();
+    let mut co = GZIP_HEADER.len() as u64;
+    let mut uo = 0u64;
+    for (index, compressed, crc, ul) in rx {
+        pending.insert(index, (compressed, crc, ul));
+        while let Some((compressed, crc, ul)) = pending.remove(&segments.len()) {
+            out.write_all(&compressed).map_err(TarballError::write)?;
+            let digest = blake3::hash(&compressed);
+            segments.push(Segment {
+                co,
+                cl: compressed.len() as u64,
+                uo,
+                ul,
+                crc,
+                d: tar_header::hex_encode(&digest.as_bytes()[..16]),
+            });
+            co += compressed.len() as u64;
+            uo += ul;
+        }
+    }
+    if !pending.is_empty() {
+        return Err(TarballError::Corrupt(
+            "segments missing from the pipeline".into(),
+        ));
+    }
+    Ok((segments, co))
+}

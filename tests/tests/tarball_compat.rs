@@ -1,0 +1,206 @@
+//! Objects sessionfs writes are plain tar.gz to everyone else: GNU tar,
+//! bsdtar, Python `tarfile` (random access and streaming), Node (zlib and a
+//! minimal parser) and Rust's single-member `GzDecoder` all extract exactly
+//! the tree that was packed. The test tools are installed by scripts/test.sh;
+//! a missing one fails the test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sessionfs_tests::sessionfs_bin;
+use sessionfs_tests::trees::{assert_same_tree, make_fixture, snapshot};
+
+struct Packed {
+    _dir: tempfile::TempDir,
+    source: PathBuf,
+    object: PathBuf,
+    root: PathBuf,
+}
+
+fn packed_fixture() -> Packed {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src");
+    make_fixture(&source);
+    let object = dir.path().join("session.tar.gz");
+    let out = Command::new(sessionfs_bin())
+        .args(["--quiet", "pack"])
+        .arg(&source)
+        .arg("-o")
+        .arg(&object)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let root = dir.path().to_path_buf();
+    Packed {
+        _dir: dir,
+        source,
+        object,
+        root,
+    }
+}
+
+fn run(cmd: &mut Command, who: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{who} could not run ({e}): scripts/test.sh installs it"));
+    assert!(
+        out.status.success(),
+        "{who} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn extracted_by(p: &Packed, who: &str, extract: impl FnOnce(&Path, &Path)) {
+    let dest = p.root.join(format!("out-{who}"));
+    std::fs::create_dir_all(&dest).unwrap();
+    extract(&p.object, &dest);
+    assert_same_tree(&snapshot(&p.source), &snapshot(&dest), who);
+}
+
+#[test]
+fn gnu_tar_extracts_the_same_tree() {
+    let p = packed_fixture();
+    extracted_by(&p, "gnu-tar", |obj, dest| {
+        run(
+            Command::new("tar").arg("-xzf").arg(obj).arg("-C").arg(dest),
+            "GNU tar",
+        );
+    });
+    // And `gzip -t` finds one sound member.
+    run(Command::new("gzip").arg("-t").arg(&p.object), "gzip -t");
+}
+
+#[test]
+fn bsdtar_extracts_the_same_tree() {
+    let p = packed_fixture();
+    extracted_by(&p, "bsdtar", |obj, dest| {
+        run(
+            Command::new("bsdtar")
+                .arg("-xzf")
+                .arg(obj)
+                .arg("-C")
+                .arg(dest),
+            "bsdtar",
+        );
+    });
+}
+
+fn python_extract(mode: &str) -> impl FnOnce(&Path, &Path) + '_ {
+    move |obj, dest| {
+        let script = format!(
+            "import sys, tarfile\nwith tarfile.open(sys.argv[1], '{mode}') as t:\n    t.extractall(sys.argv[2], filter='tar')\n"
+        );
+        run(
+            Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(obj)
+                .arg(dest),
+            &format!("python tarfile {mode}"),
+        );
+    }
+}
+
+#[test]
+fn python_tarfile_random_access_extracts_the_same_tree() {
+    let p = packed_fixture();
+    extracted_by(&p, "python-r-gz", python_extract("r:gz"));
+}
+
+#[test]
+fn python_tarfile_streaming_extracts_the_same_tree() {
+    let p = packed_fixture();
+    extracted_by(&p, "python-r-stream-gz", python_extract("r|gz"));
+}
+
+#[test]
+fn node_zlib_extracts_the_same_tree() {
+    let p = packed_fixture();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/node-extract.js");
+    extracted_by(&p, "node", |obj, dest| {
+        run(Command::new("node").arg(&script).arg(obj).arg(dest), "node");
+    });
+}
+
+#[test]
+fn rust_single_member_gzdecoder_extracts_the_same_tree() {
+    let p = packed_fixture();
+    extracted_by(&p, "rust-flate2-tar", |obj, dest| {
+        let file = std::fs::File::open(obj).unwrap();
+        // GzDecoder stops after the first gzip member: it must be the only one.
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        archive.set_preserve_permissions(true);
+        archive.unpack(dest).unwrap();
+    });
+}
+
+#[test]
+fn the_same_tree_packs_to_the_same_bytes() {
+    let p = packed_fixture();
+    let again = p.root.join("again.tar.gz");
+    let out = Command::new(sessionfs_bin())
+        .args(["--quiet", "pack"])
+        .arg(&p.source)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        std::fs::read(&p.object).unwrap() == std::fs::read(&again).unwrap(),
+        "pack is deterministic"
+    );
+}
+
+#[test]
+fn push_ls_cat_and_pull_round_trip_through_the_local_store() {
+    let p = packed_fixture();
+    let vars = [
+        ("SESSIONFS_STORE", "local".to_owned()),
+        (
+            "SESSIONFS_STORE_DIR",
+            p.root.join("store").display().to_string(),
+        ),
+        (
+            "SESSIONFS_CACHE_DIR",
+            p.root.join("cache").display().to_string(),
+        ),
+    ];
+    let sfs = |args: &[&str]| {
+        let out = Command::new(sessionfs_bin())
+            .arg("--quiet")
+            .args(args)
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    sfs(&["push", p.source.to_str().unwrap(), "o__r__main"]);
+    let listing = String::from_utf8(sfs(&["ls", "o__r__main"])).unwrap();
+    let listed: Vec<&str> = listing.lines().collect();
+    let expected: Vec<String> = snapshot(&p.source).keys().cloned().collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected);
+    assert!(!listing.contains(".sessionfs"), "the index is hidden");
+    let big = sfs(&["cat", "o__r__main", "workspace/big.bin"]);
+    assert_eq!(
+        big,
+        std::fs::read(p.source.join("workspace/big.bin")).unwrap()
+    );
+    let hard = sfs(&["cat", "o__r__main", "workspace/hard-b.txt"]);
+    assert_eq!(hard, b"shared by two names");
+    let dest = p.root.join("pulled");
+    sfs(&["pull", "o__r__main", dest.to_str().unwrap()]);
+    assert_same_tree(&snapshot(&p.source), &snapshot(&dest), "sessionfs pull");
+}
