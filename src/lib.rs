@@ -4,11 +4,13 @@
 //! (`agent/`) are thin layers over what lives here:
 //! - [`store`]: object stores, S3 and a local directory, behind one trait;
 //! - [`tarball`]: the seekable session object, its writer, lazy reader and TOC index;
+//! - [`cache`]: the on-disk block cache;
 //! - [`session`]: session paths and the keys of their objects.
 //!
-//! The block cache and sessions with pending changes arrive with the issues
+//! Sessions with pending changes arrive with the issues
 //! that need them.
 
+pub mod cache;
 pub mod session;
 pub mod store;
 pub mod tarball;

@@ -16,7 +16,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
+use sessionfs_core::cache::blocks::{BlockCache, BLOCK_SIZE};
 use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::cached::CachedStore;
+use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
 use store_args::StoreArgs;
 
@@ -31,10 +36,15 @@ struct Cli {
     #[arg(long, env = "SESSIONFS_LOG", default_value = "warn", global = true)]
     log: String,
 
-    /// Directory of local state: the index of session TOCs (and, later, the block cache).
+    /// Directory of local state: the index of session TOCs and the block cache.
     /// [default: $XDG_CACHE_HOME/sessionfs or ~/.cache/sessionfs]
     #[arg(long, env = "SESSIONFS_CACHE_DIR", value_name = "DIR", global = true)]
     cache_dir: Option<PathBuf>,
+
+    /// Byte budget of the on-disk block cache, in MiB.
+    #[arg(long, env = "SESSIONFS_CACHE_SIZE", value_name = "MIB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(16..), global = true)]
+    cache_size: u64,
 
     /// No progress bars or summaries.
     #[arg(long, short, global = true)]
@@ -168,15 +178,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             long,
         } => {
             let session = SessionPath::parse(&session)?;
-            let store = cli.store.config()?.open().await?;
-            let index = open_index(cli.cache_dir)?;
+            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
             let reader = inspect::open(store, &session, &index).await?;
             return inspect::ls(&reader, path.as_deref(), long).await;
         }
         Command::Cat { session, path } => {
             let session = SessionPath::parse(&session)?;
-            let store = cli.store.config()?.open().await?;
-            let index = open_index(cli.cache_dir)?;
+            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
             let reader = inspect::open(store, &session, &index).await?;
             return inspect::cat(&reader, &path).await;
         }
@@ -190,8 +198,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     anyhow::bail!("`sessionfs {name}` is not implemented yet")
 }
 
-fn open_index(cache_dir: Option<PathBuf>) -> anyhow::Result<TocIndex> {
-    let dir = match cache_dir {
+/// The configured store behind the block cache, and the TOC index, both in the cache directory.
+async fn cached_store(
+    store: &StoreArgs,
+    cache_dir: Option<PathBuf>,
+    cache_mib: u64,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, TocIndex)> {
+    let dir = local_state_dir(cache_dir)?;
+    let index = TocIndex::open(&dir.join("index.db"))?;
+    let cache = BlockCache::open(&dir.join("blocks"), cache_mib << 20, BLOCK_SIZE)
+        .with_context(|| format!("opening the block cache in {}", dir.display()))?;
+    let store = store.config()?.open().await?;
+    Ok((Arc::new(CachedStore::new(store, Arc::new(cache))), index))
+}
+
+fn local_state_dir(cache_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match cache_dir {
         Some(dir) => dir,
         None => std::env::var_os("XDG_CACHE_HOME")
             .filter(|v| !v.is_empty())
@@ -199,6 +221,5 @@ fn open_index(cache_dir: Option<PathBuf>) -> anyhow::Result<TocIndex> {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
             .context("cannot tell where local state lives: set SESSIONFS_CACHE_DIR or --cache-dir")?
             .join("sessionfs"),
-    };
-    Ok(TocIndex::open(&dir.join("index.db"))?)
+    })
 }

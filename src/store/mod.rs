@@ -23,6 +23,7 @@
 //!   numbers run from 1 to [`MAX_PARTS`].
 //! - Deleting a missing key succeeds.
 
+pub mod cached;
 pub mod config;
 pub mod error;
 pub mod local;

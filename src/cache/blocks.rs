@@ -1,0 +1,327 @@
+//! The on-disk block cache: object bytes in fixed-size blocks, keyed by
+//! store, key, ETag and block number, kept under a byte budget.
+//!
+//! - One file per block (`blocks/ab/abcdef….blk`): a header (magic, length,
+//!   CRC32 of the data, the block's id) then the data. The header is checked
+//!   on every read; a block that fails is deleted and fetched again, never
+//!   served.
+//! - Blocks are written to a temporary file and renamed into place, so a crash
+//!   or a second process never sees half a block. Several processes may share
+//!   one directory: each keeps its own LRU over what it has seen, and a block
+//!   another process evicted is simply a miss.
+//! - The LRU (`lru`) holds every block's size; inserting past the budget
+//!   deletes the least recently used files. A reader that already opened a
+//!   block keeps reading it after eviction (Unix unlink semantics).
+//! - At start the directory is scanned, so the cache survives a restart.
+//! - One fetch per block at a time: concurrent readers of a missing block wait
+//!   for the first reader's fetch. Adjacent missing blocks go in one GET.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use lru::LruCache;
+
+/// Default block size.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+const MAGIC: &[u8; 4] = b"SFB1";
+const HEADER_LEN: usize = 4 + 4 + 4 + 16;
+
+/// Which block: a digest of (store, key, ETag, block number).
+pub type BlockId = [u8; 16];
+
+pub fn block_id(store: &str, key: &str, etag: &str, block: u64) -> BlockId {
+    let mut h = blake3::Hasher::new();
+    for part in [store, key, etag] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(&block.to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
+}
+
+/// What happened to cached blocks, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub corrupt: u64,
+    pub evicted: u64,
+    pub bytes: u64,
+}
+
+pub struct BlockCache {
+    dir: PathBuf,
+    tmp: PathBuf,
+    budget: u64,
+    block_size: u64,
+    state: Mutex<State>,
+    inflight: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct State {
+    lru: LruCache<BlockId, u64>,
+    stats: CacheStats,
+}
+
+impl std::fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCache")
+            .field("dir", &self.dir)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(id: &BlockId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex(name: &str) -> Option<BlockId> {
+    let name = name.strip_suffix(".blk")?;
+    if name.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+impl BlockCache {
+    /// Opens (creating) the cache in `dir` with a budget of `budget` bytes,
+    /// taking in the blocks a previous run left, oldest first.
+    pub fn open(dir: &Path, budget: u64, block_size: u64) -> io::Result<BlockCache> {
+        let blocks = dir.join("blocks");
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&blocks)?;
+        fs::create_dir_all(&tmp)?;
+        for entry in fs::read_dir(&tmp)?.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        let mut found = Vec::new();
+        for shard in fs::read_dir(&blocks)?.flatten() {
+            let Ok(files) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let name = file.file_name();
+                let (Some(id), Ok(md)) = (name.to_str().and_then(parse_hex), file.metadata())
+                else {
+                    continue;
+                };
+                found.push((md.mtime(), id, md.len().saturating_sub(HEADER_LEN as u64)));
+            }
+        }
+        found.sort();
+        let cache = BlockCache {
+            dir: blocks,
+            tmp,
+            budget,
+            block_size,
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                stats: CacheStats::default(),
+            }),
+            inflight: Mutex::new(HashMap::new()),
+        };
+        for (_, id, len) in found {
+            cache.account(id, len);
+        }
+        Ok(cache)
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.lock_state().stats
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, id: &BlockId) -> PathBuf {
+        let name = hex(id);
+        self.dir.join(&name[..2]).join(format!("{name}.blk"))
+    }
+
+    /// Records a block and evicts least recently used ones past the budget.
+    fn account(&self, id: BlockId, len: u64) {
+        let mut evict = Vec::new();
+        {
+            let mut st = self.lock_state();
+            if let Some(old) = st.lru.put(id, len) {
+                st.stats.bytes -= old;
+            }
+            st.stats.bytes += len;
+            while st.stats.bytes > self.budget && st.lru.len() > 1 {
+                let Some((victim, size)) = st.lru.pop_lru() else {
+                    break;
+                };
+                st.stats.bytes -= size;
+                st.stats.evicted += 1;
+                evict.push(victim);
+            }
+        }
+        for victim in evict {
+            let _ = fs::remove_file(self.path(&victim));
+        }
+    }
+
+    fn forget(&self, id: &BlockId) {
+        let mut st = self.lock_state();
+        if let Some(len) = st.lru.pop(id) {
+            st.stats.bytes -= len;
+        }
+    }
+
+    /// The block, if cached and sound. A damaged one is deleted.
+    pub fn read(&self, id: &BlockId) -> Option<Bytes> {
+        let path = self.path(id);
+        let mut file = File::open(&path).ok()?;
+        let mut raw = Vec::new();
+        if file.read_to_end(&mut raw).is_err() || !sound(&raw, id) {
+            tracing::warn!(path = %path.display(), "cached block failed its check; fetching it again");
+            let _ = fs::remove_file(&path);
+            self.forget(id);
+            self.lock_state().stats.corrupt += 1;
+            return None;
+        }
+        let mut st = self.lock_state();
+        st.stats.hits += 1;
+        if st.lru.get(id).is_none() {
+            // Written by another process sharing the directory: count it now.
+            drop(st);
+            self.account(*id, (raw.len() - HEADER_LEN) as u64);
+        }
+        Some(Bytes::from(raw).slice(HEADER_LEN..))
+    }
+
+    /// Stores a block (atomically: temporary file, then rename).
+    pub fn write(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
+        let path = self.path(id);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = self
+            .tmp
+            .join(format!("{}.{:x}", hex(id), rand::random::<u64>()));
+        let mut file = File::create(&tmp)?;
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        header.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        header.extend_from_slice(id);
+        let written = file.write_all(&header).and_then(|()| file.write_all(data));
+        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &path)) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.account(*id, data.len() as u64);
+        Ok(())
+    }
+
+    pub(crate) fn miss(&self) {
+        self.lock_state().stats.misses += 1;
+    }
+
+    /// The lock that makes one fetch per block at a time.
+    pub(crate) fn flight(&self, id: &BlockId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(*id).or_default().clone()
+    }
+
+    pub(crate) fn land(&self, id: &BlockId) {
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map and the lander hold it: nobody else is waiting.
+        if map.get(id).is_some_and(|m| Arc::strong_count(m) <= 2) {
+            map.remove(id);
+        }
+    }
+
+    /// Bytes on disk under the blocks directory (for tests of the budget).
+    pub fn disk_usage(&self) -> u64 {
+        let mut total = 0;
+        if let Ok(shards) = fs::read_dir(&self.dir) {
+            for shard in shards.flatten() {
+                if let Ok(files) = fs::read_dir(shard.path()) {
+                    total += files
+                        .flatten()
+                        .filter_map(|f| f.metadata().ok())
+                        .map(|m| m.len().saturating_sub(HEADER_LEN as u64))
+                        .sum::<u64>();
+                }
+            }
+        }
+        total
+    }
+
+    /// Where block `id` lives (tests damage it on purpose).
+    pub fn block_path(&self, id: &BlockId) -> PathBuf {
+        self.path(id)
+    }
+}
+
+fn sound(raw: &[u8], id: &BlockId) -> bool {
+    if raw.len() < HEADER_LEN || &raw[..4] != MAGIC || &raw[12..28] != id {
+        return false;
+    }
+    let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]) as usize;
+    let crc = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+    raw.len() - HEADER_LEN == len && crc32fast::hash(&raw[HEADER_LEN..]) == crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_round_trip_and_damage_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 10 << 20, BLOCK_SIZE).unwrap();
+        let id = block_id("s", "k", "\"e\"", 3);
+        cache.write(&id, b"block data").unwrap();
+        assert_eq!(&cache.read(&id).unwrap()[..], b"block data");
+        let path = cache.block_path(&id);
+        let mut raw = fs::read(&path).unwrap();
+        let last = raw.len() - 1;
+        raw[last] ^= 1;
+        fs::write(&path, raw).unwrap();
+        assert!(cache.read(&id).is_none());
+        assert!(!path.exists());
+        assert_eq!(cache.stats().corrupt, 1);
+    }
+
+    #[test]
+    fn the_budget_evicts_least_recently_used_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlockCache::open(dir.path(), 3000, 1000).unwrap();
+        let ids: Vec<BlockId> = (0..5).map(|i| block_id("s", "k", "e", i)).collect();
+        for id in &ids[..3] {
+            cache.write(id, &[1u8; 1000]).unwrap();
+        }
+        assert!(cache.read(&ids[0]).is_some()); // 0 is now the most recent
+        cache.write(&ids[3], &[1u8; 1000]).unwrap();
+        assert!(
+            cache.read(&ids[1]).is_none(),
+            "1 was the least recently used"
+        );
+        assert!(cache.read(&ids[0]).is_some());
+        assert!(cache.disk_usage() <= 3000);
+        // A restart keeps what is there.
+        drop(cache);
+        let again = BlockCache::open(dir.path(), 3000, 1000).unwrap();
+        assert!(again.read(&ids[0]).is_some());
+        assert_eq!(again.stats().bytes, 3000);
+    }
+}

@@ -1,0 +1,301 @@
+//! A store that serves ranged reads of a pinned object version from the block
+//! cache ([`crate::cache::blocks`]) and fetches only the blocks it lacks:
+//! adjacent missing blocks in one GET, each block once however many readers
+//! want it. A read that continues where the previous one of the same object
+//! ended starts a background readahead of the next blocks.
+//!
+//! Only reads that name both a byte range and an ETag (`If-Match`) are cached:
+//! the ETag is what makes cached bytes valid forever. Everything else passes
+//! through.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    ByteRange, CompletedPart, CopySource, DeleteOutcome, GetOptions, GetResult, GetStream,
+    ListPage, ListRequest, ObjectMeta, ObjectStore, Precondition, PutOptions, PutResult, Result,
+    StoreError,
+};
+use crate::cache::blocks::{block_id, BlockCache, BlockId};
+
+/// Blocks read ahead once reads are sequential.
+pub const READAHEAD_BLOCKS: u64 = 4;
+
+#[derive(Clone, Debug)]
+pub struct CachedStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    store_id: String,
+    cache: Arc<BlockCache>,
+    /// What a HEAD or GET said of each version, to answer cached reads.
+    metas: Mutex<HashMap<(String, String), ObjectMeta>>,
+    /// Per key: where the last read ended, to spot sequential reads.
+    last_end: Mutex<HashMap<String, u64>>,
+}
+
+impl CachedStore {
+    pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>) -> CachedStore {
+        CachedStore {
+            inner: Arc::new(Inner {
+                store_id: store.describe(),
+                store,
+                cache,
+                metas: Mutex::new(HashMap::new()),
+                last_end: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &BlockCache {
+        &self.inner.cache
+    }
+}
+
+impl Inner {
+    fn remember(&self, meta: &ObjectMeta) {
+        let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+        metas.insert((meta.key.clone(), meta.etag.clone()), meta.clone());
+    }
+
+    async fn meta(&self, key: &str, etag: &str) -> Result<ObjectMeta> {
+        let known = {
+            let metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+            metas.get(&(key.to_owned(), etag.to_owned())).cloned()
+        };
+        if let Some(meta) = known {
+            return Ok(meta);
+        }
+        let meta = self.store.head(key).await?;
+        if meta.etag != etag {
+            return Err(StoreError::precondition("get", key));
+        }
+        self.remember(&meta);
+        Ok(meta)
+    }
+
+    /// Blocks `first..=last` of a version, from the cache or the store.
+    async fn blocks(&self, key: &str, etag: &str, first: u64, last: u64) -> Result<Vec<Bytes>> {
+        let ids: Vec<BlockId> = (first..=last)
+            .map(|b| block_id(&self.store_id, key, etag, b))
+            .collect();
+        let mut got: Vec<Option<Bytes>> = ids.iter().map(|id| self.cache.read(id)).collect();
+        if got.iter().all(Option::is_some) {
+            return Ok(got.into_iter().flatten().collect());
+        }
+        // Take the missing blocks' fetch locks in ascending order (no deadlock),
+        // then look again: another reader may have fetched them meanwhile.
+        let locks: Vec<_> = ids
+            .iter()
+            .zip(&got)
+            .filter(|(_, b)| b.is_none())
+            .map(|(id, _)| (*id, self.cache.flight(id)))
+            .collect();
+        let mut guards = Vec::with_capacity(locks.len());
+        for (_, lock) in &locks {
+            guards.push(lock.clone().lock_owned().await);
+        }
+        for (slot, id) in got.iter_mut().zip(&ids) {
+            if slot.is_none() {
+                *slot = self.cache.read(id);
+            }
+        }
+        let result = self.fetch_missing(key, etag, first, &ids, &mut got).await;
+        drop(guards);
+        for (id, _) in &locks {
+            self.cache.land(id);
+        }
+        result?;
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    async fn fetch_missing(
+        &self,
+        key: &str,
+        etag: &str,
+        first: u64,
+        ids: &[BlockId],
+        got: &mut [Option<Bytes>],
+    ) -> Result<()> {
+        let bs = self.cache.block_size();
+        let mut i = 0;
+        while i < got.len() {
+            if got[i].is_some() {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < got.len() && got[i].is_none() {
+                i += 1;
+            }
+            self.cache.miss();
+            let start = (first + run_start as u64) * bs;
+            let end = (first + i as u64) * bs;
+            let fetched = self
+                .store
+                .get(
+                    key,
+                    GetOptions::range(ByteRange::Bounded { start, end }).if_match(etag.to_owned()),
+                )
+                .await?;
+            self.remember(&fetched.meta);
+            for (j, slot) in got.iter_mut().enumerate().take(i).skip(run_start) {
+                let from = (j - run_start) as u64 * bs;
+                if from >= fetched.body.len() as u64 {
+                    break;
+                }
+                let to = (from + bs).min(fetched.body.len() as u64);
+                let block = fetched.body.slice(from as usize..to as usize);
+                if let Err(e) = self.cache.write(&ids[j], &block) {
+                    tracing::warn!("block cache write failed (serving uncached): {e}");
+                }
+                *slot = Some(block);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for CachedStore {
+    fn describe(&self) -> String {
+        self.inner.store_id.clone()
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta> {
+        let meta = self.inner.store.head(key).await?;
+        self.inner.remember(&meta);
+        Ok(meta)
+    }
+
+    async fn get(&self, key: &str, opts: GetOptions) -> Result<GetResult> {
+        let (Some(range), Some(etag)) = (opts.range, opts.if_match.clone()) else {
+            return self.inner.store.get(key, opts).await;
+        };
+        let meta = self.inner.meta(key, &etag).await?;
+        let Some(wanted) = range.resolve(meta.size) else {
+            return Err(StoreError::invalid_range(
+                "get",
+                key,
+                &range,
+                Some(meta.size),
+            ));
+        };
+        let bs = self.inner.cache.block_size();
+        let (first, last) = (wanted.start / bs, (wanted.end - 1) / bs);
+        let blocks = self.inner.blocks(key, &etag, first, last).await?;
+        let mut body = BytesMut::with_capacity((wanted.end - wanted.start) as usize);
+        for (i, block) in blocks.iter().enumerate() {
+            let block_start = (first + i as u64) * bs;
+            let from = wanted.start.saturating_sub(block_start) as usize;
+            let to = ((wanted.end - block_start) as usize).min(block.len());
+            if from < to {
+                body.extend_from_slice(&block[from..to]);
+            }
+        }
+        if body.len() as u64 != wanted.end - wanted.start {
+            return Err(StoreError::Other {
+                op: "get",
+                key: key.to_owned(),
+                message: "cached blocks are shorter than the object".to_owned(),
+            });
+        }
+        // Sequential: this read starts exactly where the previous one ended.
+        let sequential = {
+            let mut ends = self
+                .inner
+                .last_end
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            ends.insert(key.to_owned(), wanted.end) == Some(wanted.start)
+        };
+        let last_block = (meta.size - 1) / bs;
+        if sequential && last < last_block {
+            let inner = Arc::clone(&self.inner);
+            let (key, ahead_to) = (key.to_owned(), (last + READAHEAD_BLOCKS).min(last_block));
+            tokio::spawn(async move {
+                if let Err(e) = inner.blocks(&key, &etag, last + 1, ahead_to).await {
+                    tracing::debug!(key, "readahead failed: {e}");
+                }
+            });
+        }
+        Ok(GetResult {
+            meta,
+            range: wanted,
+            body: body.freeze(),
+        })
+    }
+
+    async fn get_stream(&self, key: &str, opts: GetOptions) -> Result<GetStream> {
+        self.inner.store.get_stream(key, opts).await
+    }
+
+    async fn put(&self, key: &str, body: Bytes, opts: PutOptions) -> Result<PutResult> {
+        self.inner.store.put(key, body, opts).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.store.delete(key).await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<Vec<DeleteOutcome>> {
+        self.inner.store.delete_many(keys).await
+    }
+
+    async fn list(&self, req: ListRequest) -> Result<ListPage> {
+        self.inner.store.list(req).await
+    }
+
+    async fn create_multipart(&self, key: &str, opts: PutOptions) -> Result<String> {
+        self.inner.store.create_multipart(key, opts).await
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        body: Bytes,
+    ) -> Result<CompletedPart> {
+        self.inner
+            .store
+            .upload_part(key, upload_id, part_number, body)
+            .await
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        source: CopySource,
+    ) -> Result<CompletedPart> {
+        self.inner
+            .store
+            .upload_part_copy(key, upload_id, part_number, source)
+            .await
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+        precondition: Precondition,
+    ) -> Result<PutResult> {
+        self.inner
+            .store
+            .complete_multipart(key, upload_id, parts, precondition)
+            .await
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
+        self.inner.store.abort_multipart(key, upload_id).await
+    }
+}

@@ -1,0 +1,280 @@
+//! The block cache in front of the real S3 server, traffic counted beneath
+//! it: warm reads cost nothing, a restart keeps the cache, a damaged block is
+//! fetched again and never served, the byte budget holds under a read larger
+//! than the cache, concurrent readers of a block cause one fetch, and
+//! eviction under heavy concurrent use never breaks a reader.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sessionfs_core::cache::blocks::{block_id, BlockCache};
+use sessionfs_core::store::cached::CachedStore;
+use sessionfs_core::store::metered::MeteredStore;
+use sessionfs_core::store::{ByteRange, GetOptions, ObjectStore, PutOptions};
+use sessionfs_core::tarball::reader::SessionReader;
+use sessionfs_core::tarball::writer::{pack_dir, PackOptions};
+use sessionfs_tests::{pattern, s3_store, unique_prefix};
+
+const MIB: u64 = 1 << 20;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    key: String,
+    data: Bytes,
+    etag: String,
+    s3: Arc<dyn ObjectStore>,
+}
+
+async fn setup(name: &str, size: usize) -> Setup {
+    let s3 = s3_store().await;
+    let key = format!("{}object", unique_prefix(name));
+    let data = pattern(size, 5);
+    let etag = s3
+        .put(&key, data.clone(), PutOptions::default())
+        .await
+        .unwrap()
+        .etag;
+    Setup {
+        dir: tempfile::tempdir().unwrap(),
+        key,
+        data,
+        etag,
+        s3,
+    }
+}
+
+fn cached(s: &Setup, budget: u64) -> (Arc<MeteredStore>, CachedStore) {
+    let metered = Arc::new(MeteredStore::new(s.s3.clone()));
+    let cache = Arc::new(BlockCache::open(&s.dir.path().join("cache"), budget, MIB).unwrap());
+    (metered.clone(), CachedStore::new(metered, cache))
+}
+
+async fn read(store: &CachedStore, s: &Setup, start: u64, end: u64) -> Bytes {
+    store
+        .get(
+            &s.key,
+            GetOptions::range(ByteRange::Bounded { start, end }).if_match(s.etag.clone()),
+        )
+        .await
+        .unwrap()
+        .body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_reads_and_restarts_cost_no_requests() {
+    let s = setup("cache-warm", (5 * MIB + 77) as usize).await;
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    assert_eq!(
+        read(&store, &s, 100, 3 * MIB + 5).await,
+        s.data.slice(100..(3 * MIB + 5) as usize)
+    );
+    let cold = metered.snapshot().gets;
+    assert_eq!(cold, 1, "adjacent missing blocks come in one GET");
+    assert_eq!(
+        read(&store, &s, 2 * MIB, 2 * MIB + 10).await,
+        s.data.slice((2 * MIB) as usize..(2 * MIB + 10) as usize)
+    );
+    assert_eq!(
+        metered.snapshot().gets,
+        cold,
+        "a cached block costs nothing"
+    );
+    // The last, short block.
+    let tail = read(&store, &s, 5 * MIB, 5 * MIB + 77).await;
+    assert_eq!(tail, s.data.slice((5 * MIB) as usize..));
+    drop(store);
+
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    assert_eq!(
+        read(&store, &s, 0, 3 * MIB).await,
+        s.data.slice(..(3 * MIB) as usize)
+    );
+    assert_eq!(
+        metered.snapshot().gets,
+        0,
+        "after a restart the blocks are still there"
+    );
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_block_is_fetched_again_not_served() {
+    let s = setup("cache-damage", (2 * MIB) as usize).await;
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    read(&store, &s, 0, 1000).await;
+    let id = block_id(&s.s3.describe(), &s.key, &s.etag, 0);
+    let path = store.cache().block_path(&id);
+    let mut raw = std::fs::read(&path).unwrap();
+    raw[5000] ^= 0x01;
+    std::fs::write(&path, raw).unwrap();
+    let before = metered.snapshot().gets;
+    assert_eq!(read(&store, &s, 4000, 6000).await, s.data.slice(4000..6000));
+    assert_eq!(metered.snapshot().gets, before + 1, "refetched");
+    assert_eq!(store.cache().stats().corrupt, 1);
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_byte_budget_holds_under_a_read_larger_than_the_cache() {
+    let s = setup("cache-budget", (16 * MIB) as usize).await;
+    let (_, store) = cached(&s, 4 * MIB);
+    store.head(&s.key).await.unwrap();
+    for i in 0..16 {
+        let got = read(&store, &s, i * MIB, (i + 1) * MIB).await;
+        assert_eq!(
+            got,
+            s.data.slice((i * MIB) as usize..((i + 1) * MIB) as usize)
+        );
+    }
+    // Let readahead finish, then check the disk.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let used = store.cache().disk_usage();
+    assert!(used <= 4 * MIB, "{used} bytes cached with a 4 MiB budget");
+    assert!(store.cache().stats().evicted >= 12);
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_of_a_block_cause_one_fetch() {
+    let s = setup("cache-flight", (3 * MIB) as usize).await;
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    let readers: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            let (key, etag) = (s.key.clone(), s.etag.clone());
+            tokio::spawn(async move {
+                let range = ByteRange::Bounded {
+                    start: 1000 + i,
+                    end: 5000 + i,
+                };
+                store
+                    .get(&key, GetOptions::range(range).if_match(etag))
+                    .await
+                    .unwrap()
+                    .body
+            })
+        })
+        .collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap(), s.data.slice(1000 + i..5000 + i));
+    }
+    assert_eq!(metered.snapshot().gets, 1);
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eviction_under_load_never_breaks_a_reader() {
+    let s = setup("cache-evict", (8 * MIB) as usize).await;
+    let (_, store) = cached(&s, 2 * MIB);
+    store.head(&s.key).await.unwrap();
+    let readers: Vec<_> = (0..32u64)
+        .map(|i| {
+            let store = store.clone();
+            let (key, etag) = (s.key.clone(), s.etag.clone());
+            tokio::spawn(async move {
+                let start = (i * 7_919_113) % (7 * MIB);
+                let range = ByteRange::Bounded {
+                    start,
+                    end: start + MIB + 3,
+                };
+                (
+                    start,
+                    store
+                        .get(&key, GetOptions::range(range).if_match(etag))
+                        .await
+                        .unwrap()
+                        .body,
+                )
+            })
+        })
+        .collect();
+    for r in readers {
+        let (start, body) = r.await.unwrap();
+        assert_eq!(
+            body,
+            s.data.slice(start as usize..(start + MIB + 3) as usize)
+        );
+    }
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_reads_through_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree/workspace");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("a.bin"), pattern(3 << 20, 8)).unwrap();
+    std::fs::write(tree.join("b.txt"), b"bee").unwrap();
+    let mut object = Vec::new();
+    pack_dir(
+        &dir.path().join("tree"),
+        &mut object,
+        &PackOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    let s3 = s3_store().await;
+    let key = format!("{}session.tar.gz", unique_prefix("cache-session"));
+    s3.put(&key, Bytes::from(object), PutOptions::default())
+        .await
+        .unwrap();
+    let metered = Arc::new(MeteredStore::new(s3.clone()));
+    let cache = Arc::new(BlockCache::open(&dir.path().join("cache"), 64 * MIB, MIB).unwrap());
+    let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(metered.clone(), cache));
+    let reader = SessionReader::open(store.clone(), &key, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        &reader.read_all("workspace/b.txt").await.unwrap()[..],
+        b"bee"
+    );
+    assert_eq!(
+        reader.read_all("workspace/a.bin").await.unwrap(),
+        pattern(3 << 20, 8)
+    );
+    let before = metered.snapshot().gets;
+    assert_eq!(
+        reader.read_all("workspace/a.bin").await.unwrap(),
+        pattern(3 << 20, 8)
+    );
+    assert_eq!(
+        metered.snapshot().gets,
+        before,
+        "the second read is served from the cache"
+    );
+    s3.delete(&key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sequential_reads_are_read_ahead() {
+    let s = setup("cache-readahead", (8 * MIB) as usize).await;
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    read(&store, &s, 0, MIB).await;
+    read(&store, &s, MIB, 2 * MIB).await;
+    // The second read continued the first: blocks 2..=5 are being fetched.
+    for _ in 0..100 {
+        if (2..=5).all(|b| {
+            store
+                .cache()
+                .read(&block_id(&s.s3.describe(), &s.key, &s.etag, b))
+                .is_some()
+        }) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let before = metered.snapshot().gets;
+    // Not a continuation (it starts a byte later), so it starts no readahead of its own.
+    let got = read(&store, &s, 2 * MIB + 1, 6 * MIB).await;
+    assert_eq!(
+        got,
+        s.data.slice((2 * MIB + 1) as usize..(6 * MIB) as usize)
+    );
+    assert_eq!(metered.snapshot().gets, before, "already read ahead");
+    s.s3.delete(&s.key).await.unwrap();
+}
