@@ -30,6 +30,34 @@ use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore, StoreError};
 
 /// Bytes fetched from the end of an object at open.
 pub const SUFFIX_LEN: u64 = 256 * 1024;
+/// Inflated segments kept in memory per reader, so reads that walk through a
+/// segment in small pieces inflate it once.
+pub const DECODED_BUDGET: u64 = 64 << 20;
+
+/// Recently inflated segments, least recently used first out, under a byte bound.
+struct Decoded {
+    lru: lru::LruCache<usize, Bytes>,
+    bytes: u64,
+}
+
+impl Decoded {
+    fn get(&mut self, index: usize) -> Option<Bytes> {
+        self.lru.get(&index).cloned()
+    }
+
+    fn put(&mut self, index: usize, raw: Bytes) {
+        self.bytes += raw.len() as u64;
+        if let Some(old) = self.lru.put(index, raw) {
+            self.bytes -= old.len() as u64;
+        }
+        while self.bytes > DECODED_BUDGET {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len() as u64,
+                None => break,
+            }
+        }
+    }
+}
 
 /// How tar bytes are found in the object.
 enum Layout {
@@ -48,6 +76,7 @@ pub struct SessionReader {
     meta: ObjectMeta,
     layout: Layout,
     toc: Toc,
+    decoded: std::sync::Mutex<Decoded>,
     by_path: HashMap<String, usize>,
     children: HashMap<String, Vec<usize>>,
 }
@@ -154,6 +183,10 @@ impl SessionReader {
             meta,
             layout,
             toc,
+            decoded: std::sync::Mutex::new(Decoded {
+                lru: lru::LruCache::unbounded(),
+                bytes: 0,
+            }),
             by_path,
             children,
         }
@@ -296,30 +329,41 @@ impl SessionReader {
             )));
         }
         let wanted = &segs[first..last];
-        let co_start = wanted[0].co;
-        let co_end = wanted[wanted.len() - 1].co + wanted[wanted.len() - 1].cl;
-        let got = self
-            .store
-            .get(
-                &self.key,
-                GetOptions::range(ByteRange::Bounded {
-                    start: co_start,
-                    end: co_end,
+        let mut raws: Vec<Option<Bytes>> = {
+            let mut decoded = self.decoded.lock().unwrap_or_else(|p| p.into_inner());
+            (first..last).map(|i| decoded.get(i)).collect()
+        };
+        if let (Some(lo), Some(hi)) = (
+            raws.iter().position(Option::is_none),
+            raws.iter().rposition(Option::is_none),
+        ) {
+            // One GET for the span of segments not yet inflated.
+            let co_start = wanted[lo].co;
+            let co_end = wanted[hi].co + wanted[hi].cl;
+            let body = self.fetch(co_start, co_end).await?;
+            for i in lo..=hi {
+                if raws[i].is_some() {
+                    continue;
+                }
+                let seg = &wanted[i];
+                let compressed =
+                    body.slice((seg.co - co_start) as usize..(seg.co - co_start + seg.cl) as usize);
+                let (index, seg_owned) = (first + i, seg.clone());
+                let raw = tokio::task::spawn_blocking(move || {
+                    verify_segment(index, &seg_owned, &compressed)
                 })
-                .if_match(self.meta.etag.clone()),
-            )
-            .await
-            .map_err(changed_or)?;
-        if got.body.len() as u64 != co_end - co_start {
-            return Err(TarballError::Corrupt(
-                "object shorter than its index says".into(),
-            ));
+                .await
+                .map_err(|e| TarballError::Corrupt(format!("inflate worker failed: {e}")))??;
+                let raw = Bytes::from(raw);
+                self.decoded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put(first + i, raw.clone());
+                raws[i] = Some(raw);
+            }
         }
         let mut out = BytesMut::with_capacity((end - start) as usize);
-        for (i, seg) in wanted.iter().enumerate() {
-            let compressed =
-                &got.body[(seg.co - co_start) as usize..(seg.co - co_start + seg.cl) as usize];
-            let raw = verify_segment(first + i, seg, compressed)?;
+        for (seg, raw) in wanted.iter().zip(raws.iter().flatten()) {
             let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
             let to = (end - seg.uo).min(seg.ul) as usize;
             out.extend_from_slice(&raw[from..to]);

@@ -204,12 +204,15 @@ impl Locator {
             .ok_or_else(|| corrupt("object too small"))?;
         if loc.toc_offset < GZIP_HEADER.len() as u64
             || loc.toc_offset > tail_start
-            || loc.toc_len > loc.toc_raw_len.saturating_mul(2) + 1024
+            || loc.toc_len > loc.toc_raw_len.saturating_mul(2).saturating_add(1024)
             || loc.toc_raw_len > MAX_TOC_RAW
             || loc.toc_raw_len > loc.toc_len.saturating_mul(MAX_INFLATE_RATIO)
             || !loc.toc_tar_offset.is_multiple_of(512)
             || loc.tar_size
-                < loc.toc_tar_offset + 512 + loc.toc_len + (LOCATOR_LEN + EOA_LEN) as u64
+                < loc
+                    .toc_tar_offset
+                    .saturating_add(512 + (LOCATOR_LEN + EOA_LEN) as u64)
+                    .saturating_add(loc.toc_len)
         {
             return Err(corrupt("fields out of range"));
         }
@@ -336,6 +339,16 @@ mod tests {
         assert!(Locator::decode(&loc.encode(), 5000).is_err());
         let mut loc = locator(5000);
         loc.toc_offset = 4990;
+        assert!(Locator::decode(&loc.encode(), 5000).is_err());
+    }
+
+    #[test]
+    fn huge_fields_are_refused_without_overflow() {
+        // Found by fuzzing: sums of near-u64::MAX fields once overflowed.
+        let mut loc = locator(5000);
+        loc.toc_raw_len = u64::MAX;
+        loc.toc_len = u64::MAX - 10;
+        loc.toc_tar_offset = !511;
         assert!(Locator::decode(&loc.encode(), 5000).is_err());
     }
 

@@ -36,8 +36,10 @@ impl Default for PackOptions {
     fn default() -> Self {
         PackOptions {
             level: 6,
-            segment_min: 256 * 1024,
-            segment_max: 1024 * 1024,
+            // 1 MiB keeps the object within about 0.3 % of `tar czf` (256 KiB
+            // costs about 1-3 %), and the block cache fetches 1 MiB blocks anyway.
+            segment_min: 1024 * 1024,
+            segment_max: 2 * 1024 * 1024,
             threads: 0,
         }
     }
@@ -50,6 +52,8 @@ pub struct PackStats {
     pub segments: usize,
     pub tar_size: u64,
     pub object_size: u64,
+    /// Bytes of the compressed table of contents inside the object.
+    pub toc_size: u64,
 }
 
 /// Packs the directory `root` into `out`. `progress` is told how many file
@@ -183,6 +187,7 @@ pub fn pack_entries<W: Write + Send>(
         segments: toc.segments.len(),
         tar_size,
         object_size,
+        toc_size: toc_bytes.len() as u64,
     })
 }
 
