@@ -221,16 +221,8 @@ impl Inner {
     ) -> Result<String> {
         let path = key_path(&self.root, key)?;
         let io_err = |e| StoreError::io(op, key, e);
-        let encoded = serde_json::to_vec(record).map_err(|e| StoreError::Other {
-            op,
-            key: key.to_owned(),
-            message: e.to_string(),
-        })?;
-        temp.file()
-            .set_xattr(XATTR_NAME, &encoded)
-            .map_err(io_err)?;
         // The slow part, flushing the data, happens before the lock is taken.
-        temp.sync().map_err(io_err)?;
+        stamp(op, key, &temp, record)?;
 
         let _lock = self.lock_key(key).map_err(io_err)?;
         let current = self.current_etag(op, key, &path)?;
@@ -297,6 +289,20 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Attaches `record` to a finished temporary file and flushes it to disk.
+fn stamp(op: &'static str, key: &str, temp: &TempFile, record: &ObjectRecord) -> Result<()> {
+    let encoded = serde_json::to_vec(record).map_err(|e| StoreError::Other {
+        op,
+        key: key.to_owned(),
+        message: e.to_string(),
+    })?;
+    let io_err = |e| StoreError::io(op, key, e);
+    temp.file()
+        .set_xattr(XATTR_NAME, &encoded)
+        .map_err(io_err)?;
+    temp.sync().map_err(io_err)
 }
 
 /// Reads the record of an object; a file without one (put there by hand) gets

@@ -14,11 +14,10 @@ use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use xattr::FileExt as _;
 
 use super::durable::{self, TempFile};
 use super::keys::key_path;
-use super::{new_etag, read_record, Inner, ObjectRecord, XATTR_NAME};
+use super::{new_etag, read_record, stamp, Inner, ObjectRecord};
 use crate::store::{
     validate_completion, validate_part_number, CompletedPart, CopySource, Precondition, PutOptions,
     PutResult, Result, StoreError, MIN_PART_SIZE,
@@ -108,15 +107,7 @@ fn store_part(
         etag: etag.clone(),
         ..ObjectRecord::default()
     };
-    let encoded = serde_json::to_vec(&record).map_err(|e| StoreError::Other {
-        op,
-        key: key.to_owned(),
-        message: e.to_string(),
-    })?;
-    temp.file()
-        .set_xattr(XATTR_NAME, &encoded)
-        .map_err(io_err)?;
-    temp.sync().map_err(io_err)?;
+    stamp(op, key, &temp, &record)?;
     match temp.rename_into(&part_path(&dir, part_number)) {
         Ok(()) => Ok(CompletedPart { part_number, etag }),
         // Aborted while the part was being written.
