@@ -103,8 +103,18 @@ impl BlockCache {
         let tmp = dir.join("tmp");
         fs::create_dir_all(&blocks)?;
         fs::create_dir_all(&tmp)?;
+        // Leftovers of crashed writers; recent files may belong to another
+        // process sharing the directory, mid-write.
         for entry in fs::read_dir(&tmp)?.flatten() {
-            let _ = fs::remove_file(entry.path());
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(600));
+            if stale {
+                let _ = fs::remove_file(entry.path());
+            }
         }
         let mut found = Vec::new();
         for shard in fs::read_dir(&blocks)?.flatten() {

@@ -116,13 +116,12 @@ pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballErr
 }
 
 fn tar_error(e: io::Error, path: Option<&str>) -> TarballError {
-    // The decoder reports its own findings as `Other` errors carrying a TarballError message.
     let at = path.map(|p| format!(" at {p:?}")).unwrap_or_default();
-    match e.kind() {
-        io::ErrorKind::UnexpectedEof => {
-            TarballError::Corrupt(format!("the archive is truncated{at}"))
-        }
-        _ => TarballError::Corrupt(format!("not a readable tar archive{at}: {e}")),
+    // The tar crate reports running out of data mid-entry as `Other`.
+    if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
+        TarballError::Corrupt(format!("the archive is truncated{at}: {e}"))
+    } else {
+        TarballError::Corrupt(format!("not a readable tar archive{at}: {e}"))
     }
 }
 

@@ -31,47 +31,28 @@ impl TocIndex {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS tocs (
-                store   TEXT NOT NULL,
-                key     TEXT NOT NULL,
-                etag    TEXT NOT NULL,
-                locator BLOB NOT NULL,
-                toc     BLOB NOT NULL,
-                PRIMARY KEY (store, key, etag)
-            ) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS foreign_tocs (
-                store    TEXT NOT NULL,
-                key      TEXT NOT NULL,
-                etag     TEXT NOT NULL,
-                format   INTEGER NOT NULL,
-                tar_size INTEGER NOT NULL,
-                entries  BLOB NOT NULL,
-                PRIMARY KEY (store, key, etag)
-            ) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS access_points (
-                store      TEXT NOT NULL,
-                key        TEXT NOT NULL,
-                etag       TEXT NOT NULL,
-                idx        INTEGER NOT NULL,
-                co         INTEGER NOT NULL,
-                bits       INTEGER NOT NULL,
-                uo         INTEGER NOT NULL,
-                window     BLOB NOT NULL,
-                window_len INTEGER NOT NULL,
-                PRIMARY KEY (store, key, etag, idx)
-            ) WITHOUT ROWID;",
-        )?;
+        // Several processes may create the database at once; switching to WAL
+        // can report "busy" without waiting on the timeout, so retry the setup.
+        let mut attempt = 0;
+        loop {
+            match setup(&conn) {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if attempt < 50
+                        && matches!(
+                            e.code,
+                            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                        ) =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(TocIndex {
             conn: Arc::new(Mutex::new(conn)),
         })
-    }
-
-    /// An in-memory index, for tools that open one object once.
-    pub fn in_memory() -> Result<TocIndex, TarballError> {
-        TocIndex::open(Path::new(":memory:"))
     }
 
     async fn with_conn<T: Send + 'static>(
@@ -249,4 +230,40 @@ impl TocIndex {
         })
         .await
     }
+}
+
+fn setup(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS tocs (
+                store   TEXT NOT NULL,
+                key     TEXT NOT NULL,
+                etag    TEXT NOT NULL,
+                locator BLOB NOT NULL,
+                toc     BLOB NOT NULL,
+                PRIMARY KEY (store, key, etag)
+            ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS foreign_tocs (
+                store    TEXT NOT NULL,
+                key      TEXT NOT NULL,
+                etag     TEXT NOT NULL,
+                format   INTEGER NOT NULL,
+                tar_size INTEGER NOT NULL,
+                entries  BLOB NOT NULL,
+                PRIMARY KEY (store, key, etag)
+            ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS access_points (
+                store      TEXT NOT NULL,
+                key        TEXT NOT NULL,
+                etag       TEXT NOT NULL,
+                idx        INTEGER NOT NULL,
+                co         INTEGER NOT NULL,
+                bits       INTEGER NOT NULL,
+                uo         INTEGER NOT NULL,
+                window     BLOB NOT NULL,
+                window_len INTEGER NOT NULL,
+                PRIMARY KEY (store, key, etag, idx)
+            ) WITHOUT ROWID;",
+    )
 }

@@ -278,3 +278,64 @@ async fn sequential_reads_are_read_ahead() {
     assert_eq!(metered.snapshot().gets, before, "already read ahead");
     s.s3.delete(&s.key).await.unwrap();
 }
+
+#[test]
+fn two_processes_sharing_one_cache_directory_read_correctly() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree/workspace");
+    std::fs::create_dir_all(&tree).unwrap();
+    let data = pattern(12 << 20, 77);
+    std::fs::write(tree.join("big.bin"), &data).unwrap();
+    let vars = [
+        ("SESSIONFS_STORE", "local".to_owned()),
+        (
+            "SESSIONFS_STORE_DIR",
+            dir.path().join("store").display().to_string(),
+        ),
+        (
+            "SESSIONFS_CACHE_DIR",
+            dir.path().join("cache").display().to_string(),
+        ),
+        ("SESSIONFS_CACHE_SIZE", "16".to_owned()),
+    ];
+    let sfs = || {
+        let mut c = Command::new(sessionfs_tests::sessionfs_bin());
+        c.arg("--quiet")
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+        c
+    };
+    assert!(sfs()
+        .arg("push")
+        .arg(dir.path().join("tree"))
+        .arg("shared")
+        .status()
+        .unwrap()
+        .success());
+    // Four processes at once, one cache directory, a budget smaller than the file.
+    for round in 0..3 {
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                sfs()
+                    .args(["cat", "shared", "workspace/big.bin"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {:?} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.stdout == data[..],
+                "round {round}: a process read wrong bytes"
+            );
+        }
+    }
+}

@@ -298,3 +298,22 @@ async fn pull_never_writes_outside_the_destination() {
         "nothing was written outside"
     );
 }
+
+#[tokio::test]
+async fn a_header_claiming_a_huge_size_is_refused() {
+    let f = fixture();
+    // A 1 TB file announced, a few bytes delivered.
+    let mut header = tar::Header::new_gnu();
+    header.set_path("workspace/huge.bin").unwrap();
+    header.set_size(1 << 40);
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend_from_slice(&[7u8; 4096]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let err = open(&f, gz.finish().unwrap()).await.unwrap_err();
+    assert!(
+        matches!(err, TarballError::Corrupt(ref m) if m.contains("truncated")),
+        "{err}"
+    );
+}
