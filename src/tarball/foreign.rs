@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 
 use super::path::check_entry_path;
+use super::sparse::{self, Tail, TapReader};
 use super::tar_header::hex_encode;
 use super::toc::{Entry, Kind, RESERVED_DIR};
 use super::zran::{AccessPoint, RawInflater, SPAN, WINDOW};
@@ -60,8 +61,10 @@ impl Default for Limits {
 /// Indexes the object read from `src` (the whole object, from its first byte).
 pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballError> {
     let decoder = Decoder::new(src, limits.max_tar_size)?;
+    // Sparse maps continue in blocks the tar parser hides: keep the recent stream.
+    let (tap, tail) = TapReader::new(decoder);
     // The tar parser reads headers 512 bytes at a time: buffer in front of inflation.
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(256 * 1024, decoder));
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(256 * 1024, tap));
     let mut entries: Vec<Option<Entry>> = Vec::new();
     let mut by_path: HashMap<String, usize> = HashMap::new();
     let mut skipped = Vec::new();
@@ -75,7 +78,7 @@ pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballErr
                     limits.max_entries
                 )));
             }
-            match describe(&mut entry) {
+            match describe(&mut entry, &tail) {
                 Ok(Some(e)) => {
                     if let Some(old) = by_path.insert(e.p.clone(), entries.len()) {
                         entries[old] = None;
@@ -91,7 +94,7 @@ pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballErr
     // Read to the end: verifies the last member's CRC and length, and catches
     // truncation after the end-of-archive blocks.
     io::copy(&mut buffered, &mut io::sink()).map_err(|e| tar_error(e, None))?;
-    let decoder = buffered.into_inner();
+    let decoder = buffered.into_inner().inner;
     if decoder.offset == 0 {
         return Err(TarballError::Corrupt(
             "the object is empty: not a tar archive".into(),
@@ -127,11 +130,28 @@ fn tar_error(e: io::Error, path: Option<&str>) -> TarballError {
 
 /// The entry as the index keeps it, `Ok(None)` for entries that are not
 /// files (global headers), `Err(reason)` for entries left out.
-fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, String> {
+fn describe<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    tail: &std::cell::RefCell<Tail>,
+) -> Result<Option<Entry>, String> {
     let raw = entry.path().map_err(|e| format!("unreadable name: {e}"))?;
-    let name = raw
+    let header_name = raw
         .to_str()
-        .ok_or_else(|| format!("{}: name is not UTF-8", raw.display()))?;
+        .ok_or_else(|| format!("{}: name is not UTF-8", raw.display()))?
+        .to_owned();
+    let is_file = matches!(
+        entry.header().entry_type(),
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse
+    );
+    let sparse = if is_file {
+        sparse::describe(entry, tail).map_err(|e| format!("{header_name}: {e}"))?
+    } else {
+        None
+    };
+    let name = sparse
+        .as_ref()
+        .and_then(|s| s.name.as_deref())
+        .unwrap_or(&header_name);
     let Some(p) = normalise(name) else {
         return Ok(None);
     };
@@ -159,9 +179,6 @@ fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, Str
             ))
         }
     };
-    if kind == tar::EntryType::GNUSparse {
-        return Err(format!("{p}: sparse files are not supported yet"));
-    }
     let lt = match t {
         Kind::Symlink => Some(
             entry
@@ -201,9 +218,14 @@ fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, Str
         }
     }
     let header = entry.header();
+    let (s, data_offset, sp) = match sparse {
+        Some(sp) => (sp.real_size, sp.data_offset, Some(sp.map)),
+        None if t == Kind::File => (entry.size(), entry.raw_file_position(), None),
+        None => (0, entry.raw_file_position(), None),
+    };
     Ok(Some(Entry {
         t,
-        s: if t == Kind::File { entry.size() } else { 0 },
+        s,
         m: header.mode().unwrap_or(0o644) & 0o7777,
         u: header.uid().unwrap_or(0),
         g: header.gid().unwrap_or(0),
@@ -215,7 +237,8 @@ fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, Str
         dv,
         x,
         ho: entry.raw_header_position(),
-        data_offset: entry.raw_file_position(),
+        data_offset,
+        sp,
         p,
     }))
 }
@@ -258,6 +281,7 @@ fn add_missing_parents(entries: &mut Vec<Entry>) {
             x: BTreeMap::new(),
             ho: 0,
             data_offset: 0,
+            sp: None,
         });
     }
 }

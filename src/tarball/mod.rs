@@ -16,6 +16,7 @@ pub mod foreign;
 pub mod index;
 pub mod path;
 pub mod reader;
+pub mod sparse;
 pub mod tar_header;
 pub mod toc;
 pub mod tree;

@@ -23,6 +23,7 @@ use futures::TryStreamExt;
 use super::deflate::{inflate_exact, zlib_decompress_exact, GZIP_TRAILER_LEN, STORED_HEADER_LEN};
 use super::foreign::{self, ForeignIndex, Format, Limits};
 use super::index::{IndexedToc, TocIndex};
+use super::sparse::{self, Piece};
 use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, LOCATOR_FROM_END, LOCATOR_LEN};
 use super::zran::{inflate_from_point, AccessPoint};
 use super::TarballError;
@@ -245,8 +246,35 @@ impl SessionReader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        self.read_tar(entry.data_offset + offset, entry.data_offset + end)
-            .await
+        let Some(map) = &entry.sp else {
+            return self
+                .read_tar(entry.data_offset + offset, entry.data_offset + end)
+                .await;
+        };
+        let pieces = sparse::pieces(map, entry.data_offset, offset, end);
+        // One fetch for all the stored bytes the read touches.
+        let stored: Vec<(u64, u64)> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Stored(a, b) => Some((*a, *b)),
+                Piece::Zeros(_) => None,
+            })
+            .collect();
+        let (Some(first), Some(last)) = (stored.first(), stored.last()) else {
+            return Ok(Bytes::from(vec![0u8; (end - offset) as usize]));
+        };
+        let base = first.0;
+        let data = self.read_tar(base, last.1).await?;
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for piece in pieces {
+            match piece {
+                Piece::Stored(a, b) => {
+                    out.extend_from_slice(&data[(a - base) as usize..(b - base) as usize])
+                }
+                Piece::Zeros(n) => out.resize(out.len() + n as usize, 0),
+            }
+        }
+        Ok(out.freeze())
     }
 
     pub async fn read_all(&self, path: &str) -> Result<Bytes, TarballError> {

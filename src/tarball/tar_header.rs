@@ -161,6 +161,7 @@ mod tests {
             x: Default::default(),
             ho: 0,
             data_offset: 512,
+            sp: None,
         }
     }
 

@@ -109,6 +109,10 @@ pub struct Entry {
     /// Offset of the entry's data in the tar stream.
     #[serde(rename = "do")]
     pub data_offset: u64,
+    /// Sparse files (foreign objects only): the (offset, length) chunks
+    /// stored back to back from `data_offset`; the rest reads as zeros.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sp: Option<super::sparse::SparseMap>,
 }
 
 /// The table of contents.
@@ -275,6 +279,12 @@ impl Toc {
                 || !e.ho.is_multiple_of(512)
             {
                 return Err(corrupt(format!("{:?} lies outside the data", e.p)));
+            }
+            if e.sp.is_some() {
+                return Err(corrupt(format!(
+                    "{:?} is sparse: not written by sessionfs",
+                    e.p
+                )));
             }
             match e.t {
                 Kind::HardLink => {

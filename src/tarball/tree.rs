@@ -81,6 +81,7 @@ fn walk_dir(
             x: user_xattrs(&path),
             ho: 0,
             data_offset: 0,
+            sp: None,
         };
         let mut source = None;
         if ft.is_dir() {

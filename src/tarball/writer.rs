@@ -35,9 +35,13 @@ pub struct PackOptions {
 impl Default for PackOptions {
     fn default() -> Self {
         PackOptions {
-            level: 6,
-            // 1 MiB keeps the object within about 0.3 % of `tar czf` (256 KiB
-            // costs about 1-3 %), and the block cache fetches 1 MiB blocks anyway.
+            // Full flushes and the TOC cost about 1.5 % at gzip's default
+            // level 6; zlib level 7 wins that back (the object comes out about
+            // 0.4 % smaller than `tar czf`) and, on two cores, still packs
+            // faster than single-threaded gzip -6.
+            level: 7,
+            // 1 MiB segments cost about 0.9 % in flushes (256 KiB costs 1-3 %),
+            // and the block cache fetches 1 MiB blocks anyway.
             segment_min: 1024 * 1024,
             segment_max: 2 * 1024 * 1024,
             threads: 0,
@@ -147,6 +151,7 @@ pub fn pack_entries<W: Write + Send>(
         x: BTreeMap::new(),
         ho: tar_data_end,
         data_offset: tar_data_end + 512,
+        sp: None,
     })?;
     let tar_size = tar_data_end + 512 + toc_entry_len + EOA_LEN as u64;
     let mut head = toc_header;

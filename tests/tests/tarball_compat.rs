@@ -204,3 +204,51 @@ fn push_ls_cat_and_pull_round_trip_through_the_local_store() {
     sfs(&["pull", "o__r__main", dest.to_str().unwrap()]);
     assert_same_tree(&snapshot(&p.source), &snapshot(&dest), "sessionfs pull");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_push_goes_up_in_parts_and_pulls_back_whole() {
+    // Incompressible, so the object passes the 64 MiB multipart threshold.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src");
+    std::fs::create_dir_all(source.join("workspace/data")).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(
+            source.join(format!("workspace/data/part{i}.bin")),
+            sessionfs_tests::pattern(25 << 20, 7 + i),
+        )
+        .unwrap();
+    }
+    std::fs::write(source.join("workspace/readme.txt"), b"three big parts\n").unwrap();
+    let session = format!("tests__multipart{:08x}__main", rand::random::<u32>());
+    let sfs = |args: &[&str]| {
+        let out = Command::new(sessionfs_bin())
+            .arg("--quiet")
+            .args(args)
+            .env("SESSIONFS_CACHE_DIR", dir.path().join("cache"))
+            .envs(sessionfs_tests::s3_env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    sfs(&["push", source.to_str().unwrap(), &session]);
+    let store = sessionfs_tests::s3_store().await;
+    let meta = store
+        .head(&format!("{session}/session.tar.gz"))
+        .await
+        .unwrap();
+    assert!(meta.size > 75 << 20, "{}", meta.size);
+    // An S3 multipart ETag is "<md5 of part md5s>-<parts>".
+    assert!(meta.etag.ends_with("-3\""), "{}", meta.etag);
+    assert_eq!(
+        sfs(&["cat", &session, "workspace/readme.txt"]),
+        b"three big parts\n"
+    );
+    let dest = dir.path().join("pulled");
+    sfs(&["pull", &session, dest.to_str().unwrap()]);
+    assert_same_tree(&snapshot(&source), &snapshot(&dest), "multipart push");
+}

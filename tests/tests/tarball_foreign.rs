@@ -84,6 +84,27 @@ PY
         echo second, longer > dup/workspace/twice.txt
         tar rf dup.tar -C dup workspace/twice.txt
         gzip -k dup.tar
+        # Sparse files: chunks inside the header, in GNU extension blocks
+        # (more than 4, and more than 21 more), holes at both ends, all hole.
+        mkdir -p sparse/d
+        python3 - <<'PY'
+def write(path, size, chunks):
+    with open(path, "wb") as f:
+        for off, data in chunks:
+            f.seek(off)
+            f.write(data)
+        f.truncate(size)
+write("sparse/d/eight", 9 << 20, [(i << 20, bytes([65 + i]) * 5000) for i in range(8)])
+write("sparse/d/many", 100 << 16, [(i << 16, b"%d;" % i * 300) for i in range(0, 100, 2)])
+write("sparse/d/ends", 3 << 20, [(1 << 20, b"middle" * 1000)])
+write("sparse/d/empty", 1 << 20, [])
+with open("sparse/d/dense", "wb") as f:
+    f.write(b"not sparse at all\n" * 1000)
+PY
+        tar --sparse -czf sparse-gnu.tar.gz -C sparse .
+        tar --sparse --format=posix -czf sparse-pax10.tar.gz -C sparse .
+        tar --sparse --format=posix --sparse-version=0.1 -czf sparse-pax01.tar.gz -C sparse .
+        tar --sparse --format=posix --sparse-version=0.0 -czf sparse-pax00.tar.gz -C sparse .
         "#,
         dir,
     );
@@ -95,6 +116,10 @@ PY
         ("members", "members.tar.gz"),
         ("python", "python.tar.gz"),
         ("duplicates", "dup.tar.gz"),
+        ("sparse-gnu", "sparse-gnu.tar.gz"),
+        ("sparse-pax10", "sparse-pax10.tar.gz"),
+        ("sparse-pax01", "sparse-pax01.tar.gz"),
+        ("sparse-pax00", "sparse-pax00.tar.gz"),
     ]
     .into_iter()
     .map(|(name, file)| (name, dir.join(file)))
@@ -128,6 +153,14 @@ async fn foreign_tarballs_list_and_read_like_tar_x() {
             .await
             .unwrap();
         assert!(r.is_foreign(), "{name}");
+        if name.starts_with("sparse") {
+            let many = r.stat("d/many").unwrap();
+            assert!(many.sp.as_ref().is_some_and(|m| m.len() == 50), "{name}");
+            // A read inside one file, crossing holes and chunks.
+            let part = r.read("d/many", (3 << 16) - 10, 3 << 16).await.unwrap();
+            let whole = std::fs::read(extracted.join("d/many")).unwrap();
+            assert_eq!(&part[..], &whole[(3 << 16) - 10..(6 << 16) - 10], "{name}");
+        }
         assert_same_tree(&snapshot(&extracted), &reader_snapshot(&r).await, name);
         // Opened again, the index comes from the database and reads the same.
         let again = SessionReader::open(store.clone(), &key, Some(&index))
