@@ -76,6 +76,14 @@ async fn an_entry_over_8_gib_packs_reads_and_extracts() {
     );
 
     // A streaming reader of the whole object agrees on the size and the bytes.
+    let marks = format!(
+        "[{}]",
+        MARKS
+            .iter()
+            .map(|(at, m)| format!("({at}, b{:?})", std::str::from_utf8(m).unwrap()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let script = format!(
         r#"
 import sys, tarfile
@@ -101,15 +109,7 @@ with tarfile.open(sys.argv[1], "r|gz") as t:
             assert t.extractfile(m).read() == b"an entry after the huge one\n"
 assert any(n.endswith("after.txt") for n in seen), seen
 print("ok")
-"#,
-        marks = format!(
-            "[{}]",
-            MARKS
-                .iter()
-                .map(|(at, m)| format!("({at}, b{:?})", std::str::from_utf8(m).unwrap()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+"#
     );
     let out = Command::new("python3")
         .arg("-c")
