@@ -7,6 +7,7 @@
 //! the work lives in the library crates.
 
 mod inspect;
+mod mount_cmd;
 mod store_args;
 mod store_check;
 mod transfer;
@@ -33,7 +34,12 @@ struct Cli {
     store: StoreArgs,
 
     /// Log filter (e.g. `info`, `sessionfs_core=debug`).
-    #[arg(long, env = "SESSIONFS_LOG", default_value = "warn", global = true)]
+    #[arg(
+        long,
+        env = "SESSIONFS_LOG",
+        default_value = "warn,fuser=error",
+        global = true
+    )]
     log: String,
 
     /// Directory of local state: the index of session TOCs and the block cache.
@@ -62,7 +68,14 @@ enum Command {
     /// Serve the storage-worker HTTP API and, with --mount-root, mount every session.
     Serve(Pending),
     /// Mount one session as a read-write directory.
-    Mount(Pending),
+    Mount(mount_cmd::MountArgs),
+    /// Unmount a mounted session (the mount process syncs and exits).
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if files are open; the mount ends when they close.
+        #[arg(long)]
+        lazy: bool,
+    },
     /// Keep a plain local directory in sync with a session (hosts without FUSE).
     Sync(Pending),
     /// Pack a directory into a seekable session tarball file.
@@ -121,6 +134,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 
@@ -188,8 +202,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let reader = inspect::open(store, &session, &index).await?;
             return inspect::cat(&reader, &path).await;
         }
+        Command::Mount(args) => {
+            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            return mount_cmd::run(args, &cli.store.bucket, store, index, cli.quiet).await;
+        }
+        Command::Umount { mountpoint, lazy } => return mount_cmd::umount(&mountpoint, lazy),
         Command::Serve(_) => "serve",
-        Command::Mount(_) => "mount",
         Command::Sync(_) => "sync",
         Command::Flush(_) => "flush",
         Command::Versions(_) => "versions",

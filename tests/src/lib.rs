@@ -7,6 +7,7 @@
 //! a bucket per test is slow on the test server.
 
 pub mod fault_proxy;
+pub mod mount;
 pub mod trees;
 
 use std::path::{Path, PathBuf};

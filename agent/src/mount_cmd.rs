@@ -1,0 +1,241 @@
+//! `sessionfs mount` and `sessionfs umount`.
+//!
+//! A mount runs in the foreground until SIGINT or SIGTERM (or an external
+//! unmount); then the journal is synced and the mount point released.
+//! `--daemon` re-executes the same command detached, with its log in the
+//! overlay directory, and returns once the kernel lists the mount, or fails
+//! with the child's own error if it never appears.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::ObjectStore;
+use sessionfs_core::tarball::index::TocIndex;
+use sessionfs_fuse::mount::{self, MountSpec};
+
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Session path, e.g. `owner__repo__branch` (a new one starts empty).
+    pub session: String,
+    /// An existing empty directory.
+    pub mountpoint: PathBuf,
+    /// Mount this directory of the session (e.g. `workspace`) instead of its root.
+    #[arg(long)]
+    pub subdir: Option<String>,
+    /// Refuse every change.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Return once the mount is live, leaving it running in the background.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Let users other than the one mounting use the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Where overlays (changes not yet written back) live.
+    /// [default: $XDG_STATE_HOME/sessionfs/overlays or ~/.local/state/sessionfs/overlays]
+    #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub threads: u64,
+}
+
+fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match arg {
+        Some(dir) => dir,
+        None => std::env::var_os("XDG_STATE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .context("cannot tell where overlays live: set SESSIONFS_OVERLAY_DIR")?
+            .join("sessionfs/overlays"),
+    })
+}
+
+fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
+    let md = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory", mp.display());
+    }
+    let mp = mp.canonicalize()?;
+    if is_mounted(&mp) {
+        bail!("{} is already a mount point", mp.display());
+    }
+    Ok(mp)
+}
+
+/// Whether the kernel lists `mp` as a mount point (of any filesystem).
+pub fn is_mounted(mp: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mp.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|p| unescape_mount_path(p) == want)
+}
+
+fn unescape_mount_path(p: &str) -> String {
+    p.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+pub async fn run(
+    args: MountArgs,
+    bucket: &str,
+    store: Arc<dyn ObjectStore>,
+    index: TocIndex,
+    quiet: bool,
+) -> Result<()> {
+    let session = SessionPath::parse(&args.session)?;
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    mount::check_fuse()?;
+    let overlay = overlay_root(args.overlay_dir.clone())?
+        .join(bucket)
+        .join(session.as_str());
+    if args.daemon {
+        return daemonise(&overlay, &mountpoint, quiet).await;
+    }
+    let spec = MountSpec {
+        store,
+        index: Some(index),
+        session: session.clone(),
+        overlay,
+        subdir: args.subdir,
+        read_only: args.read_only,
+        allow_other: args.allow_other,
+        threads: args.threads as usize,
+    };
+    let config = mount::config(&spec);
+    let rt = tokio::runtime::Handle::current();
+    let mp = mountpoint.clone();
+    // Opening reads the TOC and the journal; mounting waits for the kernel.
+    let mut fuse_session = tokio::task::spawn_blocking(move || {
+        let fs = mount::open(&spec, &rt)?;
+        mount::mount(fs, &mp, &config)
+    })
+    .await??;
+    let mut unmounter = fuse_session.unmount_callable();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let _ = done_tx.send(fuse_session.run());
+        })?;
+    if !quiet {
+        eprintln!("mounted {} at {}", session.as_str(), mountpoint.display());
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let ended_by_kernel = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => false,
+        r = done_rx => {
+            r.context("the FUSE session thread died")??;
+            true
+        }
+    };
+    if !ended_by_kernel {
+        // The session thread ends once the kernel lets go of the mount.
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!("unmount failed ({e}); detaching lazily");
+            lazy_unmount(&mountpoint)?;
+        }
+    }
+    if !quiet {
+        eprintln!("unmounted {}", mountpoint.display());
+    }
+    Ok(())
+}
+
+/// Starts this same command without `--daemon`, detached, and waits for the mount.
+async fn daemonise(overlay: &Path, mountpoint: &Path, quiet: bool) -> Result<()> {
+    std::fs::create_dir_all(overlay)?;
+    let log_path = overlay.join("mount.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    child
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut child, 0);
+    let mut child = child.spawn().context("starting the background mount")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if is_mounted(mountpoint) {
+            if !quiet {
+                eprintln!(
+                    "mounted at {} (pid {}, log {})",
+                    mountpoint.display(),
+                    child.id(),
+                    log_path.display()
+                );
+            }
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!(
+                "the background mount exited ({status}): {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the mount did not appear within 120 s (log: {})",
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lazy_unmount(mp: &Path) -> Result<()> {
+    umount(mp, true)
+}
+
+/// `sessionfs umount`: the mount process sees the unmount, syncs and exits.
+pub fn umount(mp: &Path, lazy: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mp.as_os_str().as_bytes())
+        .context("mount point contains a NUL byte")?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // Not root: fusermount3 may unmount a FUSE mount its user owns.
+        Some(libc::EPERM) => {
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg(if lazy { "-uz" } else { "-u" }).arg(mp);
+            let status = cmd.status().context("running fusermount3")?;
+            if !status.success() {
+                bail!("fusermount3 could not unmount {}", mp.display());
+            }
+            Ok(())
+        }
+        Some(libc::EBUSY) => bail!(
+            "{} is busy (files are open there); close them, or use --lazy",
+            mp.display()
+        ),
+        Some(libc::EINVAL) => bail!("{} is not a mount point", mp.display()),
+        _ => Err(e).with_context(|| format!("unmounting {}", mp.display())),
+    }
+}

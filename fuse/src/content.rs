@@ -1,0 +1,139 @@
+//! File bytes for the mount: unchanged files read lazily from the session
+//! object (through the block cache), changed ones from the overlay.
+//!
+//! The overlay keeps one plain file per inode under `data/`. A file is
+//! copied up in full the first time it is opened for writing or truncated:
+//! fetched from the object into a temporary file, synced, then renamed into
+//! place, so a crash during a copy-up leaves the object's version in force.
+//! Writes then go straight to the overlay file with `pwrite`, which makes
+//! them visible to every reader of the mount at once and lets a killed
+//! process keep them (the kernel has them).
+//!
+//! The FUSE threads are not tokio threads: they hand object reads to the
+//! runtime with `Handle::block_on`, which never stalls the runtime itself.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use sessionfs_core::tarball::reader::SessionReader;
+
+use crate::FsError;
+
+/// Bytes fetched per request during a copy-up.
+const COPY_CHUNK: u64 = 8 << 20;
+
+pub struct Content {
+    dir: PathBuf,
+    files: Mutex<HashMap<u64, Arc<File>>>,
+    reader: Option<Arc<SessionReader>>,
+    rt: tokio::runtime::Handle,
+    copy_up: Mutex<()>,
+}
+
+impl Content {
+    pub fn new(
+        overlay: &Path,
+        reader: Option<Arc<SessionReader>>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Content, FsError> {
+        let dir = overlay.join("data");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Content {
+            dir,
+            files: Mutex::new(HashMap::new()),
+            reader,
+            rt,
+            copy_up: Mutex::new(()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, ino: u64) -> PathBuf {
+        self.dir.join(ino.to_string())
+    }
+
+    /// The overlay file of `ino`, opened once and shared by every handle.
+    pub fn local(&self, ino: u64) -> Result<Arc<File>, FsError> {
+        let mut files = self.files.lock();
+        if let Some(f) = files.get(&ino) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.path(ino))?,
+        );
+        files.insert(ino, f.clone());
+        Ok(f)
+    }
+
+    /// Forgets the shared handle (the file stays).
+    pub fn close(&self, ino: u64) {
+        self.files.lock().remove(&ino);
+    }
+
+    pub fn remove(&self, ino: u64) {
+        self.close(ino);
+        match std::fs::remove_file(self.path(ino)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(ino, "could not remove an overlay file: {e}"),
+        }
+    }
+
+    /// Size and mtime of an overlay file, if it exists.
+    pub fn stat(&self, ino: u64) -> Option<std::fs::Metadata> {
+        std::fs::metadata(self.path(ino)).ok()
+    }
+
+    /// Serialises copy-ups so one file is never fetched twice at once.
+    pub fn copy_up_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.copy_up.lock()
+    }
+
+    /// Fetches `len` bytes of `base` (the first `len`, for a truncating
+    /// copy-up) into the overlay file of `ino`.
+    pub fn copy_up(&self, ino: u64, base: &str, len: u64) -> Result<(), FsError> {
+        let tmp = self.dir.join(format!("{ino}.copy"));
+        let out = File::create(&tmp)?;
+        let mut at = 0u64;
+        while at < len {
+            let n = COPY_CHUNK.min(len - at);
+            let bytes = self.read_base(base, at, n)?;
+            if bytes.is_empty() {
+                break;
+            }
+            out.write_all_at(&bytes, at)?;
+            at += bytes.len() as u64;
+        }
+        out.set_len(len)?;
+        out.sync_all()?;
+        self.close(ino);
+        std::fs::rename(&tmp, self.path(ino))?;
+        Ok(())
+    }
+
+    pub fn read_base(&self, path: &str, offset: u64, len: u64) -> Result<bytes::Bytes, FsError> {
+        let reader = self
+            .reader
+            .as_ref()
+            .ok_or_else(|| FsError::Corrupt(format!("{path}: no session object to read")))?;
+        Ok(self.rt.block_on(reader.read(path, offset, len))?)
+    }
+
+    /// Makes the overlay files and their directory durable.
+    pub fn sync_dir(&self) -> Result<(), FsError> {
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,953 @@
+//! The `fuser::Filesystem` of one mounted session: translates kernel
+//! requests into [`Namespace`] and [`Content`] calls and errors into errno.
+//!
+//! Locking: the namespace is one mutex, held only for metadata work; file
+//! bytes move outside it (overlay `pread`/`pwrite`, object reads through the
+//! block cache), so a slow fetch never stalls `ls` or `stat` on the other
+//! FUSE threads. Permission checks are the kernel's (`default_permissions`);
+//! POSIX and BSD locks are the kernel's too (local to this mount).
+//!
+//! The mount root may be a subdirectory of the session (`--subdir`): the
+//! kernel's inode 1 and that directory's inode swap numbers at this boundary.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+
+use crate::content::Content;
+use crate::namespace::{Listing, Namespace, RenameMode, SetAttr};
+use crate::node::{Data, Node, NodeKind, Time};
+use crate::FsError;
+
+/// How long the kernel may trust names and attributes. Every change comes
+/// through this process (the API invalidates through the notifier), so the
+/// TTL can be long; it bounds staleness after an out-of-band edit.
+const TTL: Duration = Duration::from_secs(10);
+/// Longest symlink target accepted.
+const PATH_MAX: usize = 4096;
+
+struct Handle {
+    ino: u64,
+    append: bool,
+    /// Written through since the journal last caught up.
+    dirty: bool,
+}
+
+pub struct SessionFs {
+    ns: Mutex<Namespace>,
+    content: Content,
+    handles: Mutex<HashMap<u64, Handle>>,
+    dirs: Mutex<HashMap<u64, Listing>>,
+    next_fh: AtomicU64,
+    root: u64,
+    read_only: bool,
+}
+
+fn err(e: FsError) -> Errno {
+    if e.is_unexpected() {
+        tracing::error!("{e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn name_str(name: &OsStr) -> Result<&str, FsError> {
+    std::str::from_utf8(name.as_bytes()).map_err(|_| FsError::BadName)
+}
+
+impl SessionFs {
+    pub fn new(ns: Namespace, content: Content, root: u64, read_only: bool) -> SessionFs {
+        SessionFs {
+            ns: Mutex::new(ns),
+            content,
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            root,
+            read_only,
+        }
+    }
+
+    /// Kernel inode number ↔ ours: the mount root and inode 1 swap.
+    fn inner(&self, ino: INodeNo) -> u64 {
+        swap(ino.0, self.root)
+    }
+
+    fn attr(&self, node: &Node) -> FileAttr {
+        let mut a = node.attr();
+        a.ino = INodeNo(swap(node.ino, self.root));
+        a
+    }
+
+    fn writable(&self) -> Result<(), FsError> {
+        if self.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Brings a file's bytes into the overlay (once); `truncate` skips the fetch.
+    fn ensure_local(&self, ino: u64, truncate: bool) -> Result<(), FsError> {
+        let _one_at_a_time = self.content.copy_up_lock();
+        let node = self.ns.lock().get(ino)?.clone();
+        if node.kind != NodeKind::File {
+            return Err(FsError::Invalid("not a regular file"));
+        }
+        match &node.data {
+            Data::Local => {
+                if truncate && node.size > 0 {
+                    self.content.local(ino)?.set_len(0)?;
+                    let set = SetAttr {
+                        size: Some(0),
+                        ..SetAttr::default()
+                    };
+                    self.ns.lock().setattr(ino, &set)?;
+                }
+            }
+            Data::Base(path) => {
+                let len = if truncate { 0 } else { node.size };
+                self.content.copy_up(ino, path, len)?;
+                self.ns.lock().set_data(ino, Data::Local, Some(len))?;
+            }
+            Data::None => {
+                self.content.local(ino)?.set_len(0)?;
+                self.ns.lock().set_data(ino, Data::Local, Some(0))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn free(&self, freed: Vec<u64>) {
+        for ino in freed {
+            self.content.remove(ino);
+        }
+    }
+
+    fn entry(&self, node: &Node, reply: ReplyEntry) {
+        reply.entry(&TTL, &self.attr(node), Generation(0));
+    }
+
+    /// Owner and group of a new inode: BSD group semantics under a setgid
+    /// directory, as Linux filesystems do.
+    fn owner(&self, req: &Request, parent: u64) -> Result<(u32, u32, bool), FsError> {
+        let ns = self.ns.lock();
+        let p = ns.get(parent)?;
+        let setgid = p.perm & libc::S_ISGID != 0;
+        Ok((req.uid(), if setgid { p.gid } else { req.gid() }, setgid))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        kind: NodeKind,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        target: Option<String>,
+    ) -> Result<Node, FsError> {
+        self.writable()?;
+        let name = name_str(name)?;
+        let (uid, gid, setgid) = self.owner(req, parent)?;
+        let mut perm = mode & 0o7777 & !umask;
+        if kind == NodeKind::Dir && setgid {
+            perm |= libc::S_ISGID;
+        }
+        self.ns
+            .lock()
+            .create(parent, name, kind, perm, uid, gid, rdev, target)
+    }
+
+    fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let trunc = flags & libc::O_TRUNC != 0;
+        if write || trunc {
+            self.writable()?;
+            self.ensure_local(ino, trunc)?;
+        }
+        let fh = self.fh();
+        self.ns.lock().opened(ino);
+        self.handles.lock().insert(
+            fh,
+            Handle {
+                ino,
+                append: flags & libc::O_APPEND != 0,
+                dirty: false,
+            },
+        );
+        Ok(fh)
+    }
+
+    fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let node = self.ns.lock().get(ino)?.clone();
+        let end = offset.saturating_add(u64::from(size)).min(node.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        match node.data {
+            Data::Local => {
+                let f = self.content.local(ino)?;
+                let mut buf = vec![0u8; (end - offset) as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                }
+                buf.truncate(got);
+                Ok(buf)
+            }
+            Data::Base(path) => Ok(self
+                .content
+                .read_base(&path, offset, end - offset)?
+                .to_vec()),
+            Data::None => Ok(vec![0u8; (end - offset) as usize]),
+        }
+    }
+
+    fn do_write(&self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.writable()?;
+        let append = {
+            let mut handles = self.handles.lock();
+            let h = handles.get_mut(&fh).ok_or(FsError::BadHandle)?;
+            h.dirty = true;
+            h.append
+        };
+        // A writable mapping may outlive its handle's mode: make sure.
+        if self.ns.lock().get(ino)?.data != Data::Local {
+            self.ensure_local(ino, false)?;
+        }
+        let f = self.content.local(ino)?;
+        let mut ns = self.ns.lock();
+        // Appends go to the end as we know it, whatever offset the kernel sent.
+        let at = if append { ns.get(ino)?.size } else { offset };
+        f.write_all_at(data, at)?;
+        ns.note_write(ino, at + data.len() as u64);
+        Ok(data.len() as u32)
+    }
+
+    fn catch_up(&self, fh: u64) -> Result<(), FsError> {
+        let ino = {
+            let mut handles = self.handles.lock();
+            match handles.get_mut(&fh) {
+                Some(h) if h.dirty => {
+                    h.dirty = false;
+                    h.ino
+                }
+                _ => return Ok(()),
+            }
+        };
+        self.ns.lock().flush(ino)
+    }
+
+    fn do_setattr(&self, ino: u64, set: SetAttr) -> Result<Node, FsError> {
+        self.writable()?;
+        if let Some(size) = set.size {
+            let node = self.ns.lock().get(ino)?.clone();
+            if node.kind == NodeKind::File {
+                self.ensure_local(ino, size == 0)?;
+                self.content.local(ino)?.set_len(size)?;
+            }
+        }
+        self.ns.lock().setattr(ino, &set)
+    }
+
+    fn do_fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<(), FsError> {
+        self.writable()?;
+        self.ensure_local(ino, false)?;
+        let f = self.content.local(ino)?;
+        let off = i64::try_from(offset).map_err(|_| FsError::Invalid("offset"))?;
+        let len = i64::try_from(length).map_err(|_| FsError::Invalid("length"))?;
+        // SAFETY: `f` is an open file descriptor owned by `f` for the whole
+        // call; fallocate reads no memory of ours.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let size = f.metadata()?.len();
+        let mut ns = self.ns.lock();
+        let mut node = ns.get(ino)?.clone();
+        if node.size != size {
+            node.size = size;
+            node.mtime = Time::now();
+        }
+        node.ctime = Time::now();
+        ns.save(node, "write")?;
+        Ok(())
+    }
+
+    fn do_fsync(&self, fh: u64, ino: u64, datasync: bool) -> Result<(), FsError> {
+        if self.ns.lock().get(ino)?.data == Data::Local {
+            let f = self.content.local(ino)?;
+            if datasync {
+                f.sync_data()?;
+            } else {
+                f.sync_all()?;
+            }
+        }
+        self.catch_up(fh)?;
+        self.content.sync_dir()?;
+        self.ns.lock().sync()
+    }
+
+    fn do_release(&self, fh: u64) -> Result<(), FsError> {
+        self.catch_up(fh)?;
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return Ok(());
+        };
+        let mut ns = self.ns.lock();
+        let freed = ns.closed(h.ino)?;
+        if !ns.is_open(h.ino) {
+            self.content.close(h.ino);
+        }
+        drop(ns);
+        self.free(freed);
+        Ok(())
+    }
+
+    fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if data.len() > size as usize {
+            reply.error(Errno::from_i32(libc::ERANGE));
+        } else {
+            reply.data(data);
+        }
+    }
+}
+
+fn swap(ino: u64, root: u64) -> u64 {
+    if ino == 1 {
+        root
+    } else if ino == root {
+        1
+    } else {
+        ino
+    }
+}
+
+fn time_of(t: TimeOrNow) -> Time {
+    match t {
+        TimeOrNow::Now => Time::now(),
+        TimeOrNow::SpecificTime(t) => Time::from_system(t),
+    }
+}
+
+impl Filesystem for SessionFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Optional speed-ups; a kernel without them is fine.
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_CACHE_SYMLINKS,
+        );
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // Unmounted: everything answered is journaled; make it durable too.
+        if let Err(e) = self.content.sync_dir().and_then(|()| self.ns.lock().sync()) {
+            tracing::error!("syncing the overlay at unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = self.inner(parent);
+        let r = name_str(name).and_then(|n| self.ns.lock().lookup(parent, n).cloned());
+        match r {
+            Ok(node) => self.entry(&node, reply),
+            Err(FsError::BadName) => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.ns.lock().get(self.inner(ino)) {
+            Ok(node) => reply.attr(&TTL, &self.attr(node)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_of),
+            mtime: mtime.map(time_of),
+        };
+        match self.do_setattr(self.inner(ino), set) {
+            Ok(node) => reply.attr(&TTL, &self.attr(&node)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.ns.lock().get(self.inner(ino)) {
+            Ok(Node {
+                target: Some(t), ..
+            }) => reply.data(t.as_bytes()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = NodeKind::from_mode(mode).filter(|k| *k != NodeKind::Dir) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let parent = self.inner(parent);
+        match self.make(req, parent, name, kind, mode, umask, rdev, None) {
+            Ok(node) => self.entry(&node, reply),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let parent = self.inner(parent);
+        match self.make(req, parent, name, NodeKind::Dir, mode, umask, 0, None) {
+            Ok(node) => self.entry(&node, reply),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = self.inner(parent);
+        let r = self.writable().and_then(|()| {
+            let name = name_str(name)?;
+            self.ns.lock().remove(parent, name, false)
+        });
+        match r {
+            Ok(freed) => {
+                self.free(freed);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = self.inner(parent);
+        let r = self.writable().and_then(|()| {
+            let name = name_str(name)?;
+            self.ns.lock().remove(parent, name, true)
+        });
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let parent = self.inner(parent);
+        let r = (|| {
+            let t =
+                std::str::from_utf8(target.as_os_str().as_bytes()).map_err(|_| FsError::BadName)?;
+            if t.len() >= PATH_MAX {
+                return Err(FsError::NameTooLong);
+            }
+            // Stored as given: sessionfs never follows it itself.
+            self.make(
+                req,
+                parent,
+                link_name,
+                NodeKind::Symlink,
+                0o777,
+                0,
+                0,
+                Some(t.to_owned()),
+            )
+        })();
+        match r {
+            Ok(node) => self.entry(&node, reply),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (parent, newparent) = (self.inner(parent), self.inner(newparent));
+        let r = self.writable().and_then(|()| {
+            let (a, b) = (name_str(name)?, name_str(newname)?);
+            self.ns.lock().rename(parent, a, newparent, b, mode)
+        });
+        match r {
+            Ok(freed) => {
+                self.free(freed);
+                reply.ok()
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (ino, newparent) = (self.inner(ino), self.inner(newparent));
+        let r = self.writable().and_then(|()| {
+            let name = name_str(newname)?;
+            self.ns.lock().link(ino, newparent, name)
+        });
+        match r {
+            Ok(node) => self.entry(&node, reply),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_handle(self.inner(ino), flags.0) {
+            // Only this process changes the bytes: the page cache stays valid.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(self.inner(ino), offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(fh.0, self.inner(ino), offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.catch_up(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fsync(fh.0, self.inner(ino), datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = self.inner(ino);
+        // A snapshot: offsets stay meaningful while the directory changes.
+        match self.ns.lock().list(ino) {
+            Ok(list) => {
+                let fh = self.fh();
+                self.dirs.lock().insert(fh, list);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dirs = self.dirs.lock();
+        let Some(list) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (name, ino, kind)) in list.iter().enumerate().skip(offset as usize) {
+            let kernel_ino = INodeNo(swap(*ino, self.root));
+            if reply.add(kernel_ino, i as u64 + 1, kind.file_type(), name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let list = match self.dirs.lock().get(&fh.0) {
+            Some(l) => l.iter().skip(offset as usize).cloned().collect::<Vec<_>>(),
+            None => return reply.error(Errno::EBADF),
+        };
+        let ns = self.ns.lock();
+        for (i, (name, ino, _)) in list.iter().enumerate() {
+            let Ok(node) = ns.get(*ino) else { continue };
+            let attr = self.attr(node);
+            if reply.add(
+                attr.ino,
+                offset + i as u64 + 1,
+                name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.ns.lock().sync() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The overlay's disk is where new bytes go: report its space.
+        match nix_statvfs(self.content_dir()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                255,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let ino = self.inner(ino);
+        let r = self.writable().and_then(|()| {
+            let name = name_str(name)?;
+            self.ns.lock().setxattr(ino, name, value, flags)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let ino = self.inner(ino);
+        let r = name_str(name).and_then(|n| self.ns.lock().getxattr(ino, n));
+        match r {
+            Ok(v) => Self::xattr_reply(&v, size, reply),
+            Err(FsError::BadName) => reply.error(Errno::from_i32(libc::ENODATA)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.ns.lock().listxattr(self.inner(ino)) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(n.as_bytes());
+                    buf.push(0);
+                }
+                Self::xattr_reply(&buf, size, reply)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let ino = self.inner(ino);
+        let r = self.writable().and_then(|()| {
+            let name = name_str(name)?;
+            self.ns.lock().removexattr(ino, name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let _ = mask;
+        match self.ns.lock().get(self.inner(ino)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let parent = self.inner(parent);
+        let r = (|| {
+            let node = self.make(req, parent, name, NodeKind::File, mode, umask, 0, None)?;
+            let fh = self.open_handle(node.ino, flags | libc::O_RDWR)?;
+            let node = self.ns.lock().get(node.ino)?.clone();
+            Ok::<_, FsError>((node, fh))
+        })();
+        match r {
+            Ok((node, fh)) => reply.created(
+                &TTL,
+                &self.attr(&node),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal probes (isatty) and the like: not a terminal, no ioctls.
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        // ENOSYS once makes the kernel seek by itself from then on.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // ENOSYS makes the kernel fall back to reads and writes.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fallocate(self.inner(ino), offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+impl SessionFs {
+    fn content_dir(&self) -> &Path {
+        self.content.dir()
+    }
+}
+
+fn nix_statvfs(path: &Path) -> Result<libc::statvfs, FsError> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| FsError::Invalid("overlay path"))?;
+    let mut out = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `out`
+    // points to writable memory of the right type for statvfs to fill.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), out.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: statvfs returned 0, so it initialised the whole struct.
+    Ok(unsafe { out.assume_init() })
+}

@@ -1,0 +1,296 @@
+//! The overlay's journal: the mounted tree's inodes, directory entries and
+//! xattrs, and the feed of changes not yet written back, in one SQLite
+//! database beside the overlay's data files.
+//!
+//! Every namespace operation is one transaction, committed before the reply
+//! goes to the kernel, so a killed mount process loses nothing that was
+//! answered: WAL commits reach the OS at once. `fsync` on any file of the
+//! mount additionally makes the journal durable against power loss with a
+//! full checkpoint (`synchronous=NORMAL` keeps the many small commits cheap).
+//!
+//! The database holds the whole tree, not only what changed: a remount loads
+//! it as is (stable inode numbers, nothing re-derived from the object), and
+//! the write-back agent packs the tree straight from it.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::node::{Data, Node, NodeKind, Time};
+use crate::FsError;
+
+pub struct Journal {
+    conn: Connection,
+}
+
+/// One row of the change feed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub seq: i64,
+    /// `create`, `write`, `unlink`, `rename`, `setattr`, `link`, `xattr`, …
+    pub op: String,
+    pub ino: u64,
+    /// A path at the time of the change, for people reading the feed.
+    pub detail: String,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes(
+    ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, perm INTEGER NOT NULL,
+    uid INTEGER NOT NULL, gid INTEGER NOT NULL, nlink INTEGER NOT NULL,
+    rdev INTEGER NOT NULL, size INTEGER NOT NULL,
+    atime_s INTEGER NOT NULL, atime_ns INTEGER NOT NULL,
+    mtime_s INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_s INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    target TEXT, base TEXT, local INTEGER NOT NULL, parent INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dirents(
+    parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
+    PRIMARY KEY(parent, name));
+CREATE TABLE IF NOT EXISTS xattrs(
+    ino INTEGER NOT NULL, name TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(ino, name));
+CREATE TABLE IF NOT EXISTS changes(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
+    ino INTEGER NOT NULL, detail TEXT NOT NULL);
+"#;
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Journal, FsError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Journal { conn })
+    }
+
+    pub fn meta(&self, k: &str) -> Result<Option<String>, FsError> {
+        Ok(self
+            .conn
+            .query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Starts a transaction. The namespace mutex already serialises callers,
+    /// so the connection need not be borrowed mutably (which would keep the
+    /// namespace from reading its own state while it builds the change).
+    pub fn begin(&self) -> Result<Tx<'_>, FsError> {
+        Ok(Tx {
+            tx: self.conn.unchecked_transaction()?,
+        })
+    }
+
+    /// Makes every committed transaction durable (WAL synced and folded in).
+    pub fn sync(&self) -> Result<(), FsError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    pub fn load_nodes(&self) -> Result<Vec<Node>, FsError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT ino, kind, perm, uid, gid, nlink, rdev, size, atime_s, atime_ns, \
+             mtime_s, mtime_ns, ctime_s, ctime_ns, target, base, local, parent FROM nodes",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let kind: i64 = r.get(1)?;
+            let base: Option<String> = r.get(15)?;
+            let local: bool = r.get(16)?;
+            Ok((
+                kind,
+                Node {
+                    ino: r.get::<_, i64>(0)? as u64,
+                    kind: NodeKind::File,
+                    perm: r.get(2)?,
+                    uid: r.get(3)?,
+                    gid: r.get(4)?,
+                    nlink: r.get(5)?,
+                    rdev: r.get(6)?,
+                    size: r.get::<_, i64>(7)? as u64,
+                    atime: Time {
+                        s: r.get(8)?,
+                        ns: r.get(9)?,
+                    },
+                    mtime: Time {
+                        s: r.get(10)?,
+                        ns: r.get(11)?,
+                    },
+                    ctime: Time {
+                        s: r.get(12)?,
+                        ns: r.get(13)?,
+                    },
+                    target: r.get(14)?,
+                    data: match (local, base) {
+                        (true, _) => Data::Local,
+                        (false, Some(b)) => Data::Base(b),
+                        (false, None) => Data::None,
+                    },
+                    parent: r.get::<_, i64>(17)? as u64,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, mut node) = row?;
+            node.kind = NodeKind::from_code(kind)
+                .ok_or_else(|| FsError::Corrupt(format!("inode {} has kind {kind}", node.ino)))?;
+            out.push(node);
+        }
+        Ok(out)
+    }
+
+    pub fn load_dirents(&self) -> Result<Vec<(u64, String, u64)>, FsError> {
+        let mut stmt = self.conn.prepare("SELECT parent, name, ino FROM dirents")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get(1)?,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn xattr(&self, ino: u64, name: &str) -> Result<Option<Vec<u8>>, FsError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
+                params![ino as i64, name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn xattr_names(&self, ino: u64) -> Result<Vec<String>, FsError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([ino as i64], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Changes after `seq`, oldest first.
+    pub fn changes_since(&self, seq: i64) -> Result<Vec<Change>, FsError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, op, ino, detail FROM changes WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([seq], |r| {
+            Ok(Change {
+                seq: r.get(0)?,
+                op: r.get(1)?,
+                ino: r.get::<_, i64>(2)? as u64,
+                detail: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// One journal transaction; dropped without [`Tx::commit`] it rolls back.
+pub struct Tx<'a> {
+    tx: Transaction<'a>,
+}
+
+impl Tx<'_> {
+    pub fn commit(self) -> Result<(), FsError> {
+        Ok(self.tx.commit()?)
+    }
+
+    pub fn set_meta(&self, k: &str, v: &str) -> Result<(), FsError> {
+        self.tx.execute(
+            "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = ?2",
+            params![k, v],
+        )?;
+        Ok(())
+    }
+
+    pub fn put_node(&self, n: &Node) -> Result<(), FsError> {
+        let (base, local) = match &n.data {
+            Data::None => (None, false),
+            Data::Base(b) => (Some(b.as_str()), false),
+            Data::Local => (None, true),
+        };
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO nodes(ino, kind, perm, uid, gid, nlink, rdev, size, \
+                 atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, target, base, local, parent) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+            )?
+            .execute(params![
+                n.ino as i64,
+                n.kind.code(),
+                n.perm,
+                n.uid,
+                n.gid,
+                n.nlink,
+                n.rdev,
+                n.size as i64,
+                n.atime.s,
+                n.atime.ns,
+                n.mtime.s,
+                n.mtime.ns,
+                n.ctime.s,
+                n.ctime.ns,
+                n.target,
+                base,
+                local,
+                n.parent as i64
+            ])?;
+        Ok(())
+    }
+
+    pub fn delete_node(&self, ino: u64) -> Result<(), FsError> {
+        self.tx
+            .execute("DELETE FROM nodes WHERE ino = ?1", [ino as i64])?;
+        self.tx
+            .execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+        Ok(())
+    }
+
+    pub fn put_dirent(&self, parent: u64, name: &str, ino: u64) -> Result<(), FsError> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO dirents(parent, name, ino) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![parent as i64, name, ino as i64])?;
+        Ok(())
+    }
+
+    pub fn delete_dirent(&self, parent: u64, name: &str) -> Result<(), FsError> {
+        self.tx
+            .prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
+            .execute(params![parent as i64, name])?;
+        Ok(())
+    }
+
+    pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8]) -> Result<(), FsError> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?1, ?2, ?3)",
+            params![ino as i64, name, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<bool, FsError> {
+        Ok(self.tx.execute(
+            "DELETE FROM xattrs WHERE ino = ?1 AND name = ?2",
+            params![ino as i64, name],
+        )? > 0)
+    }
+
+    pub fn change(&self, op: &str, ino: u64, detail: &str) -> Result<(), FsError> {
+        self.tx
+            .prepare_cached("INSERT INTO changes(op, ino, detail) VALUES (?1, ?2, ?3)")?
+            .execute(params![op, ino as i64, detail])?;
+        Ok(())
+    }
+
+    /// The write-back of everything up to `seq` is confirmed: drop those rows.
+    pub fn confirm(&self, seq: i64) -> Result<(), FsError> {
+        self.tx
+            .execute("DELETE FROM changes WHERE seq <= ?1", [seq])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,850 @@
+//! The mounted tree: inodes and directory entries in memory, every change
+//! journaled before it is answered.
+//!
+//! It starts as the session object's TOC (files still [`Data::Base`]) and
+//! then follows what the mount does: creates, unlinks, renames (with
+//! `RENAME_NOREPLACE` and `RENAME_EXCHANGE`), hard links, attribute changes,
+//! xattrs. The POSIX rules for each (what may replace what, which link counts
+//! and times move) are checked here, so the FUSE layer only translates.
+//!
+//! Inode numbers are allocated once and kept in the journal, so they are
+//! stable for the life of the overlay, across remounts. An inode whose last
+//! name goes while it is open lives on (nlink 0) until its last close.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use sessionfs_core::tarball::toc::{Entry, Kind};
+
+use crate::journal::{Journal, Tx};
+use crate::node::{Data, Node, NodeKind, Time};
+use crate::FsError;
+
+pub const ROOT: u64 = 1;
+/// Longest name of one directory entry, as on Linux filesystems.
+pub const NAME_MAX: usize = 255;
+
+/// What a setattr changes.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Time>,
+    pub mtime: Option<Time>,
+}
+
+/// How a rename treats an existing target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameMode {
+    Replace,
+    NoReplace,
+    Exchange,
+}
+
+pub struct Namespace {
+    journal: Journal,
+    nodes: HashMap<u64, Node>,
+    children: HashMap<u64, BTreeMap<String, u64>>,
+    next_ino: u64,
+    open: HashMap<u64, u32>,
+}
+
+/// Inodes whose overlay data can go: the caller removes their files.
+pub type Freed = Vec<u64>;
+
+/// One entry of a directory listing: name, inode, type.
+pub type Listing = Vec<(String, u64, NodeKind)>;
+
+pub fn check_name(name: &str) -> Result<(), FsError> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(FsError::Invalid("not a valid name"));
+    }
+    Ok(())
+}
+
+impl Namespace {
+    /// Loads the journal at `path`, or starts it from `entries` (the TOC of
+    /// the session object, or nothing for a new session) when it is new.
+    pub fn open(
+        path: &Path,
+        base_etag: Option<&str>,
+        entries: &[Entry],
+    ) -> Result<(Namespace, Freed), FsError> {
+        let journal = Journal::open(path)?;
+        let mut ns = Namespace {
+            journal,
+            nodes: HashMap::new(),
+            children: HashMap::new(),
+            next_ino: ROOT + 1,
+            open: HashMap::new(),
+        };
+        if ns.journal.meta("initialised")?.is_none() {
+            ns.init_from_toc(base_etag, entries)?;
+            return Ok((ns, Vec::new()));
+        }
+        for node in ns.journal.load_nodes()? {
+            if node.kind == NodeKind::Dir {
+                ns.children.entry(node.ino).or_default();
+            }
+            ns.next_ino = ns.next_ino.max(node.ino + 1);
+            ns.nodes.insert(node.ino, node);
+        }
+        for (parent, name, ino) in ns.journal.load_dirents()? {
+            ns.children.entry(parent).or_default().insert(name, ino);
+        }
+        if !ns.nodes.contains_key(&ROOT) {
+            return Err(FsError::Corrupt("the journal has no root".into()));
+        }
+        // Inodes unlinked while open when the last mount ended.
+        let orphans: Vec<u64> = ns
+            .nodes
+            .values()
+            .filter(|n| n.nlink == 0 && n.ino != ROOT)
+            .map(|n| n.ino)
+            .collect();
+        let tx = ns.journal.begin()?;
+        for ino in &orphans {
+            tx.delete_node(*ino)?;
+        }
+        tx.commit()?;
+        for ino in &orphans {
+            ns.nodes.remove(ino);
+        }
+        Ok((ns, orphans))
+    }
+
+    fn init_from_toc(&mut self, base_etag: Option<&str>, entries: &[Entry]) -> Result<(), FsError> {
+        let now = Time::now();
+        let root = Node {
+            ino: ROOT,
+            kind: NodeKind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            rdev: 0,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            target: None,
+            data: Data::None,
+            parent: ROOT,
+        };
+        self.nodes.insert(ROOT, root);
+        self.children.insert(ROOT, BTreeMap::new());
+        let mut by_path: HashMap<&str, u64> = HashMap::new();
+        let mut xattrs: Vec<(u64, String, Vec<u8>)> = Vec::new();
+        // Parents before children, whatever the tar order was; hard links last.
+        let mut order: Vec<&Entry> = entries.iter().collect();
+        order.sort_by_key(|e| (e.t == Kind::HardLink, e.p.matches('/').count()));
+        for e in order {
+            let (parent_path, name) = match e.p.rsplit_once('/') {
+                Some((p, n)) => (Some(p), n),
+                None => (None, e.p.as_str()),
+            };
+            let parent = match parent_path {
+                None => ROOT,
+                Some(p) => match by_path.get(p) {
+                    Some(&ino) if self.is_dir(ino) => ino,
+                    _ => continue, // the reader supplies parents; an oddity is skipped
+                },
+            };
+            if self.child(parent, name).is_some() {
+                continue;
+            }
+            if e.t == Kind::HardLink {
+                let Some(&target) = e.lt.as_deref().and_then(|t| by_path.get(t)) else {
+                    continue;
+                };
+                if self.is_dir(target) {
+                    continue;
+                }
+                self.children
+                    .entry(parent)
+                    .or_default()
+                    .insert(name.to_owned(), target);
+                if let Some(n) = self.nodes.get_mut(&target) {
+                    n.nlink += 1;
+                }
+                by_path.insert(&e.p, target);
+                continue;
+            }
+            let kind = match e.t {
+                Kind::File => NodeKind::File,
+                Kind::Dir => NodeKind::Dir,
+                Kind::Symlink => NodeKind::Symlink,
+                Kind::Fifo => NodeKind::Fifo,
+                Kind::CharDevice => NodeKind::CharDevice,
+                Kind::BlockDevice => NodeKind::BlockDevice,
+                Kind::HardLink => continue,
+            };
+            let ino = self.alloc();
+            let mtime = Time { s: e.mt, ns: e.mn };
+            let rdev = e.dv.map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32);
+            let node = Node {
+                ino,
+                kind,
+                perm: e.m & 0o7777,
+                uid: u32::try_from(e.u).unwrap_or(0),
+                gid: u32::try_from(e.g).unwrap_or(0),
+                nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+                rdev,
+                size: if kind == NodeKind::File { e.s } else { 0 },
+                atime: mtime,
+                mtime,
+                ctime: mtime,
+                target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
+                data: if kind == NodeKind::File && e.s > 0 {
+                    Data::Base(e.p.clone())
+                } else {
+                    Data::None
+                },
+                parent,
+            };
+            for (k, hex) in &e.x {
+                if let Some(v) = decode_hex(hex) {
+                    xattrs.push((ino, format!("user.{k}"), v));
+                }
+            }
+            if kind == NodeKind::Dir {
+                self.children.insert(ino, BTreeMap::new());
+                if let Some(p) = self.nodes.get_mut(&parent) {
+                    p.nlink += 1;
+                }
+            }
+            self.children
+                .entry(parent)
+                .or_default()
+                .insert(name.to_owned(), ino);
+            self.nodes.insert(ino, node);
+            by_path.insert(&e.p, ino);
+        }
+        let tx = self.journal.begin()?;
+        for n in self.nodes.values() {
+            tx.put_node(n)?;
+        }
+        for (parent, names) in &self.children {
+            for (name, ino) in names {
+                tx.put_dirent(*parent, name, *ino)?;
+            }
+        }
+        for (ino, k, v) in &xattrs {
+            tx.set_xattr(*ino, k, v)?;
+        }
+        tx.set_meta("initialised", "1")?;
+        tx.set_meta("base_etag", base_etag.unwrap_or(""))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn alloc(&mut self) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    fn is_dir(&self, ino: u64) -> bool {
+        self.nodes
+            .get(&ino)
+            .is_some_and(|n| n.kind == NodeKind::Dir)
+    }
+
+    fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        self.children
+            .get(&parent)
+            .and_then(|c| c.get(name))
+            .copied()
+    }
+
+    pub fn get(&self, ino: u64) -> Result<&Node, FsError> {
+        self.nodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn get_mut(&mut self, ino: u64) -> Result<&mut Node, FsError> {
+        self.nodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn dir(&self, ino: u64) -> Result<&BTreeMap<String, u64>, FsError> {
+        match self.nodes.get(&ino) {
+            None => Err(FsError::NotFound),
+            Some(n) if n.kind != NodeKind::Dir => Err(FsError::NotDir),
+            Some(_) => self.children.get(&ino).ok_or(FsError::NotFound),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<&Node, FsError> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let ino = match name {
+            "." => parent,
+            ".." => self.get(parent)?.parent,
+            _ => *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?,
+        };
+        self.get(ino)
+    }
+
+    /// The path of a directory inode, for the change feed and logs.
+    pub fn dir_path(&self, mut ino: u64) -> String {
+        let mut parts = Vec::new();
+        for _ in 0..4096 {
+            if ino == ROOT {
+                break;
+            }
+            let Some(n) = self.nodes.get(&ino) else { break };
+            if let Some((name, _)) = self
+                .children
+                .get(&n.parent)
+                .and_then(|c| c.iter().find(|(_, &i)| i == ino))
+            {
+                parts.push(name.clone());
+            }
+            ino = n.parent;
+        }
+        parts.reverse();
+        parts.join("/")
+    }
+
+    fn path_in(&self, parent: u64, name: &str) -> String {
+        let dir = self.dir_path(parent);
+        if dir.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{dir}/{name}")
+        }
+    }
+
+    /// The entries of a directory, `.` and `..` first.
+    pub fn list(&self, ino: u64) -> Result<Listing, FsError> {
+        let names = self.dir(ino)?;
+        let parent = self.get(ino)?.parent;
+        let mut out = Vec::with_capacity(names.len() + 2);
+        out.push((".".to_owned(), ino, NodeKind::Dir));
+        out.push(("..".to_owned(), parent, NodeKind::Dir));
+        for (name, &child) in names {
+            if let Some(n) = self.nodes.get(&child) {
+                out.push((name.clone(), child, n.kind));
+            }
+        }
+        Ok(out)
+    }
+
+    /// mknod, mkdir, symlink and create.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &str,
+        kind: NodeKind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Option<String>,
+    ) -> Result<Node, FsError> {
+        check_name(name)?;
+        if self.dir(parent)?.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        let now = Time::now();
+        let ino = self.alloc();
+        let node = Node {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+            rdev,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            target,
+            data: Data::None,
+            parent,
+        };
+        let detail = self.path_in(parent, name);
+        let tx = self.journal.begin()?;
+        tx.put_node(&node)?;
+        tx.put_dirent(parent, name, ino)?;
+        let p = touched_dir(&self.nodes, parent, kind == NodeKind::Dir, 1, now)?;
+        tx.put_node(&p)?;
+        tx.change("create", ino, &detail)?;
+        tx.commit()?;
+        self.nodes.insert(parent, p);
+        if kind == NodeKind::Dir {
+            self.children.insert(ino, BTreeMap::new());
+        }
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(name.to_owned(), ino);
+        self.nodes.insert(ino, node.clone());
+        Ok(node)
+    }
+
+    pub fn link(&mut self, ino: u64, parent: u64, name: &str) -> Result<Node, FsError> {
+        check_name(name)?;
+        let node = self.get(ino)?;
+        if node.kind == NodeKind::Dir {
+            return Err(FsError::NotPermitted("hard links to directories"));
+        }
+        if self.dir(parent)?.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        let now = Time::now();
+        let mut node = node.clone();
+        node.nlink += 1;
+        node.ctime = now;
+        let detail = self.path_in(parent, name);
+        let tx = self.journal.begin()?;
+        tx.put_node(&node)?;
+        tx.put_dirent(parent, name, ino)?;
+        let p = touched_dir(&self.nodes, parent, false, 0, now)?;
+        tx.put_node(&p)?;
+        tx.change("link", ino, &detail)?;
+        tx.commit()?;
+        self.nodes.insert(parent, p);
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(name.to_owned(), ino);
+        self.nodes.insert(ino, node.clone());
+        Ok(node)
+    }
+
+    /// unlink (`dir == false`) and rmdir (`dir == true`).
+    pub fn remove(&mut self, parent: u64, name: &str, dir: bool) -> Result<Freed, FsError> {
+        if name == "." {
+            return Err(FsError::Invalid("rmdir of ."));
+        }
+        if name == ".." {
+            return Err(FsError::NotEmpty);
+        }
+        let ino = *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let node = self.get(ino)?;
+        match (dir, node.kind == NodeKind::Dir) {
+            (true, false) => return Err(FsError::NotDir),
+            (false, true) => return Err(FsError::IsDir),
+            (true, true) if !self.children.get(&ino).is_none_or(|c| c.is_empty()) => {
+                return Err(FsError::NotEmpty)
+            }
+            _ => {}
+        }
+        let now = Time::now();
+        let detail = self.path_in(parent, name);
+        let tx = self.journal.begin()?;
+        tx.delete_dirent(parent, name)?;
+        let p = touched_dir(&self.nodes, parent, dir, -1, now)?;
+        tx.put_node(&p)?;
+        let freed = self.drop_link(&tx, ino, now)?;
+        tx.change(if dir { "rmdir" } else { "unlink" }, ino, &detail)?;
+        tx.commit()?;
+        self.nodes.insert(parent, p);
+        if let Some(c) = self.children.get_mut(&parent) {
+            c.remove(name);
+        }
+        Ok(self.apply_drop(ino, freed, now))
+    }
+
+    /// Journals one name of `ino` going away; returns the new link count.
+    fn drop_link(&self, tx: &Tx<'_>, ino: u64, now: Time) -> Result<u32, FsError> {
+        let mut n = self.get(ino)?.clone();
+        n.nlink = if n.kind == NodeKind::Dir {
+            0
+        } else {
+            n.nlink.saturating_sub(1)
+        };
+        n.ctime = now;
+        if n.nlink == 0 && !self.open.contains_key(&ino) {
+            tx.delete_node(ino)?;
+        } else {
+            tx.put_node(&n)?;
+        }
+        Ok(n.nlink)
+    }
+
+    fn apply_drop(&mut self, ino: u64, nlink: u32, now: Time) -> Freed {
+        if nlink == 0 && !self.open.contains_key(&ino) {
+            self.nodes.remove(&ino);
+            self.children.remove(&ino);
+            return vec![ino];
+        }
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.nlink = nlink;
+            n.ctime = now;
+        }
+        if nlink == 0 {
+            self.children.remove(&ino);
+        }
+        Vec::new()
+    }
+
+    pub fn rename(
+        &mut self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        mode: RenameMode,
+    ) -> Result<Freed, FsError> {
+        check_name(new_name)?;
+        let src = *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let dst = self.dir(new_parent)?.get(new_name).copied();
+        let src_is_dir = self.is_dir(src);
+        if src_is_dir && (new_parent == src || self.is_ancestor(src, new_parent)) {
+            return Err(FsError::Invalid("a directory cannot move into itself"));
+        }
+        if let Some(dst) = dst {
+            let dst_is_dir = self.is_dir(dst);
+            if mode == RenameMode::Exchange {
+                if dst_is_dir && (parent == dst || self.is_ancestor(dst, parent)) {
+                    return Err(FsError::Invalid("a directory cannot move into itself"));
+                }
+            } else if mode == RenameMode::NoReplace {
+                return Err(FsError::Exists);
+            } else if dst == src {
+                return Ok(Vec::new());
+            } else if src_is_dir && !dst_is_dir {
+                return Err(FsError::NotDir);
+            } else if !src_is_dir && dst_is_dir {
+                return Err(FsError::IsDir);
+            } else if dst_is_dir && !self.children.get(&dst).is_none_or(|c| c.is_empty()) {
+                return Err(FsError::NotEmpty);
+            }
+        } else if mode == RenameMode::Exchange {
+            return Err(FsError::NotFound);
+        }
+        let now = Time::now();
+        let detail = format!(
+            "{} -> {}",
+            self.path_in(parent, name),
+            self.path_in(new_parent, new_name)
+        );
+        let tx = self.journal.begin()?;
+        let mut freed = Vec::new();
+        let mut updates: Vec<Node> = Vec::new();
+        let mut dir_delta: HashMap<u64, i32> = HashMap::new();
+        match (mode, dst) {
+            (RenameMode::Exchange, Some(dst)) => {
+                tx.put_dirent(parent, name, dst)?;
+                tx.put_dirent(new_parent, new_name, src)?;
+                for (ino, to) in [(src, new_parent), (dst, parent)] {
+                    let mut n = self.get(ino)?.clone();
+                    n.ctime = now;
+                    if n.kind == NodeKind::Dir && n.parent != to {
+                        *dir_delta.entry(n.parent).or_default() -= 1;
+                        *dir_delta.entry(to).or_default() += 1;
+                        n.parent = to;
+                    }
+                    updates.push(n);
+                }
+            }
+            _ => {
+                let mut dropped = None;
+                if let Some(dst) = dst {
+                    let nlink = self.drop_link(&tx, dst, now)?;
+                    if self.is_dir(dst) {
+                        *dir_delta.entry(new_parent).or_default() -= 1;
+                    }
+                    dropped = Some((dst, nlink));
+                }
+                tx.delete_dirent(parent, name)?;
+                tx.put_dirent(new_parent, new_name, src)?;
+                let mut n = self.get(src)?.clone();
+                n.ctime = now;
+                if src_is_dir {
+                    *dir_delta.entry(parent).or_default() -= 1;
+                    *dir_delta.entry(new_parent).or_default() += 1;
+                    n.parent = new_parent;
+                }
+                updates.push(n);
+                if let Some((dst, nlink)) = dropped {
+                    freed.push((dst, nlink));
+                }
+            }
+        }
+        for dir in [parent, new_parent] {
+            if updates.iter().any(|n| n.ino == dir) {
+                continue;
+            }
+            let delta = dir_delta.get(&dir).copied().unwrap_or(0);
+            let mut p = self.get(dir)?.clone();
+            p.nlink = p.nlink.saturating_add_signed(delta);
+            dir_delta.insert(dir, 0);
+            p.mtime = now;
+            p.ctime = now;
+            updates.push(p);
+        }
+        for n in &updates {
+            tx.put_node(n)?;
+        }
+        tx.change("rename", src, &detail)?;
+        tx.commit()?;
+        // The journal has it: now the same in memory.
+        match (mode, dst) {
+            (RenameMode::Exchange, Some(dst)) => {
+                self.children
+                    .entry(parent)
+                    .or_default()
+                    .insert(name.to_owned(), dst);
+                self.children
+                    .entry(new_parent)
+                    .or_default()
+                    .insert(new_name.to_owned(), src);
+            }
+            _ => {
+                if let Some(c) = self.children.get_mut(&parent) {
+                    c.remove(name);
+                }
+                self.children
+                    .entry(new_parent)
+                    .or_default()
+                    .insert(new_name.to_owned(), src);
+            }
+        }
+        for n in updates {
+            self.nodes.insert(n.ino, n);
+        }
+        let mut out = Vec::new();
+        for (ino, nlink) in freed {
+            out.extend(self.apply_drop(ino, nlink, now));
+        }
+        Ok(out)
+    }
+
+    fn is_ancestor(&self, ancestor: u64, mut ino: u64) -> bool {
+        for _ in 0..4096 {
+            if ino == ancestor {
+                return true;
+            }
+            if ino == ROOT {
+                return false;
+            }
+            match self.nodes.get(&ino) {
+                Some(n) => ino = n.parent,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    pub fn setattr(&mut self, ino: u64, set: &SetAttr) -> Result<Node, FsError> {
+        let now = Time::now();
+        let mut n = self.get(ino)?.clone();
+        if let Some(perm) = set.perm {
+            n.perm = perm & 0o7777;
+        }
+        if let Some(uid) = set.uid {
+            n.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            n.gid = gid;
+        }
+        if let Some(size) = set.size {
+            if n.kind == NodeKind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if n.kind != NodeKind::File {
+                return Err(FsError::Invalid("truncate of a special file"));
+            }
+            n.size = size;
+            n.mtime = now;
+        }
+        if let Some(t) = set.atime {
+            n.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            n.mtime = t;
+        }
+        n.ctime = now;
+        self.save(n, "setattr")
+    }
+
+    /// Journals a changed node (after a copy-up, a write, a truncate).
+    pub fn save(&mut self, n: Node, op: &str) -> Result<Node, FsError> {
+        let tx = self.journal.begin()?;
+        tx.put_node(&n)?;
+        tx.change(op, n.ino, "")?;
+        tx.commit()?;
+        self.nodes.insert(n.ino, n.clone());
+        Ok(n)
+    }
+
+    /// Records what writes did to a file, without a journal transaction:
+    /// the overlay file holds the bytes and its size; the journal catches up
+    /// at the next [`Namespace::flush`].
+    pub fn note_write(&mut self, ino: u64, end: u64) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.size = n.size.max(end);
+            let now = Time::now();
+            n.mtime = now;
+            n.ctime = now;
+        }
+    }
+
+    /// Journals the current state of a file written through a handle.
+    pub fn flush(&mut self, ino: u64) -> Result<(), FsError> {
+        if let Some(n) = self.nodes.get(&ino).cloned() {
+            self.save(n, "write")?;
+        }
+        Ok(())
+    }
+
+    pub fn set_data(&mut self, ino: u64, data: Data, size: Option<u64>) -> Result<Node, FsError> {
+        let mut n = self.get_mut(ino)?.clone();
+        n.data = data;
+        if let Some(s) = size {
+            n.size = s;
+        }
+        self.save(n, "write")
+    }
+
+    pub fn opened(&mut self, ino: u64) {
+        *self.open.entry(ino).or_default() += 1;
+    }
+
+    /// A handle closed; the inode is freed if it was the last and no name is left.
+    pub fn closed(&mut self, ino: u64) -> Result<Freed, FsError> {
+        let left = match self.open.get_mut(&ino) {
+            Some(c) if *c > 1 => {
+                *c -= 1;
+                return Ok(Vec::new());
+            }
+            _ => {
+                self.open.remove(&ino);
+                0
+            }
+        };
+        debug_assert_eq!(left, 0);
+        if self.nodes.get(&ino).is_some_and(|n| n.nlink == 0) {
+            let tx = self.journal.begin()?;
+            tx.delete_node(ino)?;
+            tx.commit()?;
+            self.nodes.remove(&ino);
+            return Ok(vec![ino]);
+        }
+        Ok(Vec::new())
+    }
+
+    pub fn is_open(&self, ino: u64) -> bool {
+        self.open.contains_key(&ino)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>, FsError> {
+        self.get(ino)?;
+        self.journal.xattr(ino, name)?.ok_or(FsError::NoAttr)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<String>, FsError> {
+        self.get(ino)?;
+        self.journal.xattr_names(ino)
+    }
+
+    pub fn setxattr(
+        &mut self,
+        ino: u64,
+        name: &str,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), FsError> {
+        self.get(ino)?;
+        let exists = self.journal.xattr(ino, name)?.is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::Exists);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NoAttr);
+        }
+        let mut n = self.get(ino)?.clone();
+        n.ctime = Time::now();
+        let tx = self.journal.begin()?;
+        tx.set_xattr(ino, name, value)?;
+        tx.put_node(&n)?;
+        tx.change("xattr", ino, name)?;
+        tx.commit()?;
+        self.nodes.insert(ino, n);
+        Ok(())
+    }
+
+    pub fn removexattr(&mut self, ino: u64, name: &str) -> Result<(), FsError> {
+        let mut n = self.get(ino)?.clone();
+        n.ctime = Time::now();
+        let tx = self.journal.begin()?;
+        if !tx.remove_xattr(ino, name)? {
+            return Err(FsError::NoAttr);
+        }
+        tx.put_node(&n)?;
+        tx.change("xattr", ino, name)?;
+        tx.commit()?;
+        self.nodes.insert(ino, n);
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<(), FsError> {
+        self.journal.sync()
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub fn journal_mut(&mut self) -> &mut Journal {
+        &mut self.journal
+    }
+
+    /// Inodes whose bytes live in the overlay (to reconcile after a crash).
+    pub fn local_files(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.data == Data::Local)
+            .map(|n| n.ino)
+            .collect()
+    }
+
+    /// Adopts the size and mtime the overlay file has (writes that reached
+    /// it after the journal last caught up, before a crash).
+    pub fn adopt_local(&mut self, ino: u64, size: u64, mtime: Time) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.size = size;
+            if (mtime.s, mtime.ns) > (n.mtime.s, n.mtime.ns) {
+                n.mtime = mtime;
+            }
+        }
+    }
+}
+
+/// The parent directory after a child came or went: times, and the link
+/// count when the child is a directory (its `..`).
+fn touched_dir(
+    nodes: &HashMap<u64, Node>,
+    parent: u64,
+    child_is_dir: bool,
+    delta: i32,
+    now: Time,
+) -> Result<Node, FsError> {
+    let mut p = nodes.get(&parent).ok_or(FsError::NotFound)?.clone();
+    if child_is_dir {
+        p.nlink = p.nlink.saturating_add_signed(delta);
+    }
+    p.mtime = now;
+    p.ctime = now;
+    Ok(p)
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -1,0 +1,220 @@
+//! One inode of a mounted session: what it is, its attributes, and where its
+//! bytes live (still in the session object, or in the local overlay).
+//!
+//! The namespace keeps these in memory and the journal keeps them on disk;
+//! the conversions to what the kernel wants (`FileAttr`, `FileType`) live here
+//! so both sides agree on one definition.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo};
+
+/// The type of an inode, as stored in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl NodeKind {
+    pub fn code(self) -> i64 {
+        match self {
+            NodeKind::File => 0,
+            NodeKind::Dir => 1,
+            NodeKind::Symlink => 2,
+            NodeKind::Fifo => 3,
+            NodeKind::Socket => 4,
+            NodeKind::CharDevice => 5,
+            NodeKind::BlockDevice => 6,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<NodeKind> {
+        Some(match code {
+            0 => NodeKind::File,
+            1 => NodeKind::Dir,
+            2 => NodeKind::Symlink,
+            3 => NodeKind::Fifo,
+            4 => NodeKind::Socket,
+            5 => NodeKind::CharDevice,
+            6 => NodeKind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    /// From the `S_IFMT` bits of a mode given to mknod.
+    pub fn from_mode(mode: u32) -> Option<NodeKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NodeKind::File,
+            libc::S_IFDIR => NodeKind::Dir,
+            libc::S_IFLNK => NodeKind::Symlink,
+            libc::S_IFIFO => NodeKind::Fifo,
+            libc::S_IFSOCK => NodeKind::Socket,
+            libc::S_IFCHR => NodeKind::CharDevice,
+            libc::S_IFBLK => NodeKind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    pub fn file_type(self) -> FileType {
+        match self {
+            NodeKind::File => FileType::RegularFile,
+            NodeKind::Dir => FileType::Directory,
+            NodeKind::Symlink => FileType::Symlink,
+            NodeKind::Fifo => FileType::NamedPipe,
+            NodeKind::Socket => FileType::Socket,
+            NodeKind::CharDevice => FileType::CharDevice,
+            NodeKind::BlockDevice => FileType::BlockDevice,
+        }
+    }
+}
+
+/// Seconds and nanoseconds since the epoch (may be before it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Time {
+    pub s: i64,
+    pub ns: u32,
+}
+
+impl Time {
+    pub fn now() -> Time {
+        Time::from_system(SystemTime::now())
+    }
+
+    pub fn from_system(t: SystemTime) -> Time {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Time {
+                s: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                ns: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (s, ns) = (d.as_secs() as i64, d.subsec_nanos());
+                if ns == 0 {
+                    Time { s: -s, ns: 0 }
+                } else {
+                    Time {
+                        s: -s - 1,
+                        ns: 1_000_000_000 - ns,
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn system(self) -> SystemTime {
+        if self.s >= 0 {
+            UNIX_EPOCH + Duration::new(self.s as u64, self.ns)
+        } else {
+            UNIX_EPOCH - Duration::new(self.s.unsigned_abs(), 0) + Duration::new(0, self.ns)
+        }
+    }
+}
+
+/// Where a regular file's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// Not a regular file, or a file with no bytes yet written.
+    None,
+    /// Unchanged since the session object: this entry of it.
+    Base(String),
+    /// In the overlay, in the file named after the inode.
+    Local,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub ino: u64,
+    pub kind: NodeKind,
+    /// Permission bits, `0o7777`.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    /// Symlink target.
+    pub target: Option<String>,
+    pub data: Data,
+    /// The parent of a directory (directories have exactly one).
+    pub parent: u64,
+}
+
+/// Reported block size; also the unit of `st_blocks` rounding.
+pub const BLOCK_SIZE: u32 = 4096;
+
+impl Node {
+    pub fn attr(&self) -> FileAttr {
+        let size = match self.kind {
+            NodeKind::Symlink => self.target.as_ref().map_or(0, |t| t.len() as u64),
+            NodeKind::Dir => u64::from(BLOCK_SIZE),
+            _ => self.size,
+        };
+        FileAttr {
+            ino: INodeNo(self.ino),
+            size,
+            // st_blocks counts 512-byte units of what the file occupies.
+            blocks: size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE / 512),
+            atime: self.atime.system(),
+            mtime: self.mtime.system(),
+            ctime: self.ctime.system(),
+            crtime: self.ctime.system(),
+            kind: self.kind.file_type(),
+            perm: (self.perm & 0o7777) as u16,
+            nlink: self.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: self.rdev,
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_before_and_after_the_epoch() {
+        for t in [
+            Time { s: 0, ns: 0 },
+            Time {
+                s: 1_700_000_000,
+                ns: 123_456_789,
+            },
+            Time { s: -1, ns: 500 },
+            Time { s: -86_400, ns: 0 },
+        ] {
+            assert_eq!(Time::from_system(t.system()), t);
+        }
+    }
+
+    #[test]
+    fn kinds_round_trip_through_codes_and_modes() {
+        for k in [
+            NodeKind::File,
+            NodeKind::Dir,
+            NodeKind::Symlink,
+            NodeKind::Fifo,
+            NodeKind::Socket,
+            NodeKind::CharDevice,
+            NodeKind::BlockDevice,
+        ] {
+            assert_eq!(NodeKind::from_code(k.code()), Some(k));
+        }
+        assert_eq!(
+            NodeKind::from_mode(libc::S_IFIFO | 0o644),
+            Some(NodeKind::Fifo)
+        );
+        assert_eq!(NodeKind::from_mode(0o644), Some(NodeKind::File));
+    }
+}

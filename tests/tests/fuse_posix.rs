@@ -1,0 +1,320 @@
+//! A mounted session behaves like a local disk for what tools do: each
+//! POSIX behaviour is checked on a real FUSE mount of a real session
+//! (local store; `fuse_workloads` uses the S3 server), and what must
+//! survive a remount does.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use sessionfs_tests::mount::Site;
+use sessionfs_tests::trees::make_fixture;
+
+const SESSION: &str = "tests__posix__main";
+
+fn site_with_fixture() -> Site {
+    let site = Site::local();
+    let src = site.dir.path().join("src");
+    make_fixture(&src);
+    site.push(&src, SESSION);
+    site
+}
+
+fn errno(r: std::io::Result<impl Sized>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn renameat2(a: &Path, b: &Path, flags: u32) -> i32 {
+    let (a, b) = (cpath(a), cpath(b));
+    // SAFETY: both paths are NUL-terminated and outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+#[test]
+fn the_object_is_listed_and_read_through_the_mount() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &[]);
+    let src = site.dir.path().join("src");
+    let a = sessionfs_tests::trees::snapshot(&src);
+    let b = sessionfs_tests::trees::snapshot(&m.path);
+    sessionfs_tests::trees::assert_same_tree(&a, &b, "mount");
+}
+
+#[test]
+fn opens_creates_and_writes_behave_like_a_local_disk() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &["--subdir", "workspace"]);
+    let f = m.join("new.txt");
+    // O_CREAT|O_EXCL twice: the second fails.
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&f)
+        .unwrap();
+    assert_eq!(
+        errno(OpenOptions::new().write(true).create_new(true).open(&f)),
+        libc::EEXIST
+    );
+    // O_TRUNC on a file from the object, then O_APPEND.
+    let big = m.join("big.bin");
+    assert!(fs::metadata(&big).unwrap().len() > 1 << 20);
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&big)
+        .unwrap();
+    assert_eq!(fs::metadata(&big).unwrap().len(), 0);
+    fs::write(&f, b"one\n").unwrap();
+    let mut app = OpenOptions::new().append(true).open(&f).unwrap();
+    app.write_all(b"two\n").unwrap();
+    drop(app);
+    assert_eq!(fs::read(&f).unwrap(), b"one\ntwo\n");
+    // Random writes into a file from the object keep the bytes around them.
+    let hello = m.join("README.md");
+    let before = fs::read(&hello).unwrap();
+    let w = OpenOptions::new().write(true).open(&hello).unwrap();
+    w.write_all_at(b"J", 0).unwrap();
+    w.write_all_at(b"!", before.len() as u64 + 3).unwrap();
+    drop(w);
+    let after = fs::read(&hello).unwrap();
+    assert_eq!(after[0], b'J');
+    assert_eq!(&after[1..before.len()], &before[1..]);
+    assert_eq!(&after[before.len()..], b"\0\0\0!");
+    // truncate up and down.
+    let t = OpenOptions::new().write(true).open(&f).unwrap();
+    t.set_len(2).unwrap();
+    assert_eq!(fs::read(&f).unwrap(), b"on");
+    t.set_len(10).unwrap();
+    assert_eq!(fs::read(&f).unwrap(), b"on\0\0\0\0\0\0\0\0");
+    // Unlink while open: the open file still reads and writes.
+    let mut open = OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    fs::remove_file(&f).unwrap();
+    assert_eq!(errno(fs::metadata(&f)), libc::ENOENT);
+    open.write_all(b"still here").unwrap();
+    open.seek(SeekFrom::Start(0)).unwrap();
+    let mut back = String::new();
+    open.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "still here");
+    assert_eq!(open.metadata().unwrap().nlink(), 0);
+    drop(open);
+    // Names over 255 bytes.
+    let long = m.join("x".repeat(256));
+    assert_eq!(errno(File::create(&long)), libc::ENAMETOOLONG);
+    assert_eq!(errno(fs::create_dir(&long)), libc::ENAMETOOLONG);
+    File::create(m.join("y".repeat(255))).unwrap();
+}
+
+#[test]
+fn renames_links_and_directories_follow_posix() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &["--subdir", "workspace"]);
+    let (a, b) = (m.join("a"), m.join("b"));
+    fs::write(&a, b"A").unwrap();
+    fs::write(&b, b"B").unwrap();
+    // RENAME_NOREPLACE refuses, RENAME_EXCHANGE swaps, a plain rename replaces.
+    assert_eq!(renameat2(&a, &b, libc::RENAME_NOREPLACE), libc::EEXIST);
+    assert_eq!(renameat2(&a, &b, libc::RENAME_EXCHANGE), 0);
+    assert_eq!(fs::read(&a).unwrap(), b"B");
+    assert_eq!(fs::read(&b).unwrap(), b"A");
+    fs::rename(&a, &b).unwrap();
+    assert_eq!(fs::read(&b).unwrap(), b"B");
+    assert_eq!(errno(fs::metadata(&a)), libc::ENOENT);
+    // Directories: rename with contents, over an empty one, not over a full one.
+    let d = m.join("d");
+    fs::create_dir_all(d.join("inner")).unwrap();
+    fs::write(d.join("inner/f"), b"f").unwrap();
+    let e = m.join("e");
+    fs::create_dir(&e).unwrap();
+    fs::rename(&d, &e).unwrap();
+    assert_eq!(fs::read(e.join("inner/f")).unwrap(), b"f");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("x"), b"x").unwrap();
+    assert_eq!(errno(fs::rename(&e, &d)), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::rename(&e, e.join("inner/below"))), libc::EINVAL);
+    assert_eq!(errno(fs::remove_dir(&d)), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_file(&d)), libc::EISDIR);
+    // A directory from the object moves too, and its files still read.
+    fs::rename(m.join("many"), m.join("deeper")).unwrap();
+    assert!(fs::read_dir(m.join("deeper")).unwrap().count() > 0);
+    // Link counts: directories count their subdirectories.
+    let nlink = fs::metadata(&e).unwrap().nlink();
+    fs::create_dir(e.join("sub2")).unwrap();
+    assert_eq!(fs::metadata(&e).unwrap().nlink(), nlink + 1);
+    // Hard links share the inode and count.
+    fs::hard_link(&b, m.join("b2")).unwrap();
+    let (mb, mb2) = (
+        fs::metadata(&b).unwrap(),
+        fs::metadata(m.join("b2")).unwrap(),
+    );
+    assert_eq!((mb.ino(), mb.nlink()), (mb2.ino(), 2));
+    fs::write(m.join("b2"), b"through the link").unwrap();
+    assert_eq!(fs::read(&b).unwrap(), b"through the link");
+    assert_eq!(errno(fs::hard_link(&e, m.join("dirlink"))), libc::EPERM);
+    // Symlinks anywhere are stored as given.
+    for target in ["/etc/passwd", "../../../../outside", "dangling/nowhere"] {
+        let l = m.join(format!("l{}", target.len()));
+        std::os::unix::fs::symlink(target, &l).unwrap();
+        assert_eq!(fs::read_link(&l).unwrap().to_str(), Some(target));
+        assert!(fs::symlink_metadata(&l).unwrap().file_type().is_symlink());
+    }
+}
+
+#[test]
+fn attributes_xattrs_sync_and_locks_work() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &["--subdir", "workspace"]);
+    let f = m.join("attrs");
+    fs::write(&f, b"1234567").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(&f, Some(1234), Some(5678)).unwrap();
+    let md = fs::metadata(&f).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 123_456_789);
+    File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().modified().unwrap(), when);
+    assert_eq!(fs::metadata(&f).unwrap().blocks(), 8);
+    // xattrs.
+    xattr::set(&f, "user.color", b"blue").unwrap();
+    assert_eq!(xattr::get(&f, "user.color").unwrap().unwrap(), b"blue");
+    let names: Vec<_> = xattr::list(&f).unwrap().collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("user.color")]);
+    xattr::remove(&f, "user.color").unwrap();
+    assert_eq!(xattr::get(&f, "user.color").unwrap(), None);
+    // fsync, fdatasync, statfs.
+    let h = OpenOptions::new().write(true).open(&f).unwrap();
+    h.write_all_at(b"x", 0).unwrap();
+    h.sync_all().unwrap();
+    h.sync_data().unwrap();
+    let c = cpath(&m.path);
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated; `st` is writable memory of the right type.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
+    // SAFETY: statvfs returned 0 and filled it.
+    let st = unsafe { st.assume_init() };
+    assert!(st.f_blocks > 0 && st.f_namemax == 255);
+    // flock and fcntl locks: a second open file description conflicts.
+    let other = File::open(&f).unwrap();
+    // SAFETY: plain fd arguments of files open for the whole block.
+    unsafe {
+        assert_eq!(libc::flock(h.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), 0);
+        assert_eq!(
+            libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            -1
+        );
+        assert_eq!(libc::flock(h.as_raw_fd(), libc::LOCK_UN), 0);
+    }
+    // fallocate extends; mmap writes land in the file.
+    // SAFETY: a plain fd of a file open for the call.
+    assert_eq!(unsafe { libc::fallocate(h.as_raw_fd(), 0, 0, 1 << 16) }, 0);
+    assert_eq!(fs::metadata(&f).unwrap().len(), 1 << 16);
+    drop((h, other));
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import mmap,os,sys\nfd=os.open(sys.argv[1],os.O_RDWR)\nm=mmap.mmap(fd,4096)\n\
+             m[10:15]=b'mmap!'\nm.flush()\nm.close()\nos.close(fd)",
+        )
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&fs::read(&f).unwrap()[10..15], b"mmap!");
+}
+
+#[test]
+fn changes_and_inode_numbers_survive_a_remount() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &[]);
+    fs::write(m.join("workspace/kept.txt"), b"kept").unwrap();
+    fs::remove_file(m.join("workspace/README.md")).unwrap();
+    fs::rename(m.join("workspace/many"), m.join("workspace/moved")).unwrap();
+    let ino = fs::metadata(m.join("workspace/kept.txt")).unwrap().ino();
+    let ino_old = fs::metadata(m.join("workspace/big.bin")).unwrap().ino();
+    m.stop();
+    let m = site.mount(SESSION, &[]);
+    assert_eq!(fs::read(m.join("workspace/kept.txt")).unwrap(), b"kept");
+    assert_eq!(
+        errno(fs::metadata(m.join("workspace/README.md"))),
+        libc::ENOENT
+    );
+    assert!(m.join("workspace/moved").is_dir());
+    assert_eq!(
+        fs::metadata(m.join("workspace/kept.txt")).unwrap().ino(),
+        ino
+    );
+    assert_eq!(
+        fs::metadata(m.join("workspace/big.bin")).unwrap().ino(),
+        ino_old
+    );
+}
+
+#[test]
+fn a_read_only_mount_refuses_changes() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &["--read-only"]);
+    assert!(m.join("workspace/README.md").exists());
+    assert_eq!(errno(File::create(m.join("workspace/no"))), libc::EROFS);
+    assert_eq!(
+        errno(
+            OpenOptions::new()
+                .write(true)
+                .open(m.join("workspace/README.md"))
+        ),
+        libc::EROFS
+    );
+}
+
+#[test]
+fn a_missing_mount_point_or_session_path_is_a_clear_error() {
+    let site = Site::local();
+    let out = site
+        .command()
+        .args(["mount", "a/b", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid session path"));
+    let out = site
+        .command()
+        .args(["mount", "ok__ok__main", "/nonexistent/mnt"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("/nonexistent/mnt"), "{said}");
+    let _ = ErrorKind::NotFound;
+}
