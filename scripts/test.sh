@@ -29,6 +29,24 @@ install_system_packages() {
 
 install_system_packages
 
+# The filesystem suites run inside mounts: pjdfstest and fsx from crates.io,
+# built once into the repo's own .tools/ (pjdfstest switches to the `tests` user).
+install_fs_suites() {
+  local root=.tools/cargo
+  for tool in pjdfstest fsx; do
+    if [ ! -x "$root/bin/$tool" ]; then
+      log "installing $tool"
+      cargo install --quiet --locked --root "$root" "$tool"
+    fi
+  done
+  if ! id tests >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo useradd --no-create-home --user-group --shell /usr/sbin/nologin tests
+  fi
+}
+install_fs_suites
+
 log "cargo fmt --check"
 cargo fmt --all --check
 

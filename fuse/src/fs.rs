@@ -789,6 +789,11 @@ impl Filesystem for SessionFs {
         let ino = self.inner(ino);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
+            if name.starts_with("system.posix_acl_") {
+                // No ACLs here: tools (cp -a, rsync -A) then fall back to chmod,
+                // as on any filesystem without ACL support.
+                return Err(FsError::NotSupported("POSIX ACLs"));
+            }
             self.ns.lock().setxattr(ino, name, value, flags)
         });
         match r {

@@ -43,6 +43,8 @@ pub enum FsError {
     NotPermitted(&'static str),
     #[error("no such attribute")]
     NoAttr,
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
     #[error("the mount is read-only")]
     ReadOnly,
     #[error("no such open file")]
@@ -76,6 +78,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::NoAttr => libc::ENODATA,
+            FsError::NotSupported(_) => libc::EOPNOTSUPP,
             FsError::ReadOnly => libc::EROFS,
             FsError::BadHandle => libc::EBADF,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
