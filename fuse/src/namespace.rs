@@ -848,3 +848,130 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(p: &str, t: Kind, lt: Option<&str>) -> Entry {
+        Entry {
+            p: p.to_owned(),
+            t,
+            s: if t == Kind::File { 5 } else { 0 },
+            m: if t == Kind::Dir { 0o755 } else { 0o644 },
+            u: 0,
+            g: 0,
+            mt: 1_700_000_000,
+            mn: 7,
+            lt: lt.map(str::to_owned),
+            dv: None,
+            x: BTreeMap::new(),
+            ho: 0,
+            data_offset: 0,
+            sp: None,
+        }
+    }
+
+    fn open_ns(dir: &Path) -> Namespace {
+        // Children listed before their parent, a hard link, a symlink.
+        let entries = vec![
+            entry("a/b/file", Kind::File, None),
+            entry("a", Kind::Dir, None),
+            entry("a/b", Kind::Dir, None),
+            entry("a/link", Kind::HardLink, Some("a/b/file")),
+            entry("sym", Kind::Symlink, Some("a/b/file")),
+        ];
+        Namespace::open(&dir.join("j.db"), Some("etag"), &entries)
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn the_toc_becomes_a_tree_with_links_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = open_ns(dir.path());
+        let a = ns.lookup(ROOT, "a").unwrap().clone();
+        assert_eq!(a.nlink, 3, "a holds b");
+        let b = ns.lookup(a.ino, "b").unwrap().ino;
+        let file = ns.lookup(b, "file").unwrap();
+        assert_eq!(file.nlink, 2);
+        assert_eq!(file.data, Data::Base("a/b/file".into()));
+        assert_eq!(
+            file.mtime,
+            Time {
+                s: 1_700_000_000,
+                ns: 7
+            }
+        );
+        assert_eq!(ns.lookup(a.ino, "link").unwrap().ino, file.ino);
+        assert_eq!(ns.lookup(b, "..").unwrap().ino, a.ino);
+        assert_eq!(ns.get(ROOT).unwrap().nlink, 3);
+    }
+
+    #[test]
+    fn exchange_of_directories_moves_their_link_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ns = open_ns(dir.path());
+        let a = ns.lookup(ROOT, "a").unwrap().ino;
+        let x = ns
+            .create(ROOT, "x", NodeKind::File, 0o644, 0, 0, 0, None)
+            .unwrap()
+            .ino;
+        // A directory swapped with a file in another directory.
+        ns.rename(a, "b", ROOT, "x", RenameMode::Exchange).unwrap();
+        assert_eq!(ns.lookup(ROOT, "x").unwrap().kind, NodeKind::Dir);
+        assert_eq!(ns.lookup(a, "b").unwrap().ino, x);
+        assert_eq!(ns.get(a).unwrap().nlink, 2);
+        assert_eq!(ns.get(ROOT).unwrap().nlink, 4);
+        let moved = ns.lookup(ROOT, "x").unwrap().ino;
+        assert_eq!(ns.lookup(moved, "..").unwrap().ino, ROOT);
+        // Into its own subtree: refused.
+        assert!(matches!(
+            ns.rename(ROOT, "a", a, "inside", RenameMode::Replace),
+            Err(FsError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn the_change_feed_lists_changes_until_confirmed_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ns = open_ns(dir.path());
+        assert!(ns.journal().changes_since(0).unwrap().is_empty());
+        let a = ns.lookup(ROOT, "a").unwrap().ino;
+        ns.create(a, "new", NodeKind::File, 0o600, 1, 1, 0, None)
+            .unwrap();
+        ns.rename(a, "new", ROOT, "renamed", RenameMode::NoReplace)
+            .unwrap();
+        ns.remove(ROOT, "sym", false).unwrap();
+        let feed = ns.journal().changes_since(0).unwrap();
+        let ops: Vec<&str> = feed.iter().map(|c| c.op.as_str()).collect();
+        assert_eq!(ops, ["create", "rename", "unlink"]);
+        assert_eq!(feed[0].detail, "a/new");
+        assert_eq!(feed[1].detail, "a/new -> renamed");
+        drop(ns);
+        let (ns, _) = Namespace::open(&dir.path().join("j.db"), Some("etag"), &[]).unwrap();
+        assert_eq!(ns.journal().changes_since(0).unwrap().len(), 3);
+        assert!(ns.lookup(ROOT, "renamed").is_ok());
+        assert!(matches!(ns.lookup(ROOT, "sym"), Err(FsError::NotFound)));
+        let tx = ns.journal().begin().unwrap();
+        tx.confirm(feed[1].seq).unwrap();
+        tx.commit().unwrap();
+        let left = ns.journal().changes_since(0).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].op, "unlink");
+    }
+
+    #[test]
+    fn an_inode_unlinked_while_open_lives_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ns = open_ns(dir.path());
+        let n = ns
+            .create(ROOT, "f", NodeKind::File, 0o644, 0, 0, 0, None)
+            .unwrap();
+        ns.opened(n.ino);
+        assert!(ns.remove(ROOT, "f", false).unwrap().is_empty());
+        assert_eq!(ns.get(n.ino).unwrap().nlink, 0);
+        assert_eq!(ns.closed(n.ino).unwrap(), vec![n.ino]);
+        assert!(ns.get(n.ino).is_err());
+    }
+}
