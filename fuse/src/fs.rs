@@ -127,8 +127,11 @@ impl SessionFs {
                 self.ns.lock().set_data(ino, Data::Local, Some(len))?;
             }
             Data::None => {
+                // An empty file: nothing to fetch. The journal learns it is
+                // local at the next flush; a crash before that is repaired at
+                // mount from the overlay file itself.
                 self.content.local(ino)?.set_len(0)?;
-                self.ns.lock().set_data(ino, Data::Local, Some(0))?;
+                self.ns.lock().mark_local(ino);
             }
         }
         Ok(())

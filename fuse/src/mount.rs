@@ -109,6 +109,13 @@ pub fn open(spec: &MountSpec, rt: &tokio::runtime::Handle) -> Result<SessionFs, 
     for ino in orphans {
         content.remove(ino);
     }
+    // Files created and written whose journal entry had not caught up.
+    for ino in ns.unjournaled_local() {
+        if content.stat(ino).is_some() {
+            ns.mark_local(ino);
+            ns.flush(ino)?;
+        }
+    }
     // Writes that reached overlay files after the journal last caught up.
     for ino in ns.local_files() {
         if let Some(md) = content.stat(ino) {

@@ -707,6 +707,24 @@ impl Namespace {
         self.save(n, "write")
     }
 
+    /// An empty file got its overlay file: recorded in memory only (see
+    /// [`Namespace::unjournaled_local`]).
+    pub fn mark_local(&mut self, ino: u64) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.data = Data::Local;
+        }
+    }
+
+    /// Regular files the journal has without data: after a crash, those
+    /// with an overlay file are local (created and written, not yet flushed).
+    pub fn unjournaled_local(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.kind == NodeKind::File && n.data == Data::None)
+            .map(|n| n.ino)
+            .collect()
+    }
+
     pub fn opened(&mut self, ino: u64) {
         *self.open.entry(ino).or_default() += 1;
     }

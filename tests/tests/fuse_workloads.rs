@@ -158,6 +158,9 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
     f.write_all(b"first line\n").unwrap();
     f.sync_all().unwrap();
     drop(f);
+    // Written and closed but never fsynced: the kernel has the bytes, and
+    // the overlay keeps what the kernel has when only the process dies.
+    fs::write(m.join("unsynced"), b"closed, not fsynced").unwrap();
 
     let acked = Arc::new(Mutex::new(Vec::new()));
     let writer = {
@@ -177,6 +180,10 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
 
     let m = site.mount_at(&name, &mountpoint, &[]);
     assert_eq!(fs::read(m.join("log")).unwrap(), b"first line\n");
+    assert_eq!(
+        fs::read(m.join("unsynced")).unwrap(),
+        b"closed, not fsynced"
+    );
     for (file, data) in &acked {
         let got = fs::read(m.join("w").join(file))
             .unwrap_or_else(|e| panic!("{file} was fsynced before the kill but is gone: {e}"));

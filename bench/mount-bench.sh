@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The mount benchmark: a generated tree of source-like files (SCALE 1.0 ≈ 700 MB
+# in 45,000 files, a git repository) pushed to the S3 server given in MINIO_*,
+# mounted with `sessionfs mount`, and each operation timed beside the same on a
+# local directory; the read-only ones also beside ratarmount (PyPI) and
+# archivemount (Debian) on a `tar czf` of the same tree.
+# Caches are dropped before every cold row (needs root). Bytes fetched from S3
+# are what the block cache grew by.  usage: bench/mount-bench.sh BIN [SCALE]
+set -euo pipefail
+bin=$1 scale=${2:-1.0}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+work=$(mktemp -d /tmp/sessionfs-mount-bench.XXXXXX)
+mounts=()
+cleanup() {
+  for m in "${mounts[@]}"; do umount -l "$m" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+install_references() {
+  if ! command -v archivemount >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq archivemount >/dev/null
+  fi
+  if [ ! -x .tools/bench-venv/bin/ratarmount ]; then
+    python3 -m venv .tools/bench-venv
+    .tools/bench-venv/bin/pip install -q ratarmount
+  fi
+}
+install_references
+
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2 - $1:.2f} s')"; }
+ratio() { python3 -c "a=$1; b=$2; print(f'{a/b:.2f}' if a >= 0 and b > 0 else '-')"; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# time_cmd VAR command...: runs the command (at most LIMIT seconds), stores seconds in VAR
+# (-1 when it ran out of time).
+LIMIT=${LIMIT:-300}
+time_cmd() {
+  local var=$1; shift
+  local t0 t1
+  t0=$(now)
+  if timeout "$LIMIT" bash -c "$*" >/dev/null; then
+    t1=$(now); printf -v "$var" '%s' "$(python3 -c "print($t1 - $t0)")"
+  else
+    printf -v "$var" '%s' -1
+  fi
+}
+fmt() { python3 -c "t=$1; print(f'{t:.2f} s' if t >= 0 else '> $LIMIT s (stopped)')"; }
+row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$(fmt "$2")" "$(fmt "$3")" "$(ratio "$2" "$3")" "$4" "$5"; }
+refs() { printf '%s / %s' "$(fmt "$1")" "$(fmt "$2")"; }
+
+echo "generating the tree (scale $scale)" >&2
+tree="$work/tree"
+python3 - "$tree" "$scale" <<'PY'
+import os, random, sys
+root, scale = sys.argv[1], float(sys.argv[2])
+rng = random.Random(1234)
+words = "fn let mut pub struct impl self return match if else for in while loop use mod crate async await Vec u64 usize config buffer offset length reader writer session store cache block entry index segment error value".split()
+n = int(45000 * scale)
+total = 0
+for i in range(n):
+    d = os.path.join(root, "workspace", f"pkg{i % 300:03d}", "src", f"mod{(i // 300) % 30:02d}")
+    os.makedirs(d, exist_ok=True)
+    size = int(rng.expovariate(1 / 15500))
+    lines, got = [], 0
+    while got < size:
+        line = " " * (4 * rng.randrange(4)) + " ".join(rng.choice(words) for _ in range(3 + rng.randrange(9))) + "\n"
+        lines.append(line)
+        got += len(line)
+    data = "".join(lines)[:size]
+    with open(os.path.join(d, f"file{i:05d}.rs"), "w") as f:
+        f.write(data)
+    total += len(data)
+print(f"{n} files, {total / 2**20:.0f} MiB", file=sys.stderr)
+PY
+(cd "$tree/workspace" && git init -q -b main . && git add -A && \
+  GIT_AUTHOR_NAME=b GIT_AUTHOR_EMAIL=b@b GIT_COMMITTER_NAME=b GIT_COMMITTER_EMAIL=b@b git commit -q -m tree)
+files=$(find "$tree/workspace" -type f -not -path '*/.git/*' | wc -l)
+bytes=$(du -sb "$tree" | cut -f1)
+
+session="bench__mount${RANDOM}__main"
+export SESSIONFS_CACHE_DIR="$work/cache" SESSIONFS_OVERLAY_DIR="$work/overlays"
+echo "pushing and packing the reference tarball" >&2
+"$bin" -q push "$tree" "$session"
+tar czf "$work/tree.tar.gz" -C "$tree" .
+object=$(stat -c %s "$work/tree.tar.gz")
+
+mnt="$work/mnt" rat="$work/rat" arch="$work/arch" local="$tree/workspace"
+mkdir -p "$mnt" "$rat" "$arch"
+drop_caches
+t0=$(now)
+"$bin" -q mount "$session" "$mnt" --daemon; mounts+=("$mnt")
+ls -l "$mnt/workspace" >/dev/null
+t1=$(now); sfs_ls=$(python3 -c "print($t1 - $t0)")
+t0=$(now); ls -l "$local" >/dev/null; t1=$(now); local_ls=$(python3 -c "print($t1 - $t0)")
+t0=$(now); .tools/bench-venv/bin/ratarmount "$work/tree.tar.gz" "$rat" >/dev/null 2>&1; mounts+=("$rat")
+ls -l "$rat/workspace" >/dev/null; t1=$(now); rat_ls=$(python3 -c "print($t1 - $t0)")
+t0=$(now); archivemount -o readonly "$work/tree.tar.gz" "$arch"; mounts+=("$arch")
+ls -l "$arch/workspace" >/dev/null; t1=$(now); arch_ls=$(python3 -c "print($t1 - $t0)")
+cache_bytes() { du -sb "$work/cache" 2>/dev/null | cut -f1; }
+
+echo
+echo "# sessionfs mount benchmark: $files files, $((bytes >> 20)) MiB, tar.gz $((object >> 20)) MiB, $(nproc) cores"
+echo
+echo "| operation | sessionfs | local dir | ratio | ratarmount / archivemount | bytes |"
+echo "| --- | --- | --- | --- | --- | --- |"
+row "mount + first ls (cold)" "$sfs_ls" "$local_ls" "$(refs "$rat_ls" "$arch_ls")" "$(cache_bytes) B fetched"
+
+find_stat() { find "$1" -path '*/.git' -prune -o -type f -printf '%s %T@\n' | wc -l; }
+export -f find_stat
+drop_caches
+time_cmd s find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
+time_cmd r find_stat "$rat/workspace"; time_cmd a find_stat "$arch/workspace"
+row "find + stat of every file" "$s" "$l" "$(refs "$r" "$a")" "-"
+
+read_all() { find "$1" -path '*/.git' -prune -o -type f -print0 | xargs -0 -P 4 cat | wc -c; }
+export -f read_all
+before=$(cache_bytes); drop_caches
+time_cmd s read_all "$mnt/workspace"; time_cmd l read_all "$local"
+time_cmd r read_all "$rat/workspace"; time_cmd a read_all "$arch/workspace"
+row "read every file (cold)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched"
+before=$(cache_bytes)
+time_cmd s read_all "$mnt/workspace"; time_cmd l read_all "$local"
+time_cmd r read_all "$rat/workspace"; time_cmd a read_all "$arch/workspace"
+row "read every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched"
+
+create_files() {
+  mkdir -p "$1/created"
+  python3 - "$1/created" <<'PY'
+import os, sys
+d = sys.argv[1]
+block = b"x" * 4096
+for i in range(10000):
+    with open(os.path.join(d, f"new{i:05d}"), "wb") as f:
+        f.write(block)
+PY
+}
+export -f create_files
+time_cmd s create_files "$mnt/workspace"; time_cmd l create_files "$local"
+row "create 10,000 files of 4 KiB" "$s" "$l" "-" "40 MiB written"
+rm -rf "$mnt/workspace/created" "$local/created"
+
+git_status() { git -C "$1" status --porcelain | wc -l; }
+export -f git_status
+drop_caches
+time_cmd s git_status "$mnt/workspace"; time_cmd l git_status "$local"
+row "git status (first: refreshes the index)" "$s" "$l" "-" "-"
+time_cmd s git_status "$mnt/workspace"; time_cmd l git_status "$local"
+row "git status (again)" "$s" "$l" "-" "-"
+echo
+echo "(ratio: sessionfs time / local directory time; ratarmount and archivemount are read-only, over a local tar.gz, no network)"
+"$bin" umount "$mnt" || umount -l "$mnt"
