@@ -231,13 +231,18 @@ async fn cached_store(
 }
 
 fn local_state_dir(cache_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    Ok(match cache_dir {
-        Some(dir) => dir,
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .context("cannot tell where local state lives: set SESSIONFS_CACHE_DIR or --cache-dir")?
-            .join("sessionfs"),
-    })
+    match cache_dir {
+        Some(dir) => Ok(dir),
+        None => xdg_dir("XDG_CACHE_HOME", ".cache", "sessionfs")
+            .context("cannot tell where local state lives: set SESSIONFS_CACHE_DIR or --cache-dir"),
+    }
+}
+
+/// `$VAR/sub`, or `~/home_rel/sub` when the XDG variable is unset or empty.
+pub fn xdg_dir(var: &str, home_rel: &str, sub: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(home_rel)))
+        .map(|d| d.join(sub))
 }

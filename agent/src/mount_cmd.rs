@@ -45,15 +45,11 @@ pub struct MountArgs {
 }
 
 fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
-    Ok(match arg {
-        Some(dir) => dir,
-        None => std::env::var_os("XDG_STATE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-            .context("cannot tell where overlays live: set SESSIONFS_OVERLAY_DIR")?
-            .join("sessionfs/overlays"),
-    })
+    match arg {
+        Some(dir) => Ok(dir),
+        None => crate::xdg_dir("XDG_STATE_HOME", ".local/state", "sessionfs/overlays")
+            .context("cannot tell where overlays live: set SESSIONFS_OVERLAY_DIR"),
+    }
 }
 
 fn check_mountpoint(mp: &Path) -> Result<PathBuf> {

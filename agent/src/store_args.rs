@@ -116,9 +116,5 @@ impl StoreArgs {
 }
 
 fn default_store_dir() -> Option<PathBuf> {
-    let data = std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
-    Some(data.join("sessionfs").join("store"))
+    crate::xdg_dir("XDG_DATA_HOME", ".local/share", "sessionfs/store")
 }

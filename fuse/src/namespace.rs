@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use sessionfs_core::tarball::tar_header::hex_decode;
 use sessionfs_core::tarball::toc::{Entry, Kind};
 
 use crate::journal::{Journal, Tx};
@@ -208,7 +209,7 @@ impl Namespace {
                 parent,
             };
             for (k, hex) in &e.x {
-                if let Some(v) = decode_hex(hex) {
+                if let Some(v) = hex_decode(hex) {
                     xattrs.push((ino, format!("user.{k}"), v));
                 }
             }
@@ -855,16 +856,6 @@ fn touched_dir(
     p.mtime = now;
     p.ctime = now;
     Ok(p)
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
