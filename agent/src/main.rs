@@ -66,7 +66,7 @@ enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
     /// Serve the storage-worker HTTP API and, with --mount-root, mount every session.
-    Serve(Pending),
+    Serve(mount_cmd::ServeArgs),
     /// Mount one session as a read-write directory.
     Mount(mount_cmd::MountArgs),
     /// Unmount a mounted session (the mount process syncs and exits).
@@ -207,7 +207,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return mount_cmd::run(args, &cli.store.bucket, store, index, cli.quiet).await;
         }
         Command::Umount { mountpoint, lazy } => return mount_cmd::umount(&mountpoint, lazy),
-        Command::Serve(_) => "serve",
+        Command::Serve(args) => {
+            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            return mount_cmd::serve(args, &cli.store.bucket, store, index, cli.quiet).await;
+        }
         Command::Sync(_) => "sync",
         Command::Flush(_) => "flush",
         Command::Versions(_) => "versions",

@@ -1,7 +1,7 @@
-//! `sessionfs mount` and `sessionfs umount`.
+//! `sessionfs mount`, `sessionfs serve --mount-root` and `sessionfs umount`.
 //!
 //! A mount runs in the foreground until SIGINT or SIGTERM (or an external
-//! unmount); then the journal is synced and the mount point released.
+//! unmount); then the journals are synced and the mount point released.
 //! `--daemon` re-executes the same command detached, with its log in the
 //! overlay directory, and returns once the kernel lists the mount, or fails
 //! with the child's own error if it never appears.
@@ -16,6 +16,7 @@ use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount::{self, MountSpec};
+use sessionfs_fuse::multi::{MultiFs, RootSpec};
 
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
@@ -112,11 +113,84 @@ pub async fn run(
     let rt = tokio::runtime::Handle::current();
     let mp = mountpoint.clone();
     // Opening reads the TOC and the journal; mounting waits for the kernel.
-    let mut fuse_session = tokio::task::spawn_blocking(move || {
+    let fuse_session = tokio::task::spawn_blocking(move || {
         let fs = mount::open(&spec, &rt)?;
         mount::mount(fs, &mp, &config)
     })
     .await??;
+    if !quiet {
+        eprintln!("mounted {} at {}", session.as_str(), mountpoint.display());
+    }
+    serve_until_stopped(fuse_session, &mountpoint, quiet).await
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Mount every session of the bucket under DIR/{sessionPath}/.
+    #[arg(long, value_name = "DIR")]
+    pub mount_root: Option<PathBuf>,
+    /// Refuse every change.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let users other than the one mounting use the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Let `rmdir DIR/{sessionPath}` delete a session (its object and overlay).
+    #[arg(long)]
+    pub allow_delete_sessions: bool,
+    /// Where overlays (changes not yet written back) live.
+    #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub threads: u64,
+}
+
+/// `serve --mount-root`: every session under one directory.
+pub async fn serve(
+    args: ServeArgs,
+    bucket: &str,
+    store: Arc<dyn ObjectStore>,
+    index: TocIndex,
+    quiet: bool,
+) -> Result<()> {
+    let Some(root) = args.mount_root else {
+        bail!("`sessionfs serve` without --mount-root serves the HTTP API, which is not implemented yet");
+    };
+    let mountpoint = check_mountpoint(&root)?;
+    mount::check_fuse()?;
+    let spec = RootSpec {
+        store,
+        index: Some(index),
+        overlays: overlay_root(args.overlay_dir)?.join(bucket),
+        read_only: args.read_only,
+        allow_delete: args.allow_delete_sessions,
+    };
+    let config = mount::kernel_config(
+        format!("sessionfs:{bucket}"),
+        args.read_only,
+        args.allow_other,
+        args.threads as usize,
+    );
+    let fs = MultiFs::new(spec, tokio::runtime::Handle::current());
+    let mp = mountpoint.clone();
+    let fuse_session =
+        tokio::task::spawn_blocking(move || mount::mount(fs, &mp, &config)).await??;
+    if !quiet {
+        eprintln!(
+            "serving the sessions of {bucket} at {}",
+            mountpoint.display()
+        );
+    }
+    serve_until_stopped(fuse_session, &mountpoint, quiet).await
+}
+
+/// Runs a mounted session until a signal or an external unmount.
+async fn serve_until_stopped<FS: fuser::Filesystem>(
+    mut fuse_session: fuser::Session<FS>,
+    mountpoint: &Path,
+    quiet: bool,
+) -> Result<()> {
     let mut unmounter = fuse_session.unmount_callable();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -124,9 +198,6 @@ pub async fn run(
         .spawn(move || {
             let _ = done_tx.send(fuse_session.run());
         })?;
-    if !quiet {
-        eprintln!("mounted {} at {}", session.as_str(), mountpoint.display());
-    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ended_by_kernel = tokio::select! {
         _ = tokio::signal::ctrl_c() => false,
@@ -140,7 +211,7 @@ pub async fn run(
         // The session thread ends once the kernel lets go of the mount.
         if let Err(e) = unmounter.unmount() {
             tracing::warn!("unmount failed ({e}); detaching lazily");
-            lazy_unmount(&mountpoint)?;
+            lazy_unmount(mountpoint)?;
         }
     }
     if !quiet {

@@ -54,7 +54,14 @@ pub struct SessionFs {
     next_fh: AtomicU64,
     root: u64,
     read_only: bool,
+    /// Under `serve --mount-root` each session has a slot: the high bits of
+    /// its kernel inode numbers. 0 for a session mounted on its own.
+    slot: u64,
 }
+
+/// Kernel inode numbers under a mount root: `slot << SLOT_SHIFT | inode`.
+pub const SLOT_SHIFT: u32 = 40;
+const INO_MASK: u64 = (1 << SLOT_SHIFT) - 1;
 
 fn err(e: FsError) -> Errno {
     if e.is_unexpected() {
@@ -77,18 +84,42 @@ impl SessionFs {
             next_fh: AtomicU64::new(1),
             root,
             read_only,
+            slot: 0,
         }
     }
 
-    /// Kernel inode number ↔ ours: the mount root and inode 1 swap.
+    /// This session as one of many under a mount root.
+    pub fn with_slot(mut self, slot: u64) -> SessionFs {
+        self.slot = slot;
+        self
+    }
+
+    /// Kernel inode number → ours: the mount root and inode 1 swap.
     fn inner(&self, ino: INodeNo) -> u64 {
-        swap(ino.0, self.root)
+        swap(ino.0 & INO_MASK, self.root)
+    }
+
+    /// Ours → the kernel's.
+    fn kernel(&self, ino: u64) -> INodeNo {
+        INodeNo((self.slot << SLOT_SHIFT) | swap(ino, self.root))
     }
 
     fn attr(&self, node: &Node) -> FileAttr {
         let mut a = node.attr();
-        a.ino = INodeNo(swap(node.ino, self.root));
+        a.ino = self.kernel(node.ino);
         a
+    }
+
+    /// The attributes of the mounted directory itself.
+    pub fn root_attr(&self) -> Result<FileAttr, FsError> {
+        let ns = self.ns.lock();
+        Ok(self.attr(ns.get(self.root)?))
+    }
+
+    /// Journals and syncs everything (before a session is dropped).
+    pub fn sync(&self) -> Result<(), FsError> {
+        self.content.sync_dir()?;
+        self.ns.lock().sync()
     }
 
     fn writable(&self) -> Result<(), FsError> {
@@ -373,7 +404,7 @@ impl Filesystem for SessionFs {
 
     fn destroy(&mut self) {
         // Unmounted: everything answered is journaled; make it durable too.
-        if let Err(e) = self.content.sync_dir().and_then(|()| self.ns.lock().sync()) {
+        if let Err(e) = self.sync() {
             tracing::error!("syncing the overlay at unmount: {e}");
         }
     }
@@ -698,8 +729,7 @@ impl Filesystem for SessionFs {
             return reply.error(Errno::EBADF);
         };
         for (i, (name, ino, kind)) in list.iter().enumerate().skip(offset as usize) {
-            let kernel_ino = INodeNo(swap(*ino, self.root));
-            if reply.add(kernel_ino, i as u64 + 1, kind.file_type(), name) {
+            if reply.add(self.kernel(*ino), i as u64 + 1, kind.file_type(), name) {
                 break;
             }
         }

@@ -7,6 +7,7 @@
 //! - [`content`]: file bytes, lazily from the object or from the overlay.
 //! - [`fs`]: the `fuser::Filesystem` that puts them in front of the kernel.
 //! - [`mount`]: opening a session's overlay and mounting it.
+//! - [`multi`]: every session of a bucket under one mount root.
 //!
 //! Dependency direction: fuse → core, never core → fuse.
 
@@ -14,6 +15,7 @@ pub mod content;
 pub mod fs;
 pub mod journal;
 pub mod mount;
+pub mod multi;
 pub mod namespace;
 pub mod node;
 

@@ -174,37 +174,46 @@ fn subdir_root(ns: &mut Namespace, sub: &str, read_only: bool) -> Result<u64, Mo
     Ok(at)
 }
 
-/// The kernel-side options of a mount.
+/// The kernel-side options of a session's mount.
 pub fn config(spec: &MountSpec) -> Config {
-    let mut opts = vec![
-        MountOption::FSName(format!("sessionfs:{}", spec.session.as_str())),
+    kernel_config(
+        format!("sessionfs:{}", spec.session.as_str()),
+        spec.read_only,
+        spec.allow_other,
+        spec.threads,
+    )
+}
+
+/// The kernel-side options of any sessionfs mount.
+pub fn kernel_config(fsname: String, read_only: bool, allow_other: bool, threads: usize) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(fsname),
         MountOption::Subtype("sessionfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
+        if read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
     ];
-    opts.push(if spec.read_only {
-        MountOption::RO
-    } else {
-        MountOption::RW
-    });
-    let mut config = Config::default();
-    config.mount_options = opts;
-    config.acl = if spec.allow_other {
+    config.acl = if allow_other {
         SessionACL::All
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(spec.threads.max(1));
+    config.n_threads = Some(threads.max(1));
     config
 }
 
 /// Mounts `fs` at `mountpoint`; returns once the kernel has answered INIT.
-pub fn mount(
-    fs: SessionFs,
+pub fn mount<FS: fuser::Filesystem>(
+    fs: FS,
     mountpoint: &Path,
     config: &Config,
-) -> Result<fuser::Session<SessionFs>, MountError> {
+) -> Result<fuser::Session<FS>, MountError> {
     fuser::Session::new(fs, mountpoint, config).map_err(|source| MountError::Mount {
         path: mountpoint.display().to_string(),
         source,

@@ -78,6 +78,26 @@ impl Site {
     }
 
     pub fn mount_at(&self, session: &str, mountpoint: &Path, extra: &[&str]) -> Mount {
+        let mut args = vec!["mount", session];
+        args.extend_from_slice(extra);
+        self.spawn_mount(&args, mountpoint)
+    }
+
+    /// `sessionfs serve --mount-root` at a fresh directory: every session of the bucket.
+    pub fn serve_root(&self, extra: &[&str]) -> Mount {
+        let mountpoint = self
+            .dir
+            .path()
+            .join(format!("root-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&mountpoint).expect("mount point");
+        let mut args = vec!["serve"];
+        args.extend_from_slice(extra);
+        args.push("--mount-root");
+        self.spawn_mount(&args, &mountpoint)
+    }
+
+    /// Runs `sessionfs ARGS MOUNTPOINT` in the foreground and waits for the mount.
+    fn spawn_mount(&self, args: &[&str], mountpoint: &Path) -> Mount {
         let log = self.dir.path().join(format!(
             "mount-{}.log",
             mountpoint.file_name().unwrap_or_default().to_string_lossy()
@@ -86,10 +106,8 @@ impl Site {
         let child = self
             .command()
             .env("SESSIONFS_LOG", "info,fuser=error")
-            .arg("mount")
-            .arg(session)
+            .args(args)
             .arg(mountpoint)
-            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)

@@ -1,0 +1,93 @@
+//! `sessionfs serve --mount-root`: every session of the bucket (the S3
+//! server) under one directory. Sessions are listed and opened on demand, a
+//! new directory is a new session, and a session goes only when removal was
+//! allowed at start.
+
+use std::fs;
+
+use sessionfs_tests::mount::Site;
+
+fn session(name: &str) -> String {
+    format!("tests__{name}{:08x}__main", rand::random::<u32>())
+}
+
+#[test]
+fn every_session_of_the_bucket_is_a_directory_of_the_root() {
+    let site = Site::s3();
+    let src = site.dir.path().join("src");
+    fs::create_dir_all(src.join("workspace")).unwrap();
+    fs::write(src.join("workspace/a.txt"), b"from the object").unwrap();
+    let (one, two) = (session("rootone"), session("roottwo"));
+    site.push(&src, &one);
+    site.push(&src, &two);
+
+    let m = site.serve_root(&[]);
+    let listed: Vec<String> = fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(listed.contains(&one) && listed.contains(&two), "{listed:?}");
+    assert_eq!(
+        fs::read(m.join(&one).join("workspace/a.txt")).unwrap(),
+        b"from the object"
+    );
+    // Sessions are separate: a write in one is not in the other; no rename across.
+    fs::write(m.join(&two).join("workspace/a.txt"), b"changed in two").unwrap();
+    assert_eq!(
+        fs::read(m.join(&one).join("workspace/a.txt")).unwrap(),
+        b"from the object"
+    );
+    let cross = fs::rename(
+        m.join(&two).join("workspace/a.txt"),
+        m.join(&one).join("workspace/moved.txt"),
+    );
+    assert_eq!(cross.unwrap_err().raw_os_error(), Some(libc::EXDEV));
+    // Distinct inode numbers per session.
+    use std::os::unix::fs::MetadataExt;
+    let (i1, i2) = (
+        fs::metadata(m.join(&one)).unwrap().ino(),
+        fs::metadata(m.join(&two)).unwrap().ino(),
+    );
+    assert_ne!(i1, i2);
+
+    // A new directory is a new session; files go in at once.
+    let fresh = session("rootnew");
+    fs::create_dir(m.join(&fresh)).unwrap();
+    fs::create_dir(m.join(&fresh).join("workspace")).unwrap();
+    fs::write(m.join(&fresh).join("workspace/new.txt"), b"new session").unwrap();
+    assert!(fs::read_dir(&m.path)
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_str() == Some(fresh.as_str())));
+    // Invalid session names and plain files are refused in the root.
+    assert!(fs::create_dir(m.join("not a/valid")).is_err());
+    assert_eq!(
+        fs::write(m.join("file-in-root"), b"x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
+    // Removing a session needs the flag.
+    assert_eq!(
+        fs::remove_dir(m.join(&one)).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    m.stop();
+
+    // Restarted: the new session's overlay is still there; with the flag a session goes.
+    let m = site.serve_root(&["--allow-delete-sessions"]);
+    assert_eq!(
+        fs::read(m.join(&fresh).join("workspace/new.txt")).unwrap(),
+        b"new session"
+    );
+    assert_eq!(
+        fs::read(m.join(&two).join("workspace/a.txt")).unwrap(),
+        b"changed in two"
+    );
+    fs::remove_dir(m.join(&one)).unwrap();
+    assert!(!m.join(&one).exists());
+    let out = site.command().args(["ls", &one]).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the object of a removed session is gone"
+    );
+}
