@@ -5,7 +5,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -316,5 +316,69 @@ fn a_missing_mount_point_or_session_path_is_a_clear_error() {
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("/nonexistent/mnt"), "{said}");
-    let _ = ErrorKind::NotFound;
+}
+
+#[test]
+fn a_host_without_dev_fuse_gets_a_message_saying_so() {
+    // A private mount namespace whose /dev lacks fuse: what a container
+    // started without --device /dev/fuse sees.
+    let site = Site::local();
+    let mnt = site.dir.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let cmd = format!(
+        "mount -t tmpfs none /dev && exec {} mount ok__ok__main {}",
+        sessionfs_tests::sessionfs_bin().display(),
+        mnt.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &cmd])
+        .envs(site.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("/dev/fuse does not exist"), "{said}");
+}
+
+#[test]
+fn daemon_mode_returns_once_mounted_and_umount_ends_it() {
+    let site = site_with_fixture();
+    let mnt = site.dir.path().join("daemon-mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = site
+        .command()
+        .args(["mount", SESSION])
+        .arg(&mnt)
+        .arg("--daemon")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Live as soon as the command returned.
+    assert!(mnt.join("workspace/README.md").exists());
+    fs::write(mnt.join("workspace/after-daemon.txt"), b"kept").unwrap();
+    // Mounting again on a mount point in use is refused.
+    let again = site
+        .command()
+        .args(["mount", SESSION])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let out = site.command().arg("umount").arg(&mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sessionfs_tests::mount::is_mounted(&mnt));
+    // The change survived the clean stop.
+    let m = site.mount(SESSION, &["--read-only"]);
+    assert_eq!(
+        fs::read(m.join("workspace/after-daemon.txt")).unwrap(),
+        b"kept"
+    );
 }
