@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: no S3, no FUSE. Builds sessionfs and, in a local
-# store under ./.sessionfs-store, checks the store end to end, pushes a directory as a
-# session (default: this repository's src/ as workspace/), lists it, reads one file
-# lazily through the block cache, and pulls the whole session back out.
+# The main job on the embedded default: no S3. Builds sessionfs and, in a local store
+# under ./.sessionfs-store, checks the store end to end, pushes a directory as a session
+# (default: this repository's src/ as workspace/), lists it, reads one file lazily
+# through the block cache, pulls the whole session back out, and, where /dev/fuse is
+# usable, mounts the session read-write, changes it, unmounts and mounts it again.
 #   usage: scripts/run-local.sh [DIR [SESSION]]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,3 +33,23 @@ out="$(mktemp -d)"
 "$sfs" pull "$session" "$out/$session"
 echo "== pulled into $out/$session:"
 ls -la "$out/$session"
+
+if [ -w /dev/fuse ]; then
+  mnt="$(mktemp -d)"
+  # A fresh overlay: the push above replaced the object, and an overlay holding changes made
+  # against the previous version would (rightly) be refused.
+  export SESSIONFS_OVERLAY_DIR="$(mktemp -d)"
+  "$sfs" mount "$session" "$mnt" --daemon
+  echo "== mounted at $mnt: ls workspace"
+  ls -la "$mnt/workspace" | head -10
+  echo "written through the mount at $(date -u +%FT%TZ)" > "$mnt/workspace/NOTE.txt"
+  "$sfs" umount "$mnt"
+  "$sfs" mount "$session" "$mnt" --daemon --read-only
+  echo "== after a remount: workspace/NOTE.txt"
+  cat "$mnt/workspace/NOTE.txt"
+  "$sfs" umount "$mnt"
+  rmdir "$mnt"
+  rm -rf "$SESSIONFS_OVERLAY_DIR"
+else
+  echo "== /dev/fuse is not usable here: skipping the mount"
+fi

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
@@ -23,18 +23,37 @@ pub async fn open(
     Ok(SessionReader::open(store, &session.object_key(), Some(index)).await?)
 }
 
+/// A reader that went away (`| head`) ends the output, not the command.
+fn quiet_pipe(r: std::io::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 pub async fn ls(reader: &SessionReader, dir: Option<&str>, long: bool) -> Result<()> {
+    quiet_pipe(ls_to(reader, dir, long, &mut std::io::stdout().lock()))
+}
+
+fn ls_to(
+    reader: &SessionReader,
+    dir: Option<&str>,
+    long: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
     let entries: Vec<&Entry> = match dir {
         None => reader.entries().iter().collect(),
         Some(dir) => {
             let dir = dir.trim_matches('/');
             if !dir.is_empty() && reader.stat(dir).is_none_or(|e| e.t != Kind::Dir) {
-                bail!("no such directory in the session: {dir}");
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no such directory in the session: {dir}"),
+                ));
             }
             reader.list_dir(dir)
         }
     };
-    let mut out = std::io::stdout().lock();
     for e in entries {
         if long {
             let kind = match e.t {
@@ -70,9 +89,10 @@ pub async fn cat(reader: &SessionReader, path: &str) -> Result<()> {
         if chunk.is_empty() {
             break;
         }
-        out.write_all(&chunk)?;
+        if let Err(e) = out.write_all(&chunk) {
+            return quiet_pipe(Err(e));
+        }
         offset += chunk.len() as u64;
     }
-    out.flush()?;
-    Ok(())
+    quiet_pipe(out.flush())
 }

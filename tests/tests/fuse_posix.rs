@@ -382,3 +382,28 @@ fn daemon_mode_returns_once_mounted_and_umount_ends_it() {
         b"kept"
     );
 }
+
+#[test]
+fn pending_changes_against_a_replaced_object_are_not_mixed_with_it() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &[]);
+    fs::write(m.join("workspace/pending.txt"), b"not written back").unwrap();
+    m.stop();
+    // Someone else replaces the object meanwhile.
+    let other = site.dir.path().join("other");
+    fs::create_dir_all(other.join("workspace")).unwrap();
+    fs::write(other.join("workspace/theirs.txt"), b"theirs").unwrap();
+    site.push(&other, SESSION);
+    let mnt = site.dir.path().join("refused");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = site
+        .command()
+        .args(["mount", SESSION])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("not yet written back"), "{said}");
+    assert!(!sessionfs_tests::mount::is_mounted(&mnt));
+}
