@@ -232,10 +232,6 @@ impl MultiFs {
         state.listed = None;
         Ok(())
     }
-
-    fn overlays_dir(&self) -> &Path {
-        &self.spec.overlays
-    }
 }
 
 /// Routes a request on inode `$ino`: the root answers `$root_errno`, a session handles it.
@@ -256,7 +252,7 @@ impl Filesystem for MultiFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.set_max_write(1 << 20);
-        std::fs::create_dir_all(self.overlays_dir())
+        std::fs::create_dir_all(&self.spec.overlays)
     }
 
     fn destroy(&mut self) {

@@ -815,10 +815,6 @@ impl Namespace {
         &self.journal
     }
 
-    pub fn journal_mut(&mut self) -> &mut Journal {
-        &mut self.journal
-    }
-
     /// Inodes whose bytes live in the overlay (to reconcile after a crash).
     pub fn local_files(&self) -> Vec<u64> {
         self.nodes
