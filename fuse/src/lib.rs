@@ -59,6 +59,8 @@ pub enum FsError {
     Tarball(#[from] TarballError),
     #[error("overlay journal is inconsistent: {0}")]
     Corrupt(String),
+    #[error("the overlay journal {0} is in use by another mount of this session")]
+    InUse(String),
 }
 
 impl From<StoreError> for FsError {
@@ -85,6 +87,7 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Journal(_) | FsError::Tarball(_) | FsError::Corrupt(_) => libc::EIO,
+            FsError::InUse(_) => libc::EBUSY,
         }
     }
 
@@ -93,7 +96,11 @@ impl FsError {
     pub fn is_unexpected(&self) -> bool {
         matches!(
             self,
-            FsError::Journal(_) | FsError::Tarball(_) | FsError::Corrupt(_) | FsError::Io(_)
+            FsError::Journal(_)
+                | FsError::Tarball(_)
+                | FsError::Corrupt(_)
+                | FsError::Io(_)
+                | FsError::InUse(_)
         )
     }
 }

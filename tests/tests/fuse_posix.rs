@@ -407,3 +407,21 @@ fn pending_changes_against_a_replaced_object_are_not_mixed_with_it() {
     assert!(said.contains("not yet written back"), "{said}");
     assert!(!sessionfs_tests::mount::is_mounted(&mnt));
 }
+
+#[test]
+fn a_second_mount_of_the_same_overlay_is_refused() {
+    let site = site_with_fixture();
+    let _m = site.mount(SESSION, &[]);
+    let mnt = site.dir.path().join("second");
+    fs::create_dir_all(&mnt).unwrap();
+    let out = site
+        .command()
+        .args(["mount", SESSION])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("in use by another mount"), "{said}");
+    assert!(!sessionfs_tests::mount::is_mounted(&mnt));
+}
