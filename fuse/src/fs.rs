@@ -70,6 +70,14 @@ fn err(e: FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// Answers a request that returns nothing but success or an errno.
+fn answer(reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
 fn name_str(name: &OsStr) -> Result<&str, FsError> {
     std::str::from_utf8(name.as_bytes()).map_err(|_| FsError::BadName)
 }
@@ -269,12 +277,15 @@ impl SessionFs {
             h.dirty = true;
             h.append
         };
-        // A writable mapping may outlive its handle's mode: make sure.
-        if self.ns.lock().get(ino)?.data != Data::Local {
-            self.ensure_local(ino, false)?;
-        }
-        let f = self.content.local(ino)?;
         let mut ns = self.ns.lock();
+        // A writable mapping may outlive its handle's mode: make sure.
+        if ns.get(ino)?.data != Data::Local {
+            drop(ns);
+            self.ensure_local(ino, false)?;
+            ns = self.ns.lock();
+        }
+        // After any copy-up: it replaces the overlay file.
+        let f = self.content.local(ino)?;
         // Appends go to the end as we know it, whatever offset the kernel sent.
         let at = if append { ns.get(ino)?.size } else { offset };
         f.write_all_at(data, at)?;
@@ -667,10 +678,7 @@ impl Filesystem for SessionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.catch_up(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(reply, self.catch_up(fh.0))
     }
 
     fn release(
@@ -683,10 +691,7 @@ impl Filesystem for SessionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.do_release(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(reply, self.do_release(fh.0))
     }
 
     fn fsync(
@@ -697,10 +702,7 @@ impl Filesystem for SessionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.do_fsync(fh.0, self.inner(ino), datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(reply, self.do_fsync(fh.0, self.inner(ino), datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -786,10 +788,7 @@ impl Filesystem for SessionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.ns.lock().sync() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(reply, self.ns.lock().sync())
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -829,10 +828,7 @@ impl Filesystem for SessionFs {
             }
             self.ns.lock().setxattr(ino, name, value, flags)
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(reply, r)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -865,10 +861,7 @@ impl Filesystem for SessionFs {
             let name = name_str(name)?;
             self.ns.lock().removexattr(ino, name)
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(reply, r)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -963,10 +956,10 @@ impl Filesystem for SessionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(self.inner(ino), offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        answer(
+            reply,
+            self.do_fallocate(self.inner(ino), offset, length, mode),
+        )
     }
 }
 

@@ -679,44 +679,48 @@ impl Filesystem for MultiFs {
 
     fn ioctl(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: fuser::IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
-        reply.error(Errno::from_i32(libc::ENOTTY));
+        route!(self, ino, reply, Errno::from_i32(libc::ENOTTY), |fs| fs
+            .ioctl(req, ino, fh, flags, cmd, in_data, out_size, reply))
     }
 
     fn lseek(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: i64,
-        _whence: i32,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        reply.error(Errno::ENOSYS);
+        route!(self, ino, reply, Errno::ENOSYS, |fs| fs
+            .lseek(req, ino, fh, offset, whence, reply))
     }
 
     fn copy_file_range(
         &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: fuser::CopyFileRangeFlags,
+        req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::ENOSYS);
+        route!(self, ino_in, reply, Errno::ENOSYS, |fs| fs.copy_file_range(
+            req, ino_in, fh_in, offset_in, ino_out, fh_out, offset_out, len, flags, reply
+        ))
     }
 
     fn fallocate(

@@ -394,7 +394,13 @@ fn pending_changes_against_a_replaced_object_are_not_mixed_with_it() {
     fs::create_dir_all(other.join("workspace")).unwrap();
     fs::write(other.join("workspace/theirs.txt"), b"theirs").unwrap();
     site.push(&other, SESSION);
-    let mnt = site.dir.path().join("refused");
+    let said = refused_mount(&site, "refused");
+    assert!(said.contains("not yet written back"), "{said}");
+}
+
+/// Mounts SESSION at a fresh directory, expecting a refusal; returns what was said.
+fn refused_mount(site: &Site, dir: &str) -> String {
+    let mnt = site.dir.path().join(dir);
     fs::create_dir_all(&mnt).unwrap();
     let out = site
         .command()
@@ -403,25 +409,14 @@ fn pending_changes_against_a_replaced_object_are_not_mixed_with_it() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("not yet written back"), "{said}");
     assert!(!sessionfs_tests::mount::is_mounted(&mnt));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
 fn a_second_mount_of_the_same_overlay_is_refused() {
     let site = site_with_fixture();
     let _m = site.mount(SESSION, &[]);
-    let mnt = site.dir.path().join("second");
-    fs::create_dir_all(&mnt).unwrap();
-    let out = site
-        .command()
-        .args(["mount", SESSION])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let said = String::from_utf8_lossy(&out.stderr);
+    let said = refused_mount(&site, "second");
     assert!(said.contains("in use by another mount"), "{said}");
-    assert!(!sessionfs_tests::mount::is_mounted(&mnt));
 }
