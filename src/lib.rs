@@ -11,6 +11,7 @@
 //! that need them.
 
 pub mod cache;
+pub mod overlay;
 pub mod session;
 pub mod store;
 pub mod tarball;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sessionfs_core::overlay::registry::{Registry, RegistrySpec};
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
@@ -159,12 +160,20 @@ pub async fn serve(
     };
     let mountpoint = check_mountpoint(&root)?;
     mount::check_fuse()?;
+    let registry = Arc::new(Registry::new(
+        RegistrySpec {
+            store,
+            index: Some(index),
+            overlays: overlay_root(args.overlay_dir)?.join(bucket),
+            read_only: args.read_only,
+        },
+        tokio::runtime::Handle::current(),
+    ));
+    let notifier = Arc::new(std::sync::OnceLock::new());
     let spec = RootSpec {
-        store,
-        index: Some(index),
-        overlays: overlay_root(args.overlay_dir)?.join(bucket),
-        read_only: args.read_only,
+        registry,
         allow_delete: args.allow_delete_sessions,
+        notifier: notifier.clone(),
     };
     let config = mount::kernel_config(
         format!("sessionfs:{bucket}"),
@@ -176,6 +185,7 @@ pub async fn serve(
     let mp = mountpoint.clone();
     let fuse_session =
         tokio::task::spawn_blocking(move || mount::mount(fs, &mp, &config)).await??;
+    let _ = notifier.set(fuse_session.notifier());
     if !quiet {
         eprintln!(
             "serving the sessions of {bucket} at {}",

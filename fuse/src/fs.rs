@@ -17,6 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
@@ -27,10 +28,10 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-use crate::content::Content;
-use crate::namespace::{Listing, Namespace, RenameMode, SetAttr};
-use crate::node::{Data, Node, NodeKind, Time};
-use crate::FsError;
+use sessionfs_core::overlay::live::LiveSession;
+use sessionfs_core::overlay::namespace::{Listing, RenameMode, SetAttr};
+use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
+use sessionfs_core::overlay::OverlayError;
 
 /// How long the kernel may trust names and attributes. Every change comes
 /// through this process (the API invalidates through the notifier), so the
@@ -47,13 +48,11 @@ struct Handle {
 }
 
 pub struct SessionFs {
-    ns: Mutex<Namespace>,
-    content: Content,
+    live: Arc<LiveSession>,
     handles: Mutex<HashMap<u64, Handle>>,
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     root: u64,
-    read_only: bool,
     /// Under `serve --mount-root` each session has a slot: the high bits of
     /// its kernel inode numbers. 0 for a session mounted on its own.
     slot: u64,
@@ -63,35 +62,33 @@ pub struct SessionFs {
 pub const SLOT_SHIFT: u32 = 40;
 const INO_MASK: u64 = (1 << SLOT_SHIFT) - 1;
 
-fn err(e: FsError) -> Errno {
+fn err(e: OverlayError) -> Errno {
     if e.is_unexpected() {
         tracing::error!("{e}");
     }
-    Errno::from_i32(e.errno())
+    Errno::from_i32(crate::errno(&e))
 }
 
 /// Answers a request that returns nothing but success or an errno.
-fn answer(reply: ReplyEmpty, r: Result<(), FsError>) {
+fn answer(reply: ReplyEmpty, r: Result<(), OverlayError>) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(err(e)),
     }
 }
 
-fn name_str(name: &OsStr) -> Result<&str, FsError> {
-    std::str::from_utf8(name.as_bytes()).map_err(|_| FsError::BadName)
+fn name_str(name: &OsStr) -> Result<&str, OverlayError> {
+    std::str::from_utf8(name.as_bytes()).map_err(|_| OverlayError::BadName)
 }
 
 impl SessionFs {
-    pub fn new(ns: Namespace, content: Content, root: u64, read_only: bool) -> SessionFs {
+    pub fn new(live: Arc<LiveSession>, root: u64) -> SessionFs {
         SessionFs {
-            ns: Mutex::new(ns),
-            content,
+            live,
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             root,
-            read_only,
             slot: 0,
         }
     }
@@ -113,72 +110,33 @@ impl SessionFs {
     }
 
     fn attr(&self, node: &Node) -> FileAttr {
-        let mut a = node.attr();
+        let mut a = crate::attr::attr(node);
         a.ino = self.kernel(node.ino);
         a
     }
 
     /// The attributes of the mounted directory itself.
-    pub fn root_attr(&self) -> Result<FileAttr, FsError> {
-        let ns = self.ns.lock();
+    pub fn root_attr(&self) -> Result<FileAttr, OverlayError> {
+        let ns = self.live.ns.lock();
         Ok(self.attr(ns.get(self.root)?))
     }
 
     /// Journals and syncs everything (before a session is dropped).
-    pub fn sync(&self) -> Result<(), FsError> {
-        self.content.sync_dir()?;
-        self.ns.lock().sync()
+    pub fn sync(&self) -> Result<(), OverlayError> {
+        self.live.sync()
     }
 
-    fn writable(&self) -> Result<(), FsError> {
-        if self.read_only {
-            Err(FsError::ReadOnly)
-        } else {
-            Ok(())
-        }
+    fn writable(&self) -> Result<(), OverlayError> {
+        self.live.writable()
     }
 
     fn fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Brings a file's bytes into the overlay (once); `truncate` skips the fetch.
-    fn ensure_local(&self, ino: u64, truncate: bool) -> Result<(), FsError> {
-        let _one_at_a_time = self.content.copy_up_lock();
-        let node = self.ns.lock().get(ino)?.clone();
-        if node.kind != NodeKind::File {
-            return Err(FsError::Invalid("not a regular file"));
-        }
-        match &node.data {
-            Data::Local => {
-                if truncate && node.size > 0 {
-                    self.content.local(ino)?.set_len(0)?;
-                    let set = SetAttr {
-                        size: Some(0),
-                        ..SetAttr::default()
-                    };
-                    self.ns.lock().setattr(ino, &set)?;
-                }
-            }
-            Data::Base(path) => {
-                let len = if truncate { 0 } else { node.size };
-                self.content.copy_up(ino, path, len)?;
-                self.ns.lock().set_data(ino, Data::Local, Some(len))?;
-            }
-            Data::None => {
-                // An empty file: nothing to fetch. The journal learns it is
-                // local at the next flush; a crash before that is repaired at
-                // mount from the overlay file itself.
-                self.content.local(ino)?.set_len(0)?;
-                self.ns.lock().mark_local(ino);
-            }
-        }
-        Ok(())
-    }
-
     fn free(&self, freed: Vec<u64>) {
         for ino in freed {
-            self.content.remove(ino);
+            self.live.content.remove(ino);
         }
     }
 
@@ -188,8 +146,8 @@ impl SessionFs {
 
     /// Owner and group of a new inode: BSD group semantics under a setgid
     /// directory, as Linux filesystems do.
-    fn owner(&self, req: &Request, parent: u64) -> Result<(u32, u32, bool), FsError> {
-        let ns = self.ns.lock();
+    fn owner(&self, req: &Request, parent: u64) -> Result<(u32, u32, bool), OverlayError> {
+        let ns = self.live.ns.lock();
         let p = ns.get(parent)?;
         let setgid = p.perm & libc::S_ISGID != 0;
         Ok((req.uid(), if setgid { p.gid } else { req.gid() }, setgid))
@@ -206,7 +164,7 @@ impl SessionFs {
         umask: u32,
         rdev: u32,
         target: Option<String>,
-    ) -> Result<Node, FsError> {
+    ) -> Result<Node, OverlayError> {
         self.writable()?;
         let name = name_str(name)?;
         let (uid, gid, setgid) = self.owner(req, parent)?;
@@ -214,21 +172,22 @@ impl SessionFs {
         if kind == NodeKind::Dir && setgid {
             perm |= libc::S_ISGID;
         }
-        self.ns
+        self.live
+            .ns
             .lock()
             .create(parent, name, kind, perm, uid, gid, rdev, target)
     }
 
-    fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+    fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, OverlayError> {
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let trunc = flags & libc::O_TRUNC != 0;
         if write || trunc {
             self.writable()?;
-            self.ensure_local(ino, trunc)?;
+            self.live.ensure_local(ino, trunc)?;
         }
         let fh = self.fh();
-        self.ns.lock().opened(ino);
+        self.live.ns.lock().opened(ino);
         self.handles.lock().insert(
             fh,
             Handle {
@@ -240,52 +199,27 @@ impl SessionFs {
         Ok(fh)
     }
 
-    fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let node = self.ns.lock().get(ino)?.clone();
-        let end = offset.saturating_add(u64::from(size)).min(node.size);
-        if offset >= end {
-            return Ok(Vec::new());
-        }
-        match node.data {
-            Data::Local => {
-                let f = self.content.local(ino)?;
-                let mut buf = vec![0u8; (end - offset) as usize];
-                let mut got = 0;
-                while got < buf.len() {
-                    let n = f.read_at(&mut buf[got..], offset + got as u64)?;
-                    if n == 0 {
-                        break;
-                    }
-                    got += n;
-                }
-                buf.truncate(got);
-                Ok(buf)
-            }
-            Data::Base(path) => Ok(self
-                .content
-                .read_base(&path, offset, end - offset)?
-                .to_vec()),
-            Data::None => Ok(vec![0u8; (end - offset) as usize]),
-        }
+    fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, OverlayError> {
+        self.live.read(ino, offset, u64::from(size))
     }
 
-    fn do_write(&self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+    fn do_write(&self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u32, OverlayError> {
         self.writable()?;
         let append = {
             let mut handles = self.handles.lock();
-            let h = handles.get_mut(&fh).ok_or(FsError::BadHandle)?;
+            let h = handles.get_mut(&fh).ok_or(OverlayError::BadHandle)?;
             h.dirty = true;
             h.append
         };
-        let mut ns = self.ns.lock();
+        let mut ns = self.live.ns.lock();
         // A writable mapping may outlive its handle's mode: make sure.
         if ns.get(ino)?.data != Data::Local {
             drop(ns);
-            self.ensure_local(ino, false)?;
-            ns = self.ns.lock();
+            self.live.ensure_local(ino, false)?;
+            ns = self.live.ns.lock();
         }
         // After any copy-up: it replaces the overlay file.
-        let f = self.content.local(ino)?;
+        let f = self.live.content.local(ino)?;
         // Appends go to the end as we know it, whatever offset the kernel sent.
         let at = if append { ns.get(ino)?.size } else { offset };
         f.write_all_at(data, at)?;
@@ -293,7 +227,7 @@ impl SessionFs {
         Ok(data.len() as u32)
     }
 
-    fn catch_up(&self, fh: u64) -> Result<(), FsError> {
+    fn catch_up(&self, fh: u64) -> Result<(), OverlayError> {
         let ino = {
             let mut handles = self.handles.lock();
             match handles.get_mut(&fh) {
@@ -304,27 +238,33 @@ impl SessionFs {
                 _ => return Ok(()),
             }
         };
-        self.ns.lock().flush(ino)
+        self.live.ns.lock().flush(ino)
     }
 
-    fn do_setattr(&self, ino: u64, set: SetAttr) -> Result<Node, FsError> {
+    fn do_setattr(&self, ino: u64, set: SetAttr) -> Result<Node, OverlayError> {
         self.writable()?;
         if let Some(size) = set.size {
-            let node = self.ns.lock().get(ino)?.clone();
+            let node = self.live.ns.lock().get(ino)?.clone();
             if node.kind == NodeKind::File {
-                self.ensure_local(ino, size == 0)?;
-                self.content.local(ino)?.set_len(size)?;
+                self.live.ensure_local(ino, size == 0)?;
+                self.live.content.local(ino)?.set_len(size)?;
             }
         }
-        self.ns.lock().setattr(ino, &set)
+        self.live.ns.lock().setattr(ino, &set)
     }
 
-    fn do_fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<(), FsError> {
+    fn do_fallocate(
+        &self,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), OverlayError> {
         self.writable()?;
-        self.ensure_local(ino, false)?;
-        let f = self.content.local(ino)?;
-        let off = i64::try_from(offset).map_err(|_| FsError::Invalid("offset"))?;
-        let len = i64::try_from(length).map_err(|_| FsError::Invalid("length"))?;
+        self.live.ensure_local(ino, false)?;
+        let f = self.live.content.local(ino)?;
+        let off = i64::try_from(offset).map_err(|_| OverlayError::Invalid("offset"))?;
+        let len = i64::try_from(length).map_err(|_| OverlayError::Invalid("length"))?;
         // SAFETY: `f` is an open file descriptor owned by `f` for the whole
         // call; fallocate reads no memory of ours.
         let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
@@ -332,7 +272,7 @@ impl SessionFs {
             return Err(std::io::Error::last_os_error().into());
         }
         let size = f.metadata()?.len();
-        let mut ns = self.ns.lock();
+        let mut ns = self.live.ns.lock();
         let mut node = ns.get(ino)?.clone();
         if node.size != size {
             node.size = size;
@@ -343,9 +283,9 @@ impl SessionFs {
         Ok(())
     }
 
-    fn do_fsync(&self, fh: u64, ino: u64, datasync: bool) -> Result<(), FsError> {
-        if self.ns.lock().get(ino)?.data == Data::Local {
-            let f = self.content.local(ino)?;
+    fn do_fsync(&self, fh: u64, ino: u64, datasync: bool) -> Result<(), OverlayError> {
+        if self.live.ns.lock().get(ino)?.data == Data::Local {
+            let f = self.live.content.local(ino)?;
             if datasync {
                 f.sync_data()?;
             } else {
@@ -353,19 +293,19 @@ impl SessionFs {
             }
         }
         self.catch_up(fh)?;
-        self.content.sync_dir()?;
-        self.ns.lock().sync()
+        self.live.content.sync_dir()?;
+        self.live.ns.lock().sync()
     }
 
-    fn do_release(&self, fh: u64) -> Result<(), FsError> {
+    fn do_release(&self, fh: u64) -> Result<(), OverlayError> {
         self.catch_up(fh)?;
         let Some(h) = self.handles.lock().remove(&fh) else {
             return Ok(());
         };
-        let mut ns = self.ns.lock();
+        let mut ns = self.live.ns.lock();
         let freed = ns.closed(h.ino)?;
         if !ns.is_open(h.ino) {
-            self.content.close(h.ino);
+            self.live.content.close(h.ino);
         }
         drop(ns);
         self.free(freed);
@@ -422,16 +362,16 @@ impl Filesystem for SessionFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = self.inner(parent);
-        let r = name_str(name).and_then(|n| self.ns.lock().lookup(parent, n).cloned());
+        let r = name_str(name).and_then(|n| self.live.ns.lock().lookup(parent, n).cloned());
         match r {
             Ok(node) => self.entry(&node, reply),
-            Err(FsError::BadName) => reply.error(Errno::ENOENT),
+            Err(OverlayError::BadName) => reply.error(Errno::ENOENT),
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.ns.lock().get(self.inner(ino)) {
+        match self.live.ns.lock().get(self.inner(ino)) {
             Ok(node) => reply.attr(&TTL, &self.attr(node)),
             Err(e) => reply.error(err(e)),
         }
@@ -470,7 +410,7 @@ impl Filesystem for SessionFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.ns.lock().get(self.inner(ino)) {
+        match self.live.ns.lock().get(self.inner(ino)) {
             Ok(Node {
                 target: Some(t), ..
             }) => reply.data(t.as_bytes()),
@@ -519,7 +459,7 @@ impl Filesystem for SessionFs {
         let parent = self.inner(parent);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
-            self.ns.lock().remove(parent, name, false)
+            self.live.ns.lock().remove(parent, name, false)
         });
         match r {
             Ok(freed) => {
@@ -534,7 +474,7 @@ impl Filesystem for SessionFs {
         let parent = self.inner(parent);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
-            self.ns.lock().remove(parent, name, true)
+            self.live.ns.lock().remove(parent, name, true)
         });
         match r {
             Ok(_) => reply.ok(),
@@ -552,10 +492,10 @@ impl Filesystem for SessionFs {
     ) {
         let parent = self.inner(parent);
         let r = (|| {
-            let t =
-                std::str::from_utf8(target.as_os_str().as_bytes()).map_err(|_| FsError::BadName)?;
+            let t = std::str::from_utf8(target.as_os_str().as_bytes())
+                .map_err(|_| OverlayError::BadName)?;
             if t.len() >= PATH_MAX {
-                return Err(FsError::NameTooLong);
+                return Err(OverlayError::NameTooLong);
             }
             // Stored as given: sessionfs never follows it itself.
             self.make(
@@ -597,7 +537,7 @@ impl Filesystem for SessionFs {
         let (parent, newparent) = (self.inner(parent), self.inner(newparent));
         let r = self.writable().and_then(|()| {
             let (a, b) = (name_str(name)?, name_str(newname)?);
-            self.ns.lock().rename(parent, a, newparent, b, mode)
+            self.live.ns.lock().rename(parent, a, newparent, b, mode)
         });
         match r {
             Ok(freed) => {
@@ -619,7 +559,7 @@ impl Filesystem for SessionFs {
         let (ino, newparent) = (self.inner(ino), self.inner(newparent));
         let r = self.writable().and_then(|()| {
             let name = name_str(newname)?;
-            self.ns.lock().link(ino, newparent, name)
+            self.live.ns.lock().link(ino, newparent, name)
         });
         match r {
             Ok(node) => self.entry(&node, reply),
@@ -708,7 +648,7 @@ impl Filesystem for SessionFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let ino = self.inner(ino);
         // A snapshot: offsets stay meaningful while the directory changes.
-        match self.ns.lock().list(ino) {
+        match self.live.ns.lock().list(ino) {
             Ok(list) => {
                 let fh = self.fh();
                 self.dirs.lock().insert(fh, list);
@@ -731,7 +671,12 @@ impl Filesystem for SessionFs {
             return reply.error(Errno::EBADF);
         };
         for (i, (name, ino, kind)) in list.iter().enumerate().skip(offset as usize) {
-            if reply.add(self.kernel(*ino), i as u64 + 1, kind.file_type(), name) {
+            if reply.add(
+                self.kernel(*ino),
+                i as u64 + 1,
+                crate::attr::file_type(*kind),
+                name,
+            ) {
                 break;
             }
         }
@@ -750,7 +695,7 @@ impl Filesystem for SessionFs {
             Some(l) => l.iter().skip(offset as usize).cloned().collect::<Vec<_>>(),
             None => return reply.error(Errno::EBADF),
         };
-        let ns = self.ns.lock();
+        let ns = self.live.ns.lock();
         for (i, (name, ino, _)) in list.iter().enumerate() {
             let Ok(node) = ns.get(*ino) else { continue };
             let attr = self.attr(node);
@@ -788,7 +733,7 @@ impl Filesystem for SessionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.ns.lock().sync())
+        answer(reply, self.live.ns.lock().sync())
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -824,25 +769,25 @@ impl Filesystem for SessionFs {
             if name.starts_with("system.posix_acl_") {
                 // No ACLs here: tools (cp -a, rsync -A) then fall back to chmod,
                 // as on any filesystem without ACL support.
-                return Err(FsError::NotSupported("POSIX ACLs"));
+                return Err(OverlayError::NotSupported("POSIX ACLs"));
             }
-            self.ns.lock().setxattr(ino, name, value, flags)
+            self.live.ns.lock().setxattr(ino, name, value, flags)
         });
         answer(reply, r)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let ino = self.inner(ino);
-        let r = name_str(name).and_then(|n| self.ns.lock().getxattr(ino, n));
+        let r = name_str(name).and_then(|n| self.live.ns.lock().getxattr(ino, n));
         match r {
             Ok(v) => Self::xattr_reply(&v, size, reply),
-            Err(FsError::BadName) => reply.error(Errno::from_i32(libc::ENODATA)),
+            Err(OverlayError::BadName) => reply.error(Errno::from_i32(libc::ENODATA)),
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.ns.lock().listxattr(self.inner(ino)) {
+        match self.live.ns.lock().listxattr(self.inner(ino)) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -859,14 +804,14 @@ impl Filesystem for SessionFs {
         let ino = self.inner(ino);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
-            self.ns.lock().removexattr(ino, name)
+            self.live.ns.lock().removexattr(ino, name)
         });
         answer(reply, r)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let _ = mask;
-        match self.ns.lock().get(self.inner(ino)) {
+        match self.live.ns.lock().get(self.inner(ino)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
@@ -886,8 +831,8 @@ impl Filesystem for SessionFs {
         let r = (|| {
             let node = self.make(req, parent, name, NodeKind::File, mode, umask, 0, None)?;
             let fh = self.open_handle(node.ino, flags | libc::O_RDWR)?;
-            let node = self.ns.lock().get(node.ino)?.clone();
-            Ok::<_, FsError>((node, fh))
+            let node = self.live.ns.lock().get(node.ino)?.clone();
+            Ok::<_, OverlayError>((node, fh))
         })();
         match r {
             Ok((node, fh)) => reply.created(
@@ -965,13 +910,13 @@ impl Filesystem for SessionFs {
 
 impl SessionFs {
     fn content_dir(&self) -> &Path {
-        self.content.dir()
+        self.live.content.dir()
     }
 }
 
-fn nix_statvfs(path: &Path) -> Result<libc::statvfs, FsError> {
+fn nix_statvfs(path: &Path) -> Result<libc::statvfs, OverlayError> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| FsError::Invalid("overlay path"))?;
+        .map_err(|_| OverlayError::Invalid("overlay path"))?;
     let mut out = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: `c` is a NUL-terminated path that outlives the call, and `out`
     // points to writable memory of the right type for statvfs to fill.

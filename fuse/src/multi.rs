@@ -7,49 +7,50 @@
 //! deletes its object and overlay, and only when the mount was started with
 //! that allowed. Nothing else may be created in the root.
 //!
-//! Each open session is a [`SessionFs`] with its own slot: the high bits of
-//! the kernel inode numbers say which session a request is for, and the
-//! request goes to that session unchanged.
+//! Sessions come from the process's [`Registry`], which the HTTP API shares:
+//! each is opened once, whichever side asks first. Here each open session is
+//! a [`SessionFs`] with its own slot: the high bits of the kernel inode
+//! numbers say which session a request is for, and the request goes to that
+//! session unchanged. The mount watches every session it serves, so a change
+//! the API makes is followed by the kernel invalidations it needs (through
+//! the FUSE notifier), and the API will not replace a watched session.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use sessionfs_core::session::{SessionPath, OBJECT_NAME};
-use sessionfs_core::store::ObjectStore;
-use sessionfs_core::tarball::index::TocIndex;
+use sessionfs_core::overlay::live::{Invalidation, Watcher};
+use sessionfs_core::overlay::namespace::ROOT as SESSION_ROOT;
+use sessionfs_core::overlay::open::OpenError;
+use sessionfs_core::overlay::registry::{Registry, RegistryError};
+use sessionfs_core::overlay::OverlayError;
+use sessionfs_core::session::SessionPath;
 
 use crate::fs::{SessionFs, SLOT_SHIFT};
-use crate::mount::{self, MountError, MountSpec};
-use crate::FsError;
 
 const TTL: Duration = Duration::from_secs(1);
-/// How long a listing of the bucket is reused.
-const LIST_TTL: Duration = Duration::from_secs(5);
 const ROOT: u64 = 1;
 
 pub struct RootSpec {
-    pub store: Arc<dyn ObjectStore>,
-    pub index: Option<TocIndex>,
-    /// Overlays of this bucket's sessions: `{overlays}/{session}/`.
-    pub overlays: PathBuf,
-    pub read_only: bool,
+    pub registry: Arc<Registry>,
     pub allow_delete: bool,
+    /// Filled in once the kernel has the mount: the way to tell it of
+    /// changes made through the API.
+    pub notifier: Arc<OnceLock<Notifier>>,
 }
 
 struct State {
     slots: BTreeMap<String, u64>,
     sessions: Vec<Arc<SessionFs>>,
-    listed: Option<(Instant, BTreeSet<String>)>,
     /// Open root directory handles: a snapshot of the names.
     dirs: BTreeMap<u64, Vec<String>>,
     next_fh: u64,
@@ -62,11 +63,11 @@ pub struct MultiFs {
     created: SystemTime,
 }
 
-fn err(e: FsError) -> Errno {
+fn err(e: OverlayError) -> Errno {
     if e.is_unexpected() {
         tracing::error!("{e}");
     }
-    Errno::from_i32(e.errno())
+    Errno::from_i32(crate::errno(&e))
 }
 
 impl MultiFs {
@@ -77,7 +78,6 @@ impl MultiFs {
             state: Mutex::new(State {
                 slots: BTreeMap::new(),
                 sessions: Vec::new(),
-                listed: None,
                 dirs: BTreeMap::new(),
                 next_fh: 1,
             }),
@@ -114,42 +114,25 @@ impl MultiFs {
             .cloned()
     }
 
-    /// Session names: objects in the store plus local overlays.
-    fn names(&self) -> Result<BTreeSet<String>, FsError> {
-        if let Some((at, names)) = &self.state.lock().listed {
-            if at.elapsed() < LIST_TTL {
-                return Ok(names.clone());
-            }
-        }
-        // Keys, not common prefixes: some servers keep a "directory" after
-        // its last object is deleted.
-        let page = self.rt.block_on(self.spec.store.list_all("", None))?;
-        let suffix = format!("/{OBJECT_NAME}");
-        let mut names: BTreeSet<String> = page
-            .objects
-            .iter()
-            .filter_map(|o| o.key.strip_suffix(&suffix))
-            .filter(|p| SessionPath::parse(p).is_ok())
-            .map(str::to_owned)
-            .collect();
-        if let Ok(dir) = std::fs::read_dir(&self.spec.overlays) {
-            for e in dir.flatten() {
-                if let Some(n) = e.file_name().to_str() {
-                    if SessionPath::parse(n).is_ok() && e.path().join("journal.db").exists() {
-                        names.insert(n.to_owned());
-                    }
-                }
-            }
-        }
-        let mut state = self.state.lock();
-        names.extend(state.slots.keys().cloned());
-        state.listed = Some((Instant::now(), names.clone()));
-        Ok(names)
+    fn names(&self) -> Result<Vec<String>, OverlayError> {
+        Ok(self
+            .rt
+            .block_on(self.spec.registry.names())?
+            .into_iter()
+            .collect())
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        SessionPath::parse(name).is_ok_and(|p| {
+            self.rt
+                .block_on(self.spec.registry.exists(&p))
+                .unwrap_or(false)
+        })
     }
 
     /// Opens (once) the session `name`; `create` allows a session that does not exist yet.
-    fn session(&self, name: &str, create: bool) -> Result<Arc<SessionFs>, FsError> {
-        let session = SessionPath::parse(name).map_err(|_| FsError::NotFound)?;
+    fn session(&self, name: &str, create: bool) -> Result<Arc<SessionFs>, OverlayError> {
+        let session = SessionPath::parse(name).map_err(|_| OverlayError::NotFound)?;
         let open = {
             let state = self.state.lock();
             state
@@ -160,76 +143,78 @@ impl MultiFs {
         if let Some(fs) = open {
             return Ok(fs);
         }
-        if !create && !self.names()?.contains(name) {
-            return Err(FsError::NotFound);
-        }
-        let spec = MountSpec {
-            store: self.spec.store.clone(),
-            index: self.spec.index.clone(),
-            session,
-            overlay: self.spec.overlays.join(name),
-            subdir: None,
-            read_only: self.spec.read_only,
-            allow_other: false,
-            threads: 1,
-        };
-        let fs = match mount::open(&spec, &self.rt) {
-            Ok(fs) => fs,
-            Err(MountError::Fs(e)) => return Err(e),
+        let live = match self.spec.registry.open(&session, create) {
+            Ok(live) => live,
+            Err(RegistryError::NotFound(_)) => return Err(OverlayError::NotFound),
+            Err(RegistryError::Open(OpenError::Overlay(e)) | RegistryError::Overlay(e)) => {
+                return Err(e)
+            }
             Err(e) => {
                 tracing::error!("opening session {name}: {e}");
-                return Err(FsError::Corrupt(e.to_string()));
+                return Err(OverlayError::Corrupt(e.to_string()));
             }
         };
         let mut state = self.state.lock();
-        // Another thread may have opened it meanwhile: keep the first.
+        // Another thread may have got here meanwhile: keep the first.
         if let Some(&slot) = state.slots.get(name) {
             return Ok(state.sessions[(slot - 1) as usize].clone());
         }
         let slot = state.sessions.len() as u64 + 1;
-        let fs = Arc::new(fs.with_slot(slot));
+        live.set_watcher(Some(self.watcher(slot)));
+        let fs = Arc::new(SessionFs::new(live, SESSION_ROOT).with_slot(slot));
         state.sessions.push(fs.clone());
         state.slots.insert(name.to_owned(), slot);
-        if let Some((_, names)) = &mut state.listed {
-            names.insert(name.to_owned());
-        }
         Ok(fs)
     }
 
-    fn lookup_session(&self, name: &OsStr, create: bool) -> Result<FileAttr, FsError> {
-        let name = name.to_str().ok_or(FsError::NotFound)?;
+    /// Turns changes made through the API into kernel invalidations.
+    fn watcher(&self, slot: u64) -> Watcher {
+        let notifier = self.spec.notifier.clone();
+        Arc::new(move |changes: &[Invalidation]| {
+            let Some(n) = notifier.get() else { return };
+            let kernel = |ino: u64| INodeNo((slot << SLOT_SHIFT) | ino);
+            for change in changes {
+                // ENOENT means the kernel had nothing cached: nothing to do.
+                let _ = match change {
+                    Invalidation::Inode(ino) => n.inval_inode(kernel(*ino), 0, 0),
+                    Invalidation::Entry { parent, name } => {
+                        n.inval_entry(kernel(*parent), OsStr::new(name))
+                    }
+                };
+            }
+        })
+    }
+
+    fn lookup_session(&self, name: &OsStr, create: bool) -> Result<FileAttr, OverlayError> {
+        let name = name.to_str().ok_or(OverlayError::NotFound)?;
         self.session(name, create)?.root_attr()
     }
 
-    fn delete_session(&self, name: &OsStr) -> Result<(), FsError> {
+    fn delete_session(&self, name: &OsStr) -> Result<(), OverlayError> {
         if !self.spec.allow_delete {
-            return Err(FsError::NotPermitted(
+            return Err(OverlayError::NotPermitted(
                 "removing a session needs serve --allow-delete-sessions",
             ));
         }
-        if self.spec.read_only {
-            return Err(FsError::ReadOnly);
+        if self.spec.registry.read_only() {
+            return Err(OverlayError::ReadOnly);
         }
-        let name = name.to_str().ok_or(FsError::NotFound)?;
-        let session = SessionPath::parse(name).map_err(|_| FsError::NotFound)?;
-        if !self.names()?.contains(name) {
-            return Err(FsError::NotFound);
+        let name = name.to_str().ok_or(OverlayError::NotFound)?;
+        let session = SessionPath::parse(name).map_err(|_| OverlayError::NotFound)?;
+        if !self.exists(name) {
+            return Err(OverlayError::NotFound);
         }
         match self
             .rt
-            .block_on(self.spec.store.delete(&session.object_key()))
+            .block_on(self.spec.registry.delete_mounted(&session))
         {
             Ok(()) => {}
-            Err(e) => return Err(e.into()),
+            Err(RegistryError::Store(e)) => return Err(e.into()),
+            Err(RegistryError::Overlay(e)) => return Err(e),
+            Err(e) => return Err(OverlayError::Corrupt(e.to_string())),
         }
-        let overlay = self.spec.overlays.join(name);
-        if overlay.exists() {
-            std::fs::remove_dir_all(&overlay)?;
-        }
-        let mut state = self.state.lock();
         // The slot stays (inode numbers are never reused); the name goes.
-        state.slots.remove(name);
-        state.listed = None;
+        self.state.lock().slots.remove(name);
         Ok(())
     }
 }
@@ -252,7 +237,7 @@ impl Filesystem for MultiFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.set_max_write(1 << 20);
-        std::fs::create_dir_all(&self.spec.overlays)
+        Ok(())
     }
 
     fn destroy(&mut self) {
@@ -335,13 +320,10 @@ impl Filesystem for MultiFs {
         reply: ReplyEntry,
     ) {
         if parent.0 == ROOT {
-            if self.spec.read_only {
+            if self.spec.registry.read_only() {
                 return reply.error(Errno::EROFS);
             }
-            let exists = name
-                .to_str()
-                .is_some_and(|n| self.names().is_ok_and(|names| names.contains(n)));
-            if exists {
+            if name.to_str().is_some_and(|n| self.exists(n)) {
                 return reply.error(Errno::EEXIST);
             }
             let valid = name.to_str().is_some_and(|n| SessionPath::parse(n).is_ok());

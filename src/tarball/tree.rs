@@ -19,10 +19,28 @@ use super::toc::{Entry, Kind, RESERVED_DIR};
 use super::TarballError;
 
 /// An entry and, for regular files, where its bytes come from.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TreeEntry {
     pub entry: Entry,
-    pub source: Option<PathBuf>,
+    pub source: Option<Source>,
+}
+
+/// Where a regular file's bytes come from when it is packed.
+pub enum Source {
+    /// A file on local disk, opened when its turn comes.
+    File(PathBuf),
+    /// Any reader (a file of another session object, say); it must give
+    /// exactly the entry's size.
+    Stream(Box<dyn std::io::Read + Send>),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "File({})", p.display()),
+            Source::Stream(_) => f.write_str("Stream"),
+        }
+    }
 }
 
 pub fn walk(root: &Path) -> Result<Vec<TreeEntry>, TarballError> {
@@ -106,7 +124,7 @@ fn walk_dir(
                 links.insert((md.dev(), md.ino()), p.clone());
             }
             entry.s = md.len();
-            source = Some(path.clone());
+            source = Some(Source::File(path.clone()));
         } else if ft.is_fifo() {
             entry.t = Kind::Fifo;
         } else if ft.is_char_device() || ft.is_block_device() {

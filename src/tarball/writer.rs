@@ -11,13 +11,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use super::deflate::{compress_segment, gzip_trailer, stored_blocks, zlib_compress, GZIP_HEADER};
 use super::tar_header;
 use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, FORMAT_VERSION, TOC_PATH};
-use super::tree::{walk, TreeEntry};
+use super::tree::{walk, Source, TreeEntry};
 use super::TarballError;
 
 #[derive(Clone, Debug)]
@@ -221,17 +221,26 @@ fn lay_out(
         let header = tar_header::encode(&entry)?;
         cut.push(&header);
         entry.data_offset = cut.pos;
-        if let Some(path) = source {
-            let mut file = File::open(&path).map_err(|e| TarballError::io(&path, e))?;
+        if let Some(source) = source {
+            let label = match &source {
+                Source::File(path) => path.clone(),
+                Source::Stream(_) => PathBuf::from(&entry.p),
+            };
+            let mut file: Box<dyn Read + Send> = match source {
+                Source::File(path) => {
+                    Box::new(File::open(&path).map_err(|e| TarballError::io(&path, e))?)
+                }
+                Source::Stream(r) => r,
+            };
             let mut left = entry.s;
             while left > 0 {
                 let room = opts.segment_max.saturating_sub(cut.current.len()).max(1);
                 let want = (buf.len() as u64).min(left).min(room as u64) as usize;
                 let n = file
                     .read(&mut buf[..want])
-                    .map_err(|e| TarballError::io(&path, e))?;
+                    .map_err(|e| TarballError::io(&label, e))?;
                 if n == 0 {
-                    return Err(TarballError::Changed(path.display().to_string()));
+                    return Err(TarballError::Changed(label.display().to_string()));
                 }
                 cut.push(&buf[..n]);
                 left -= n as u64;
@@ -244,10 +253,10 @@ fn lay_out(
             let mut probe = [0u8; 1];
             if file
                 .read(&mut probe)
-                .map_err(|e| TarballError::io(&path, e))?
+                .map_err(|e| TarballError::io(&label, e))?
                 != 0
             {
-                return Err(TarballError::Changed(path.display().to_string()));
+                return Err(TarballError::Changed(label.display().to_string()));
             }
             let pad = (512 - (entry.s % 512) as usize) % 512;
             cut.push(&[0u8; 512][..pad]);

@@ -418,5 +418,5 @@ fn a_second_mount_of_the_same_overlay_is_refused() {
     let site = site_with_fixture();
     let _m = site.mount(SESSION, &[]);
     let said = refused_mount(&site, "second");
-    assert!(said.contains("in use by another mount"), "{said}");
+    assert!(said.contains("in use by another process"), "{said}");
 }

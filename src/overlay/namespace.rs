@@ -14,12 +14,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use sessionfs_core::tarball::tar_header::hex_decode;
-use sessionfs_core::tarball::toc::{Entry, Kind};
+use crate::tarball::tar_header::hex_decode;
+use crate::tarball::toc::{Entry, Kind};
 
-use crate::journal::{Journal, Tx};
-use crate::node::{Data, Node, NodeKind, Time};
-use crate::FsError;
+use super::journal::{Journal, Tx};
+use super::node::{Data, Node, NodeKind, Time};
+use super::OverlayError;
 
 pub const ROOT: u64 = 1;
 /// Longest name of one directory entry, as on Linux filesystems.
@@ -58,12 +58,12 @@ pub type Freed = Vec<u64>;
 /// One entry of a directory listing: name, inode, type.
 pub type Listing = Vec<(String, u64, NodeKind)>;
 
-pub fn check_name(name: &str) -> Result<(), FsError> {
+pub fn check_name(name: &str) -> Result<(), OverlayError> {
     if name.len() > NAME_MAX {
-        return Err(FsError::NameTooLong);
+        return Err(OverlayError::NameTooLong);
     }
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(FsError::Invalid("not a valid name"));
+        return Err(OverlayError::Invalid("not a valid name"));
     }
     Ok(())
 }
@@ -75,7 +75,7 @@ impl Namespace {
         path: &Path,
         base_etag: Option<&str>,
         entries: &[Entry],
-    ) -> Result<(Namespace, Freed), FsError> {
+    ) -> Result<(Namespace, Freed), OverlayError> {
         let journal = Journal::open(path)?;
         let mut ns = Namespace {
             journal,
@@ -99,7 +99,7 @@ impl Namespace {
             ns.children.entry(parent).or_default().insert(name, ino);
         }
         if !ns.nodes.contains_key(&ROOT) {
-            return Err(FsError::Corrupt("the journal has no root".into()));
+            return Err(OverlayError::Corrupt("the journal has no root".into()));
         }
         // Inodes unlinked while open when the last mount ended.
         let orphans: Vec<u64> = ns
@@ -119,7 +119,11 @@ impl Namespace {
         Ok((ns, orphans))
     }
 
-    fn init_from_toc(&mut self, base_etag: Option<&str>, entries: &[Entry]) -> Result<(), FsError> {
+    fn init_from_toc(
+        &mut self,
+        base_etag: Option<&str>,
+        entries: &[Entry],
+    ) -> Result<(), OverlayError> {
         let now = Time::now();
         let root = Node {
             ino: ROOT,
@@ -263,30 +267,30 @@ impl Namespace {
             .copied()
     }
 
-    pub fn get(&self, ino: u64) -> Result<&Node, FsError> {
-        self.nodes.get(&ino).ok_or(FsError::NotFound)
+    pub fn get(&self, ino: u64) -> Result<&Node, OverlayError> {
+        self.nodes.get(&ino).ok_or(OverlayError::NotFound)
     }
 
-    fn get_mut(&mut self, ino: u64) -> Result<&mut Node, FsError> {
-        self.nodes.get_mut(&ino).ok_or(FsError::NotFound)
+    fn get_mut(&mut self, ino: u64) -> Result<&mut Node, OverlayError> {
+        self.nodes.get_mut(&ino).ok_or(OverlayError::NotFound)
     }
 
-    fn dir(&self, ino: u64) -> Result<&BTreeMap<String, u64>, FsError> {
+    fn dir(&self, ino: u64) -> Result<&BTreeMap<String, u64>, OverlayError> {
         match self.nodes.get(&ino) {
-            None => Err(FsError::NotFound),
-            Some(n) if n.kind != NodeKind::Dir => Err(FsError::NotDir),
-            Some(_) => self.children.get(&ino).ok_or(FsError::NotFound),
+            None => Err(OverlayError::NotFound),
+            Some(n) if n.kind != NodeKind::Dir => Err(OverlayError::NotDir),
+            Some(_) => self.children.get(&ino).ok_or(OverlayError::NotFound),
         }
     }
 
-    pub fn lookup(&self, parent: u64, name: &str) -> Result<&Node, FsError> {
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<&Node, OverlayError> {
         if name.len() > NAME_MAX {
-            return Err(FsError::NameTooLong);
+            return Err(OverlayError::NameTooLong);
         }
         let ino = match name {
             "." => parent,
             ".." => self.get(parent)?.parent,
-            _ => *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?,
+            _ => *self.dir(parent)?.get(name).ok_or(OverlayError::NotFound)?,
         };
         self.get(ino)
     }
@@ -321,8 +325,34 @@ impl Namespace {
         }
     }
 
+    /// Every name of the tree below `ino`, depth first in byte order of the
+    /// names (a directory before its contents), as the writer packs them:
+    /// `(path, inode)`.
+    pub fn walk(&self, ino: u64) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        self.walk_into(ino, "", &mut out);
+        out
+    }
+
+    fn walk_into(&self, dir: u64, prefix: &str, out: &mut Vec<(String, u64)>) {
+        let Some(names) = self.children.get(&dir) else {
+            return;
+        };
+        for (name, &child) in names {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            out.push((path.clone(), child));
+            if self.children.contains_key(&child) {
+                self.walk_into(child, &path, out);
+            }
+        }
+    }
+
     /// The entries of a directory, `.` and `..` first.
-    pub fn list(&self, ino: u64) -> Result<Listing, FsError> {
+    pub fn list(&self, ino: u64) -> Result<Listing, OverlayError> {
         let names = self.dir(ino)?;
         let parent = self.get(ino)?.parent;
         let mut out = Vec::with_capacity(names.len() + 2);
@@ -348,10 +378,10 @@ impl Namespace {
         gid: u32,
         rdev: u32,
         target: Option<String>,
-    ) -> Result<Node, FsError> {
+    ) -> Result<Node, OverlayError> {
         check_name(name)?;
         if self.dir(parent)?.contains_key(name) {
-            return Err(FsError::Exists);
+            return Err(OverlayError::Exists);
         }
         let now = Time::now();
         let ino = self.alloc();
@@ -391,14 +421,14 @@ impl Namespace {
         Ok(node)
     }
 
-    pub fn link(&mut self, ino: u64, parent: u64, name: &str) -> Result<Node, FsError> {
+    pub fn link(&mut self, ino: u64, parent: u64, name: &str) -> Result<Node, OverlayError> {
         check_name(name)?;
         let node = self.get(ino)?;
         if node.kind == NodeKind::Dir {
-            return Err(FsError::NotPermitted("hard links to directories"));
+            return Err(OverlayError::NotPermitted("hard links to directories"));
         }
         if self.dir(parent)?.contains_key(name) {
-            return Err(FsError::Exists);
+            return Err(OverlayError::Exists);
         }
         let now = Time::now();
         let mut node = node.clone();
@@ -422,20 +452,20 @@ impl Namespace {
     }
 
     /// unlink (`dir == false`) and rmdir (`dir == true`).
-    pub fn remove(&mut self, parent: u64, name: &str, dir: bool) -> Result<Freed, FsError> {
+    pub fn remove(&mut self, parent: u64, name: &str, dir: bool) -> Result<Freed, OverlayError> {
         if name == "." {
-            return Err(FsError::Invalid("rmdir of ."));
+            return Err(OverlayError::Invalid("rmdir of ."));
         }
         if name == ".." {
-            return Err(FsError::NotEmpty);
+            return Err(OverlayError::NotEmpty);
         }
-        let ino = *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let ino = *self.dir(parent)?.get(name).ok_or(OverlayError::NotFound)?;
         let node = self.get(ino)?;
         match (dir, node.kind == NodeKind::Dir) {
-            (true, false) => return Err(FsError::NotDir),
-            (false, true) => return Err(FsError::IsDir),
+            (true, false) => return Err(OverlayError::NotDir),
+            (false, true) => return Err(OverlayError::IsDir),
             (true, true) if !self.children.get(&ino).is_none_or(|c| c.is_empty()) => {
-                return Err(FsError::NotEmpty)
+                return Err(OverlayError::NotEmpty)
             }
             _ => {}
         }
@@ -456,7 +486,7 @@ impl Namespace {
     }
 
     /// Journals one name of `ino` going away; returns the new link count.
-    fn drop_link(&self, tx: &Tx<'_>, ino: u64, now: Time) -> Result<u32, FsError> {
+    fn drop_link(&self, tx: &Tx<'_>, ino: u64, now: Time) -> Result<u32, OverlayError> {
         let mut n = self.get(ino)?.clone();
         n.nlink = if n.kind == NodeKind::Dir {
             0
@@ -495,33 +525,33 @@ impl Namespace {
         new_parent: u64,
         new_name: &str,
         mode: RenameMode,
-    ) -> Result<Freed, FsError> {
+    ) -> Result<Freed, OverlayError> {
         check_name(new_name)?;
-        let src = *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let src = *self.dir(parent)?.get(name).ok_or(OverlayError::NotFound)?;
         let dst = self.dir(new_parent)?.get(new_name).copied();
         let src_is_dir = self.is_dir(src);
         if src_is_dir && (new_parent == src || self.is_ancestor(src, new_parent)) {
-            return Err(FsError::Invalid("a directory cannot move into itself"));
+            return Err(OverlayError::Invalid("a directory cannot move into itself"));
         }
         if let Some(dst) = dst {
             let dst_is_dir = self.is_dir(dst);
             if mode == RenameMode::Exchange {
                 if dst_is_dir && (parent == dst || self.is_ancestor(dst, parent)) {
-                    return Err(FsError::Invalid("a directory cannot move into itself"));
+                    return Err(OverlayError::Invalid("a directory cannot move into itself"));
                 }
             } else if mode == RenameMode::NoReplace {
-                return Err(FsError::Exists);
+                return Err(OverlayError::Exists);
             } else if dst == src {
                 return Ok(Vec::new());
             } else if src_is_dir && !dst_is_dir {
-                return Err(FsError::NotDir);
+                return Err(OverlayError::NotDir);
             } else if !src_is_dir && dst_is_dir {
-                return Err(FsError::IsDir);
+                return Err(OverlayError::IsDir);
             } else if dst_is_dir && !self.children.get(&dst).is_none_or(|c| c.is_empty()) {
-                return Err(FsError::NotEmpty);
+                return Err(OverlayError::NotEmpty);
             }
         } else if mode == RenameMode::Exchange {
-            return Err(FsError::NotFound);
+            return Err(OverlayError::NotFound);
         }
         let now = Time::now();
         let detail = format!(
@@ -637,7 +667,7 @@ impl Namespace {
         false
     }
 
-    pub fn setattr(&mut self, ino: u64, set: &SetAttr) -> Result<Node, FsError> {
+    pub fn setattr(&mut self, ino: u64, set: &SetAttr) -> Result<Node, OverlayError> {
         let now = Time::now();
         let mut n = self.get(ino)?.clone();
         if let Some(perm) = set.perm {
@@ -651,10 +681,10 @@ impl Namespace {
         }
         if let Some(size) = set.size {
             if n.kind == NodeKind::Dir {
-                return Err(FsError::IsDir);
+                return Err(OverlayError::IsDir);
             }
             if n.kind != NodeKind::File {
-                return Err(FsError::Invalid("truncate of a special file"));
+                return Err(OverlayError::Invalid("truncate of a special file"));
             }
             n.size = size;
             n.mtime = now;
@@ -670,7 +700,7 @@ impl Namespace {
     }
 
     /// Journals a changed node (after a copy-up, a write, a truncate).
-    pub fn save(&mut self, n: Node, op: &str) -> Result<Node, FsError> {
+    pub fn save(&mut self, n: Node, op: &str) -> Result<Node, OverlayError> {
         let tx = self.journal.begin()?;
         tx.put_node(&n)?;
         tx.change(op, n.ino, "")?;
@@ -692,14 +722,19 @@ impl Namespace {
     }
 
     /// Journals the current state of a file written through a handle.
-    pub fn flush(&mut self, ino: u64) -> Result<(), FsError> {
+    pub fn flush(&mut self, ino: u64) -> Result<(), OverlayError> {
         if let Some(n) = self.nodes.get(&ino).cloned() {
             self.save(n, "write")?;
         }
         Ok(())
     }
 
-    pub fn set_data(&mut self, ino: u64, data: Data, size: Option<u64>) -> Result<Node, FsError> {
+    pub fn set_data(
+        &mut self,
+        ino: u64,
+        data: Data,
+        size: Option<u64>,
+    ) -> Result<Node, OverlayError> {
         let mut n = self.get_mut(ino)?.clone();
         n.data = data;
         if let Some(s) = size {
@@ -731,7 +766,7 @@ impl Namespace {
     }
 
     /// A handle closed; the inode is freed if it was the last and no name is left.
-    pub fn closed(&mut self, ino: u64) -> Result<Freed, FsError> {
+    pub fn closed(&mut self, ino: u64) -> Result<Freed, OverlayError> {
         let left = match self.open.get_mut(&ino) {
             Some(c) if *c > 1 => {
                 *c -= 1;
@@ -757,12 +792,12 @@ impl Namespace {
         self.open.contains_key(&ino)
     }
 
-    pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>, FsError> {
+    pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>, OverlayError> {
         self.get(ino)?;
-        self.journal.xattr(ino, name)?.ok_or(FsError::NoAttr)
+        self.journal.xattr(ino, name)?.ok_or(OverlayError::NoAttr)
     }
 
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<String>, FsError> {
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<String>, OverlayError> {
         self.get(ino)?;
         self.journal.xattr_names(ino)
     }
@@ -773,14 +808,14 @@ impl Namespace {
         name: &str,
         value: &[u8],
         flags: i32,
-    ) -> Result<(), FsError> {
+    ) -> Result<(), OverlayError> {
         self.get(ino)?;
         let exists = self.journal.xattr(ino, name)?.is_some();
         if flags & libc::XATTR_CREATE != 0 && exists {
-            return Err(FsError::Exists);
+            return Err(OverlayError::Exists);
         }
         if flags & libc::XATTR_REPLACE != 0 && !exists {
-            return Err(FsError::NoAttr);
+            return Err(OverlayError::NoAttr);
         }
         let mut n = self.get(ino)?.clone();
         n.ctime = Time::now();
@@ -793,12 +828,12 @@ impl Namespace {
         Ok(())
     }
 
-    pub fn removexattr(&mut self, ino: u64, name: &str) -> Result<(), FsError> {
+    pub fn removexattr(&mut self, ino: u64, name: &str) -> Result<(), OverlayError> {
         let mut n = self.get(ino)?.clone();
         n.ctime = Time::now();
         let tx = self.journal.begin()?;
         if !tx.remove_xattr(ino, name)? {
-            return Err(FsError::NoAttr);
+            return Err(OverlayError::NoAttr);
         }
         tx.put_node(&n)?;
         tx.change("xattr", ino, name)?;
@@ -807,7 +842,7 @@ impl Namespace {
         Ok(())
     }
 
-    pub fn sync(&self) -> Result<(), FsError> {
+    pub fn sync(&self) -> Result<(), OverlayError> {
         self.journal.sync()
     }
 
@@ -844,8 +879,8 @@ fn touched_dir(
     child_is_dir: bool,
     delta: i32,
     now: Time,
-) -> Result<Node, FsError> {
-    let mut p = nodes.get(&parent).ok_or(FsError::NotFound)?.clone();
+) -> Result<Node, OverlayError> {
+    let mut p = nodes.get(&parent).ok_or(OverlayError::NotFound)?.clone();
     if child_is_dir {
         p.nlink = p.nlink.saturating_add_signed(delta);
     }
@@ -933,7 +968,7 @@ mod tests {
         // Into its own subtree: refused.
         assert!(matches!(
             ns.rename(ROOT, "a", a, "inside", RenameMode::Replace),
-            Err(FsError::Invalid(_))
+            Err(OverlayError::Invalid(_))
         ));
     }
 
@@ -957,7 +992,10 @@ mod tests {
         let (ns, _) = Namespace::open(&dir.path().join("j.db"), Some("etag"), &[]).unwrap();
         assert_eq!(ns.journal().changes_since(0).unwrap().len(), 3);
         assert!(ns.lookup(ROOT, "renamed").is_ok());
-        assert!(matches!(ns.lookup(ROOT, "sym"), Err(FsError::NotFound)));
+        assert!(matches!(
+            ns.lookup(ROOT, "sym"),
+            Err(OverlayError::NotFound)
+        ));
         let tx = ns.journal().begin().unwrap();
         tx.confirm(feed[1].seq).unwrap();
         tx.commit().unwrap();

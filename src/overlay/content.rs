@@ -18,10 +18,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::tarball::reader::SessionReader;
 use parking_lot::Mutex;
-use sessionfs_core::tarball::reader::SessionReader;
 
-use crate::FsError;
+use super::OverlayError;
 
 /// Bytes fetched per request during a copy-up.
 const COPY_CHUNK: u64 = 8 << 20;
@@ -39,7 +39,7 @@ impl Content {
         overlay: &Path,
         reader: Option<Arc<SessionReader>>,
         rt: tokio::runtime::Handle,
-    ) -> Result<Content, FsError> {
+    ) -> Result<Content, OverlayError> {
         let dir = overlay.join("data");
         std::fs::create_dir_all(&dir)?;
         Ok(Content {
@@ -55,12 +55,28 @@ impl Content {
         &self.dir
     }
 
+    /// The session object the unchanged files are read from (none for a
+    /// session that has no object yet).
+    pub fn reader(&self) -> Option<&Arc<SessionReader>> {
+        self.reader.as_ref()
+    }
+
+    /// The runtime object reads are handed to.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// The overlay file of `ino`'s path, for packing.
+    pub fn path_of(&self, ino: u64) -> PathBuf {
+        self.path(ino)
+    }
+
     fn path(&self, ino: u64) -> PathBuf {
         self.dir.join(ino.to_string())
     }
 
     /// The overlay file of `ino`, opened once and shared by every handle.
-    pub fn local(&self, ino: u64) -> Result<Arc<File>, FsError> {
+    pub fn local(&self, ino: u64) -> Result<Arc<File>, OverlayError> {
         let mut files = self.files.lock();
         if let Some(f) = files.get(&ino) {
             return Ok(f.clone());
@@ -103,7 +119,7 @@ impl Content {
 
     /// Fetches `len` bytes of `base` (the first `len`, for a truncating
     /// copy-up) into the overlay file of `ino`.
-    pub fn copy_up(&self, ino: u64, base: &str, len: u64) -> Result<(), FsError> {
+    pub fn copy_up(&self, ino: u64, base: &str, len: u64) -> Result<(), OverlayError> {
         let tmp = self.dir.join(format!("{ino}.copy"));
         let out = File::create(&tmp)?;
         let mut at = 0u64;
@@ -123,16 +139,51 @@ impl Content {
         Ok(())
     }
 
-    pub fn read_base(&self, path: &str, offset: u64, len: u64) -> Result<bytes::Bytes, FsError> {
+    /// Up to `len` bytes of the overlay file of `ino` from `offset` (fewer
+    /// at its end).
+    pub fn read_local(&self, ino: u64, offset: u64, len: u64) -> Result<Vec<u8>, OverlayError> {
+        let f = self.local(ino)?;
+        let mut buf = vec![0u8; len as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Makes `bytes` the whole overlay file of `ino`: written aside, synced,
+    /// renamed into place, so a reader never sees half of them. The caller
+    /// holds [`Content::copy_up_lock`].
+    pub fn replace(&self, ino: u64, bytes: &[u8]) -> Result<(), OverlayError> {
+        let tmp = self.dir.join(format!("{ino}.put"));
+        let out = File::create(&tmp)?;
+        out.write_all_at(bytes, 0)?;
+        out.sync_all()?;
+        self.close(ino);
+        std::fs::rename(&tmp, self.path(ino))?;
+        Ok(())
+    }
+
+    pub fn read_base(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, OverlayError> {
         let reader = self
             .reader
             .as_ref()
-            .ok_or_else(|| FsError::Corrupt(format!("{path}: no session object to read")))?;
+            .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
         Ok(self.rt.block_on(reader.read(path, offset, len))?)
     }
 
     /// Makes the overlay files and their directory durable.
-    pub fn sync_dir(&self) -> Result<(), FsError> {
+    pub fn sync_dir(&self) -> Result<(), OverlayError> {
         File::open(&self.dir)?.sync_all()?;
         Ok(())
     }

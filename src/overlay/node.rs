@@ -2,12 +2,9 @@
 //! bytes live (still in the session object, or in the local overlay).
 //!
 //! The namespace keeps these in memory and the journal keeps them on disk;
-//! the conversions to what the kernel wants (`FileAttr`, `FileType`) live here
-//! so both sides agree on one definition.
+//! the FUSE layer turns them into what the kernel wants (`fuse/src/attr.rs`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use fuser::{FileAttr, FileType, INodeNo};
 
 /// The type of an inode, as stored in the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,18 +56,6 @@ impl NodeKind {
             libc::S_IFBLK => NodeKind::BlockDevice,
             _ => return None,
         })
-    }
-
-    pub fn file_type(self) -> FileType {
-        match self {
-            NodeKind::File => FileType::RegularFile,
-            NodeKind::Dir => FileType::Directory,
-            NodeKind::Symlink => FileType::Symlink,
-            NodeKind::Fifo => FileType::NamedPipe,
-            NodeKind::Socket => FileType::Socket,
-            NodeKind::CharDevice => FileType::CharDevice,
-            NodeKind::BlockDevice => FileType::BlockDevice,
-        }
     }
 }
 
@@ -150,34 +135,6 @@ pub struct Node {
 
 /// Reported block size; also the unit of `st_blocks` rounding.
 pub const BLOCK_SIZE: u32 = 4096;
-
-impl Node {
-    pub fn attr(&self) -> FileAttr {
-        let size = match self.kind {
-            NodeKind::Symlink => self.target.as_ref().map_or(0, |t| t.len() as u64),
-            NodeKind::Dir => u64::from(BLOCK_SIZE),
-            _ => self.size,
-        };
-        FileAttr {
-            ino: INodeNo(self.ino),
-            size,
-            // st_blocks counts 512-byte units of what the file occupies.
-            blocks: size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE / 512),
-            atime: self.atime.system(),
-            mtime: self.mtime.system(),
-            ctime: self.ctime.system(),
-            crtime: self.ctime.system(),
-            kind: self.kind.file_type(),
-            perm: (self.perm & 0o7777) as u16,
-            nlink: self.nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: self.rdev,
-            blksize: BLOCK_SIZE,
-            flags: 0,
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -16,8 +16,8 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::node::{Data, Node, NodeKind, Time};
-use crate::FsError;
+use super::node::{Data, Node, NodeKind, Time};
+use super::OverlayError;
 
 pub struct Journal {
     conn: Connection,
@@ -56,21 +56,21 @@ CREATE TABLE IF NOT EXISTS changes(
 "#;
 
 impl Journal {
-    pub fn open(path: &Path) -> Result<Journal, FsError> {
+    pub fn open(path: &Path) -> Result<Journal, OverlayError> {
         Journal::open_inner(path).map_err(|e| match e {
-            FsError::Journal(rusqlite::Error::SqliteFailure(f, _))
+            OverlayError::Journal(rusqlite::Error::SqliteFailure(f, _))
                 if matches!(
                     f.code,
                     rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
                 ) =>
             {
-                FsError::InUse(path.display().to_string())
+                OverlayError::InUse(path.display().to_string())
             }
             other => other,
         })
     }
 
-    fn open_inner(path: &Path) -> Result<Journal, FsError> {
+    fn open_inner(path: &Path) -> Result<Journal, OverlayError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(2))?;
         // One mount owns an overlay: an exclusive lock keeps a second mount of
@@ -84,7 +84,7 @@ impl Journal {
         Ok(Journal { conn })
     }
 
-    pub fn meta(&self, k: &str) -> Result<Option<String>, FsError> {
+    pub fn meta(&self, k: &str) -> Result<Option<String>, OverlayError> {
         Ok(self
             .conn
             .query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0))
@@ -94,20 +94,20 @@ impl Journal {
     /// Starts a transaction. The namespace mutex already serialises callers,
     /// so the connection need not be borrowed mutably (which would keep the
     /// namespace from reading its own state while it builds the change).
-    pub fn begin(&self) -> Result<Tx<'_>, FsError> {
+    pub fn begin(&self) -> Result<Tx<'_>, OverlayError> {
         Ok(Tx {
             tx: self.conn.unchecked_transaction()?,
         })
     }
 
     /// Makes every committed transaction durable (WAL synced and folded in).
-    pub fn sync(&self) -> Result<(), FsError> {
+    pub fn sync(&self) -> Result<(), OverlayError> {
         self.conn
             .query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
         Ok(())
     }
 
-    pub fn load_nodes(&self) -> Result<Vec<Node>, FsError> {
+    pub fn load_nodes(&self) -> Result<Vec<Node>, OverlayError> {
         let mut stmt = self.conn.prepare(
             "SELECT ino, kind, perm, uid, gid, nlink, rdev, size, atime_s, atime_ns, \
              mtime_s, mtime_ns, ctime_s, ctime_ns, target, base, local, parent FROM nodes",
@@ -152,14 +152,15 @@ impl Journal {
         let mut out = Vec::new();
         for row in rows {
             let (kind, mut node) = row?;
-            node.kind = NodeKind::from_code(kind)
-                .ok_or_else(|| FsError::Corrupt(format!("inode {} has kind {kind}", node.ino)))?;
+            node.kind = NodeKind::from_code(kind).ok_or_else(|| {
+                OverlayError::Corrupt(format!("inode {} has kind {kind}", node.ino))
+            })?;
             out.push(node);
         }
         Ok(out)
     }
 
-    pub fn load_dirents(&self) -> Result<Vec<(u64, String, u64)>, FsError> {
+    pub fn load_dirents(&self) -> Result<Vec<(u64, String, u64)>, OverlayError> {
         let mut stmt = self.conn.prepare("SELECT parent, name, ino FROM dirents")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -171,7 +172,7 @@ impl Journal {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn xattr(&self, ino: u64, name: &str) -> Result<Option<Vec<u8>>, FsError> {
+    pub fn xattr(&self, ino: u64, name: &str) -> Result<Option<Vec<u8>>, OverlayError> {
         Ok(self
             .conn
             .query_row(
@@ -182,7 +183,7 @@ impl Journal {
             .optional()?)
     }
 
-    pub fn xattr_names(&self, ino: u64) -> Result<Vec<String>, FsError> {
+    pub fn xattr_names(&self, ino: u64) -> Result<Vec<String>, OverlayError> {
         let mut stmt = self
             .conn
             .prepare("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
@@ -191,7 +192,7 @@ impl Journal {
     }
 
     /// Changes after `seq`, oldest first.
-    pub fn changes_since(&self, seq: i64) -> Result<Vec<Change>, FsError> {
+    pub fn changes_since(&self, seq: i64) -> Result<Vec<Change>, OverlayError> {
         let mut stmt = self
             .conn
             .prepare("SELECT seq, op, ino, detail FROM changes WHERE seq > ?1 ORDER BY seq")?;
@@ -213,11 +214,11 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    pub fn commit(self) -> Result<(), FsError> {
+    pub fn commit(self) -> Result<(), OverlayError> {
         Ok(self.tx.commit()?)
     }
 
-    pub fn set_meta(&self, k: &str, v: &str) -> Result<(), FsError> {
+    pub fn set_meta(&self, k: &str, v: &str) -> Result<(), OverlayError> {
         self.tx.execute(
             "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = ?2",
             params![k, v],
@@ -225,7 +226,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn put_node(&self, n: &Node) -> Result<(), FsError> {
+    pub fn put_node(&self, n: &Node) -> Result<(), OverlayError> {
         let (base, local) = match &n.data {
             Data::None => (None, false),
             Data::Base(b) => (Some(b.as_str()), false),
@@ -260,7 +261,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn delete_node(&self, ino: u64) -> Result<(), FsError> {
+    pub fn delete_node(&self, ino: u64) -> Result<(), OverlayError> {
         self.tx
             .execute("DELETE FROM nodes WHERE ino = ?1", [ino as i64])?;
         self.tx
@@ -268,7 +269,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn put_dirent(&self, parent: u64, name: &str, ino: u64) -> Result<(), FsError> {
+    pub fn put_dirent(&self, parent: u64, name: &str, ino: u64) -> Result<(), OverlayError> {
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO dirents(parent, name, ino) VALUES (?1, ?2, ?3)",
@@ -277,14 +278,14 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn delete_dirent(&self, parent: u64, name: &str) -> Result<(), FsError> {
+    pub fn delete_dirent(&self, parent: u64, name: &str) -> Result<(), OverlayError> {
         self.tx
             .prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
             .execute(params![parent as i64, name])?;
         Ok(())
     }
 
-    pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8]) -> Result<(), FsError> {
+    pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8]) -> Result<(), OverlayError> {
         self.tx.execute(
             "INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?1, ?2, ?3)",
             params![ino as i64, name, value],
@@ -292,14 +293,14 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<bool, FsError> {
+    pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<bool, OverlayError> {
         Ok(self.tx.execute(
             "DELETE FROM xattrs WHERE ino = ?1 AND name = ?2",
             params![ino as i64, name],
         )? > 0)
     }
 
-    pub fn change(&self, op: &str, ino: u64, detail: &str) -> Result<(), FsError> {
+    pub fn change(&self, op: &str, ino: u64, detail: &str) -> Result<(), OverlayError> {
         self.tx
             .prepare_cached("INSERT INTO changes(op, ino, detail) VALUES (?1, ?2, ?3)")?
             .execute(params![op, ino as i64, detail])?;
@@ -307,7 +308,7 @@ impl Tx<'_> {
     }
 
     /// The write-back of everything up to `seq` is confirmed: drop those rows.
-    pub fn confirm(&self, seq: i64) -> Result<(), FsError> {
+    pub fn confirm(&self, seq: i64) -> Result<(), OverlayError> {
         self.tx
             .execute("DELETE FROM changes WHERE seq <= ?1", [seq])?;
         Ok(())

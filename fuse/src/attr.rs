@@ -1,0 +1,45 @@
+//! Inodes as the kernel sees them: the overlay's [`Node`] turned into
+//! `fuser`'s `FileAttr` and `FileType`, in one place so every reply agrees.
+
+use fuser::{FileAttr, FileType, INodeNo};
+use sessionfs_core::overlay::node::{Node, NodeKind, BLOCK_SIZE};
+
+/// The kernel's name for an inode type.
+pub fn file_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+/// What the kernel is told about `node` (its inode number as stored).
+pub fn attr(node: &Node) -> FileAttr {
+    let size = match node.kind {
+        NodeKind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
+        NodeKind::Dir => u64::from(BLOCK_SIZE),
+        _ => node.size,
+    };
+    FileAttr {
+        ino: INodeNo(node.ino),
+        size,
+        // st_blocks counts 512-byte units of what the file occupies.
+        blocks: size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE / 512),
+        atime: node.atime.system(),
+        mtime: node.mtime.system(),
+        ctime: node.ctime.system(),
+        crtime: node.ctime.system(),
+        kind: file_type(node.kind),
+        perm: (node.perm & 0o7777) as u16,
+        nlink: node.nlink,
+        uid: node.uid,
+        gid: node.gid,
+        rdev: node.rdev,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}

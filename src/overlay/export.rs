@@ -1,0 +1,141 @@
+//! The merged view of a session — its object with the overlay's changes
+//! applied — packed as a session object: what `download` serves before the
+//! changes are written back, and what the write-back stores.
+//!
+//! The tree is read from the namespace in one step (under its lock), in the
+//! writer's order. Bytes are read while packing: changed files from their
+//! overlay files, unchanged ones from the object through the block cache.
+//! A file changed while it is being packed makes the pack fail with
+//! [`TarballError::Changed`]; the caller packs again.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use super::live::LiveSession;
+use super::namespace::ROOT;
+use super::node::{Data, NodeKind};
+use super::OverlayError;
+use crate::tarball::reader::SessionReader;
+use crate::tarball::tar_header::hex_encode;
+use crate::tarball::toc::{Entry, Kind};
+use crate::tarball::tree::{Source, TreeEntry};
+use crate::tarball::writer::{pack_entries, PackOptions, PackStats};
+
+/// Bytes read from the object per request while packing.
+const READ_CHUNK: u64 = 4 << 20;
+
+/// The session's tree as the writer takes it.
+pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
+    let reader = live.reader().cloned();
+    let ns = live.ns.lock();
+    let mut out = Vec::new();
+    let mut first_path = std::collections::HashMap::new();
+    for (path, ino) in ns.walk(ROOT) {
+        let n = ns.get(ino)?;
+        let mut x = std::collections::BTreeMap::new();
+        for name in ns.journal().xattr_names(ino)? {
+            if let Some(v) = ns.journal().xattr(ino, &name)? {
+                x.insert(name, hex_encode(&v));
+            }
+        }
+        let mut entry = Entry {
+            p: path.clone(),
+            t: Kind::File,
+            s: 0,
+            m: n.perm & 0o7777,
+            u: u64::from(n.uid),
+            g: u64::from(n.gid),
+            mt: n.mtime.s,
+            mn: n.mtime.ns,
+            lt: None,
+            dv: None,
+            x,
+            ho: 0,
+            data_offset: 0,
+            sp: None,
+        };
+        let mut source = None;
+        match n.kind {
+            NodeKind::Dir => entry.t = Kind::Dir,
+            NodeKind::Symlink => {
+                entry.t = Kind::Symlink;
+                entry.lt = n.target.clone();
+            }
+            NodeKind::Fifo => entry.t = Kind::Fifo,
+            NodeKind::CharDevice | NodeKind::BlockDevice => {
+                entry.t = if n.kind == NodeKind::CharDevice {
+                    Kind::CharDevice
+                } else {
+                    Kind::BlockDevice
+                };
+                let dev = libc::dev_t::from(n.rdev);
+                entry.dv = Some((libc::major(dev), libc::minor(dev)));
+            }
+            NodeKind::Socket => continue,
+            NodeKind::File => {
+                if let Some(first) = first_path.get(&ino) {
+                    entry.t = Kind::HardLink;
+                    entry.lt = Some(String::clone(first));
+                } else {
+                    if n.nlink > 1 {
+                        first_path.insert(ino, path.clone());
+                    }
+                    entry.s = n.size;
+                    source = match &n.data {
+                        _ if n.size == 0 => None,
+                        Data::Local => Some(Source::File(live.content.path_of(ino))),
+                        Data::Base(base) => {
+                            let reader = reader.clone().ok_or_else(|| {
+                                OverlayError::Corrupt(format!("{path}: no session object"))
+                            })?;
+                            Some(Source::Stream(Box::new(BaseReader {
+                                reader,
+                                path: base.clone(),
+                                at: 0,
+                                size: n.size,
+                                rt: live.content.runtime().clone(),
+                            })))
+                        }
+                        Data::None => {
+                            Some(Source::Stream(Box::new(std::io::repeat(0).take(n.size))))
+                        }
+                    };
+                }
+            }
+        }
+        out.push(TreeEntry { entry, source });
+    }
+    Ok(out)
+}
+
+/// Packs the merged view into `out`.
+pub fn export<W: Write + Send>(live: &LiveSession, out: W) -> Result<PackStats, OverlayError> {
+    let tree = entries(live)?;
+    Ok(pack_entries(tree, out, &PackOptions::default(), &|_| {})?)
+}
+
+/// An unchanged file, read from the object a chunk at a time. Runs on the
+/// packing thread, never on the runtime's.
+struct BaseReader {
+    reader: Arc<SessionReader>,
+    path: String,
+    at: u64,
+    size: u64,
+    rt: tokio::runtime::Handle,
+}
+
+impl Read for BaseReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(READ_CHUNK).min(self.size - self.at);
+        let bytes = self
+            .rt
+            .block_on(self.reader.read(&self.path, self.at, want))
+            .map_err(std::io::Error::other)?;
+        buf[..bytes.len()].copy_from_slice(&bytes);
+        self.at += bytes.len() as u64;
+        Ok(bytes.len())
+    }
+}

@@ -1,0 +1,335 @@
+//! One open session: its tree ([`Namespace`]) and its bytes ([`Content`]),
+//! shared by everything in this process that works on the session — the
+//! FUSE mount and the HTTP API hold the same `Arc<LiveSession>`.
+//!
+//! The FUSE layer drives the tree call by call (lookup, open, write, …); the
+//! API works on whole files by path (read, replace, delete, list), through
+//! the methods here. Either way the change lands in the same journal and
+//! overlay, and so in the same write-back.
+//!
+//! A mount caches names and attributes in the kernel. When the API changes
+//! the tree, the mount must drop what it cached: a mount registers a
+//! [`Watcher`], and every API change reports the inodes and names it touched
+//! to it, after the namespace lock is released (the kernel may call back
+//! into the mount while it invalidates).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::content::Content;
+use super::namespace::{check_name, Namespace, SetAttr, ROOT};
+use super::node::{Data, Node, NodeKind, Time};
+use super::OverlayError;
+use crate::session::SessionPath;
+use crate::tarball::reader::SessionReader;
+
+/// Something the kernel may have cached that a change made stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The attributes and data of an inode (for a directory, its listing).
+    Inode(u64),
+    /// One name in a directory.
+    Entry { parent: u64, name: String },
+}
+
+/// Told about every change made outside the mount that registered it.
+pub type Watcher = Arc<dyn Fn(&[Invalidation]) + Send + Sync>;
+
+pub struct LiveSession {
+    pub name: SessionPath,
+    pub ns: Mutex<Namespace>,
+    pub content: Content,
+    overlay: PathBuf,
+    read_only: bool,
+    watcher: Mutex<Option<Watcher>>,
+}
+
+/// A regular file of the session, as the API lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    pub path: String,
+    pub size: u64,
+    pub mtime: Time,
+}
+
+impl LiveSession {
+    pub fn new(
+        name: SessionPath,
+        ns: Namespace,
+        content: Content,
+        overlay: PathBuf,
+        read_only: bool,
+    ) -> LiveSession {
+        LiveSession {
+            name,
+            ns: Mutex::new(ns),
+            content,
+            overlay,
+            read_only,
+            watcher: Mutex::new(None),
+        }
+    }
+
+    pub fn overlay(&self) -> &Path {
+        &self.overlay
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn reader(&self) -> Option<&Arc<SessionReader>> {
+        self.content.reader()
+    }
+
+    pub fn writable(&self) -> Result<(), OverlayError> {
+        if self.read_only {
+            Err(OverlayError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers the mount that must hear of changes made elsewhere.
+    pub fn set_watcher(&self, watcher: Option<Watcher>) {
+        *self.watcher.lock() = watcher;
+    }
+
+    /// Whether a mount is watching (the session is mounted in this process).
+    pub fn is_watched(&self) -> bool {
+        self.watcher.lock().is_some()
+    }
+
+    fn tell(&self, changes: &[Invalidation]) {
+        let watcher = self.watcher.lock().clone();
+        if let Some(w) = watcher {
+            w(changes);
+        }
+    }
+
+    /// Changes not yet written back to the object.
+    pub fn has_pending_changes(&self) -> Result<bool, OverlayError> {
+        Ok(!self.ns.lock().journal().changes_since(0)?.is_empty())
+    }
+
+    /// Journals and syncs everything.
+    pub fn sync(&self) -> Result<(), OverlayError> {
+        self.content.sync_dir()?;
+        self.ns.lock().sync()
+    }
+
+    /// Brings a file's bytes into the overlay (once); `truncate` skips the fetch.
+    pub fn ensure_local(&self, ino: u64, truncate: bool) -> Result<(), OverlayError> {
+        let _one_at_a_time = self.content.copy_up_lock();
+        let node = self.ns.lock().get(ino)?.clone();
+        if node.kind != NodeKind::File {
+            return Err(OverlayError::Invalid("not a regular file"));
+        }
+        match &node.data {
+            Data::Local => {
+                if truncate && node.size > 0 {
+                    self.content.local(ino)?.set_len(0)?;
+                    let set = SetAttr {
+                        size: Some(0),
+                        ..SetAttr::default()
+                    };
+                    self.ns.lock().setattr(ino, &set)?;
+                }
+            }
+            Data::Base(path) => {
+                let len = if truncate { 0 } else { node.size };
+                self.content.copy_up(ino, path, len)?;
+                self.ns.lock().set_data(ino, Data::Local, Some(len))?;
+            }
+            Data::None => {
+                // An empty file: nothing to fetch. The journal learns it is
+                // local at the next flush; a crash before that is repaired at
+                // mount from the overlay file itself.
+                self.content.local(ino)?.set_len(0)?;
+                self.ns.lock().mark_local(ino);
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `size` bytes of a file from `offset`.
+    pub fn read(&self, ino: u64, offset: u64, size: u64) -> Result<Vec<u8>, OverlayError> {
+        let node = self.ns.lock().get(ino)?.clone();
+        let end = offset.saturating_add(size).min(node.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        match node.data {
+            Data::Local => self.content.read_local(ino, offset, end - offset),
+            Data::Base(path) => Ok(self
+                .content
+                .read_base(&path, offset, end - offset)?
+                .to_vec()),
+            Data::None => Ok(vec![0u8; (end - offset) as usize]),
+        }
+    }
+
+    /// The node at a session-relative path (`a/b/c`).
+    pub fn resolve(&self, path: &str) -> Result<Node, OverlayError> {
+        let ns = self.ns.lock();
+        let mut at = ROOT;
+        for part in components(path)? {
+            at = ns.lookup(at, part)?.ino;
+        }
+        Ok(ns.get(at)?.clone())
+    }
+
+    /// Every regular file with its size, in path order.
+    pub fn list_files(&self) -> Vec<FileInfo> {
+        let ns = self.ns.lock();
+        ns.walk(ROOT)
+            .into_iter()
+            .filter_map(|(path, ino)| {
+                let n = ns.get(ino).ok()?;
+                (n.kind == NodeKind::File).then(|| FileInfo {
+                    path,
+                    size: n.size,
+                    mtime: n.mtime,
+                })
+            })
+            .collect()
+    }
+
+    /// Replaces (or creates) the file at `path` with `bytes`, creating the
+    /// directories above it. Readers see the old bytes or the new ones,
+    /// never a mix: the new bytes are written aside, synced, then renamed
+    /// over the overlay file, and the journal records the new size in the
+    /// same step. Returns the size written.
+    pub fn put_file(&self, path: &str, bytes: &[u8]) -> Result<u64, OverlayError> {
+        self.writable()?;
+        let parts = components(path)?;
+        let Some((file_name, dirs)) = parts.split_last() else {
+            return Err(OverlayError::Invalid("empty path"));
+        };
+        let mut told = Vec::new();
+        let ino = {
+            let mut ns = self.ns.lock();
+            let mut at = ROOT;
+            for dir in dirs {
+                at = match ns.lookup(at, dir) {
+                    Ok(n) if n.kind == NodeKind::Dir => n.ino,
+                    Ok(_) => return Err(OverlayError::NotDir),
+                    Err(OverlayError::NotFound) => {
+                        let (uid, gid) = owner_of(&ns, at)?;
+                        let n = ns.create(at, dir, NodeKind::Dir, 0o755, uid, gid, 0, None)?;
+                        told.push(Invalidation::Inode(at));
+                        told.push(Invalidation::Entry {
+                            parent: at,
+                            name: (*dir).to_owned(),
+                        });
+                        n.ino
+                    }
+                    Err(e) => return Err(e),
+                };
+            }
+            match ns.lookup(at, file_name) {
+                Ok(n) if n.kind == NodeKind::File => n.ino,
+                Ok(n) if n.kind == NodeKind::Dir => return Err(OverlayError::IsDir),
+                Ok(_) => return Err(OverlayError::Invalid("not a regular file")),
+                Err(OverlayError::NotFound) => {
+                    let (uid, gid) = owner_of(&ns, at)?;
+                    let n = ns.create(at, file_name, NodeKind::File, 0o644, uid, gid, 0, None)?;
+                    told.push(Invalidation::Inode(at));
+                    told.push(Invalidation::Entry {
+                        parent: at,
+                        name: (*file_name).to_owned(),
+                    });
+                    n.ino
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        {
+            let _one_at_a_time = self.content.copy_up_lock();
+            self.content.replace(ino, bytes)?;
+            let mut ns = self.ns.lock();
+            let mut node = ns.get(ino)?.clone();
+            let now = Time::now();
+            node.data = Data::Local;
+            node.size = bytes.len() as u64;
+            node.mtime = now;
+            node.ctime = now;
+            ns.save(node, "write")?;
+        }
+        self.content.sync_dir()?;
+        told.push(Invalidation::Inode(ino));
+        self.tell(&told);
+        Ok(bytes.len() as u64)
+    }
+
+    /// Removes the file (or symlink, or other non-directory) at `path`.
+    pub fn delete_file(&self, path: &str) -> Result<(), OverlayError> {
+        self.writable()?;
+        let parts = components(path)?;
+        let Some((name, dirs)) = parts.split_last() else {
+            return Err(OverlayError::Invalid("empty path"));
+        };
+        let (parent, ino, freed) = {
+            let mut ns = self.ns.lock();
+            let mut at = ROOT;
+            for dir in dirs {
+                at = ns.lookup(at, dir)?.ino;
+            }
+            let ino = ns.lookup(at, name)?.ino;
+            let freed = ns.remove(at, name, false)?;
+            (at, ino, freed)
+        };
+        for f in freed {
+            self.content.remove(f);
+        }
+        self.tell(&[
+            Invalidation::Entry {
+                parent,
+                name: (*name).to_owned(),
+            },
+            Invalidation::Inode(parent),
+            Invalidation::Inode(ino),
+        ]);
+        Ok(())
+    }
+}
+
+/// New inodes made through the API belong to the directory's owner.
+fn owner_of(ns: &Namespace, dir: u64) -> Result<(u32, u32), OverlayError> {
+    let d = ns.get(dir)?;
+    Ok((d.uid, d.gid))
+}
+
+/// The names of a session-relative path, each checked as a directory entry.
+/// `.`, `..` and empty components are refused, never resolved.
+pub fn components(path: &str) -> Result<Vec<&str>, OverlayError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    if path.is_empty() || parts.is_empty() {
+        return Err(OverlayError::Invalid("empty path"));
+    }
+    for p in &parts {
+        check_name(p)?;
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_refuse_what_could_escape() {
+        assert_eq!(components("a/b/c.txt").unwrap(), ["a", "b", "c.txt"]);
+        for bad in [
+            "", "/a", "a/", "a//b", "../a", "a/../b", "./a", "a/.", "a\0b",
+        ] {
+            assert!(components(bad).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            components(&"x".repeat(256)),
+            Err(OverlayError::NameTooLong)
+        ));
+    }
+}

@@ -1,0 +1,91 @@
+//! A session's overlay: the live, writable tree of a session, kept on local
+//! disk beside its object until the changes are written back.
+//!
+//! The mounts (FUSE) and the HTTP API both work on it, so a change made
+//! through one is what the other reads.
+//!
+//! - [`node`]: one inode and its attributes.
+//! - [`journal`]: the SQLite journal (the tree, xattrs, the change feed the
+//!   write-back consumes).
+//! - [`namespace`]: the tree in memory and the POSIX rules of every change.
+//! - [`content`]: file bytes, lazily from the object or from the overlay.
+//! - [`live`]: one open session (tree + bytes) and the whole-file operations
+//!   the API makes on it.
+//! - [`open`]: opening a session's overlay, reconciling what a crash left.
+//! - [`registry`]: the open sessions of a bucket, shared by mounts and API.
+//! - [`export`]: the merged view (object + overlay) packed as a tarball.
+
+pub mod content;
+pub mod export;
+pub mod journal;
+pub mod live;
+pub mod namespace;
+pub mod node;
+pub mod open;
+pub mod registry;
+
+use crate::store::StoreError;
+use crate::tarball::TarballError;
+
+/// What can go wrong in an overlay; callers map each to an errno (FUSE) or
+/// an HTTP status (API).
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("already exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("name longer than 255 bytes")]
+    NameTooLong,
+    #[error("names must be UTF-8 (they are stored in a tar archive)")]
+    BadName,
+    #[error("invalid: {0}")]
+    Invalid(&'static str),
+    #[error("not permitted: {0}")]
+    NotPermitted(&'static str),
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
+    #[error("the session is read-only here")]
+    ReadOnly,
+    #[error("no such open file")]
+    BadHandle,
+    #[error("overlay journal: {0}")]
+    Journal(#[from] rusqlite::Error),
+    #[error("overlay I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("session object: {0}")]
+    Tarball(#[from] TarballError),
+    #[error("overlay journal is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("the overlay journal {0} is in use by another process (a mount or the API serving this session)")]
+    InUse(String),
+}
+
+impl From<StoreError> for OverlayError {
+    fn from(e: StoreError) -> Self {
+        OverlayError::Tarball(e.into())
+    }
+}
+
+impl OverlayError {
+    /// Failures of sessionfs itself or its storage (logged), as opposed to
+    /// answers about the tree (ENOENT, EEXIST, …) that callers expect.
+    pub fn is_unexpected(&self) -> bool {
+        matches!(
+            self,
+            OverlayError::Journal(_)
+                | OverlayError::Tarball(_)
+                | OverlayError::Corrupt(_)
+                | OverlayError::Io(_)
+                | OverlayError::InUse(_)
+        )
+    }
+}

@@ -1,0 +1,134 @@
+//! Opening one session: its object (lazily, through the block cache) and
+//! its overlay directory — `journal.db` (the tree and the change feed) and
+//! `data/` (changed files).
+//!
+//! The first open starts the journal from the object's TOC. Later opens
+//! reconcile what a crash may have left: overlay files longer than the
+//! journal knew, files created and written but never flushed, inodes
+//! unlinked while open. An overlay whose pending changes were made against
+//! another version of the object than the one now stored is refused rather
+//! than silently mixed; one without pending changes starts again from the
+//! new object.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::content::Content;
+use super::journal::Journal;
+use super::live::LiveSession;
+use super::namespace::Namespace;
+use super::node::Time;
+use super::OverlayError;
+use crate::session::SessionPath;
+use crate::store::{ObjectStore, StoreError};
+use crate::tarball::index::TocIndex;
+use crate::tarball::reader::SessionReader;
+use crate::tarball::TarballError;
+
+pub struct OpenSpec {
+    pub store: Arc<dyn ObjectStore>,
+    pub index: Option<TocIndex>,
+    pub session: SessionPath,
+    /// This session's overlay directory.
+    pub overlay: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error(
+        "the overlay at {overlay} holds changes not yet written back, made against object \
+         version {journal}, but the stored object is now {stored}; write them back or move \
+         the overlay away"
+    )]
+    Diverged {
+        overlay: String,
+        journal: String,
+        stored: String,
+    },
+}
+
+/// The name of the journal inside an overlay directory.
+pub const JOURNAL: &str = "journal.db";
+
+/// Opens the session's object and overlay. Blocks on `rt`: call it from a
+/// thread that is not one of the runtime's.
+pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession, OpenError> {
+    std::fs::create_dir_all(&spec.overlay).map_err(OverlayError::from)?;
+    let key = spec.session.object_key();
+    let reader = match rt.block_on(SessionReader::open(
+        spec.store.clone(),
+        &key,
+        spec.index.as_ref(),
+    )) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(TarballError::Store(StoreError::NotFound { .. })) => None,
+        Err(e) => return Err(OverlayError::from(e).into()),
+    };
+    let etag = reader.as_ref().map(|r| r.meta().etag.clone());
+    let journal_path = spec.overlay.join(JOURNAL);
+    if journal_path.exists() {
+        check_version(&journal_path, &spec.overlay, etag.as_deref())?;
+    }
+    let entries = reader.as_ref().map_or(&[][..], |r| r.entries());
+    let (mut ns, orphans) = Namespace::open(&journal_path, etag.as_deref(), entries)?;
+    let content = Content::new(&spec.overlay, reader.clone(), rt.clone())?;
+    for ino in orphans {
+        content.remove(ino);
+    }
+    // Files created and written whose journal entry had not caught up.
+    for ino in ns.unjournaled_local() {
+        if content.stat(ino).is_some() {
+            ns.mark_local(ino);
+            ns.flush(ino)?;
+        }
+    }
+    // Writes that reached overlay files after the journal last caught up.
+    for ino in ns.local_files() {
+        if let Some(md) = content.stat(ino) {
+            let mtime = md.modified().map(Time::from_system).unwrap_or_default();
+            ns.adopt_local(ino, md.len(), mtime);
+        }
+    }
+    Ok(LiveSession::new(
+        spec.session.clone(),
+        ns,
+        content,
+        spec.overlay.clone(),
+        spec.read_only,
+    ))
+}
+
+/// Refuses an overlay with pending changes against another object version;
+/// one without pending changes is simply started again from the object.
+fn check_version(journal: &Path, overlay: &Path, etag: Option<&str>) -> Result<(), OpenError> {
+    let j = Journal::open(journal)?;
+    let Some(recorded) = j.meta("base_etag")? else {
+        return Ok(());
+    };
+    let stored = etag.unwrap_or("");
+    if recorded == stored {
+        return Ok(());
+    }
+    if !j.changes_since(0)?.is_empty() {
+        return Err(OpenError::Diverged {
+            overlay: overlay.display().to_string(),
+            journal: recorded,
+            stored: stored.to_owned(),
+        });
+    }
+    drop(j);
+    tracing::info!("the object changed and the overlay has no pending changes: starting afresh");
+    discard(overlay);
+    Ok(())
+}
+
+/// Removes an overlay's journal and files (the directory itself stays).
+pub fn discard(overlay: &Path) {
+    for name in [JOURNAL, "journal.db-wal", "journal.db-shm"] {
+        let _ = std::fs::remove_file(overlay.join(name));
+    }
+    let _ = std::fs::remove_dir_all(overlay.join("data"));
+}

@@ -1,0 +1,337 @@
+//! The sessions of one bucket that this process works on, each opened once
+//! and shared: `serve` runs the mount root and the HTTP API over one
+//! registry, so both see the same tree, journal and cache.
+//!
+//! A session exists when its object does, or when it has an overlay here
+//! (created, not yet written back). Opening one reads its TOC and loads or
+//! starts its journal; two requests for the same session never open it
+//! twice (the journal is locked exclusively, so the second would fail).
+//! Replacing or deleting a session (upload, DELETE, rmdir in the mount
+//! root) drops the open copy and its overlay; a session a mount is watching
+//! cannot be replaced from outside it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+use super::live::LiveSession;
+use super::open::{self, OpenError, OpenSpec, JOURNAL};
+use super::OverlayError;
+use crate::session::{SessionPath, OBJECT_NAME};
+use crate::store::{ObjectStore, StoreError};
+use crate::tarball::index::TocIndex;
+
+/// How long a listing of the bucket is reused.
+const LIST_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub struct RegistrySpec {
+    pub store: Arc<dyn ObjectStore>,
+    pub index: Option<TocIndex>,
+    /// Overlays of this bucket's sessions: `{overlays}/{session}/`.
+    pub overlays: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("session {0} does not exist")]
+    NotFound(String),
+    #[error(
+        "session {0} is mounted here; it cannot be replaced or deleted from outside the mount"
+    )]
+    Mounted(String),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+}
+
+/// What the API reports of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub name: String,
+    /// Size of the stored object (0 for a session that has none yet).
+    pub size: u64,
+    pub last_modified: Option<SystemTime>,
+    /// When the overlay was started, else the object's time.
+    pub created: Option<SystemTime>,
+    pub etag: Option<String>,
+    /// The session has changes here not yet written back.
+    pub local: bool,
+}
+
+pub struct Registry {
+    spec: RegistrySpec,
+    rt: tokio::runtime::Handle,
+    open: Mutex<BTreeMap<String, Arc<LiveSession>>>,
+    /// One lock per session being opened, so it is opened once.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    listed: Mutex<Option<(Instant, BTreeSet<String>)>>,
+}
+
+impl Registry {
+    pub fn new(spec: RegistrySpec, rt: tokio::runtime::Handle) -> Registry {
+        Registry {
+            spec,
+            rt,
+            open: Mutex::new(BTreeMap::new()),
+            opening: Mutex::new(HashMap::new()),
+            listed: Mutex::new(None),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.spec.store
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.spec.read_only
+    }
+
+    fn overlay(&self, name: &SessionPath) -> PathBuf {
+        self.spec.overlays.join(name.as_str())
+    }
+
+    fn has_overlay(&self, name: &SessionPath) -> bool {
+        self.overlay(name).join(JOURNAL).exists()
+    }
+
+    /// The session if it is open already.
+    pub fn get(&self, name: &SessionPath) -> Option<Arc<LiveSession>> {
+        self.open.lock().get(name.as_str()).cloned()
+    }
+
+    /// Every open session.
+    pub fn open_sessions(&self) -> Vec<Arc<LiveSession>> {
+        self.open.lock().values().cloned().collect()
+    }
+
+    /// Session names: objects in the store, overlays here, sessions open.
+    pub async fn names(&self) -> Result<BTreeSet<String>, StoreError> {
+        if let Some((at, names)) = &*self.listed.lock() {
+            if at.elapsed() < LIST_TTL {
+                return Ok(names.clone());
+            }
+        }
+        let mut names: BTreeSet<String> =
+            self.objects().await?.into_iter().map(|(n, _)| n).collect();
+        names.extend(self.overlay_names());
+        names.extend(self.open.lock().keys().cloned());
+        *self.listed.lock() = Some((Instant::now(), names.clone()));
+        Ok(names)
+    }
+
+    /// Every session with its object's size and time (none for sessions
+    /// that live only here so far), in name order.
+    pub async fn list(&self) -> Result<Vec<SessionInfo>, StoreError> {
+        let mut out: BTreeMap<String, SessionInfo> = BTreeMap::new();
+        for (name, o) in self.objects().await? {
+            out.insert(
+                name.clone(),
+                SessionInfo {
+                    name,
+                    size: o.size,
+                    last_modified: Some(o.last_modified),
+                    created: Some(o.last_modified),
+                    etag: Some(o.etag),
+                    local: false,
+                },
+            );
+        }
+        let mut local: BTreeSet<String> = self.overlay_names().into_iter().collect();
+        local.extend(self.open.lock().keys().cloned());
+        for name in local {
+            let Ok(path) = SessionPath::parse(&name) else {
+                continue;
+            };
+            let started = self.overlay_started(&path);
+            let info = out.entry(name.clone()).or_insert_with(|| SessionInfo {
+                name,
+                size: 0,
+                last_modified: started,
+                created: started,
+                etag: None,
+                local: false,
+            });
+            info.local = self.pending(&path);
+            if started.is_some() && info.created.is_none_or(|c| started.is_some_and(|s| s < c)) {
+                info.created = started;
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// One session's description, or `None` when it does not exist.
+    pub async fn info(&self, name: &SessionPath) -> Result<Option<SessionInfo>, StoreError> {
+        let object = match self.spec.store.head(&name.object_key()).await {
+            Ok(m) => Some(m),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let local = self.get(name).is_some() || self.has_overlay(name);
+        if object.is_none() && !local {
+            return Ok(None);
+        }
+        let started = self.overlay_started(name);
+        Ok(Some(SessionInfo {
+            name: name.as_str().to_owned(),
+            size: object.as_ref().map_or(0, |o| o.size),
+            last_modified: object.as_ref().map(|o| o.last_modified).or(started),
+            created: started.or(object.as_ref().map(|o| o.last_modified)),
+            etag: object.map(|o| o.etag),
+            local: self.pending(name),
+        }))
+    }
+
+    /// Whether the session exists (as an object or here).
+    pub async fn exists(&self, name: &SessionPath) -> Result<bool, StoreError> {
+        if self.get(name).is_some() || self.has_overlay(name) {
+            return Ok(true);
+        }
+        match self.spec.store.head(&name.object_key()).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn pending(&self, name: &SessionPath) -> bool {
+        match self.get(name) {
+            Some(s) => s.has_pending_changes().unwrap_or(true),
+            // Not open: an overlay here holds changes until written back.
+            None => self.has_overlay(name),
+        }
+    }
+
+    fn overlay_started(&self, name: &SessionPath) -> Option<SystemTime> {
+        std::fs::metadata(self.overlay(name).join(JOURNAL))
+            .and_then(|m| m.created().or_else(|_| m.modified()))
+            .ok()
+    }
+
+    async fn objects(&self) -> Result<Vec<(String, crate::store::ObjectSummary)>, StoreError> {
+        // Keys, not common prefixes: some servers keep a "directory" after
+        // its last object is deleted.
+        let page = self.spec.store.list_all("", None).await?;
+        let suffix = format!("/{OBJECT_NAME}");
+        Ok(page
+            .objects
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.strip_suffix(&suffix)?.to_owned();
+                SessionPath::parse(&name).ok()?;
+                Some((name, o))
+            })
+            .collect())
+    }
+
+    fn overlay_names(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(&self.spec.overlays) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_str()?.to_owned();
+                (SessionPath::parse(&n).is_ok() && e.path().join(JOURNAL).exists()).then_some(n)
+            })
+            .collect()
+    }
+
+    /// Opens (once) the session `name`; `create` allows one that does not
+    /// exist yet. Blocks: call it off the runtime's threads.
+    pub fn open(
+        &self,
+        name: &SessionPath,
+        create: bool,
+    ) -> Result<Arc<LiveSession>, RegistryError> {
+        if let Some(s) = self.get(name) {
+            return Ok(s);
+        }
+        let gate = self
+            .opening
+            .lock()
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .clone();
+        let _opening = gate.lock();
+        if let Some(s) = self.get(name) {
+            return Ok(s);
+        }
+        if !create && !self.rt.block_on(self.exists(name))? {
+            return Err(RegistryError::NotFound(name.as_str().to_owned()));
+        }
+        let spec = OpenSpec {
+            store: self.spec.store.clone(),
+            index: self.spec.index.clone(),
+            session: name.clone(),
+            overlay: self.overlay(name),
+            read_only: self.spec.read_only,
+        };
+        let live = Arc::new(open::open(&spec, &self.rt)?);
+        self.open
+            .lock()
+            .insert(name.as_str().to_owned(), live.clone());
+        if let Some((_, names)) = &mut *self.listed.lock() {
+            names.insert(name.as_str().to_owned());
+        }
+        Ok(live)
+    }
+
+    /// Closes the session and throws its overlay away, so that the next
+    /// open starts from the object as stored: before an upload replaces
+    /// it, or when it is deleted. Refused while a mount watches it.
+    pub fn discard(&self, name: &SessionPath) -> Result<(), RegistryError> {
+        let gate = self
+            .opening
+            .lock()
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .clone();
+        let _opening = gate.lock();
+        {
+            let mut open = self.open.lock();
+            if let Some(s) = open.get(name.as_str()) {
+                if s.is_watched() {
+                    return Err(RegistryError::Mounted(name.as_str().to_owned()));
+                }
+                open.remove(name.as_str());
+            }
+        }
+        let overlay = self.overlay(name);
+        match std::fs::remove_dir_all(&overlay) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(OverlayError::from(e).into()),
+        }
+        *self.listed.lock() = None;
+        Ok(())
+    }
+
+    /// Deletes the session: its object and its overlay. `Ok(false)` when
+    /// there was nothing to delete.
+    pub async fn delete(&self, name: &SessionPath) -> Result<bool, RegistryError> {
+        if !self.exists(name).await? {
+            return Ok(false);
+        }
+        if self.get(name).is_some_and(|s| s.is_watched()) {
+            return Err(RegistryError::Mounted(name.as_str().to_owned()));
+        }
+        self.spec.store.delete(&name.object_key()).await?;
+        self.discard(name)?;
+        Ok(true)
+    }
+
+    /// Forgets a session a mount removed itself (`rmdir` in the mount root).
+    pub async fn delete_mounted(&self, name: &SessionPath) -> Result<(), RegistryError> {
+        if let Some(s) = self.get(name) {
+            s.set_watcher(None);
+        }
+        self.spec.store.delete(&name.object_key()).await?;
+        self.discard(name)
+    }
+}
