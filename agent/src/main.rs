@@ -8,6 +8,7 @@
 
 mod inspect;
 mod mount_cmd;
+mod serve_cmd;
 mod store_args;
 mod store_check;
 mod transfer;
@@ -66,7 +67,7 @@ enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
     /// Serve the storage-worker HTTP API and, with --mount-root, mount every session.
-    Serve(mount_cmd::ServeArgs),
+    Serve(serve_cmd::ServeArgs),
     /// Mount one session as a read-write directory.
     Mount(mount_cmd::MountArgs),
     /// Unmount a mounted session (the mount process syncs and exits).
@@ -208,8 +209,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Umount { mountpoint, lazy } => return mount_cmd::umount(&mountpoint, lazy),
         Command::Serve(args) => {
-            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
-            return mount_cmd::serve(args, &cli.store.bucket, store, index, cli.quiet).await;
+            let local = serve_cmd::Local {
+                cache_dir: local_state_dir(cli.cache_dir)?,
+                cache_mib: cli.cache_size,
+            };
+            return serve_cmd::serve(args, &cli.store, local, cli.quiet).await;
         }
         Command::Sync(_) => "sync",
         Command::Flush(_) => "flush",

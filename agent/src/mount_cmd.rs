@@ -1,4 +1,5 @@
-//! `sessionfs mount`, `sessionfs serve --mount-root` and `sessionfs umount`.
+//! `sessionfs mount` and `sessionfs umount`, and the running of a mount
+//! that `serve --mount-root` shares.
 //!
 //! A mount runs in the foreground until SIGINT or SIGTERM (or an external
 //! unmount); then the journals are synced and the mount point released.
@@ -12,12 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sessionfs_core::overlay::registry::{Registry, RegistrySpec};
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount::{self, MountSpec};
-use sessionfs_fuse::multi::{MultiFs, RootSpec};
 
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
@@ -46,7 +45,7 @@ pub struct MountArgs {
     pub threads: u64,
 }
 
-fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
+pub fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
     match arg {
         Some(dir) => Ok(dir),
         None => crate::xdg_dir("XDG_STATE_HOME", ".local/state", "sessionfs/overlays")
@@ -54,7 +53,7 @@ fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
+pub fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
     let md = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
     if !md.is_dir() {
         bail!("mount point {} is not a directory", mp.display());
@@ -125,109 +124,77 @@ pub async fn run(
     serve_until_stopped(fuse_session, &mountpoint, quiet).await
 }
 
-#[derive(clap::Args, Debug)]
-pub struct ServeArgs {
-    /// Mount every session of the bucket under DIR/{sessionPath}/.
-    #[arg(long, value_name = "DIR")]
-    pub mount_root: Option<PathBuf>,
-    /// Refuse every change.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Let users other than the one mounting use the mount.
-    #[arg(long)]
-    pub allow_other: bool,
-    /// Let `rmdir DIR/{sessionPath}` delete a session (its object and overlay).
-    #[arg(long)]
-    pub allow_delete_sessions: bool,
-    /// Where overlays (changes not yet written back) live.
-    #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
-    pub overlay_dir: Option<PathBuf>,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
-    pub threads: u64,
+/// A mount running on its own thread.
+pub struct Running {
+    unmounter: fuser::SessionUnmounter,
+    /// Completes when the kernel lets go of the mount.
+    pub ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    mountpoint: PathBuf,
 }
 
-/// `serve --mount-root`: every session under one directory.
-pub async fn serve(
-    args: ServeArgs,
-    bucket: &str,
-    store: Arc<dyn ObjectStore>,
-    index: TocIndex,
-    quiet: bool,
-) -> Result<()> {
-    let Some(root) = args.mount_root else {
-        bail!("`sessionfs serve` without --mount-root serves the HTTP API, which is not implemented yet");
-    };
-    let mountpoint = check_mountpoint(&root)?;
-    mount::check_fuse()?;
-    let registry = Arc::new(Registry::new(
-        RegistrySpec {
-            store,
-            index: Some(index),
-            overlays: overlay_root(args.overlay_dir)?.join(bucket),
-            read_only: args.read_only,
-        },
-        tokio::runtime::Handle::current(),
-    ));
-    let notifier = Arc::new(std::sync::OnceLock::new());
-    let spec = RootSpec {
-        registry,
-        allow_delete: args.allow_delete_sessions,
-        notifier: notifier.clone(),
-    };
-    let config = mount::kernel_config(
-        format!("sessionfs:{bucket}"),
-        args.read_only,
-        args.allow_other,
-        args.threads as usize,
-    );
-    let fs = MultiFs::new(spec, tokio::runtime::Handle::current());
-    let mp = mountpoint.clone();
-    let fuse_session =
-        tokio::task::spawn_blocking(move || mount::mount(fs, &mp, &config)).await??;
-    let _ = notifier.set(fuse_session.notifier());
-    if !quiet {
-        eprintln!(
-            "serving the sessions of {bucket} at {}",
-            mountpoint.display()
-        );
-    }
-    serve_until_stopped(fuse_session, &mountpoint, quiet).await
-}
-
-/// Runs a mounted session until a signal or an external unmount.
-async fn serve_until_stopped<FS: fuser::Filesystem>(
+/// Starts serving `fuse_session` on its own thread.
+pub fn spawn<FS: fuser::Filesystem + Send + 'static>(
     mut fuse_session: fuser::Session<FS>,
     mountpoint: &Path,
-    quiet: bool,
-) -> Result<()> {
-    let mut unmounter = fuse_session.unmount_callable();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+) -> Result<Running> {
+    let unmounter = fuse_session.unmount_callable();
+    let (done_tx, ended) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || {
             let _ = done_tx.send(fuse_session.run());
         })?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let ended_by_kernel = tokio::select! {
-        _ = tokio::signal::ctrl_c() => false,
-        _ = term.recv() => false,
-        r = done_rx => {
-            r.context("the FUSE session thread died")??;
-            true
-        }
-    };
-    if !ended_by_kernel {
+    Ok(Running {
+        unmounter,
+        ended,
+        mountpoint: mountpoint.to_owned(),
+    })
+}
+
+impl Running {
+    /// Unmounts (lazily when busy) and waits for the session thread.
+    pub async fn stop(mut self, quiet: bool) -> Result<()> {
         // The session thread ends once the kernel lets go of the mount.
-        if let Err(e) = unmounter.unmount() {
+        if let Err(e) = self.unmounter.unmount() {
             tracing::warn!("unmount failed ({e}); detaching lazily");
-            lazy_unmount(mountpoint)?;
+            lazy_unmount(&self.mountpoint)?;
         }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.ended).await;
+        if !quiet {
+            eprintln!("unmounted {}", self.mountpoint.display());
+        }
+        Ok(())
     }
-    if !quiet {
-        eprintln!("unmounted {}", mountpoint.display());
+}
+
+/// Completes at SIGINT or SIGTERM.
+pub async fn stop_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Runs a mounted session until a signal or an external unmount.
+async fn serve_until_stopped<FS: fuser::Filesystem + Send + 'static>(
+    fuse_session: fuser::Session<FS>,
+    mountpoint: &Path,
+    quiet: bool,
+) -> Result<()> {
+    let mut running = spawn(fuse_session, mountpoint)?;
+    tokio::select! {
+        r = stop_signal() => r?,
+        r = &mut running.ended => {
+            r.context("the FUSE session thread died")??;
+            if !quiet {
+                eprintln!("unmounted {}", mountpoint.display());
+            }
+            return Ok(());
+        }
+    }
+    running.stop(quiet).await
 }
 
 /// Starts this same command without `--daemon`, detached, and waits for the mount.

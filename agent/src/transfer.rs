@@ -3,28 +3,24 @@
 //!
 //! `push` packs into a temporary file first (so a tree that changes during the
 //! pack never reaches the store half-written), then uploads it: one PUT up to
-//! [`MULTIPART_THRESHOLD`], multipart above. `pull` downloads to a temporary
+//! `MULTIPART_THRESHOLD`, multipart above. `pull` downloads to a temporary
 //! file and extracts it with the `tar` crate, whose unpacking refuses `..`
 //! paths and writes through no symlink out of the destination; it reads
 //! multi-member gzip too, so any tarball of the bucket can be pulled.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::store::{CompletedPart, GetOptions, ObjectStore, Precondition, PutOptions};
+use sessionfs_core::store::upload::put_file;
+use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions};
 use sessionfs_core::tarball::toc::RESERVED_DIR;
 use sessionfs_core::tarball::writer::{pack_dir, PackOptions, PackStats};
-
-/// Objects up to this size go up in one PUT.
-pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
-const PART_SIZE: u64 = 32 << 20;
 
 fn bytes_bar(total: Option<u64>, what: &str) -> ProgressBar {
     let bar = match total {
@@ -87,37 +83,10 @@ pub async fn push(
         content_type: Some("application/gzip".to_owned()),
         ..PutOptions::default()
     };
-    let mut file = File::open(scratch.path())?;
-    let etag = if stats.object_size <= MULTIPART_THRESHOLD {
-        let mut body = Vec::with_capacity(stats.object_size as usize);
-        file.read_to_end(&mut body)?;
-        let put = store.put(&key, Bytes::from(body), opts).await?;
-        bar.set_position(stats.object_size);
-        put.etag
-    } else {
-        let id = store.create_multipart(&key, opts).await?;
-        match upload_parts(
-            store.as_ref(),
-            &key,
-            &id,
-            &mut file,
-            stats.object_size,
-            &bar,
-        )
-        .await
-        {
-            Ok(parts) => {
-                store
-                    .complete_multipart(&key, &id, &parts, Precondition::None)
-                    .await?
-                    .etag
-            }
-            Err(e) => {
-                let _ = store.abort_multipart(&key, &id).await;
-                return Err(e);
-            }
-        }
-    };
+    let etag = put_file(store.as_ref(), &key, scratch.path(), opts, &|n| {
+        bar.set_position(n)
+    })
+    .await?;
     bar.finish_and_clear();
     if !quiet {
         eprintln!(
@@ -126,29 +95,6 @@ pub async fn push(
         );
     }
     Ok(())
-}
-
-async fn upload_parts(
-    store: &dyn ObjectStore,
-    key: &str,
-    id: &str,
-    file: &mut File,
-    size: u64,
-    bar: &ProgressBar,
-) -> Result<Vec<CompletedPart>> {
-    let mut parts = Vec::new();
-    let mut offset = 0;
-    let mut number = 1;
-    while offset < size {
-        let len = PART_SIZE.min(size - offset);
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact(&mut buf)?;
-        parts.push(store.upload_part(key, id, number, Bytes::from(buf)).await?);
-        offset += len;
-        number += 1;
-        bar.set_position(offset);
-    }
-    Ok(parts)
 }
 
 /// Downloads session `session` and extracts it into `dir`.

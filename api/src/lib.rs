@@ -1,10 +1,343 @@
-//! The HTTP API of sessionfs (issue "HTTP API: the storage-worker contract").
+//! The HTTP API of sessionfs: the storage-worker contract
+//! (`GET/HEAD/DELETE /api/storage-worker/sessions/...`, uploads, downloads,
+//! file reads and writes) served over the same sessions as the mounts.
 //!
-//! This crate will own the axum router serving the storage-worker endpoints
-//! (`/health`, `/api/storage-worker/sessions/...`), their exact JSON shapes and
-//! error codes, `X-Container-ID`, the optional bearer token, `/openapi.json`,
-//! `/metrics`, and a small Rust client for other services. It serves from the
-//! same session manager and block cache as the FUSE mounts, so both stay coherent.
+//! Requests work on the process's [`Registry`]: a file written here lands in
+//! the session's overlay, exactly as a write in a mount does, and a mount
+//! of the session is told to drop what its kernel cached. A download packs
+//! the merged view when the session has changes not yet written back.
 //!
-//! It is empty until that issue lands: the crate exists so the workspace layout,
-//! and the dependency direction (api → core, never core → api), are fixed now.
+//! - [`paths`]: the storage-worker routes, parsed and checked from the raw path.
+//! - [`sessions`]: list, describe, delete, upload, download.
+//! - [`files`]: list, read (with ranges), write, delete one file.
+//! - [`error`]: error codes and statuses.
+//! - [`metrics`], [`openapi`]: `/metrics` and `/openapi.json`.
+//! - [`client`]: a client for other Rust services.
+
+pub mod client;
+pub mod error;
+pub mod files;
+pub mod metrics;
+pub mod openapi;
+pub mod paths;
+pub mod sessions;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sessionfs_core::cache::blocks::BlockCache;
+use sessionfs_core::overlay::registry::Registry;
+use sessionfs_core::store::metered::MeteredStore;
+
+use error::ApiError;
+use metrics::{Gauges, Metrics};
+use paths::Route;
+
+/// What `/health` reports of the build.
+#[derive(Clone, Debug)]
+pub struct BuildInfo {
+    pub version: &'static str,
+    pub commit: String,
+    pub built_at: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// `X-Container-ID` and `containerId`.
+    pub container_id: String,
+    /// When set, every route but `/health` needs `Authorization: Bearer …`.
+    pub token: Option<String>,
+    /// Largest body of a file PUT.
+    pub max_file_bytes: u64,
+    /// Largest upload (compressed).
+    pub max_upload_bytes: u64,
+    /// Largest inflated tar stream an upload may hold (bomb guard).
+    pub max_inflated_bytes: u64,
+    /// Where uploads and downloads are spooled.
+    pub spool_dir: PathBuf,
+    pub build: BuildInfo,
+}
+
+pub struct AppState {
+    pub config: ApiConfig,
+    pub registry: Arc<Registry>,
+    /// The store as the API sees it, counted (what reached the store).
+    pub metered: Option<Arc<MeteredStore>>,
+    pub cache: Option<Arc<BlockCache>>,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    pub fn new(
+        config: ApiConfig,
+        registry: Arc<Registry>,
+        metered: Option<Arc<MeteredStore>>,
+        cache: Option<Arc<BlockCache>>,
+    ) -> AppState {
+        AppState {
+            config,
+            registry,
+            metered,
+            cache,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// The JSON error answer.
+    pub fn error(&self, e: ApiError) -> Response {
+        if e.status().is_server_error() {
+            tracing::error!("{e}");
+        }
+        let mut r = (
+            e.status(),
+            axum::Json(serde_json::json!({
+                "error": e.code(),
+                "message": printable(&e.to_string()),
+                "containerId": self.config.container_id,
+            })),
+        )
+            .into_response();
+        match &e {
+            ApiError::Unauthorized => {
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow, .. } => {
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ApiError::RangeNotSatisfiable(_, size) => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    r.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// A JSON answer with `containerId` added.
+    pub fn json(&self, status: StatusCode, mut v: serde_json::Value) -> Response {
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "containerId".into(),
+                self.config.container_id.clone().into(),
+            );
+        }
+        (status, axum::Json(v)).into_response()
+    }
+}
+
+/// An error message fit for JSON and logs: bytes from a bad upload (say)
+/// can end up quoted in it, so control characters go and length is bounded.
+fn printable(m: &str) -> String {
+    const MAX: usize = 300;
+    let mut out: String = m
+        .chars()
+        .filter(|c| !c.is_control() && *c != '\u{fffd}')
+        .take(MAX)
+        .collect();
+    if m.chars().count() > MAX {
+        out.push('…');
+    }
+    out
+}
+
+/// The route label a handler leaves on its response, for the metrics.
+#[derive(Clone, Copy)]
+struct RouteLabel(&'static str);
+
+/// The whole API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_doc))
+        .route("/metrics", get(metrics_text))
+        .fallback(dispatch)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), around))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then finishes
+/// the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Every request: the token check, `X-Container-ID`, the metrics.
+async fn around(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut resp = if path != "/health" && !authorized(&st, &req) {
+        with_label(st.error(ApiError::Unauthorized), "unauthorized")
+    } else {
+        next.run(req).await
+    };
+    if let Ok(v) = HeaderValue::from_str(&st.config.container_id) {
+        resp.headers_mut().insert("x-container-id", v);
+    }
+    let route = match resp.extensions().get::<RouteLabel>() {
+        Some(l) => l.0,
+        None => match path.as_str() {
+            "/health" => "/health",
+            "/metrics" => "/metrics",
+            "/openapi.json" => "/openapi.json",
+            _ => "unmatched",
+        },
+    };
+    st.metrics.record(
+        route,
+        method.as_str(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
+}
+
+fn authorized(st: &AppState, req: &Request) -> bool {
+    let Some(token) = &st.config.token else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compared in constant time: the answer must not tell how much matched.
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn with_label(mut r: Response, label: &'static str) -> Response {
+    r.extensions_mut().insert(RouteLabel(label));
+    r
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let b = &st.config.build;
+    st.json(
+        StatusCode::OK,
+        serde_json::json!({
+            "status": "ok",
+            "service": "storage-worker",
+            "implementation": "sessionfs",
+            "version": b.version,
+            "build": {
+                "commitSha": b.commit,
+                "timestamp": b.built_at,
+                "version": b.version,
+            },
+            "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        }),
+    )
+}
+
+async fn openapi_doc() -> Response {
+    axum::Json(openapi::document()).into_response()
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    let cache = st.cache.as_ref().map(|c| c.stats()).unwrap_or_default();
+    let store = st
+        .metered
+        .as_ref()
+        .map(|m| m.snapshot())
+        .unwrap_or_default();
+    let open = st.registry.open_sessions();
+    let pending = open
+        .iter()
+        .filter(|s| s.has_pending_changes().unwrap_or(false))
+        .count();
+    let g = Gauges {
+        cache_hits: cache.hits,
+        cache_misses: cache.misses,
+        cache_evicted: cache.evicted,
+        cache_bytes: cache.bytes,
+        store_requests: store.requests,
+        store_bytes_in: store.bytes_in,
+        store_bytes_out: store.bytes_out,
+        open_sessions: open.len() as u64,
+        sessions_with_pending_changes: pending as u64,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(&g),
+    )
+        .into_response()
+}
+
+/// The storage-worker routes.
+async fn dispatch(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let route = match paths::parse(&path) {
+        Ok(Some(route)) => route,
+        Ok(None) => return st.error(ApiError::NoRoute(format!("{} {path}", req.method()))),
+        Err(e) => return with_label(st.error(e), "invalid"),
+    };
+    let label = route.template();
+    let method = req.method().clone();
+    let result = match (route, &method) {
+        (Route::Sessions, &Method::GET) => sessions::list(&st).await,
+        (Route::BulkDelete, &Method::POST) => sessions::bulk_delete(&st, req).await,
+        (Route::Session(s), &Method::GET) => sessions::describe(&st, &s).await,
+        (Route::Session(s), &Method::HEAD) => sessions::exists(&st, &s).await,
+        (Route::Session(s), &Method::DELETE) => sessions::delete(&st, &s).await,
+        (Route::Upload(s), &Method::POST | &Method::PUT) => sessions::upload(&st, &s, req).await,
+        (Route::Download(s), &Method::GET | &Method::HEAD) => {
+            sessions::download(&st, &s, &method).await
+        }
+        (Route::Files(s), &Method::GET) => files::list(&st, &s).await,
+        (Route::File(s, p), &Method::GET | &Method::HEAD) => {
+            files::read(&st, &s, &p, &method, req.headers()).await
+        }
+        (Route::File(s, p), &Method::PUT) => files::write(&st, &s, &p, req).await,
+        (Route::File(s, p), &Method::DELETE) => files::delete(&st, &s, &p).await,
+        (route, _) => Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: match route {
+                Route::Sessions | Route::Files(_) => "GET",
+                Route::BulkDelete | Route::Upload(_) => "POST",
+                Route::Session(_) => "GET, HEAD, DELETE",
+                Route::Download(_) => "GET, HEAD",
+                Route::File(..) => "GET, HEAD, PUT, DELETE",
+            },
+        }),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        // HEAD answers carry no body: the status says it.
+        Err(e) if method == Method::HEAD => {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = e.status();
+            r
+        }
+        Err(e) => st.error(e),
+    };
+    with_label(resp, label)
+}
+
+/// Runs blocking work (overlay and journal calls, packing) off the runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("a worker thread failed: {e}")))?
+}

@@ -97,6 +97,11 @@ impl Registry {
         self.spec.overlays.join(name.as_str())
     }
 
+    /// Whether this host holds the session open or an overlay of it.
+    pub fn is_local(&self, name: &SessionPath) -> bool {
+        self.get(name).is_some() || self.has_overlay(name)
+    }
+
     fn has_overlay(&self, name: &SessionPath) -> bool {
         self.overlay(name).join(JOURNAL).exists()
     }

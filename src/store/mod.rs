@@ -29,6 +29,7 @@ pub mod error;
 pub mod local;
 pub mod metered;
 pub mod s3;
+pub mod upload;
 
 use std::collections::BTreeMap;
 use std::ops::Range;

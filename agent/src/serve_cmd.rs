@@ -1,0 +1,237 @@
+//! `sessionfs serve`: the storage-worker HTTP API and, with `--mount-root`,
+//! every session mounted under one directory — one process, one registry
+//! of open sessions, one block cache, so a file written through either is
+//! what the other reads.
+//!
+//! SIGINT or SIGTERM stops accepting connections, lets the requests in
+//! flight finish (up to a grace period), unmounts, then syncs every open
+//! session's journal.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sessionfs_api::{ApiConfig, AppState, BuildInfo};
+use sessionfs_core::cache::blocks::{BlockCache, BLOCK_SIZE};
+use sessionfs_core::overlay::registry::{Registry, RegistrySpec};
+use sessionfs_core::store::cached::CachedStore;
+use sessionfs_core::store::metered::MeteredStore;
+use sessionfs_core::store::ObjectStore;
+use sessionfs_core::tarball::index::TocIndex;
+use sessionfs_fuse::mount;
+use sessionfs_fuse::multi::{MultiFs, RootSpec};
+
+use crate::mount_cmd::{check_mountpoint, overlay_root, spawn, stop_signal};
+use crate::store_args::StoreArgs;
+
+/// How long requests in flight may take to finish after a stop signal.
+const GRACE: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// TCP port of the HTTP API.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Address the HTTP API listens on.
+    #[arg(
+        long,
+        env = "SESSIONFS_BIND",
+        default_value = "0.0.0.0",
+        value_name = "ADDR"
+    )]
+    pub bind: IpAddr,
+    /// Also mount every session of the bucket under DIR/{sessionPath}/.
+    #[arg(long, value_name = "DIR")]
+    pub mount_root: Option<PathBuf>,
+    /// Refuse every change (API and mounts).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let users other than the one mounting use the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Let `rmdir DIR/{sessionPath}` delete a session (its object and overlay).
+    #[arg(long)]
+    pub allow_delete_sessions: bool,
+    /// Where overlays (changes not yet written back) live.
+    #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub threads: u64,
+    /// Largest body of a file PUT, in bytes (413 above).
+    #[arg(long, env = "SESSIONFS_MAX_FILE_BYTES", default_value_t = 100 << 20)]
+    pub max_file_bytes: u64,
+    /// Largest session upload, in bytes, compressed (413 above).
+    #[arg(long, env = "SESSIONFS_MAX_UPLOAD_BYTES", default_value_t = 8 << 30)]
+    pub max_upload_bytes: u64,
+    /// Largest inflated size of an uploaded tarball, in bytes: more is
+    /// refused as a decompression bomb (413).
+    #[arg(long, env = "SESSIONFS_MAX_INFLATED_BYTES", default_value_t = 64 << 30)]
+    pub max_inflated_bytes: u64,
+}
+
+/// `X-Container-ID`: `CONTAINER_ID`, else the host name.
+fn container_id() -> String {
+    std::env::var("CONTAINER_ID")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn build_info() -> BuildInfo {
+    let env_or = |var: &str, built: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| built.to_owned())
+    };
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        commit: env_or("BUILD_COMMIT_SHA", env!("SESSIONFS_GIT_COMMIT")),
+        built_at: env_or("BUILD_TIMESTAMP", env!("SESSIONFS_BUILD_TIME")),
+    }
+}
+
+pub struct Local {
+    pub cache_dir: PathBuf,
+    pub cache_mib: u64,
+}
+
+pub async fn serve(
+    args: ServeArgs,
+    store_args: &StoreArgs,
+    local: Local,
+    quiet: bool,
+) -> Result<()> {
+    let bucket = store_args.bucket.clone();
+    let index = TocIndex::open(&local.cache_dir.join("index.db"))?;
+    let cache = Arc::new(
+        BlockCache::open(
+            &local.cache_dir.join("blocks"),
+            local.cache_mib << 20,
+            BLOCK_SIZE,
+        )
+        .with_context(|| format!("opening the block cache in {}", local.cache_dir.display()))?,
+    );
+    let metered = Arc::new(MeteredStore::new(store_args.config()?.open().await?));
+    let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(metered.clone(), cache.clone()));
+    let overlays = overlay_root(args.overlay_dir.clone())?.join(&bucket);
+    let spool_dir = overlays.join(".spool");
+    std::fs::create_dir_all(&spool_dir)
+        .with_context(|| format!("creating {}", spool_dir.display()))?;
+    let registry = Arc::new(Registry::new(
+        RegistrySpec {
+            store,
+            index: Some(index),
+            overlays,
+            read_only: args.read_only,
+        },
+        tokio::runtime::Handle::current(),
+    ));
+    let token = std::env::var("SESSIONFS_API_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let config = ApiConfig {
+        container_id: container_id(),
+        token,
+        max_file_bytes: args.max_file_bytes,
+        max_upload_bytes: args.max_upload_bytes,
+        max_inflated_bytes: args.max_inflated_bytes,
+        spool_dir,
+        build: build_info(),
+    };
+    let listener = tokio::net::TcpListener::bind((args.bind, args.port))
+        .await
+        .with_context(|| format!("listening on {}:{}", args.bind, args.port))?;
+    let addr = listener.local_addr()?;
+
+    let mut running = match &args.mount_root {
+        None => None,
+        Some(root) => {
+            let mountpoint = check_mountpoint(root)?;
+            mount::check_fuse()?;
+            let notifier = Arc::new(OnceLock::new());
+            let spec = RootSpec {
+                registry: registry.clone(),
+                allow_delete: args.allow_delete_sessions,
+                notifier: notifier.clone(),
+            };
+            let kernel = mount::kernel_config(
+                format!("sessionfs:{bucket}"),
+                args.read_only,
+                args.allow_other,
+                args.threads as usize,
+            );
+            let fs = MultiFs::new(spec, tokio::runtime::Handle::current());
+            let mp = mountpoint.clone();
+            let fuse_session =
+                tokio::task::spawn_blocking(move || mount::mount(fs, &mp, &kernel)).await??;
+            let _ = notifier.set(fuse_session.notifier());
+            if !quiet {
+                eprintln!(
+                    "serving the sessions of {bucket} at {}",
+                    mountpoint.display()
+                );
+            }
+            Some(spawn(fuse_session, &mountpoint)?)
+        }
+    };
+
+    let state = Arc::new(AppState::new(
+        config,
+        registry.clone(),
+        Some(metered),
+        Some(cache),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(sessionfs_api::serve(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+    if !quiet {
+        eprintln!("storage-worker API of {bucket} on http://{addr}");
+    }
+    let mount_ended = async {
+        match &mut running {
+            Some(r) => {
+                let _ = (&mut r.ended).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut server_done = false;
+    tokio::select! {
+        r = stop_signal() => r?,
+        r = &mut server => {
+            server_done = true;
+            r.context("the HTTP server task failed")?.context("the HTTP server failed")?;
+        }
+        () = mount_ended => {
+            tracing::warn!("the mount root was unmounted from outside; stopping");
+            running = None;
+        }
+    }
+    let _ = stop_tx.send(());
+    if !server_done && tokio::time::timeout(GRACE, &mut server).await.is_err() {
+        tracing::warn!("requests still running after {GRACE:?}; stopping anyway");
+        server.abort();
+    }
+    if let Some(r) = running {
+        r.stop(quiet).await?;
+    }
+    for s in registry.open_sessions() {
+        if let Err(e) = s.sync() {
+            tracing::error!("syncing the overlay of {}: {e}", s.name);
+        }
+    }
+    if !quiet {
+        eprintln!("stopped");
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! One session's files: the listing, and read / write / delete of one file
+//! by path.
+//!
+//! A write creates the session (and the directories above the file) when
+//! they do not exist, and replaces the file's bytes in one step: readers,
+//! here or in a mount, see the old bytes or the new ones. Reads stream in
+//! chunks, so a large file never sits whole in memory, and honour a single
+//! byte range. Answers carry a validator (`ETag` from inode, size and
+//! mtime) and `Cache-Control: no-cache`: a client may keep a copy but asks
+//! again, since the file can change through a mount at any time.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use sessionfs_core::overlay::live::LiveSession;
+use sessionfs_core::overlay::node::{Node, NodeKind};
+use sessionfs_core::session::SessionPath;
+
+use crate::error::ApiError;
+use crate::{blocking, AppState};
+
+/// Bytes read per step of a streamed answer.
+const CHUNK: u64 = 1 << 20;
+
+async fn open(st: &AppState, s: &SessionPath, create: bool) -> Result<Arc<LiveSession>, ApiError> {
+    let registry = st.registry.clone();
+    let name = s.clone();
+    blocking(move || registry.open(&name, create).map_err(ApiError::from)).await
+}
+
+pub async fn list(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
+    let live = open(st, s, false).await?;
+    let files = blocking(move || Ok(live.list_files())).await?;
+    let out: Vec<_> = files
+        .iter()
+        .map(|f| serde_json::json!({ "path": f.path, "size": f.size }))
+        .collect();
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({ "sessionPath": s.as_str(), "count": out.len(), "files": out }),
+    ))
+}
+
+/// The Content-Type of a file, from its name. Source files an editor opens
+/// get text types (mime tables call `.ts` an MPEG stream).
+pub fn content_type(path: &str) -> String {
+    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    let known = match ext.as_deref() {
+        Some("ts" | "tsx" | "mts" | "cts") => Some("text/typescript; charset=utf-8"),
+        Some("js" | "mjs" | "cjs" | "jsx") => Some("text/javascript; charset=utf-8"),
+        Some("json" | "map") => Some("application/json"),
+        Some("jsonl" | "ndjson") => Some("application/x-ndjson"),
+        Some("md" | "markdown") => Some("text/markdown; charset=utf-8"),
+        Some(
+            "rs" | "py" | "go" | "java" | "c" | "h" | "cpp" | "hpp" | "rb" | "sh" | "toml" | "yaml"
+            | "yml" | "txt" | "lock" | "cfg" | "ini" | "sql",
+        ) => Some("text/plain; charset=utf-8"),
+        _ => None,
+    };
+    if let Some(k) = known {
+        return k.to_owned();
+    }
+    match mime_guess::from_path(path).first() {
+        Some(m) if m.type_() == "text" => format!("{m}; charset=utf-8"),
+        Some(m) => m.to_string(),
+        None => "application/octet-stream".to_owned(),
+    }
+}
+
+fn etag(n: &Node) -> String {
+    format!(
+        "\"{:x}-{:x}-{:x}.{:x}\"",
+        n.ino, n.size, n.mtime.s, n.mtime.ns
+    )
+}
+
+/// A single `bytes=` range of a file of `size` bytes; `None` means the
+/// whole file (no header, or one this server does not take: several ranges).
+fn range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::RangeNotSatisfiable(v.to_owned(), size);
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Err(bad());
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| bad())?;
+        if n == 0 {
+            return Err(bad());
+        }
+        (size.saturating_sub(n), size)
+    } else {
+        let start: u64 = a.parse().map_err(|_| bad())?;
+        let end = if b.is_empty() {
+            size
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| bad())?
+                .saturating_add(1)
+                .min(size)
+        };
+        (start, end)
+    };
+    if start >= size || start >= end {
+        return Err(bad());
+    }
+    Ok(Some((start, end)))
+}
+
+pub async fn read(
+    st: &AppState,
+    s: &SessionPath,
+    path: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let live = open(st, s, false).await?;
+    let (l, p) = (live.clone(), path.to_owned());
+    let node = blocking(move || {
+        l.resolve(&p)
+            .map_err(|e| ApiError::from_overlay(e, l.name.as_str(), &p, ApiError::download))
+    })
+    .await?;
+    if node.kind != NodeKind::File {
+        return Err(ApiError::FileNotFound {
+            session: s.to_string(),
+            path: path.to_owned(),
+        });
+    }
+    let tag = etag(&node);
+    let mut r = Response::new(Body::empty());
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&content_type(path)) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(node.mtime.system())) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    if unchanged {
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        return Ok(r);
+    }
+    let (start, end) = match range(headers, node.size)? {
+        Some((a, b)) => {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{}/{}", b - 1, node.size)) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            (a, b)
+        }
+        None => (0, node.size),
+    };
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if method == Method::HEAD || start == end {
+        return Ok(r);
+    }
+    let ino = node.ino;
+    if end - start <= CHUNK {
+        let bytes = blocking(move || {
+            live.read(ino, start, end - start)
+                .map_err(ApiError::download)
+        })
+        .await?;
+        *r.body_mut() = Body::from(bytes);
+        return Ok(r);
+    }
+    let stream = futures::stream::try_unfold(start, move |at| {
+        let live = live.clone();
+        async move {
+            if at >= end {
+                return Ok(None);
+            }
+            let n = CHUNK.min(end - at);
+            let bytes = tokio::task::spawn_blocking(move || live.read(ino, at, n))
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)?;
+            if bytes.is_empty() {
+                // The file shrank under the read: end here rather than spin.
+                return Err(std::io::Error::other("the file shrank while it was read"));
+            }
+            let next = at + bytes.len() as u64;
+            Ok(Some((bytes::Bytes::from(bytes), next)))
+        }
+    });
+    *r.body_mut() = Body::from_stream(stream);
+    Ok(r)
+}
+
+pub async fn write(
+    st: &AppState,
+    s: &SessionPath,
+    path: &str,
+    req: Request,
+) -> Result<Response, ApiError> {
+    if st.registry.read_only() {
+        return Err(ApiError::ReadOnly);
+    }
+    let limit = st.config.max_file_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let body = axum::body::to_bytes(req.into_body(), limit as usize)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
+            {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::UploadFailed(format!("reading the body: {e}"))
+            }
+        })?;
+    let live = open(st, s, true).await?;
+    let p = path.to_owned();
+    let size = blocking(move || {
+        live.put_file(&p, &body)
+            .map_err(|e| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload))
+    })
+    .await?;
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({
+            "success": true,
+            "sessionPath": s.as_str(),
+            "filePath": path,
+            "size": size,
+        }),
+    ))
+}
+
+pub async fn delete(st: &AppState, s: &SessionPath, path: &str) -> Result<Response, ApiError> {
+    if st.registry.read_only() {
+        return Err(ApiError::ReadOnly);
+    }
+    let live = open(st, s, false).await?;
+    let p = path.to_owned();
+    blocking(move || {
+        live.delete_file(&p)
+            .map_err(|e| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload))
+    })
+    .await?;
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({ "success": true, "sessionPath": s.as_str(), "filePath": path }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert_eq!(range(&HeaderMap::new(), 10).unwrap(), None);
+        assert_eq!(range(&h("bytes=0-3"), 10).unwrap(), Some((0, 4)));
+        assert_eq!(range(&h("bytes=5-"), 10).unwrap(), Some((5, 10)));
+        assert_eq!(range(&h("bytes=-3"), 10).unwrap(), Some((7, 10)));
+        assert_eq!(range(&h("bytes=2-100"), 10).unwrap(), Some((2, 10)));
+        assert_eq!(range(&h("bytes=0-1,4-5"), 10).unwrap(), None);
+        for bad in [
+            "bytes=10-",
+            "bytes=5-2",
+            "items=0-1",
+            "bytes=x-1",
+            "bytes=-0",
+        ] {
+            assert!(range(&h(bad), 10).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        assert!(content_type("src/index.ts").starts_with("text/typescript"));
+        assert_eq!(content_type("a.png"), "image/png");
+        assert_eq!(content_type("Makefile"), "application/octet-stream");
+    }
+}

@@ -1,0 +1,439 @@
+//! Whole-session routes: list, describe, exists, delete (one or many),
+//! upload a tarball, download the session.
+//!
+//! An upload is spooled to local disk (the size limit enforced as it
+//! streams in), checked from end to end — gzip members and CRCs, every tar
+//! header, safe member names, the inflated size against the bomb limit —
+//! and only then put in the store, in one PUT or a multipart upload. A bad
+//! upload leaves the store as it was. Any standard tar.gz is accepted;
+//! one sessionfs did not write is indexed when first read.
+//!
+//! A download streams the stored object as is, unless the session has
+//! changes here not yet written back: then the merged view is packed into
+//! a spool file first, so the answer has a length and an ETag and a failure
+//! is an error status, never a truncated tarball.
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use futures::{Stream, StreamExt, TryStreamExt};
+use sessionfs_core::overlay::export::export;
+use sessionfs_core::overlay::live::LiveSession;
+use sessionfs_core::overlay::registry::SessionInfo;
+use sessionfs_core::overlay::OverlayError;
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::upload::put_file;
+use sessionfs_core::store::{GetOptions, PutOptions, StoreError};
+use sessionfs_core::tarball::foreign::{self, Format, Limits};
+use sessionfs_core::tarball::TarballError;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::ApiError;
+use crate::{blocking, AppState};
+
+/// Most session paths one bulk delete takes.
+const MAX_BULK: usize = 1000;
+/// Largest JSON body of a bulk delete.
+const MAX_JSON: usize = 1 << 20;
+
+fn iso(t: Option<SystemTime>) -> serde_json::Value {
+    t.map_or(serde_json::Value::Null, |t| {
+        humantime::format_rfc3339_millis(t).to_string().into()
+    })
+}
+
+fn describe_json(i: &SessionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "sessionPath": i.name,
+        "createdAt": iso(i.created),
+        "lastModified": iso(i.last_modified),
+        "size": i.size,
+        "etag": i.etag,
+        "pendingChanges": i.local,
+    })
+}
+
+pub async fn list(st: &AppState) -> Result<Response, ApiError> {
+    let sessions = st.registry.list().await?;
+    let out: Vec<_> = sessions.iter().map(describe_json).collect();
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({ "count": out.len(), "sessions": out }),
+    ))
+}
+
+pub async fn describe(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
+    match st.registry.info(s).await? {
+        Some(info) => Ok(st.json(StatusCode::OK, describe_json(&info))),
+        None => Err(ApiError::SessionNotFound(s.to_string())),
+    }
+}
+
+pub async fn exists(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
+    if st.registry.exists(s).await? {
+        Ok(Response::new(Body::empty()))
+    } else {
+        Err(ApiError::SessionNotFound(s.to_string()))
+    }
+}
+
+fn writable(st: &AppState) -> Result<(), ApiError> {
+    if st.registry.read_only() {
+        Err(ApiError::ReadOnly)
+    } else {
+        Ok(())
+    }
+}
+
+pub async fn delete(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
+    writable(st)?;
+    if !st.registry.delete(s).await? {
+        return Err(ApiError::SessionNotFound(s.to_string()));
+    }
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({ "sessionPath": s.as_str(), "deleted": true }),
+    ))
+}
+
+/// `{"sessionPaths": [...]}` → one result per path, in order.
+pub async fn bulk_delete(st: &AppState, req: Request) -> Result<Response, ApiError> {
+    writable(st)?;
+    let body = axum::body::to_bytes(req.into_body(), MAX_JSON)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge {
+            limit: MAX_JSON as u64,
+        })?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("the body is not JSON: {e}")))?;
+    let Some(paths) = v.get("sessionPaths").and_then(|p| p.as_array()) else {
+        return Err(ApiError::InvalidRequest(
+            "sessionPaths must be an array".into(),
+        ));
+    };
+    if paths.len() > MAX_BULK {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {MAX_BULK} session paths per request"
+        )));
+    }
+    let mut results = Vec::with_capacity(paths.len());
+    let mut deleted = 0;
+    for p in paths {
+        let Some(raw) = p.as_str() else {
+            return Err(ApiError::InvalidRequest(
+                "sessionPaths must hold strings".into(),
+            ));
+        };
+        let outcome = match SessionPath::parse(raw) {
+            Err(e) => Err(ApiError::InvalidSessionPath(e.reason.to_string())),
+            Ok(s) => match st.registry.delete(&s).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(ApiError::SessionNotFound(raw.to_owned())),
+                Err(e) => Err(e.into()),
+            },
+        };
+        results.push(match outcome {
+            Ok(()) => {
+                deleted += 1;
+                serde_json::json!({ "sessionPath": raw, "deleted": true })
+            }
+            Err(e) => serde_json::json!({
+                "sessionPath": raw,
+                "deleted": false,
+                "error": e.code(),
+                "message": e.to_string(),
+            }),
+        });
+    }
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({
+            "deletedCount": deleted,
+            "sessionPaths": paths,
+            "results": results,
+        }),
+    ))
+}
+
+/// Copies `body` into `file`, failing once more than `limit` bytes came.
+async fn spool<S, E>(mut body: S, file: &mut tokio::fs::File, limit: u64) -> Result<u64, ApiError>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut n = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::UploadFailed(format!("reading the body: {e}")))?;
+        n += chunk.len() as u64;
+        if n > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        file.write_all(&chunk).await.map_err(ApiError::upload)?;
+    }
+    file.flush().await.map_err(ApiError::upload)?;
+    Ok(n)
+}
+
+pub async fn upload(st: &AppState, s: &SessionPath, req: Request) -> Result<Response, ApiError> {
+    writable(st)?;
+    if st.registry.get(s).is_some_and(|l| l.is_watched()) {
+        return Err(ApiError::Conflict(format!(
+            "session {s} is mounted here; it cannot be replaced from outside the mount"
+        )));
+    }
+    let limit = st.config.max_upload_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let tmp = tempfile::NamedTempFile::new_in(&st.config.spool_dir).map_err(ApiError::upload)?;
+    let mut file = tokio::fs::File::from_std(tmp.reopen().map_err(ApiError::upload)?);
+    let size = if multipart {
+        let mut form = Multipart::from_request(req, &())
+            .await
+            .map_err(|e| ApiError::InvalidRequest(format!("multipart body: {e}")))?;
+        let mut got = None;
+        while let Some(field) = form
+            .next_field()
+            .await
+            .map_err(|e| ApiError::InvalidRequest(format!("multipart body: {e}")))?
+        {
+            // The original service's field is `tarball`; any file field will do.
+            if field.name() == Some("tarball") || field.file_name().is_some() {
+                got = Some(spool(field, &mut file, limit).await?);
+                break;
+            }
+        }
+        got.ok_or_else(|| ApiError::InvalidRequest("the form has no `tarball` file field".into()))?
+    } else {
+        spool(req.into_body().into_data_stream(), &mut file, limit).await?
+    };
+    drop(file);
+    if size == 0 {
+        return Err(ApiError::InvalidTarball("the body is empty".into()));
+    }
+    let path = tmp.path().to_owned();
+    let max_tar_size = st.config.max_inflated_bytes;
+    let (entries, format) = blocking(move || check_tarball(&path, max_tar_size)).await?;
+    let opts = PutOptions {
+        content_type: Some("application/gzip".into()),
+        ..PutOptions::default()
+    };
+    let etag = put_file(
+        st.registry.store().as_ref(),
+        &s.object_key(),
+        tmp.path(),
+        opts,
+        &|_| {},
+    )
+    .await
+    .map_err(ApiError::upload)?;
+    // The upload is the session now: what was pending here is replaced.
+    let registry = st.registry.clone();
+    let name = s.clone();
+    blocking(move || registry.discard(&name).map_err(ApiError::from)).await?;
+    Ok(st.json(
+        StatusCode::OK,
+        serde_json::json!({
+            "sessionPath": s.as_str(),
+            "uploaded": true,
+            "size": size,
+            "etag": etag,
+            "entries": entries,
+            "format": format,
+        }),
+    ))
+}
+
+/// Reads the whole upload as `tar x` would; returns its entry count and
+/// whether sessionfs wrote it.
+fn check_tarball(
+    path: &std::path::Path,
+    max_tar_size: u64,
+) -> Result<(usize, &'static str), ApiError> {
+    let file = std::fs::File::open(path).map_err(ApiError::upload)?;
+    let limits = Limits {
+        max_tar_size,
+        ..Limits::default()
+    };
+    let index = foreign::index(file, limits).map_err(|e| {
+        if e.to_string().contains("decompression bomb") {
+            ApiError::PayloadTooLarge {
+                limit: max_tar_size,
+            }
+        } else {
+            ApiError::InvalidTarball(e.to_string())
+        }
+    })?;
+    if index.format != Format::Gzip {
+        return Err(ApiError::InvalidTarball(
+            "an uncompressed tar; sessions are stored gzip-compressed".into(),
+        ));
+    }
+    if !index.skipped.is_empty() {
+        let shown: Vec<_> = index.skipped.iter().take(3).cloned().collect();
+        return Err(ApiError::InvalidTarball(format!(
+            "{} member(s) cannot be extracted safely: {}",
+            index.skipped.len(),
+            shown.join("; ")
+        )));
+    }
+    let native = index
+        .entries
+        .iter()
+        .any(|e| e.p.starts_with(sessionfs_core::tarball::toc::RESERVED_DIR));
+    Ok((
+        index.entries.len(),
+        if native { "sessionfs" } else { "foreign" },
+    ))
+}
+
+pub async fn download(
+    st: &AppState,
+    s: &SessionPath,
+    method: &Method,
+) -> Result<Response, ApiError> {
+    let registry = st.registry.clone();
+    let name = s.clone();
+    // Changes here not yet written back: the merged view, packed.
+    let live = if registry.is_local(s) {
+        Some(blocking(move || registry.open(&name, false).map_err(ApiError::from)).await?)
+    } else {
+        None
+    };
+    let pending = match &live {
+        Some(l) => l.has_pending_changes().map_err(ApiError::download)?,
+        None => false,
+    };
+    if !pending {
+        match st
+            .registry
+            .store()
+            .get_stream(&s.object_key(), GetOptions::default())
+            .await
+        {
+            Ok(got) => {
+                let body = if method == Method::HEAD {
+                    Body::empty()
+                } else {
+                    Body::from_stream(got.body.map_err(std::io::Error::other))
+                };
+                return Ok(tarball_response(s, got.meta.size, &got.meta.etag, body));
+            }
+            Err(StoreError::NotFound { .. }) if live.is_some() => {}
+            Err(StoreError::NotFound { .. }) => {
+                return Err(ApiError::SessionNotFound(s.to_string()))
+            }
+            Err(e) => return Err(ApiError::download(e)),
+        }
+    }
+    let Some(live) = live else {
+        return Err(ApiError::SessionNotFound(s.to_string()));
+    };
+    let tmp = tempfile::NamedTempFile::new_in(&st.config.spool_dir).map_err(ApiError::download)?;
+    let path = tmp.path().to_owned();
+    let (size, etag) = blocking(move || pack_merged(&live, &path)).await?;
+    let file = tokio::fs::File::from_std(tmp.reopen().map_err(ApiError::download)?);
+    // The open handle keeps the bytes; the name can go now.
+    drop(tmp);
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        ))
+    };
+    Ok(tarball_response(s, size, &etag, body))
+}
+
+/// Packs the merged view into the file at `path`; a file changed under the
+/// pack makes it start again (three tries).
+fn pack_merged(live: &LiveSession, path: &Path) -> Result<(u64, String), ApiError> {
+    let mut last = None;
+    for _ in 0..3 {
+        let mut writer = HashingWriter {
+            inner: BufWriter::new(std::fs::File::create(path).map_err(ApiError::download)?),
+            hash: blake3::Hasher::new(),
+            n: 0,
+        };
+        match export(live, &mut writer) {
+            Ok(_) => {
+                writer.inner.flush().map_err(ApiError::download)?;
+                let hex = writer.hash.finalize().to_hex();
+                return Ok((writer.n, format!("\"b3-{}\"", &hex[..32])));
+            }
+            Err(OverlayError::Tarball(TarballError::Changed(p))) => last = Some(p),
+            Err(e) => return Err(ApiError::download(e)),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "{} kept changing while the session was packed; try again",
+        last.unwrap_or_default()
+    )))
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: blake3::Hasher,
+    n: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn tarball_response(s: &SessionPath, size: u64, etag: &str, body: Body) -> Response {
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/gzip"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        h.insert(header::ETAG, v);
+    }
+    let ascii: String = s
+        .as_str()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded =
+        percent_encoding::utf8_percent_encode(s.as_str(), percent_encoding::NON_ALPHANUMERIC);
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{ascii}.tar.gz\"; filename*=UTF-8''{encoded}.tar.gz"
+    )) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
+}
