@@ -194,6 +194,8 @@ pub async fn serve(
     let mut server = tokio::spawn(sessionfs_api::serve(listener, state, async {
         let _ = stop_rx.await;
     }));
+    // Logged even when quiet: with --port 0 this is how callers learn the port.
+    tracing::info!("storage-worker API of {bucket} listening on http://{addr}");
     if !quiet {
         eprintln!("storage-worker API of {bucket} on http://{addr}");
     }

@@ -216,24 +216,7 @@ pub async fn write(
         return Err(ApiError::ReadOnly);
     }
     let limit = st.config.max_file_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let body = axum::body::to_bytes(req.into_body(), limit as usize)
-        .await
-        .map_err(|e| {
-            if std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
-            {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::UploadFailed(format!("reading the body: {e}"))
-            }
-        })?;
+    let body = crate::read_body(req.into_body(), limit).await?;
     let live = open(st, s, true).await?;
     let p = path.to_owned();
     let size = blocking(move || {

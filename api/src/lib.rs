@@ -333,6 +333,42 @@ async fn dispatch(State(st): State<Arc<AppState>>, req: Request) -> Response {
     with_label(resp, label)
 }
 
+/// How much of a refused body is still read (and dropped) before the answer,
+/// so an ordinary client, still sending, sees the 413 instead of a reset
+/// connection. Beyond this the connection is simply closed.
+pub(crate) const DRAIN_MAX: u64 = 64 << 20;
+
+/// Reads a request body into memory, refusing it past `limit` bytes.
+pub(crate) async fn read_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::UploadFailed(format!("reading the body: {e}")))?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            drain(stream, DRAIN_MAX).await;
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+/// Reads and drops up to `max` more bytes of a refused body.
+pub(crate) async fn drain<S, E>(mut stream: S, max: u64)
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+{
+    use futures::StreamExt;
+    let mut n = 0u64;
+    while let Some(Ok(chunk)) = stream.next().await {
+        n += chunk.len() as u64;
+        if n > max {
+            break;
+        }
+    }
+}
+
 /// Runs blocking work (overlay and journal calls, packing) off the runtime.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

@@ -39,7 +39,7 @@ use crate::{blocking, AppState};
 /// Most session paths one bulk delete takes.
 const MAX_BULK: usize = 1000;
 /// Largest JSON body of a bulk delete.
-const MAX_JSON: usize = 1 << 20;
+const MAX_JSON: u64 = 1 << 20;
 
 fn iso(t: Option<SystemTime>) -> serde_json::Value {
     t.map_or(serde_json::Value::Null, |t| {
@@ -104,11 +104,7 @@ pub async fn delete(st: &AppState, s: &SessionPath) -> Result<Response, ApiError
 /// `{"sessionPaths": [...]}` → one result per path, in order.
 pub async fn bulk_delete(st: &AppState, req: Request) -> Result<Response, ApiError> {
     writable(st)?;
-    let body = axum::body::to_bytes(req.into_body(), MAX_JSON)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge {
-            limit: MAX_JSON as u64,
-        })?;
+    let body = crate::read_body(req.into_body(), MAX_JSON).await?;
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::InvalidRequest(format!("the body is not JSON: {e}")))?;
     let Some(paths) = v.get("sessionPaths").and_then(|p| p.as_array()) else {
@@ -171,6 +167,7 @@ where
         let chunk = chunk.map_err(|e| ApiError::UploadFailed(format!("reading the body: {e}")))?;
         n += chunk.len() as u64;
         if n > limit {
+            crate::drain(body, crate::DRAIN_MAX).await;
             return Err(ApiError::PayloadTooLarge { limit });
         }
         file.write_all(&chunk).await.map_err(ApiError::upload)?;
@@ -193,6 +190,7 @@ pub async fn upload(st: &AppState, s: &SessionPath, req: Request) -> Result<Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
+        crate::drain(req.into_body().into_data_stream(), crate::DRAIN_MAX).await;
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let multipart = req

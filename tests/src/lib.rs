@@ -6,6 +6,7 @@
 //! works under a key prefix of its own in the shared bucket, because creating
 //! a bucket per test is slow on the test server.
 
+pub mod api;
 pub mod fault_proxy;
 pub mod mount;
 pub mod trees;

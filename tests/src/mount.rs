@@ -90,7 +90,8 @@ impl Site {
             .path()
             .join(format!("root-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&mountpoint).expect("mount point");
-        let mut args = vec!["serve"];
+        // The API comes with the mount root: any free port, loopback only.
+        let mut args = vec!["serve", "--port", "0", "--bind", "127.0.0.1"];
         args.extend_from_slice(extra);
         args.push("--mount-root");
         self.spawn_mount(&args, &mountpoint)
@@ -157,6 +158,11 @@ impl Mount {
 
     pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.path.join(rel)
+    }
+
+    /// The base URL of the API a `serve --mount-root` runs beside the mount.
+    pub fn api_url(&self) -> String {
+        crate::api::wait_for_url(&self.log, || false)
     }
 
     pub fn pid(&self) -> u32 {

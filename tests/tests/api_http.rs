@@ -1,0 +1,1101 @@
+//! The storage-worker HTTP API, end to end: the real `sessionfs serve`
+//! against the real S3 server, over real HTTP. Every endpoint and every
+//! error code is asserted with the contract's exact JSON shapes, statuses and
+//! headers; bad input is refused with nothing written; the API and a mount
+//! of the same process see each other's writes at once.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sessionfs_tests::api::{raw_request, Server};
+use sessionfs_tests::mount::Site;
+use sessionfs_tests::{pattern, s3_store};
+
+const API: &str = "/api/storage-worker/sessions";
+const CONTAINER: &str = "api-test-container";
+
+fn session(name: &str) -> String {
+    format!("tests__{name}{:08x}__main", rand::random::<u32>())
+}
+
+fn serve(site: &Site, extra: &[&str]) -> Server {
+    site.serve_api(extra, &[("CONTAINER_ID", CONTAINER)])
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// The keys of the shared bucket (other tests write there too: callers
+/// compare only what concerns their own sessions).
+async fn keys() -> BTreeSet<String> {
+    s3_store()
+        .await
+        .list_all("", None)
+        .await
+        .expect("list the bucket")
+        .objects
+        .into_iter()
+        .map(|o| o.key)
+        .collect()
+}
+
+async fn json(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    assert_eq!(
+        r.headers()
+            .get("x-container-id")
+            .and_then(|v| v.to_str().ok()),
+        Some(CONTAINER),
+        "X-Container-ID on every response"
+    );
+    let body = r.bytes().await.expect("body");
+    let v = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, v)
+}
+
+/// Asserts the error shape: exactly `error`, `message`, `containerId`.
+fn assert_error(status: u16, v: &Value, want_status: u16, code: &str) {
+    assert_eq!(status, want_status, "{v}");
+    assert_eq!(v["error"], code, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(v["containerId"], CONTAINER);
+    let mut fields: Vec<&String> = v.as_object().unwrap().keys().collect();
+    fields.sort();
+    assert_eq!(fields, ["containerId", "error", "message"], "{v}");
+}
+
+/// A tar.gz as other services make it (GNU tar).
+fn tar_czf(site: &Site, files: &[(&str, &[u8])]) -> Vec<u8> {
+    let src = site
+        .dir
+        .path()
+        .join(format!("tree-{:08x}", rand::random::<u32>()));
+    for (path, bytes) in files {
+        let p = src.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, bytes).unwrap();
+    }
+    let out = src.with_extension("tgz");
+    let ok = Command::new("tar")
+        .arg("czf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    fs::read(out).unwrap()
+}
+
+/// What Python's streaming `tarfile` (`r|gz`) extracts: `path size` lines.
+fn python_stream_listing(tgz: &[u8], dir: &std::path::Path) -> String {
+    let file = dir.join(format!("dl-{:08x}.tgz", rand::random::<u32>()));
+    fs::write(&file, tgz).unwrap();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, tarfile\n\
+             with tarfile.open(sys.argv[1], 'r|gz') as t:\n\
+             \x20   for m in t:\n\
+             \x20       if m.isfile() and not m.name.startswith('.sessionfs'):\n\
+             \x20           data = t.extractfile(m).read()\n\
+             \x20           print(m.name.lstrip('./'), len(data), data[:40])\n",
+        )
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn health_openapi_and_metrics() {
+    let site = Site::s3();
+    let server = serve(&site, &[]);
+    let (status, v) = json(
+        http()
+            .get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["containerId"], CONTAINER);
+    assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(v["build"]["commitSha"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert!(v["build"]["timestamp"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert!(v["timestamp"].as_str().is_some_and(|s| s.ends_with('Z')));
+
+    let (status, doc) = json(
+        http()
+            .get(format!("{}/openapi.json", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+
+    // Some traffic, then the counters say so.
+    let s = session("metrics");
+    let url = format!("{}{API}/{s}/files/a.txt", server.url);
+    http().put(&url).body("x").send().await.unwrap();
+    http().get(&url).send().await.unwrap();
+    let text = http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "sessionfs_http_requests_total{route=\"/api/storage-worker/sessions/{sessionPath}/files/{filePath}\",method=\"PUT\",status=\"200\"} 1",
+        "sessionfs_http_request_duration_seconds_bucket{route=\"/api/storage-worker/sessions/{sessionPath}/files/{filePath}\",le=\"+Inf\"} 2",
+        "sessionfs_cache_hits_total",
+        "sessionfs_store_requests_total",
+        "sessionfs_open_sessions 1",
+        "sessionfs_sessions_with_pending_changes 1",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn files_are_written_read_listed_and_deleted() {
+    let site = Site::s3();
+    let server = serve(&site, &[]);
+    let c = http();
+    let s = session("files");
+    let base = format!("{}{API}/{s}", server.url);
+
+    // Not there yet.
+    let r = c.head(&base).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let (st, v) = json(c.get(format!("{base}/files")).send().await.unwrap()).await;
+    assert_error(st, &v, 404, "session_not_found");
+
+    // The first PUT creates the session (and the directories).
+    let body = "console.log(\"Hello World\");\n";
+    let (st, v) = json(
+        c.put(format!("{base}/files/workspace/src/index.ts"))
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "success": true,
+            "sessionPath": s,
+            "filePath": "workspace/src/index.ts",
+            "size": body.len(),
+            "containerId": CONTAINER,
+        })
+    );
+    assert_eq!(c.head(&base).send().await.unwrap().status(), 200);
+    c.put(format!("{base}/files/workspace/package.json"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+
+    let (st, v) = json(c.get(format!("{base}/files")).send().await.unwrap()).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "sessionPath": s,
+            "count": 2,
+            "files": [
+                {"path": "workspace/package.json", "size": 2},
+                {"path": "workspace/src/index.ts", "size": body.len()},
+            ],
+            "containerId": CONTAINER,
+        })
+    );
+
+    // Raw bytes with a type from the name; HEAD; ranges; validators.
+    let url = format!("{base}/files/workspace/src/index.ts");
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/typescript; charset=utf-8"
+    );
+    assert_eq!(
+        r.headers()["content-length"],
+        body.len().to_string().as_str()
+    );
+    assert_eq!(r.headers()["x-container-id"], CONTAINER);
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(r.text().await.unwrap(), body);
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        body.len().to_string().as_str()
+    );
+    let r = c
+        .get(&url)
+        .header("range", "bytes=0-6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 0-6/{}", body.len()).as_str()
+    );
+    assert_eq!(r.text().await.unwrap(), "console");
+    let r = c
+        .get(&url)
+        .header("range", "bytes=-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.text().await.unwrap(), ");\n");
+    let r = c
+        .get(&url)
+        .header("range", "bytes=999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{}", body.len()).as_str()
+    );
+    let (st, v) = json(r).await;
+    assert_error(st, &v, 416, "range_not_satisfiable");
+    let r = c
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+
+    // A large file streams back whole.
+    let big = pattern(5 << 20, 7);
+    c.put(format!("{base}/files/workspace/big.bin"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    let got = c
+        .get(format!("{base}/files/workspace/big.bin"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got, big);
+
+    // Overwrite, then delete.
+    c.put(&url).body("v2").send().await.unwrap();
+    assert_eq!(
+        c.get(&url).send().await.unwrap().text().await.unwrap(),
+        "v2"
+    );
+    let (st, v) = json(c.delete(&url).send().await.unwrap()).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "success": true,
+            "sessionPath": s,
+            "filePath": "workspace/src/index.ts",
+            "containerId": CONTAINER,
+        })
+    );
+    let (st, v) = json(c.get(&url).send().await.unwrap()).await;
+    assert_error(st, &v, 404, "file_not_found");
+    assert_eq!(c.head(&url).send().await.unwrap().status(), 404);
+    let (st, v) = json(c.delete(&url).send().await.unwrap()).await;
+    assert_error(st, &v, 404, "file_not_found");
+    // A directory in the way of a file, a file in the way of a directory.
+    let (st, v) = json(
+        c.put(format!("{base}/files/workspace"))
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 409, "conflict");
+    let (st, v) = json(
+        c.put(format!("{base}/files/workspace/package.json/x"))
+            .body("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 409, "conflict");
+}
+
+#[tokio::test]
+async fn sessions_upload_download_list_and_delete() {
+    let site = Site::s3();
+    let server = serve(&site, &[]);
+    let c = http();
+
+    // Upload of a foreign tar.gz (raw body), then its files.
+    let s = session("upload");
+    let tgz = tar_czf(
+        &site,
+        &[
+            ("workspace/src/main.rs", b"fn main() {}\n"),
+            (".session-metadata.json", b"{\"id\":1}"),
+        ],
+    );
+    let (st, v) = json(
+        c.post(format!("{}{API}/{s}/upload", server.url))
+            .header("content-type", "application/gzip")
+            .body(tgz.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["sessionPath"], s);
+    assert_eq!(v["uploaded"], true);
+    assert_eq!(v["size"], tgz.len());
+    assert_eq!(v["format"], "foreign");
+    assert_eq!(v["containerId"], CONTAINER);
+    let stored = s3_store()
+        .await
+        .get(&format!("{s}/session.tar.gz"), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(stored.body, tgz, "the upload is stored as sent");
+    let got = c
+        .get(format!(
+            "{}{API}/{s}/files/workspace/src/main.rs",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(got, "fn main() {}\n");
+
+    // Multipart form (field `tarball`) replaces it.
+    let tgz2 = tar_czf(&site, &[("workspace/b.txt", b"bee")]);
+    let form = reqwest::multipart::Form::new().part(
+        "tarball",
+        reqwest::multipart::Part::bytes(tgz2.clone()).file_name("session.tar.gz"),
+    );
+    let (st, v) = json(
+        c.post(format!("{}{API}/{s}/upload", server.url))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, v) = json(
+        c.get(format!("{}{API}/{s}/files", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        v["files"],
+        serde_json::json!([{"path": "workspace/b.txt", "size": 3}])
+    );
+
+    // Metadata, existence, the list.
+    let (st, v) = json(
+        c.get(format!("{}{API}/{s}", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["sessionPath"], s);
+    assert_eq!(v["size"], tgz2.len());
+    assert_eq!(v["pendingChanges"], false);
+    assert!(v["createdAt"].as_str().is_some() && v["lastModified"].as_str().is_some());
+    assert_eq!(v["containerId"], CONTAINER);
+    let (st, v) = json(c.get(format!("{}{API}", server.url)).send().await.unwrap()).await;
+    assert_eq!(st, 200);
+    let sessions = v["sessions"].as_array().unwrap();
+    assert_eq!(v["count"], sessions.len());
+    assert!(sessions.iter().any(|x| x["sessionPath"] == s), "{v}");
+
+    // Download: the object as stored, with its headers; streaming tarfile reads it.
+    let r = c
+        .get(format!("{}{API}/{s}/download", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/gzip");
+    assert_eq!(
+        r.headers()["content-length"],
+        tgz2.len().to_string().as_str()
+    );
+    assert!(r.headers()["etag"].to_str().unwrap().starts_with('"'));
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with(&format!("attachment; filename=\"{s}.tar.gz\"")));
+    assert_eq!(r.bytes().await.unwrap(), tgz2);
+
+    // A change not yet written back is in the download (the merged view).
+    c.put(format!("{}{API}/{s}/files/workspace/new.txt", server.url))
+        .body("pending change")
+        .send()
+        .await
+        .unwrap();
+    let r = c
+        .get(format!("{}{API}/{s}/download", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let len: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), len);
+    let listing = python_stream_listing(&body, site.dir.path());
+    assert!(
+        listing.contains("workspace/new.txt 14 b'pending change'"),
+        "{listing}"
+    );
+    assert!(listing.contains("workspace/b.txt 3 b'bee'"), "{listing}");
+    let (_, v) = json(
+        c.get(format!("{}{API}/{s}", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["pendingChanges"], true);
+
+    // Delete: gone from the store and from the API.
+    let (st, v) = json(
+        c.delete(format!("{}{API}/{s}", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        v,
+        serde_json::json!({"sessionPath": s, "deleted": true, "containerId": CONTAINER})
+    );
+    assert!(!keys().await.contains(&format!("{s}/session.tar.gz")));
+    assert_eq!(
+        c.head(format!("{}{API}/{s}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let (st, v) = json(
+        c.get(format!("{}{API}/{s}", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 404, "session_not_found");
+    let (st, v) = json(
+        c.delete(format!("{}{API}/{s}", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 404, "session_not_found");
+    let (st, v) = json(
+        c.get(format!("{}{API}/{s}/download", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 404, "session_not_found");
+
+    // Bulk delete: one result per path, in order.
+    let (a, b) = (session("bulka"), session("bulkb"));
+    for x in [&a, &b] {
+        c.put(format!("{}{API}/{x}/files/f", server.url))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+    }
+    let missing = session("bulkmissing");
+    let (st, v) = json(
+        c.post(format!("{}{API}/bulk-delete", server.url))
+            .json(&serde_json::json!({"sessionPaths": [a, missing, "a/b", b]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["deletedCount"], 2);
+    assert_eq!(v["sessionPaths"], serde_json::json!([a, missing, "a/b", b]));
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(
+        results[0],
+        serde_json::json!({"sessionPath": a, "deleted": true})
+    );
+    assert_eq!(results[1]["error"], "session_not_found");
+    assert_eq!(results[2]["error"], "invalid_session_path");
+    assert_eq!(
+        results[3],
+        serde_json::json!({"sessionPath": b, "deleted": true})
+    );
+    let (st, v) = json(
+        c.post(format!("{}{API}/bulk-delete", server.url))
+            .json(&serde_json::json!({"sessionPaths": "not a list"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 400, "invalid_request");
+    let (st, v) = json(
+        c.post(format!("{}{API}/bulk-delete", server.url))
+            .json(&serde_json::json!({"sessionPaths": []}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((st, &v["deletedCount"]), (200, &serde_json::json!(0)));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let site = Site::s3();
+    let server = serve(
+        &site,
+        &[
+            "--max-file-bytes",
+            "4096",
+            "--max-upload-bytes",
+            "1048576",
+            "--max-inflated-bytes",
+            "8388608",
+        ],
+    );
+    let c = http();
+    // One good session, whose object must not change.
+    let good = session("badinput");
+    let tgz = tar_czf(&site, &[("workspace/keep.txt", b"keep")]);
+    let (st, _) = json(
+        c.post(format!("{}{API}/{good}/upload", server.url))
+            .body(tgz)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let before = s3_store()
+        .await
+        .head(&format!("{good}/session.tar.gz"))
+        .await
+        .unwrap();
+    let marker = format!("zz{:08x}", rand::random::<u32>());
+
+    // Session paths, sent raw (a client library would normalise `..`).
+    let long = format!("{marker}{}", "x".repeat(1000));
+    for seg in [
+        "..".to_owned(),
+        "%2e%2e".to_owned(),
+        "%2E%2E".to_owned(),
+        format!("{marker}%2fx"),
+        format!("{marker}%2Fx"),
+        format!("{marker}%00x"),
+        format!("{marker}%5cx"),
+        String::new(),
+        long,
+    ] {
+        for (method, tail) in [
+            ("GET", "/files"),
+            ("PUT", "/files/a.txt"),
+            ("POST", "/upload"),
+            ("DELETE", ""),
+        ] {
+            if seg.is_empty() && tail.is_empty() {
+                // `DELETE .../sessions/` is the collection: a 405, not a path.
+                continue;
+            }
+            let (status, body) = raw_request(
+                &server.addr(),
+                method,
+                &format!("{API}/{seg}{tail}"),
+                b"data",
+            );
+            let v: Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+                panic!("{method} {seg:?}{tail}: {}", String::from_utf8_lossy(&body))
+            });
+            assert_error(status, &v, 400, "invalid_session_path");
+        }
+    }
+    // File paths.
+    for p in [
+        "../../etc/passwd",
+        "workspace/../../x",
+        "./x",
+        "/etc/passwd",
+        "workspace\\x",
+        "workspace%5cx",
+        "%2e%2e/x",
+        "workspace/%2e%2e/%2e%2e/x",
+        "a%2f..%2f..%2fx",
+        "a%00b",
+        "a%0ab",
+        "a%1bb",
+        "workspace//x",
+        "workspace/",
+    ] {
+        for method in ["GET", "PUT", "DELETE"] {
+            let (status, body) = raw_request(
+                &server.addr(),
+                method,
+                &format!("{API}/{good}/files/{p}"),
+                b"data",
+            );
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_error(status, &v, 400, "invalid_file_path");
+        }
+    }
+    // A body over the limit, declared or streamed.
+    let (st, v) = json(
+        c.put(format!("{}{API}/{good}/files/big.bin", server.url))
+            .body(vec![0u8; 4097])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 413, "payload_too_large");
+    let chunks = futures::stream::iter(
+        (0..8).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 1024]))),
+    );
+    let (st, v) = json(
+        c.put(format!("{}{API}/{good}/files/big.bin", server.url))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 413, "payload_too_large");
+
+    // Uploads: not a tarball, truncated, a bomb, an unsafe member, too big.
+    let real = tar_czf(&site, &[("workspace/data.bin", &pattern(200_000, 3))]);
+    let mut bomb = Vec::new();
+    {
+        let mut gz = flate2::write::GzEncoder::new(&mut bomb, flate2::Compression::best());
+        let mut t = tar::Builder::new(&mut gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(64 << 20);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(
+            &mut h,
+            "workspace/zeros",
+            std::io::Read::take(std::io::repeat(0), 64 << 20),
+        )
+        .unwrap();
+        t.finish().unwrap();
+    }
+    let mut evil = Vec::new();
+    {
+        let mut gz = flate2::write::GzEncoder::new(&mut evil, flate2::Compression::fast());
+        let mut t = tar::Builder::new(&mut gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(0o644);
+        // `set_path` refuses `..`; write the name bytes as a hostile tool would.
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"../escape.txt");
+        h.set_cksum();
+        t.append(&h, &b"evil"[..]).unwrap();
+        t.finish().unwrap();
+    }
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "not a tarball",
+            b"this is not a tarball at all".to_vec(),
+            400,
+            "invalid_tarball",
+        ),
+        (
+            "truncated",
+            real[..real.len() / 2].to_vec(),
+            400,
+            "invalid_tarball",
+        ),
+        ("bomb", bomb, 413, "payload_too_large"),
+        ("unsafe member", evil, 400, "invalid_tarball"),
+        ("empty", Vec::new(), 400, "invalid_tarball"),
+        (
+            "too big",
+            pattern(1_100_000, 5).to_vec(),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (what, body, status, code) in cases {
+        let (st, v) = json(
+            c.post(format!("{}{API}/{good}/upload", server.url))
+                .header("content-type", "application/gzip")
+                .body(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_error(st, &v, status, code);
+        assert!(!v["message"].as_str().unwrap().is_empty(), "{what}");
+    }
+
+    // Nothing written: the good session's object is as it was, no key names the marker.
+    let after = s3_store()
+        .await
+        .head(&format!("{good}/session.tar.gz"))
+        .await
+        .unwrap();
+    assert_eq!(after.etag, before.etag);
+    assert!(keys().await.iter().all(|k| !k.contains(&marker)));
+    let (_, v) = json(
+        c.get(format!("{}{API}/{good}/files", server.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        v["files"],
+        serde_json::json!([{"path": "workspace/keep.txt", "size": 4}])
+    );
+    assert!(!site
+        .dir
+        .path()
+        .join("overlays")
+        .join("sessions")
+        .join("..")
+        .join("escape.txt")
+        .exists());
+}
+
+#[tokio::test]
+async fn routes_methods_and_the_token() {
+    let site = Site::s3();
+    let server = site.serve_api(
+        &[],
+        &[
+            ("CONTAINER_ID", CONTAINER),
+            ("SESSIONFS_API_TOKEN", "s3cret-token"),
+        ],
+    );
+    let c = http();
+    // /health needs no token; everything else does.
+    assert_eq!(
+        c.get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for path in [
+        API.to_owned(),
+        format!("{API}/x/files"),
+        "/metrics".into(),
+        "/openapi.json".into(),
+    ] {
+        let r = c.get(format!("{}{path}", server.url)).send().await.unwrap();
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let (st, v) = json(r).await;
+        assert_error(st, &v, 401, "unauthorized");
+        let r = c
+            .get(format!("{}{path}", server.url))
+            .bearer_auth("wrong-token!")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let auth = |r: reqwest::RequestBuilder| r.bearer_auth("s3cret-token");
+    let (st, _) = json(
+        auth(c.get(format!("{}{API}", server.url)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // Unknown routes and wrong methods.
+    let (st, v) = json(
+        auth(c.get(format!("{}/nope", server.url)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 404, "not_found");
+    let (st, v) = json(
+        auth(c.get(format!("{}{API}/x__y/elsewhere", server.url)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 404, "not_found");
+    let r = auth(c.put(format!("{}{API}/x__y", server.url)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "GET, HEAD, DELETE");
+    let (st, v) = json(r).await;
+    assert_error(st, &v, 405, "method_not_allowed");
+    let (st, v) = json(
+        auth(c.get(format!("{}{API}/x__y/upload", server.url)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(st, &v, 405, "method_not_allowed");
+    // The client module speaks the same contract.
+    let client = sessionfs_api::client::Client::new(&server.url).with_token("s3cret-token");
+    let s = session("client");
+    assert!(!client.session_exists(&s).await.unwrap());
+    assert_eq!(
+        client
+            .write_file(&s, "workspace/a b#c.txt", "spaced")
+            .await
+            .unwrap(),
+        6
+    );
+    assert!(client.session_exists(&s).await.unwrap());
+    assert_eq!(
+        client
+            .read_file(&s, "workspace/a b#c.txt")
+            .await
+            .unwrap()
+            .unwrap(),
+        "spaced"
+    );
+    let files = client.list_files(&s).await.unwrap();
+    assert_eq!(files[0].path, "workspace/a b#c.txt");
+    assert!(client
+        .read_file(&s, "workspace/none")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(client.delete_file(&s, "workspace/a b#c.txt").await.unwrap());
+    assert!(client
+        .list_sessions()
+        .await
+        .unwrap()
+        .iter()
+        .any(|x| x.session_path == s));
+    client.delete_session(&s).await.unwrap();
+    match client.delete_session(&s).await {
+        Err(sessionfs_api::client::ClientError::Api {
+            status: 404, code, ..
+        }) => {
+            assert_eq!(code, "session_not_found")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The API and a mount of the same process see each other's writes at
+/// once: the API's writes invalidate what the kernel cached.
+#[tokio::test]
+async fn writes_through_the_api_and_the_mount_see_each_other() {
+    let site = Site::s3();
+    let src = site.dir.path().join("src");
+    fs::create_dir_all(src.join("workspace")).unwrap();
+    fs::write(src.join("workspace/shared.txt"), b"from the object").unwrap();
+    let s = session("coherent");
+    site.push(&src, &s);
+    let m = site.serve_root(&[]);
+    let url = m.api_url();
+    let c = http();
+    let file = m.join(&s).join("workspace/shared.txt");
+
+    // The mount reads (and the kernel caches) the file; the API replaces it.
+    assert_eq!(fs::read(&file).unwrap(), b"from the object");
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&m.join(&s).join("workspace")), ["shared.txt"]);
+    let t = Instant::now();
+    let r = c
+        .put(format!("{url}{API}/{s}/files/workspace/shared.txt"))
+        .body("from the API, longer than before")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    c.put(format!("{url}{API}/{s}/files/workspace/new.txt"))
+        .body("new")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        fs::read(&file).unwrap(),
+        b"from the API, longer than before"
+    );
+    assert_eq!(fs::metadata(&file).unwrap().len(), 32);
+    assert_eq!(
+        names(&m.join(&s).join("workspace")),
+        ["new.txt", "shared.txt"]
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // A write in the mount is what GET answers.
+    let t = Instant::now();
+    fs::write(
+        m.join(&s).join("workspace/from-mount.txt"),
+        b"written in the mount",
+    )
+    .unwrap();
+    fs::write(&file, b"edited in the mount").unwrap();
+    let got = c
+        .get(format!("{url}{API}/{s}/files/workspace/from-mount.txt"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(got, "written in the mount");
+    let got = c
+        .get(format!("{url}{API}/{s}/files/workspace/shared.txt"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(got, "edited in the mount");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // A delete through the API is gone from the mount.
+    c.delete(format!("{url}{API}/{s}/files/workspace/new.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert!(!m.join(&s).join("workspace/new.txt").exists());
+    assert_eq!(
+        names(&m.join(&s).join("workspace")),
+        ["from-mount.txt", "shared.txt"]
+    );
+
+    // The download has both sides' changes.
+    let body = c
+        .get(format!("{url}{API}/{s}/download"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let listing = python_stream_listing(&body, site.dir.path());
+    assert!(listing.contains("workspace/from-mount.txt 20"), "{listing}");
+    assert!(
+        listing.contains("workspace/shared.txt 19 b'edited in the mount'"),
+        "{listing}"
+    );
+
+    // A mounted session is not replaced or deleted from outside the mount.
+    let tgz = tar_czf(&site, &[("workspace/other.txt", b"other")]);
+    let r = c
+        .post(format!("{url}{API}/{s}/upload"))
+        .body(tgz)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let r = c.delete(format!("{url}{API}/{s}")).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(fs::read(&file).unwrap(), b"edited in the mount");
+    m.stop();
+}
+
+/// SIGTERM lets a download in flight finish.
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight() {
+    let site = Site::s3();
+    let server = serve(&site, &[]);
+    let c = http();
+    let s = session("shutdown");
+    let big = pattern(24 << 20, 11);
+    c.put(format!("{}{API}/{s}/files/workspace/big.bin", server.url))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    let mut r = c
+        .get(format!("{}{API}/{s}/files/workspace/big.bin", server.url))
+        .send()
+        .await
+        .unwrap();
+    let first = r.chunk().await.unwrap().unwrap();
+    let pid = server.pid();
+    let stopper = std::thread::spawn(move || server.stop());
+    // Give the signal time to land while the body is still streaming.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = first.to_vec();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.len(), big.len());
+    assert!(got == big[..], "the body is intact");
+    let status = stopper.join().unwrap();
+    assert!(status.success(), "serve {pid} exited with {status}");
+}
