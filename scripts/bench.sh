@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in release mode against a real S3 server on 127.0.0.1, each figure
 # printed beside a reference measured in the same run.
-#   usage: scripts/bench.sh [SCALE] [tarball|mount|all]
+#   usage: scripts/bench.sh [SCALE] [tarball|mount|api|all]
 # SCALE 1.0 ≈ 1 GiB of source-like files for the tarball benchmark and 700 MB in
 # 45,000 files for the mount benchmark; 0.1 for a quick look. The mount benchmark
-# needs root (it drops the page cache and mounts ratarmount and archivemount).
+# needs root (it drops the page cache and mounts ratarmount and archivemount). The API
+# benchmark runs wrk against GET and PUT of a 4 KiB file, beside nginx (10 s each, x SCALE).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scale="${1:-1.0}" which="${2:-all}"
@@ -18,4 +19,7 @@ if [ "$which" = all ] || [ "$which" = tarball ]; then
 fi
 if [ "$which" = all ] || [ "$which" = mount ]; then
   bench/mount-bench.sh "$(pwd)/target/release/sessionfs" "$scale"
+fi
+if [ "$which" = all ] || [ "$which" = api ]; then
+  bench/api-bench.sh "$(pwd)/target/release/sessionfs" "$(python3 -c "print(max(3, round(10 * $scale)))")"
 fi

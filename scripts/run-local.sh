@@ -4,6 +4,7 @@
 # (default: this repository's src/ as workspace/), lists it, reads one file lazily
 # through the block cache, pulls the whole session back out, and, where /dev/fuse is
 # usable, mounts the session read-write, changes it, unmounts and mounts it again.
+# Then it serves the storage-worker HTTP API on a free port and uses it with curl.
 #   usage: scripts/run-local.sh [DIR [SESSION]]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -53,3 +54,22 @@ if [ -w /dev/fuse ]; then
 else
   echo "== /dev/fuse is not usable here: skipping the mount"
 fi
+
+# The storage-worker HTTP API over the same store: list, read, write, download, stop.
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+export SESSIONFS_OVERLAY_DIR="$(mktemp -d)"
+"$sfs" --quiet serve --bind 127.0.0.1 --port "$port" &
+api_pid=$!
+api="http://127.0.0.1:$port/api/storage-worker/sessions"
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.1; done
+echo "== GET /health"
+curl -fsS "http://127.0.0.1:$port/health"; echo
+echo "== GET $api/$session/files (first 300 bytes)"
+curl -fsS "$api/$session/files" | head -c 300; echo
+echo "== PUT then GET workspace/api-note.txt"
+curl -fsS -X PUT --data-binary "written through the API at $(date -u +%FT%TZ)" "$api/$session/files/workspace/api-note.txt"; echo
+curl -fsS "$api/$session/files/workspace/api-note.txt"; echo
+echo "== GET $api/$session/download (the change included):"
+curl -fsS "$api/$session/download" | tar tzf - | grep -v '^\.sessionfs' | head -5
+kill -TERM "$api_pid"; wait "$api_pid" || true
+rm -rf "$SESSIONFS_OVERLAY_DIR"

@@ -47,6 +47,16 @@ install_fs_suites() {
 }
 install_fs_suites
 
+# The OpenAPI document is checked by openapi-spec-validator (PyPI), in the repo's .tools/.
+install_python_tools() {
+  if [ ! -x .tools/py/bin/openapi-spec-validator ]; then
+    log "installing openapi-spec-validator"
+    python3 -m venv .tools/py
+    .tools/py/bin/pip install -q --disable-pip-version-check "openapi-spec-validator==0.7.1"
+  fi
+}
+install_python_tools
+
 log "cargo fmt --check"
 cargo fmt --all --check
 

@@ -188,7 +188,7 @@ impl LiveSession {
             .into_iter()
             .filter_map(|(path, ino)| {
                 let n = ns.get(ino).ok()?;
-                (n.kind == NodeKind::File).then(|| FileInfo {
+                (n.kind == NodeKind::File).then_some(FileInfo {
                     path,
                     size: n.size,
                     mtime: n.mtime,

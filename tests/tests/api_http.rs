@@ -1099,3 +1099,104 @@ async fn shutdown_finishes_requests_in_flight() {
     let status = stopper.join().unwrap();
     assert!(status.success(), "serve {pid} exited with {status}");
 }
+
+/// The OpenAPI document is valid (openapi-spec-validator), and every
+/// operation in it answers with a documented status; JSON answers hold the
+/// fields their schema requires, with the types it gives.
+#[tokio::test]
+async fn the_openapi_document_validates_and_every_route_answers_as_described() {
+    let site = Site::s3();
+    let server = serve(&site, &[]);
+    let c = http();
+    let doc: Value = c
+        .get(format!("{}/openapi.json", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file = site.dir.path().join("openapi.json");
+    fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let validator = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/py/bin/openapi-spec-validator");
+    let out = Command::new(&validator)
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("{} ({e}): scripts/test.sh installs it", validator.display()));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A session with a file, so every operation has something to work on.
+    let s = session("openapi");
+    let tgz = tar_czf(&site, &[("workspace/doc.txt", b"documented")]);
+    let schema_of = |v: &Value| -> Option<Value> {
+        let r = v
+            .pointer("/content/application~1json/schema/$ref")?
+            .as_str()?;
+        doc.pointer(&r.replacen('#', "", 1)).cloned()
+    };
+    let mut checked = 0;
+    // Operations in an order that leaves each something to act on.
+    let order = ["get", "head", "put", "post", "delete"];
+    let paths = doc["paths"].as_object().unwrap();
+    for method in order {
+        for (template, item) in paths {
+            let Some(op) = item.get(method) else { continue };
+            let path = template
+                .replace("{sessionPath}", &s)
+                .replace("{filePath}", "workspace/doc.txt");
+            let url = format!("{}{path}", server.url);
+            let req = match method {
+                "get" => c.get(&url),
+                "head" => c.head(&url),
+                "put" => c.put(&url).body("rewritten"),
+                "delete" => c.delete(&url),
+                _ if path.ends_with("/upload") => c
+                    .post(&url)
+                    .header("content-type", "application/gzip")
+                    .body(tgz.clone()),
+                _ => c.post(&url).json(&serde_json::json!({"sessionPaths": []})),
+            };
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16().to_string();
+            let documented = &op["responses"][&status];
+            assert!(
+                documented.is_object(),
+                "{method} {template} answered {status}, not documented"
+            );
+            let is_json = r
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/json"));
+            let body = r.bytes().await.unwrap();
+            if let (Some(schema), true) = (schema_of(documented), is_json && method != "head") {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                for field in schema["required"].as_array().into_iter().flatten() {
+                    let field = field.as_str().unwrap();
+                    assert!(
+                        v.get(field).is_some(),
+                        "{method} {template}: no {field} in {v}"
+                    );
+                    let want = &schema["properties"][field]["type"];
+                    let got = &v[field];
+                    let ok = match want.as_str() {
+                        Some("string") => got.is_string(),
+                        Some("integer") => got.is_u64() || got.is_i64(),
+                        Some("boolean") => got.is_boolean(),
+                        Some("array") => got.is_array(),
+                        Some("object") => got.is_object(),
+                        _ => true,
+                    };
+                    assert!(ok, "{method} {template}: {field} should be {want}: {v}");
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "{checked} operations checked");
+}
