@@ -5,7 +5,8 @@
 # PUT) the same file from local disk, on the same machine, in the same run.
 #   usage: bench/api-bench.sh SESSIONFS_BINARY [SECONDS]
 # wrk, nginx and the server share the machine's cores; both sides pay that
-# equally, so the ratio is the figure to read.
+# equally, so the ratio is the figure to read. A sessionfs PUT is durable when answered
+# (file and journal synced, group-committed across concurrent requests); nginx's is not.
 set -euo pipefail
 bin="$1" secs="${2:-10}"
 threads=2 conns=32
@@ -53,9 +54,17 @@ http {
   }
 }
 CONF
+# nginx's workers drop root: let them read the files and take the PUTs.
+chmod 755 "$work"
+chmod -R a+rwX "$work/www" "$work/tmp"
 nginx -c "$work/nginx.conf"
 ref="http://127.0.0.1:$nginx_port/$file"
 for _ in $(seq 50); do curl -fsS "$ref" >/dev/null 2>&1 && break; sleep 0.1; done
+# Both sides must answer the real thing before anything is measured.
+for url in "$api" "$ref"; do
+  cmp <(curl -fsS "$url") "$work/body" || { echo "GET $url does not give the file" >&2; exit 1; }
+  curl -fsS -o /dev/null -X PUT --data-binary @"$work/body" "$url" || { echo "PUT $url fails" >&2; exit 1; }
+done
 
 cat > "$work/put.lua" <<LUA
 wrk.method = "PUT"
@@ -69,6 +78,10 @@ measure() {
   local out
   out="$(wrk -t"$threads" -c"$conns" -d"${secs}s" --latency "$@")"
   echo "$out" >> "$work/wrk.log"
+  if grep -q "Non-2xx" <<<"$out"; then
+    echo "error answers during the run: $out" >&2
+    exit 1
+  fi
   local rps p99 read
   rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
   p99="$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")"

@@ -17,6 +17,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use sessionfs_core::overlay::live::LiveSession;
 use sessionfs_core::overlay::node::{Node, NodeKind};
+use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
 
 use crate::error::ApiError;
@@ -42,6 +43,15 @@ pub async fn list(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> 
         StatusCode::OK,
         serde_json::json!({ "sessionPath": s.as_str(), "count": out.len(), "files": out }),
     ))
+}
+
+/// For reads and deletes, a path through something that is not a
+/// directory (a file, a symlink: never followed) names nothing.
+fn not_found(e: OverlayError) -> OverlayError {
+    match e {
+        OverlayError::NotDir => OverlayError::NotFound,
+        e => e,
+    }
 }
 
 /// The Content-Type of a file, from its name. Source files an editor opens
@@ -126,8 +136,9 @@ pub async fn read(
     let live = open(st, s, false).await?;
     let (l, p) = (live.clone(), path.to_owned());
     let node = blocking(move || {
-        l.resolve(&p)
-            .map_err(|e| ApiError::from_overlay(e, l.name.as_str(), &p, ApiError::download))
+        l.resolve(&p).map_err(|e| {
+            ApiError::from_overlay(not_found(e), l.name.as_str(), &p, ApiError::download)
+        })
     })
     .await?;
     if node.kind != NodeKind::File {
@@ -242,8 +253,9 @@ pub async fn delete(st: &AppState, s: &SessionPath, path: &str) -> Result<Respon
     let live = open(st, s, false).await?;
     let p = path.to_owned();
     blocking(move || {
-        live.delete_file(&p)
-            .map_err(|e| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload))
+        live.delete_file(&p).map_err(|e| {
+            ApiError::from_overlay(not_found(e), live.name.as_str(), &p, ApiError::upload)
+        })
     })
     .await?;
     Ok(st.json(

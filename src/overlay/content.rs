@@ -156,16 +156,30 @@ impl Content {
         Ok(buf)
     }
 
-    /// Makes `bytes` the whole overlay file of `ino`: written aside, synced,
-    /// renamed into place, so a reader never sees half of them. The caller
-    /// holds [`Content::copy_up_lock`].
-    pub fn replace(&self, ino: u64, bytes: &[u8]) -> Result<(), OverlayError> {
-        let tmp = self.dir.join(format!("{ino}.put"));
+    /// Writes `bytes` to a new file beside the overlay files and syncs it;
+    /// [`Content::install`] then puts it in place. Writers of the same file
+    /// may run this at once: each has its own name.
+    pub fn stage(&self, ino: u64, bytes: &[u8]) -> Result<PathBuf, OverlayError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{ino}.put.{}.{n}", std::process::id()));
         let out = File::create(&tmp)?;
-        out.write_all_at(bytes, 0)?;
-        out.sync_all()?;
+        let written = out.write_all_at(bytes, 0).and_then(|()| out.sync_all());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        Ok(tmp)
+    }
+
+    /// Renames a staged file over the overlay file of `ino`: readers see the
+    /// old bytes or the new ones, never a mix. The caller holds
+    /// [`Content::copy_up_lock`] and the directory is synced later.
+    pub fn install(&self, ino: u64, staged: &Path) -> Result<(), OverlayError> {
         self.close(ino);
-        std::fs::rename(&tmp, self.path(ino))?;
+        std::fs::rename(staged, self.path(ino))?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::content::Content;
 use super::namespace::{check_name, Namespace, SetAttr, ROOT};
@@ -44,6 +44,23 @@ pub struct LiveSession {
     overlay: PathBuf,
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
+    group: GroupCommit,
+}
+
+/// The rounds of [`LiveSession::durable`].
+#[derive(Default)]
+struct GroupCommit {
+    state: Mutex<Rounds>,
+    turn: Condvar,
+}
+
+#[derive(Default)]
+struct Rounds {
+    /// Callers so far, numbered.
+    asked: u64,
+    /// Every caller up to this number is durable.
+    done: u64,
+    running: bool,
 }
 
 /// A regular file of the session, as the API lists it.
@@ -69,6 +86,7 @@ impl LiveSession {
             overlay,
             read_only,
             watcher: Mutex::new(None),
+            group: GroupCommit::default(),
         }
     }
 
@@ -111,13 +129,46 @@ impl LiveSession {
 
     /// Changes not yet written back to the object.
     pub fn has_pending_changes(&self) -> Result<bool, OverlayError> {
-        Ok(!self.ns.lock().journal().changes_since(0)?.is_empty())
+        self.ns.lock().journal().has_changes()
     }
 
     /// Journals and syncs everything.
     pub fn sync(&self) -> Result<(), OverlayError> {
         self.content.sync_dir()?;
         self.ns.lock().sync()
+    }
+
+    /// Returns once everything done before the call is durable. Callers
+    /// that arrive together share one sync (group commit): the first runs
+    /// it for all who came before it started; those arriving meanwhile wait
+    /// for the next round.
+    pub fn durable(&self) -> Result<(), OverlayError> {
+        let mut g = self.group.state.lock();
+        g.asked += 1;
+        let mine = g.asked;
+        loop {
+            if g.done >= mine {
+                return Ok(());
+            }
+            if !g.running {
+                g.running = true;
+                let covers = g.asked;
+                drop(g);
+                let r = self
+                    .content
+                    .sync_dir()
+                    .and_then(|()| self.ns.lock().journal().sync_wal());
+                g = self.group.state.lock();
+                g.running = false;
+                if r.is_ok() {
+                    g.done = g.done.max(covers);
+                }
+                self.group.turn.notify_all();
+                r?;
+                continue;
+            }
+            self.group.turn.wait(&mut g);
+        }
     }
 
     /// Brings a file's bytes into the overlay (once); `truncate` skips the fetch.
@@ -201,7 +252,8 @@ impl LiveSession {
     /// directories above it. Readers see the old bytes or the new ones,
     /// never a mix: the new bytes are written aside, synced, then renamed
     /// over the overlay file, and the journal records the new size in the
-    /// same step. Returns the size written.
+    /// same step. Durable when it returns (group-committed with concurrent
+    /// callers). Returns the size written.
     pub fn put_file(&self, path: &str, bytes: &[u8]) -> Result<u64, OverlayError> {
         self.writable()?;
         let parts = components(path)?;
@@ -246,9 +298,15 @@ impl LiveSession {
                 Err(e) => return Err(e),
             }
         };
+        // The bytes are written and synced outside every lock, so writers
+        // of different files (or the same one) overlap; the last rename wins.
+        let staged = self.content.stage(ino, bytes)?;
         {
             let _one_at_a_time = self.content.copy_up_lock();
-            self.content.replace(ino, bytes)?;
+            if let Err(e) = self.content.install(ino, &staged) {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
             let mut ns = self.ns.lock();
             let mut node = ns.get(ino)?.clone();
             let now = Time::now();
@@ -258,7 +316,7 @@ impl LiveSession {
             node.ctime = now;
             ns.save(node, "write")?;
         }
-        self.content.sync_dir()?;
+        self.durable()?;
         told.push(Invalidation::Inode(ino));
         self.tell(&told);
         Ok(bytes.len() as u64)
@@ -284,6 +342,7 @@ impl LiveSession {
         for f in freed {
             self.content.remove(f);
         }
+        self.durable()?;
         self.tell(&[
             Invalidation::Entry {
                 parent,

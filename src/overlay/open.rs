@@ -75,6 +75,15 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
     let entries = reader.as_ref().map_or(&[][..], |r| r.entries());
     let (mut ns, orphans) = Namespace::open(&journal_path, etag.as_deref(), entries)?;
     let content = Content::new(&spec.overlay, reader.clone(), rt.clone())?;
+    // Copy-ups and staged writes a crash interrupted (`{ino}.copy`,
+    // `{ino}.put.…`): never renamed into place, so never part of the tree.
+    if let Ok(dir) = std::fs::read_dir(content.dir()) {
+        for e in dir.flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.contains('.')) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     for ino in orphans {
         content.remove(ino);
     }
@@ -112,7 +121,7 @@ fn check_version(journal: &Path, overlay: &Path, etag: Option<&str>) -> Result<(
     if recorded == stored {
         return Ok(());
     }
-    if !j.changes_since(0)?.is_empty() {
+    if j.has_changes()? {
         return Err(OpenError::Diverged {
             overlay: overlay.display().to_string(),
             journal: recorded,

@@ -247,6 +247,15 @@ impl Registry {
             .collect()
     }
 
+    /// The lock that orders opening and discarding one session.
+    fn gate(&self, name: &SessionPath) -> Arc<Mutex<()>> {
+        self.opening
+            .lock()
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .clone()
+    }
+
     /// Opens (once) the session `name`; `create` allows one that does not
     /// exist yet. Blocks: call it off the runtime's threads.
     pub fn open(
@@ -257,12 +266,7 @@ impl Registry {
         if let Some(s) = self.get(name) {
             return Ok(s);
         }
-        let gate = self
-            .opening
-            .lock()
-            .entry(name.as_str().to_owned())
-            .or_default()
-            .clone();
+        let gate = self.gate(name);
         let _opening = gate.lock();
         if let Some(s) = self.get(name) {
             return Ok(s);
@@ -291,12 +295,7 @@ impl Registry {
     /// open starts from the object as stored: before an upload replaces
     /// it, or when it is deleted. Refused while a mount watches it.
     pub fn discard(&self, name: &SessionPath) -> Result<(), RegistryError> {
-        let gate = self
-            .opening
-            .lock()
-            .entry(name.as_str().to_owned())
-            .or_default()
-            .clone();
+        let gate = self.gate(name);
         let _opening = gate.lock();
         {
             let mut open = self.open.lock();
