@@ -70,6 +70,16 @@ pub struct ServeArgs {
     /// refused as a decompression bomb (413).
     #[arg(long, env = "SESSIONFS_MAX_INFLATED_BYTES", default_value_t = 64 << 30)]
     pub max_inflated_bytes: u64,
+    /// How often, in milliseconds, an open session not mounted here checks
+    /// that its object was not replaced by another server (then it is
+    /// opened again). 0: at every request.
+    #[arg(
+        long,
+        env = "SESSIONFS_RECHECK_MS",
+        default_value_t = 2000,
+        value_name = "MS"
+    )]
+    pub recheck_ms: u64,
 }
 
 /// `X-Container-ID`: `CONTAINER_ID`, else the host name.
@@ -132,6 +142,7 @@ pub async fn serve(
             index: Some(index),
             overlays,
             read_only: args.read_only,
+            recheck: Duration::from_millis(args.recheck_ms),
         },
         tokio::runtime::Handle::current(),
     ));

@@ -45,6 +45,8 @@ pub struct LiveSession {
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
     group: GroupCommit,
+    /// When the object was last found unchanged in the store.
+    checked: Mutex<std::time::Instant>,
 }
 
 /// The rounds of [`LiveSession::durable`].
@@ -87,6 +89,7 @@ impl LiveSession {
             read_only,
             watcher: Mutex::new(None),
             group: GroupCommit::default(),
+            checked: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -113,6 +116,17 @@ impl LiveSession {
     /// Registers the mount that must hear of changes made elsewhere.
     pub fn set_watcher(&self, watcher: Option<Watcher>) {
         *self.watcher.lock() = watcher;
+    }
+
+    /// Whether the object should be checked again (`every` since the last
+    /// time); counts as checked from now.
+    pub fn due_for_check(&self, every: std::time::Duration) -> bool {
+        let mut at = self.checked.lock();
+        if at.elapsed() < every {
+            return false;
+        }
+        *at = std::time::Instant::now();
+        true
     }
 
     /// Whether a mount is watching (the session is mounted in this process).

@@ -33,6 +33,8 @@ pub struct RegistrySpec {
     /// Overlays of this bucket's sessions: `{overlays}/{session}/`.
     pub overlays: PathBuf,
     pub read_only: bool,
+    /// How often an open session checks that its object was not replaced.
+    pub recheck: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +249,25 @@ impl Registry {
             .collect()
     }
 
+    /// Whether an open session's object was replaced in the store since it
+    /// was opened (another server, a `push`), so that the session must be
+    /// opened again. Asked at most every `recheck` per session; sessions a
+    /// mount is watching, or holding changes not yet written back, are kept
+    /// as they are (the write-back meets the new version, not a read).
+    fn replaced_underneath(&self, s: &LiveSession) -> bool {
+        if s.is_watched() || !s.due_for_check(self.spec.recheck) {
+            return false;
+        }
+        let stored = match self.rt.block_on(self.spec.store.head(&s.name.object_key())) {
+            Ok(m) => Some(m.etag),
+            Err(StoreError::NotFound { .. }) => None,
+            // The store is unreachable: keep serving what is open.
+            Err(_) => return false,
+        };
+        let opened = s.reader().map(|r| r.meta().etag.clone());
+        stored != opened && !s.has_pending_changes().unwrap_or(true)
+    }
+
     /// The lock that orders opening and discarding one session.
     fn gate(&self, name: &SessionPath) -> Arc<Mutex<()>> {
         self.opening
@@ -264,7 +285,11 @@ impl Registry {
         create: bool,
     ) -> Result<Arc<LiveSession>, RegistryError> {
         if let Some(s) = self.get(name) {
-            return Ok(s);
+            if !self.replaced_underneath(&s) {
+                return Ok(s);
+            }
+            tracing::info!("session {name}: the object was replaced in the store; reopening");
+            self.discard(name)?;
         }
         let gate = self.gate(name);
         let _opening = gate.lock();

@@ -349,7 +349,7 @@ async fn files_are_written_read_listed_and_deleted() {
 #[tokio::test]
 async fn sessions_upload_download_list_and_delete() {
     let site = Site::s3();
-    let server = serve(&site, &[]);
+    let server = serve(&site, &["--recheck-ms", "0"]);
     let c = http();
 
     // Upload of a foreign tar.gz (raw body), then its files.
@@ -464,6 +464,41 @@ async fn sessions_upload_download_list_and_delete() {
     assert!(listing.contains("workspace/b.txt 3 b'bee'"), "{listing}");
     let (_, v) = call(c.get(format!("{}{API}/{s}", server.url))).await;
     assert_eq!(v["pendingChanges"], true);
+
+    // The object replaced in the store by someone else (another server, a
+    // push): without changes pending here, the next request reads the new one.
+    let other = session("replaced");
+    c.put(format!("{}{API}/{other}/files/workspace/v.txt", server.url))
+        .body("first")
+        .send()
+        .await
+        .unwrap();
+    let (st, _) = call(
+        c.post(format!("{}{API}/{other}/upload", server.url))
+            .body(tar_czf(&site, &[("workspace/v.txt", b"uploaded")])),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        text(format!("{}{API}/{other}/files/workspace/v.txt", server.url)).await,
+        "uploaded"
+    );
+    s3_store()
+        .await
+        .put(
+            &format!("{other}/session.tar.gz"),
+            bytes::Bytes::from(tar_czf(
+                &site,
+                &[("workspace/v.txt", b"replaced elsewhere")],
+            )),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        text(format!("{}{API}/{other}/files/workspace/v.txt", server.url)).await,
+        "replaced elsewhere"
+    );
 
     // Delete: gone from the store and from the API.
     let (st, v) = call(c.delete(format!("{}{API}/{s}", server.url))).await;
