@@ -26,14 +26,15 @@ use crate::{blocking, AppState};
 /// Bytes read per step of a streamed answer.
 const CHUNK: u64 = 1 << 20;
 
-async fn open(st: &AppState, s: &SessionPath, create: bool) -> Result<Arc<LiveSession>, ApiError> {
+/// An existing session, opened off the runtime.
+async fn open(st: &AppState, s: &SessionPath) -> Result<Arc<LiveSession>, ApiError> {
     let registry = st.registry.clone();
     let name = s.clone();
-    blocking(move || registry.open(&name, create).map_err(ApiError::from)).await
+    blocking(move || registry.open(&name, false).map_err(ApiError::from)).await
 }
 
 pub async fn list(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
-    let live = open(st, s, false).await?;
+    let live = open(st, s).await?;
     let files = blocking(move || Ok(live.list_files())).await?;
     let out: Vec<_> = files
         .iter()
@@ -133,12 +134,24 @@ pub async fn read(
     method: &Method,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let live = open(st, s, false).await?;
-    let (l, p) = (live.clone(), path.to_owned());
-    let node = blocking(move || {
-        l.resolve(&p).map_err(|e| {
-            ApiError::from_overlay(not_found(e), l.name.as_str(), &p, ApiError::download)
-        })
+    // One trip off the runtime opens, resolves and, for a small file,
+    // reads it: the common case of an editor fetching a source file.
+    let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
+    let want_bytes = method == Method::GET;
+    let (live, node, small) = blocking(move || {
+        let live = registry.open(&name, false).map_err(ApiError::from)?;
+        let node = live.resolve(&p).map_err(|e| {
+            ApiError::from_overlay(not_found(e), live.name.as_str(), &p, ApiError::download)
+        })?;
+        let small = if want_bytes && node.kind == NodeKind::File && node.size <= CHUNK {
+            Some(
+                live.read(node.ino, 0, node.size)
+                    .map_err(ApiError::download)?,
+            )
+        } else {
+            None
+        };
+        Ok((live, node, small))
     })
     .await?;
     if node.kind != NodeKind::File {
@@ -182,6 +195,15 @@ pub async fn read(
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     if method == Method::HEAD || start == end {
+        return Ok(r);
+    }
+    if let Some(mut bytes) = small {
+        // The file may have shrunk between the stat and the read.
+        let end = (end as usize).min(bytes.len());
+        let start = (start as usize).min(end);
+        bytes.truncate(end);
+        bytes.drain(..start);
+        *r.body_mut() = Body::from(bytes);
         return Ok(r);
     }
     let ino = node.ino;
@@ -228,9 +250,9 @@ pub async fn write(
     }
     let limit = st.config.max_file_bytes;
     let body = crate::read_body(req.into_body(), limit).await?;
-    let live = open(st, s, true).await?;
-    let p = path.to_owned();
+    let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
     let size = blocking(move || {
+        let live = registry.open(&name, true).map_err(ApiError::from)?;
         live.put_file(&p, &body)
             .map_err(|e| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload))
     })
@@ -250,7 +272,7 @@ pub async fn delete(st: &AppState, s: &SessionPath, path: &str) -> Result<Respon
     if st.registry.read_only() {
         return Err(ApiError::ReadOnly);
     }
-    let live = open(st, s, false).await?;
+    let live = open(st, s).await?;
     let p = path.to_owned();
     blocking(move || {
         live.delete_file(&p).map_err(|e| {
