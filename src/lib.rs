@@ -5,10 +5,9 @@
 //! - [`store`]: object stores, S3 and a local directory, behind one trait;
 //! - [`tarball`]: the seekable session object, its writer, lazy reader and TOC index;
 //! - [`cache`]: the on-disk block cache;
-//! - [`session`]: session paths and the keys of their objects.
-//!
-//! Sessions with pending changes arrive with the issues
-//! that need them.
+//! - [`session`]: session paths and the keys of their objects;
+//! - [`overlay`]: open sessions and their pending changes (the tree, the
+//!   journal, the changed bytes), shared by mounts and API.
 
 pub mod cache;
 pub mod overlay;

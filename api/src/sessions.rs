@@ -54,7 +54,7 @@ fn describe_json(i: &SessionInfo) -> serde_json::Value {
         "lastModified": iso(i.last_modified),
         "size": i.size,
         "etag": i.etag,
-        "pendingChanges": i.local,
+        "pendingChanges": i.pending_changes,
     })
 }
 

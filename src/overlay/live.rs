@@ -13,7 +13,6 @@
 //! to it, after the namespace lock is released (the kernel may call back
 //! into the mount while it invalidates).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -41,7 +40,6 @@ pub struct LiveSession {
     pub name: SessionPath,
     pub ns: Mutex<Namespace>,
     pub content: Content,
-    overlay: PathBuf,
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
     group: GroupCommit,
@@ -70,31 +68,19 @@ struct Rounds {
 pub struct FileInfo {
     pub path: String,
     pub size: u64,
-    pub mtime: Time,
 }
 
 impl LiveSession {
-    pub fn new(
-        name: SessionPath,
-        ns: Namespace,
-        content: Content,
-        overlay: PathBuf,
-        read_only: bool,
-    ) -> LiveSession {
+    pub fn new(name: SessionPath, ns: Namespace, content: Content, read_only: bool) -> LiveSession {
         LiveSession {
             name,
             ns: Mutex::new(ns),
             content,
-            overlay,
             read_only,
             watcher: Mutex::new(None),
             group: GroupCommit::default(),
             checked: Mutex::new(std::time::Instant::now()),
         }
-    }
-
-    pub fn overlay(&self) -> &Path {
-        &self.overlay
     }
 
     pub fn read_only(&self) -> bool {
@@ -253,11 +239,7 @@ impl LiveSession {
             .into_iter()
             .filter_map(|(path, ino)| {
                 let n = ns.get(ino).ok()?;
-                (n.kind == NodeKind::File).then_some(FileInfo {
-                    path,
-                    size: n.size,
-                    mtime: n.mtime,
-                })
+                (n.kind == NodeKind::File).then_some(FileInfo { path, size: n.size })
             })
             .collect()
     }

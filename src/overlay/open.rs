@@ -105,7 +105,6 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
         spec.session.clone(),
         ns,
         content,
-        spec.overlay.clone(),
         spec.read_only,
     ))
 }

@@ -64,7 +64,7 @@ pub struct SessionInfo {
     pub created: Option<SystemTime>,
     pub etag: Option<String>,
     /// The session has changes here not yet written back.
-    pub local: bool,
+    pub pending_changes: bool,
 }
 
 pub struct Registry {
@@ -146,7 +146,7 @@ impl Registry {
                     last_modified: Some(o.last_modified),
                     created: Some(o.last_modified),
                     etag: Some(o.etag),
-                    local: false,
+                    pending_changes: false,
                 },
             );
         }
@@ -163,9 +163,9 @@ impl Registry {
                 last_modified: started,
                 created: started,
                 etag: None,
-                local: false,
+                pending_changes: false,
             });
-            info.local = self.pending(&path);
+            info.pending_changes = self.pending(&path);
             if started.is_some() && info.created.is_none_or(|c| started.is_some_and(|s| s < c)) {
                 info.created = started;
             }
@@ -180,8 +180,8 @@ impl Registry {
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e),
         };
-        let local = self.get(name).is_some() || self.has_overlay(name);
-        if object.is_none() && !local {
+        let here = self.is_local(name);
+        if object.is_none() && !here {
             return Ok(None);
         }
         let started = self.overlay_started(name);
@@ -191,7 +191,7 @@ impl Registry {
             last_modified: object.as_ref().map(|o| o.last_modified).or(started),
             created: started.or(object.as_ref().map(|o| o.last_modified)),
             etag: object.map(|o| o.etag),
-            local: self.pending(name),
+            pending_changes: self.pending(name),
         }))
     }
 
