@@ -107,20 +107,6 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes every committed transaction durable with one fsync of the WAL:
-    /// a small write committed under `synchronous = FULL` syncs the log up
-    /// to and including it. Cheaper than a checkpoint, which also copies
-    /// pages into the database and syncs it.
-    pub fn sync_wal(&self) -> Result<(), OverlayError> {
-        self.conn.execute_batch(
-            "PRAGMA synchronous = FULL;
-             INSERT INTO meta(k, v) VALUES ('synced', '1')
-                 ON CONFLICT(k) DO UPDATE SET v = CAST(v AS INTEGER) + 1;
-             PRAGMA synchronous = NORMAL;",
-        )?;
-        Ok(())
-    }
-
     pub fn load_nodes(&self) -> Result<Vec<Node>, OverlayError> {
         let mut stmt = self.conn.prepare(
             "SELECT ino, kind, perm, uid, gid, nlink, rdev, size, atime_s, atime_ns, \

@@ -40,6 +40,8 @@ pub struct LiveSession {
     pub name: SessionPath,
     pub ns: Mutex<Namespace>,
     pub content: Content,
+    /// The journal's write-ahead log.
+    wal: std::path::PathBuf,
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
     group: GroupCommit,
@@ -71,11 +73,18 @@ pub struct FileInfo {
 }
 
 impl LiveSession {
-    pub fn new(name: SessionPath, ns: Namespace, content: Content, read_only: bool) -> LiveSession {
+    pub fn new(
+        name: SessionPath,
+        ns: Namespace,
+        content: Content,
+        wal: std::path::PathBuf,
+        read_only: bool,
+    ) -> LiveSession {
         LiveSession {
             name,
             ns: Mutex::new(ns),
             content,
+            wal,
             read_only,
             watcher: Mutex::new(None),
             group: GroupCommit::default(),
@@ -154,10 +163,11 @@ impl LiveSession {
                 g.running = true;
                 let covers = g.asked;
                 drop(g);
-                let r = self
-                    .content
-                    .sync_dir()
-                    .and_then(|()| self.ns.lock().journal().sync_wal());
+                // The journal's log is synced through a descriptor of its
+                // own, so the namespace stays unlocked meanwhile: what SQLite
+                // committed is already in the file (it does not buffer), and
+                // a checkpoint syncs the database before it resets the log.
+                let r = self.content.sync_dir().and_then(|()| sync_file(&self.wal));
                 g = self.group.state.lock();
                 g.running = false;
                 if r.is_ok() {
@@ -348,6 +358,15 @@ impl LiveSession {
             Invalidation::Inode(ino),
         ]);
         Ok(())
+    }
+}
+
+/// fsync of the file at `path`, if it exists.
+fn sync_file(path: &std::path::Path) -> Result<(), OverlayError> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(f.sync_data()?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

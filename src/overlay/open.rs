@@ -52,6 +52,8 @@ pub enum OpenError {
 
 /// The name of the journal inside an overlay directory.
 pub const JOURNAL: &str = "journal.db";
+/// Its write-ahead log.
+const WAL: &str = "journal.db-wal";
 
 /// Opens the session's object and overlay. Blocks on `rt`: call it from a
 /// thread that is not one of the runtime's.
@@ -105,6 +107,7 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
         spec.session.clone(),
         ns,
         content,
+        spec.overlay.join(WAL),
         spec.read_only,
     ))
 }
@@ -135,7 +138,7 @@ fn check_version(journal: &Path, overlay: &Path, etag: Option<&str>) -> Result<(
 
 /// Removes an overlay's journal and files (the directory itself stays).
 pub fn discard(overlay: &Path) {
-    for name in [JOURNAL, "journal.db-wal", "journal.db-shm"] {
+    for name in [JOURNAL, WAL, "journal.db-shm"] {
         let _ = std::fs::remove_file(overlay.join(name));
     }
     let _ = std::fs::remove_dir_all(overlay.join("data"));
