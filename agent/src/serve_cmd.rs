@@ -80,6 +80,11 @@ pub struct ServeArgs {
         value_name = "MS"
     )]
     pub recheck_ms: u64,
+    /// Seconds after its last request that a session not mounted here is
+    /// closed (journal synced and unlocked, tree out of memory).
+    #[arg(long, env = "SESSIONFS_IDLE_CLOSE_SECS", default_value_t = 300, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_close_secs: u64,
 }
 
 /// `X-Container-ID`: `CONTAINER_ID`, else the host name.
@@ -195,6 +200,23 @@ pub async fn serve(
         }
     };
 
+    let idle = Duration::from_secs(args.idle_close_secs);
+    let closer = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle.min(Duration::from_secs(30)));
+            loop {
+                tick.tick().await;
+                let registry = registry.clone();
+                let closed = tokio::task::spawn_blocking(move || registry.close_idle(idle))
+                    .await
+                    .unwrap_or(0);
+                if closed > 0 {
+                    tracing::info!("closed {closed} idle session(s)");
+                }
+            }
+        })
+    };
     let state = Arc::new(AppState::new(
         config,
         registry.clone(),
@@ -235,6 +257,7 @@ pub async fn serve(
         tracing::warn!("requests still running after {GRACE:?}; stopping anyway");
         server.abort();
     }
+    closer.abort();
     if let Some(r) = running {
         r.stop(quiet).await?;
     }

@@ -47,6 +47,8 @@ pub struct LiveSession {
     group: GroupCommit,
     /// When the object was last found unchanged in the store.
     checked: Mutex<std::time::Instant>,
+    /// When a request last asked the registry for this session.
+    used: Mutex<std::time::Instant>,
 }
 
 /// The rounds of [`LiveSession::durable`].
@@ -89,6 +91,7 @@ impl LiveSession {
             watcher: Mutex::new(None),
             group: GroupCommit::default(),
             checked: Mutex::new(std::time::Instant::now()),
+            used: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -122,6 +125,16 @@ impl LiveSession {
         }
         *at = std::time::Instant::now();
         true
+    }
+
+    /// Marks the session as used now.
+    pub fn touch(&self) {
+        *self.used.lock() = std::time::Instant::now();
+    }
+
+    /// How long since the session was last used.
+    pub fn idle(&self) -> std::time::Duration {
+        self.used.lock().elapsed()
     }
 
     /// Whether a mount is watching (the session is mounted in this process).

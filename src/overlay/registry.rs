@@ -285,6 +285,7 @@ impl Registry {
         create: bool,
     ) -> Result<Arc<LiveSession>, RegistryError> {
         if let Some(s) = self.get(name) {
+            s.touch();
             if !self.replaced_underneath(&s) {
                 return Ok(s);
             }
@@ -339,6 +340,29 @@ impl Registry {
         }
         *self.listed.lock() = None;
         Ok(())
+    }
+
+    /// Closes the sessions no mount watches, no request holds and nothing
+    /// asked for since `idle`: their journals are synced and unlocked (so a
+    /// `sessionfs mount` elsewhere on the host may take the overlay), and
+    /// their trees leave memory. Their overlays stay. Returns how many.
+    pub fn close_idle(&self, idle: std::time::Duration) -> usize {
+        let closing: Vec<Arc<LiveSession>> = {
+            let mut open = self.open.lock();
+            let names: Vec<String> = open
+                .iter()
+                // The registry's own reference is the only one left.
+                .filter(|(_, s)| !s.is_watched() && Arc::strong_count(s) == 1 && s.idle() >= idle)
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.iter().filter_map(|n| open.remove(n)).collect()
+        };
+        for s in &closing {
+            if let Err(e) = s.sync() {
+                tracing::error!("syncing the overlay of {} before closing it: {e}", s.name);
+            }
+        }
+        closing.len()
     }
 
     /// Deletes the session: its object and its overlay. `Ok(false)` when

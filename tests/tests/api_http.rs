@@ -1212,3 +1212,44 @@ async fn store_failures_and_read_only_have_their_codes() {
     let got = text(format!("{}{API}/{s}/files/workspace/a.txt", ro.url)).await;
     assert_eq!(got, "a");
 }
+
+/// A session no request has used for a while is closed: its journal is
+/// unlocked, so a mount in another process takes the same overlay and sees
+/// what the API wrote; while that mount holds it, the API answers 409.
+#[tokio::test]
+async fn idle_sessions_are_closed_and_their_overlay_can_be_mounted() {
+    let site = Site::s3();
+    let server = serve(&site, &["--idle-close-secs", "1"]);
+    let c = http();
+    let s = session("idle");
+    let (st, _) = call(
+        c.put(format!(
+            "{}{API}/{s}/files/workspace/from-api.txt",
+            server.url
+        ))
+        .body("written through the API"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // Wait (generously) for the closer to run: the gauge says when.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = text(format!("{}/metrics", server.url)).await;
+        if metrics.contains("sessionfs_open_sessions 0") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = site.mount(&s, &[]);
+    assert_eq!(
+        fs::read(m.join("workspace/from-api.txt")).unwrap(),
+        b"written through the API"
+    );
+    let (st, v) = call(c.get(format!("{}{API}/{s}/files", server.url))).await;
+    assert_error(st, &v, 409, "conflict");
+    m.stop();
+    // The mount gone, the API opens the session again.
+    let (st, v) = call(c.get(format!("{}{API}/{s}/files", server.url))).await;
+    assert_eq!(st, 200, "{v}");
+}
