@@ -293,8 +293,9 @@ impl SessionFs {
             }
         }
         self.catch_up(fh)?;
-        self.live.content.sync_dir()?;
-        self.live.ns.lock().sync()
+        // The directory and the journal's log, shared with concurrent
+        // fsyncs (and API writes) of this session.
+        self.live.durable()
     }
 
     fn do_release(&self, fh: u64) -> Result<(), OverlayError> {

@@ -160,7 +160,9 @@ impl LiveSession {
         self.ns.lock().sync()
     }
 
-    /// Returns once everything done before the call is durable. Callers
+    /// Returns once everything done before the call is durable: the
+    /// overlay directory and the journal (file bytes are the caller's to
+    /// sync, before). Callers
     /// that arrive together share one sync (group commit): the first runs
     /// it for all who came before it started; those arriving meanwhile wait
     /// for the next round.
