@@ -30,14 +30,15 @@ pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
     let ns = live.ns.lock();
     let mut out = Vec::new();
     let mut first_path = std::collections::HashMap::new();
+    let xattrs = ns.journal().all_xattrs()?;
     for (path, ino) in ns.walk(ROOT) {
         let n = ns.get(ino)?;
-        let mut x = std::collections::BTreeMap::new();
-        for name in ns.journal().xattr_names(ino)? {
-            if let Some(v) = ns.journal().xattr(ino, &name)? {
-                x.insert(name, hex_encode(&v));
-            }
-        }
+        let x = xattrs
+            .get(&ino)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), hex_encode(v)))
+            .collect();
         let mut entry = Entry {
             p: path.clone(),
             t: Kind::File,

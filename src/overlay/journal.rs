@@ -12,6 +12,7 @@
 //! it as is (stable inode numbers, nothing re-derived from the object), and
 //! the write-back agent packs the tree straight from it.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -181,6 +182,20 @@ impl Journal {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    /// Every xattr of every inode, in one pass (for packing the tree).
+    pub fn all_xattrs(
+        &self,
+    ) -> Result<HashMap<u64, std::collections::BTreeMap<String, Vec<u8>>>, OverlayError> {
+        let mut stmt = self.conn.prepare("SELECT ino, name, value FROM xattrs")?;
+        let mut rows = stmt.query([])?;
+        let mut out: HashMap<u64, std::collections::BTreeMap<String, Vec<u8>>> = HashMap::new();
+        while let Some(r) = rows.next()? {
+            let ino = r.get::<_, i64>(0)? as u64;
+            out.entry(ino).or_default().insert(r.get(1)?, r.get(2)?);
+        }
+        Ok(out)
     }
 
     pub fn xattr_names(&self, ino: u64) -> Result<Vec<String>, OverlayError> {

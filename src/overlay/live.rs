@@ -286,37 +286,17 @@ impl LiveSession {
             let mut ns = self.ns.lock();
             let mut at = ROOT;
             for dir in dirs {
-                at = match ns.lookup(at, dir) {
-                    Ok(n) if n.kind == NodeKind::Dir => n.ino,
-                    Ok(_) => return Err(OverlayError::NotDir),
-                    Err(OverlayError::NotFound) => {
-                        let (uid, gid) = owner_of(&ns, at)?;
-                        let n = ns.create(at, dir, NodeKind::Dir, 0o755, uid, gid, 0, None)?;
-                        told.push(Invalidation::Inode(at));
-                        told.push(Invalidation::Entry {
-                            parent: at,
-                            name: (*dir).to_owned(),
-                        });
-                        n.ino
-                    }
-                    Err(e) => return Err(e),
-                };
-            }
-            match ns.lookup(at, file_name) {
-                Ok(n) if n.kind == NodeKind::File => n.ino,
-                Ok(n) if n.kind == NodeKind::Dir => return Err(OverlayError::IsDir),
-                Ok(_) => return Err(OverlayError::Invalid("not a regular file")),
-                Err(OverlayError::NotFound) => {
-                    let (uid, gid) = owner_of(&ns, at)?;
-                    let n = ns.create(at, file_name, NodeKind::File, 0o644, uid, gid, 0, None)?;
-                    told.push(Invalidation::Inode(at));
-                    told.push(Invalidation::Entry {
-                        parent: at,
-                        name: (*file_name).to_owned(),
-                    });
-                    n.ino
+                let n = child(&mut ns, at, dir, NodeKind::Dir, &mut told)?;
+                if n.kind != NodeKind::Dir {
+                    return Err(OverlayError::NotDir);
                 }
-                Err(e) => return Err(e),
+                at = n.ino;
+            }
+            let n = child(&mut ns, at, file_name, NodeKind::File, &mut told)?;
+            match n.kind {
+                NodeKind::File => n.ino,
+                NodeKind::Dir => return Err(OverlayError::IsDir),
+                _ => return Err(OverlayError::Invalid("not a regular file")),
             }
         };
         // The bytes are written and synced outside every lock, so writers
@@ -385,10 +365,34 @@ fn sync_file(path: &std::path::Path) -> Result<(), OverlayError> {
     }
 }
 
-/// New inodes made through the API belong to the directory's owner.
-fn owner_of(ns: &Namespace, dir: u64) -> Result<(u32, u32), OverlayError> {
-    let d = ns.get(dir)?;
-    Ok((d.uid, d.gid))
+/// The entry `name` of directory `dir`, created as `kind` when missing
+/// (owned by the directory's owner, as the API has no user of its own);
+/// a creation is added to `told`.
+fn child(
+    ns: &mut Namespace,
+    dir: u64,
+    name: &str,
+    kind: NodeKind,
+    told: &mut Vec<Invalidation>,
+) -> Result<Node, OverlayError> {
+    match ns.lookup(dir, name) {
+        Ok(n) => Ok(n.clone()),
+        Err(OverlayError::NotFound) => {
+            let (uid, gid) = {
+                let d = ns.get(dir)?;
+                (d.uid, d.gid)
+            };
+            let perm = if kind == NodeKind::Dir { 0o755 } else { 0o644 };
+            let n = ns.create(dir, name, kind, perm, uid, gid, 0, None)?;
+            told.push(Invalidation::Inode(dir));
+            told.push(Invalidation::Entry {
+                parent: dir,
+                name: name.to_owned(),
+            });
+            Ok(n)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The names of a session-relative path, each checked as a directory entry.

@@ -71,6 +71,18 @@ async fn text(url: impl reqwest::IntoUrl) -> String {
         .expect("body")
 }
 
+/// GETs a URL; the body.
+async fn bytes_of(url: impl reqwest::IntoUrl) -> bytes::Bytes {
+    http()
+        .get(url)
+        .send()
+        .await
+        .expect("send")
+        .bytes()
+        .await
+        .expect("body")
+}
+
 /// Sends a request; its status and JSON body.
 async fn call(r: reqwest::RequestBuilder) -> (u16, Value) {
     json(r.send().await.expect("send")).await
@@ -306,14 +318,7 @@ async fn files_are_written_read_listed_and_deleted() {
         .send()
         .await
         .unwrap();
-    let got = c
-        .get(format!("{base}/files/workspace/big.bin"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = bytes_of(format!("{base}/files/workspace/big.bin")).await;
     assert_eq!(got, big);
 
     // Overwrite, then delete.
@@ -979,14 +984,7 @@ async fn writes_through_the_api_and_the_mount_see_each_other() {
     );
 
     // The download has both sides' changes.
-    let body = c
-        .get(format!("{url}{API}/{s}/download"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = bytes_of(format!("{url}{API}/{s}/download")).await;
     let listing = python_stream_listing(&body, site.dir.path());
     assert!(listing.contains("workspace/from-mount.txt 20"), "{listing}");
     assert!(
