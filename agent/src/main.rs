@@ -12,6 +12,7 @@ mod serve_cmd;
 mod store_args;
 mod store_check;
 mod transfer;
+mod writeback_loop;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

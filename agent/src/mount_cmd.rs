@@ -18,6 +18,8 @@ use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount::{self, MountSpec};
 
+use crate::writeback_loop::{Policy, WriteBack};
+
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
     /// Session path, e.g. `owner__repo__branch` (a new one starts empty).
@@ -43,6 +45,8 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub threads: u64,
+    #[command(flatten)]
+    pub writeback: Policy,
 }
 
 pub fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
@@ -112,17 +116,55 @@ pub async fn run(
     let config = mount::config(&spec);
     let rt = tokio::runtime::Handle::current();
     let mp = mountpoint.clone();
+    let read_only = spec.read_only;
+    let store = spec.store.clone();
     // Opening reads the TOC and the journal; mounting waits for the kernel.
-    let fuse_session = tokio::task::spawn_blocking(move || {
+    let (fuse_session, live) = tokio::task::spawn_blocking(move || {
         let fs = mount::open(&spec, &rt)?;
-        mount::mount(fs, &mp, &config)
+        let live = fs.live().clone();
+        let root = fs.root();
+        let session = mount::mount(fs, &mp, &config)?;
+        // Changes that do not come through the mount (a move onto another
+        // writer's object) reach the kernel's caches through the notifier.
+        let notifier = Arc::new(std::sync::OnceLock::new());
+        let _ = notifier.set(session.notifier());
+        live.set_watcher(Some(sessionfs_fuse::fs::watcher(notifier, 0, root)));
+        anyhow::Ok((session, live))
     })
     .await??;
     if !quiet {
         eprintln!("mounted {} at {}", session.as_str(), mountpoint.display());
     }
-    serve_until_stopped(fuse_session, &mountpoint, quiet).await
+    let one = live.clone();
+    let writeback = WriteBack::new(
+        Arc::new(move || vec![one.clone()]),
+        store,
+        args.writeback,
+        Arc::new(|s| {
+            tracing::error!(
+                session = %s.name,
+                "the session's object was deleted from the store; the mount keeps serving it and its changes stay in the overlay"
+            )
+        }),
+    );
+    let looping = (!read_only).then(|| tokio::spawn(writeback.clone().run()));
+    let served = serve_until_stopped(fuse_session, &mountpoint, quiet).await;
+    if let Some(l) = looping {
+        l.abort();
+        let _ = l.await;
+    }
+    // Unmounted: what is pending goes to the store before the process ends.
+    if !read_only && !writeback.flush_all(STOP_FLUSH).await {
+        tracing::error!("session {session}: changes left pending in the overlay");
+    }
+    if let Err(e) = live.sync() {
+        tracing::error!("syncing the overlay: {e}");
+    }
+    served
 }
+
+/// How long a stop may spend writing back what is pending.
+pub const STOP_FLUSH: Duration = Duration::from_secs(60);
 
 /// A mount running on its own thread.
 pub struct Running {

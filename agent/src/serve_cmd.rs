@@ -23,8 +23,9 @@ use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount;
 use sessionfs_fuse::multi::{MultiFs, RootSpec};
 
-use crate::mount_cmd::{check_mountpoint, overlay_root, spawn, stop_signal};
+use crate::mount_cmd::{check_mountpoint, overlay_root, spawn, stop_signal, STOP_FLUSH};
 use crate::store_args::StoreArgs;
+use crate::writeback_loop::{Policy, WriteBack};
 
 /// How long requests in flight may take to finish after a stop signal.
 const GRACE: Duration = Duration::from_secs(30);
@@ -85,6 +86,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SESSIONFS_IDLE_CLOSE_SECS", default_value_t = 300, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_close_secs: u64,
+    #[command(flatten)]
+    pub writeback: Policy,
 }
 
 /// `X-Container-ID`: `CONTAINER_ID`, else the host name.
@@ -137,6 +140,7 @@ pub async fn serve(
     );
     let metered = Arc::new(MeteredStore::new(store_args.config()?.open().await?));
     let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(metered.clone(), cache.clone()));
+    let store_for_writeback = store.clone();
     let overlays = overlay_root(args.overlay_dir.clone())?.join(&bucket);
     let spool_dir = overlays.join(".spool");
     std::fs::create_dir_all(&spool_dir)
@@ -200,6 +204,25 @@ pub async fn serve(
         }
     };
 
+    let writeback = {
+        let (registry, gone) = (registry.clone(), registry.clone());
+        WriteBack::new(
+            Arc::new(move || registry.open_sessions()),
+            store_for_writeback,
+            args.writeback.clone(),
+            Arc::new(move |s| {
+                // Deleted by another server, nothing pending here: gone here too.
+                let (gone, name) = (gone.clone(), s.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = gone.discard(&name) {
+                        tracing::warn!("session {name} was deleted in the store: {e}");
+                    }
+                });
+            }),
+        )
+    };
+    let looping = tokio::spawn(writeback.clone().run());
+    let keep_pending = writeback.enabled();
     let idle = Duration::from_secs(args.idle_close_secs);
     let closer = {
         let registry = registry.clone();
@@ -208,9 +231,10 @@ pub async fn serve(
             loop {
                 tick.tick().await;
                 let registry = registry.clone();
-                let closed = tokio::task::spawn_blocking(move || registry.close_idle(idle))
-                    .await
-                    .unwrap_or(0);
+                let closed =
+                    tokio::task::spawn_blocking(move || registry.close_idle(idle, keep_pending))
+                        .await
+                        .unwrap_or(0);
                 if closed > 0 {
                     tracing::info!("closed {closed} idle session(s)");
                 }
@@ -258,8 +282,13 @@ pub async fn serve(
         server.abort();
     }
     closer.abort();
+    looping.abort();
+    let _ = looping.await;
     if let Some(r) = running {
         r.stop(quiet).await?;
+    }
+    if !args.read_only && !writeback.flush_all(STOP_FLUSH).await {
+        tracing::error!("some sessions keep changes pending in their overlays");
     }
     for s in registry.open_sessions() {
         if let Err(e) = s.sync() {

@@ -33,6 +33,28 @@ async fn open(st: &AppState, s: &SessionPath) -> Result<Arc<LiveSession>, ApiErr
     blocking(move || registry.open(&name, false).map_err(ApiError::from)).await
 }
 
+/// Runs `op` on the session (opened, or with `create` created, here on a
+/// blocking thread). A session retired under the operation (deleted or
+/// replaced meanwhile) is opened again, so the operation answers as if it
+/// came after the deletion, never with the deletion's debris.
+fn on_session<T>(
+    registry: &sessionfs_core::overlay::registry::Registry,
+    name: &SessionPath,
+    create: bool,
+    op: impl Fn(&Arc<LiveSession>) -> Result<T, (OverlayError, Arc<LiveSession>)>,
+    fail: impl Fn(OverlayError, &LiveSession) -> ApiError,
+) -> Result<T, ApiError> {
+    let mut tries = 0;
+    loop {
+        let live = registry.open(name, create).map_err(ApiError::from)?;
+        match op(&live) {
+            Ok(v) => return Ok(v),
+            Err((OverlayError::Retired, _)) if tries < 5 => tries += 1,
+            Err((e, live)) => return Err(fail(e, &live)),
+        }
+    }
+}
+
 pub async fn list(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
     let live = open(st, s).await?;
     let files = blocking(move || Ok(live.list_files())).await?;
@@ -134,24 +156,35 @@ pub async fn read(
     method: &Method,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    // One trip off the runtime opens, resolves and, for a small file,
-    // reads it: the common case of an editor fetching a source file.
+    // One trip off the runtime opens the session, resolves the path to one
+    // version of the file and reads its first chunk: the common case of an
+    // editor fetching a source file is answered from it, and a store that
+    // fails is a 5xx before any header went out.
     let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
     let want_bytes = method == Method::GET;
-    let (live, node, small) = blocking(move || {
-        let live = registry.open(&name, false).map_err(ApiError::from)?;
-        let node = live.resolve(&p).map_err(|e| {
-            ApiError::from_overlay(not_found(e), live.name.as_str(), &p, ApiError::download)
-        })?;
-        let small = if want_bytes && node.kind == NodeKind::File && node.size <= CHUNK {
-            Some(
-                live.read(node.ino, 0, node.size)
-                    .map_err(ApiError::download)?,
-            )
-        } else {
-            None
-        };
-        Ok((live, node, small))
+    let asked = headers.clone();
+    let (live, node, version, first) = blocking(move || {
+        on_session(
+            &registry,
+            &name,
+            false,
+            |live| {
+                let fail = |e| (e, live.clone());
+                let _in = live.enter().map_err(fail)?;
+                let (node, version) = live.open_version(&p).map_err(|e| fail(not_found(e)))?;
+                let from = match range(&asked, node.size) {
+                    Ok(Some((a, _))) => a,
+                    _ => 0,
+                };
+                let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
+                    live.read_version(&version, from, CHUNK).map_err(fail)?
+                } else {
+                    Vec::new()
+                };
+                Ok((live.clone(), node, version, first))
+            },
+            |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::download),
+        )
     })
     .await?;
     if node.kind != NodeKind::File {
@@ -197,45 +230,43 @@ pub async fn read(
     if method == Method::HEAD || start == end {
         return Ok(r);
     }
-    if let Some(mut bytes) = small {
-        // The file may have shrunk between the stat and the read.
-        let end = (end as usize).min(bytes.len());
-        let start = (start as usize).min(end);
-        bytes.truncate(end);
-        bytes.drain(..start);
-        *r.body_mut() = Body::from(bytes);
+    // `first` holds the file's bytes from `start` (up to a chunk); the
+    // rest streams from the same version. A version that ends early (a file
+    // truncated through the mount) aborts the connection: the declared
+    // length is never answered with fewer bytes.
+    let mut first = first;
+    first.truncate((end - start).min(first.len() as u64) as usize);
+    let next = start + first.len() as u64;
+    if next >= end {
+        if (first.len() as u64) < end - start {
+            return Err(ApiError::download(OverlayError::Corrupt(
+                "the file shrank while it was read".into(),
+            )));
+        }
+        *r.body_mut() = Body::from(first);
         return Ok(r);
     }
-    let ino = node.ino;
-    if end - start <= CHUNK {
-        let bytes = blocking(move || {
-            live.read(ino, start, end - start)
-                .map_err(ApiError::download)
-        })
-        .await?;
-        *r.body_mut() = Body::from(bytes);
-        return Ok(r);
-    }
-    let stream = futures::stream::try_unfold(start, move |at| {
-        let live = live.clone();
+    let version = Arc::new(version);
+    let head = futures::stream::once(async move { Ok(bytes::Bytes::from(first)) });
+    let rest = futures::stream::try_unfold(next, move |at| {
+        let (live, version) = (live.clone(), version.clone());
         async move {
             if at >= end {
                 return Ok(None);
             }
             let n = CHUNK.min(end - at);
-            let bytes = tokio::task::spawn_blocking(move || live.read(ino, at, n))
+            let bytes = tokio::task::spawn_blocking(move || live.read_version(&version, at, n))
                 .await
                 .map_err(std::io::Error::other)?
                 .map_err(std::io::Error::other)?;
             if bytes.is_empty() {
-                // The file shrank under the read: end here rather than spin.
                 return Err(std::io::Error::other("the file shrank while it was read"));
             }
             let next = at + bytes.len() as u64;
             Ok(Some((bytes::Bytes::from(bytes), next)))
         }
     });
-    *r.body_mut() = Body::from_stream(stream);
+    *r.body_mut() = Body::from_stream(futures::StreamExt::chain(head, rest));
     Ok(r)
 }
 
@@ -252,9 +283,13 @@ pub async fn write(
     let body = crate::read_body(req.into_body(), limit).await?;
     let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
     let size = blocking(move || {
-        let live = registry.open(&name, true).map_err(ApiError::from)?;
-        live.put_file(&p, &body)
-            .map_err(|e| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload))
+        on_session(
+            &registry,
+            &name,
+            true,
+            |live| live.put_file(&p, &body).map_err(|e| (e, live.clone())),
+            |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload),
+        )
     })
     .await?;
     Ok(st.json(
@@ -272,12 +307,18 @@ pub async fn delete(st: &AppState, s: &SessionPath, path: &str) -> Result<Respon
     if st.registry.read_only() {
         return Err(ApiError::ReadOnly);
     }
-    let live = open(st, s).await?;
-    let p = path.to_owned();
+    let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
     blocking(move || {
-        live.delete_file(&p).map_err(|e| {
-            ApiError::from_overlay(not_found(e), live.name.as_str(), &p, ApiError::upload)
-        })
+        on_session(
+            &registry,
+            &name,
+            false,
+            |live| {
+                live.delete_file(&p)
+                    .map_err(|e| (not_found(e), live.clone()))
+            },
+            |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::upload),
+        )
     })
     .await?;
     Ok(st.json(

@@ -157,6 +157,37 @@ impl Metrics {
             "Open sessions holding changes not yet written back.",
             g.sessions_with_pending_changes,
         );
+        let wb = &sessionfs_core::overlay::writeback::COUNTERS;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        for (name, help, value) in [
+            (
+                "sessionfs_writebacks_total",
+                "Write-backs completed.",
+                load(&wb.writebacks),
+            ),
+            (
+                "sessionfs_writeback_failures_total",
+                "Write-backs that failed (retried).",
+                load(&wb.failures),
+            ),
+            (
+                "sessionfs_writeback_conflicts_total",
+                "Write-backs refused because another writer replaced the object.",
+                load(&wb.conflicts),
+            ),
+            (
+                "sessionfs_writeback_uploaded_bytes_total",
+                "Bytes write-backs sent to the store.",
+                load(&wb.uploaded_bytes),
+            ),
+            (
+                "sessionfs_writeback_copied_bytes_total",
+                "Bytes write-backs copied server-side from the old object.",
+                load(&wb.copied_bytes),
+            ),
+        ] {
+            gauge(name, "counter", help, value);
+        }
         out
     }
 }

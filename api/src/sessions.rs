@@ -55,6 +55,19 @@ fn describe_json(i: &SessionInfo) -> serde_json::Value {
         "size": i.size,
         "etag": i.etag,
         "pendingChanges": i.pending_changes,
+        "lastWriteBack": i.writeback.as_ref().and_then(|w| w.last.as_ref()).map(|r| serde_json::json!({
+            "at": iso(Some(r.at)),
+            "etag": r.etag,
+            "full": r.full,
+            "changes": r.changes,
+            "objectSize": r.object_size,
+            "uploadedBytes": r.uploaded,
+            "copiedBytes": r.copied,
+            "requests": r.requests,
+            "seconds": r.seconds,
+        })),
+        "lastWriteBackError": i.writeback.as_ref().and_then(|w| w.last_error.clone()),
+        "writeBackConflicts": i.writeback.as_ref().map_or(0, |w| w.conflicts),
     })
 }
 
@@ -92,7 +105,8 @@ fn writable(st: &AppState) -> Result<(), ApiError> {
 
 pub async fn delete(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
     writable(st)?;
-    if !st.registry.delete(s).await? {
+    let (registry, name) = (st.registry.clone(), s.clone());
+    if !blocking(move || registry.delete(&name).map_err(ApiError::from)).await? {
         return Err(ApiError::SessionNotFound(s.to_string()));
     }
     Ok(st.json(
@@ -127,11 +141,14 @@ pub async fn bulk_delete(st: &AppState, req: Request) -> Result<Response, ApiErr
         };
         let outcome = match SessionPath::parse(raw) {
             Err(e) => Err(ApiError::InvalidSessionPath(e.reason.to_string())),
-            Ok(s) => match st.registry.delete(&s).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(ApiError::SessionNotFound(raw.to_owned())),
-                Err(e) => Err(e.into()),
-            },
+            Ok(s) => {
+                let registry = st.registry.clone();
+                match blocking(move || registry.delete(&s).map_err(ApiError::from)).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ApiError::SessionNotFound(raw.to_owned())),
+                    Err(e) => Err(e),
+                }
+            }
         };
         results.push(match outcome {
             Ok(()) => {
@@ -231,19 +248,21 @@ pub async fn upload(st: &AppState, s: &SessionPath, req: Request) -> Result<Resp
         content_type: Some("application/gzip".into()),
         ..PutOptions::default()
     };
-    let etag = put_file(
-        st.registry.store().as_ref(),
-        &s.object_key(),
-        tmp.path(),
-        opts,
-        &|_| {},
-    )
-    .await
-    .map_err(ApiError::upload)?;
-    // The upload is the session now: what was pending here is replaced.
-    let registry = st.registry.clone();
-    let name = s.clone();
-    blocking(move || registry.discard(&name).map_err(ApiError::from)).await?;
+    // The upload is the session now: what was pending here is replaced,
+    // with no request on the old session left half done.
+    let (registry, name, path) = (st.registry.clone(), s.clone(), tmp.path().to_owned());
+    let etag = blocking(move || {
+        let rt = tokio::runtime::Handle::current();
+        let store = registry.store().clone();
+        let key = name.object_key();
+        registry
+            .replace(&name, || {
+                rt.block_on(put_file(store.as_ref(), &key, &path, opts, &|_| {}))
+            })
+            .map_err(ApiError::from)?
+            .map_err(ApiError::upload)
+    })
+    .await?;
     Ok(st.json(
         StatusCode::OK,
         serde_json::json!({

@@ -17,21 +17,41 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
 
-use sessionfs_core::overlay::live::LiveSession;
+use sessionfs_core::overlay::live::{Invalidation, LiveSession, Watcher};
 use sessionfs_core::overlay::namespace::{Listing, RenameMode, SetAttr};
 use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
+
+/// Turns changes made elsewhere (the API, a move onto another writer's
+/// object) into kernel invalidations for the mount whose session inodes
+/// sit at `slot` with `root` as its root. Until the notifier is set (the
+/// mount is up), there is nothing cached to invalidate.
+pub fn watcher(notifier: Arc<OnceLock<Notifier>>, slot: u64, root: u64) -> Watcher {
+    Arc::new(move |changes: &[Invalidation]| {
+        let Some(n) = notifier.get() else { return };
+        let kernel = |ino: u64| INodeNo((slot << SLOT_SHIFT) | swap(ino, root));
+        for change in changes {
+            // ENOENT means the kernel had nothing cached: nothing to do.
+            let _ = match change {
+                Invalidation::Inode(ino) => n.inval_inode(kernel(*ino), 0, 0),
+                Invalidation::Entry { parent, name } => {
+                    n.inval_entry(kernel(*parent), OsStr::new(name))
+                }
+            };
+        }
+    })
+}
 
 /// How long the kernel may trust names and attributes. Every change comes
 /// through this process (the API invalidates through the notifier), so the
@@ -82,6 +102,11 @@ fn name_str(name: &OsStr) -> Result<&str, OverlayError> {
 }
 
 impl SessionFs {
+    /// The session this filesystem serves.
+    pub fn live(&self) -> &Arc<LiveSession> {
+        &self.live
+    }
+
     pub fn new(live: Arc<LiveSession>, root: u64) -> SessionFs {
         SessionFs {
             live,
@@ -91,6 +116,11 @@ impl SessionFs {
             root,
             slot: 0,
         }
+    }
+
+    /// The session's inode that is the mount's root.
+    pub fn root(&self) -> u64 {
+        self.root
     }
 
     /// This session as one of many under a mount root.

@@ -36,5 +36,6 @@ pub fn errno(e: &OverlayError) -> i32 {
         OverlayError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         OverlayError::Journal(_) | OverlayError::Tarball(_) | OverlayError::Corrupt(_) => libc::EIO,
         OverlayError::InUse(_) => libc::EBUSY,
+        OverlayError::Retired => libc::ESTALE,
     }
 }

@@ -28,7 +28,6 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use sessionfs_core::overlay::live::{Invalidation, Watcher};
 use sessionfs_core::overlay::namespace::ROOT as SESSION_ROOT;
 use sessionfs_core::overlay::open::OpenError;
 use sessionfs_core::overlay::registry::{Registry, RegistryError};
@@ -160,29 +159,15 @@ impl MultiFs {
             return Ok(state.sessions[(slot - 1) as usize].clone());
         }
         let slot = state.sessions.len() as u64 + 1;
-        live.set_watcher(Some(self.watcher(slot)));
+        live.set_watcher(Some(crate::fs::watcher(
+            self.spec.notifier.clone(),
+            slot,
+            SESSION_ROOT,
+        )));
         let fs = Arc::new(SessionFs::new(live, SESSION_ROOT).with_slot(slot));
         state.sessions.push(fs.clone());
         state.slots.insert(name.to_owned(), slot);
         Ok(fs)
-    }
-
-    /// Turns changes made through the API into kernel invalidations.
-    fn watcher(&self, slot: u64) -> Watcher {
-        let notifier = self.spec.notifier.clone();
-        Arc::new(move |changes: &[Invalidation]| {
-            let Some(n) = notifier.get() else { return };
-            let kernel = |ino: u64| INodeNo((slot << SLOT_SHIFT) | ino);
-            for change in changes {
-                // ENOENT means the kernel had nothing cached: nothing to do.
-                let _ = match change {
-                    Invalidation::Inode(ino) => n.inval_inode(kernel(*ino), 0, 0),
-                    Invalidation::Entry { parent, name } => {
-                        n.inval_entry(kernel(*parent), OsStr::new(name))
-                    }
-                };
-            }
-        })
     }
 
     fn lookup_session(&self, name: &OsStr, create: bool) -> Result<FileAttr, OverlayError> {

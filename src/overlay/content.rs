@@ -29,7 +29,8 @@ const COPY_CHUNK: u64 = 8 << 20;
 pub struct Content {
     dir: PathBuf,
     files: Mutex<HashMap<u64, Arc<File>>>,
-    reader: Option<Arc<SessionReader>>,
+    /// Replaced when a write-back makes a new object the base.
+    reader: parking_lot::RwLock<Option<Arc<SessionReader>>>,
     rt: tokio::runtime::Handle,
     copy_up: Mutex<()>,
 }
@@ -45,7 +46,7 @@ impl Content {
         Ok(Content {
             dir,
             files: Mutex::new(HashMap::new()),
-            reader,
+            reader: parking_lot::RwLock::new(reader),
             rt,
             copy_up: Mutex::new(()),
         })
@@ -57,8 +58,15 @@ impl Content {
 
     /// The session object the unchanged files are read from (none for a
     /// session that has no object yet).
-    pub fn reader(&self) -> Option<&Arc<SessionReader>> {
-        self.reader.as_ref()
+    pub fn reader(&self) -> Option<Arc<SessionReader>> {
+        self.reader.read().clone()
+    }
+
+    /// Makes `reader` the object unchanged files are read from. The caller
+    /// re-points every [`super::node::Data::Base`] at the new object's paths
+    /// in the same step, under the namespace lock.
+    pub fn set_reader(&self, reader: Arc<SessionReader>) {
+        *self.reader.write() = Some(reader);
     }
 
     /// The runtime object reads are handed to.
@@ -159,12 +167,10 @@ impl Content {
     /// Writes `bytes` to a new file beside the overlay files and syncs it;
     /// [`Content::install`] then puts it in place. Writers of the same file
     /// may run this at once: each has its own name.
-    pub fn stage(&self, ino: u64, bytes: &[u8]) -> Result<PathBuf, OverlayError> {
+    pub fn stage(&self, bytes: &[u8]) -> Result<PathBuf, OverlayError> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join(format!("{ino}.put.{}.{n}", std::process::id()));
+        let tmp = self.dir.join(format!("put.{}.{n}", std::process::id()));
         let out = File::create(&tmp)?;
         let written = out.write_all_at(bytes, 0).and_then(|()| out.sync_all());
         if let Err(e) = written {
@@ -189,9 +195,19 @@ impl Content {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, OverlayError> {
-        let reader = self
-            .reader
-            .as_ref()
+        self.read_base_from(self.reader().as_ref(), path, offset, len)
+    }
+
+    /// Bytes of `path` in `reader`'s object (taken with the node that
+    /// named the path, so both are of one version).
+    pub fn read_base_from(
+        &self,
+        reader: Option<&Arc<SessionReader>>,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, OverlayError> {
+        let reader = reader
             .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
         Ok(self.rt.block_on(reader.read(path, offset, len))?)
     }

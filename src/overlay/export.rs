@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::live::LiveSession;
 use super::namespace::ROOT;
-use super::node::{Data, NodeKind};
+use super::node::{Data, NodeKind, Time};
 use super::OverlayError;
 use crate::tarball::reader::SessionReader;
 use crate::tarball::tar_header::hex_encode;
@@ -24,11 +24,58 @@ use crate::tarball::writer::{pack_entries, PackOptions, PackStats};
 /// Bytes read from the object per request while packing.
 const READ_CHUNK: u64 = 4 << 20;
 
+/// The merged view at one instant, as the writer takes it, with what a
+/// write-back needs to adopt the object it becomes.
+pub struct Snapshot {
+    pub tree: Vec<TreeEntry>,
+    /// Where each entry's bytes come from (same order as `tree`).
+    pub origin: Vec<Origin>,
+    /// The change feed up to here is in the snapshot.
+    pub seq: i64,
+    /// The object version the overlay is based on ("" for none).
+    pub base_etag: String,
+    /// That object.
+    pub reader: Option<Arc<SessionReader>>,
+}
+
+/// Where the bytes of one entry of a [`Snapshot`] come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// No data of its own: directories, links, devices, empty files.
+    Meta,
+    /// Unchanged bytes of the base object's file at `path`.
+    Base { ino: u64, path: String },
+    /// The overlay file of `ino`, as it was at the snapshot.
+    Local { ino: u64, size: u64, mtime: Time },
+    /// Zeros (a file grown by truncate, never written).
+    Zeros { ino: u64 },
+}
+
+impl Snapshot {
+    /// Whether entry `i` has exactly the bytes of the base object's entry
+    /// at the same path (or no bytes at all).
+    pub fn same_bytes(&self, i: usize) -> bool {
+        match &self.origin[i] {
+            Origin::Meta => true,
+            Origin::Base { path, .. } => *path == self.tree[i].entry.p,
+            _ => false,
+        }
+    }
+}
+
 /// The session's tree as the writer takes it.
 pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
-    let reader = live.reader().cloned();
+    Ok(snapshot(live)?.tree)
+}
+
+/// Captures the merged view in one step, under the namespace lock.
+pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
     let ns = live.ns.lock();
+    let reader = live.reader();
+    let seq = ns.journal().last_seq()?;
+    let base_etag = ns.journal().meta("base_etag")?.unwrap_or_default();
     let mut out = Vec::new();
+    let mut origin = Vec::new();
     let mut first_path = std::collections::HashMap::new();
     let xattrs = ns.journal().all_xattrs()?;
     for (path, ino) in ns.walk(ROOT) {
@@ -56,6 +103,7 @@ pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
             sp: None,
         };
         let mut source = None;
+        let mut from = Origin::Meta;
         match n.kind {
             NodeKind::Dir => entry.t = Kind::Dir,
             NodeKind::Symlink => {
@@ -82,6 +130,19 @@ pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
                         first_path.insert(ino, path.clone());
                     }
                     entry.s = n.size;
+                    from = match &n.data {
+                        _ if n.size == 0 => Origin::Meta,
+                        Data::Local => Origin::Local {
+                            ino,
+                            size: n.size,
+                            mtime: n.mtime,
+                        },
+                        Data::Base(base) => Origin::Base {
+                            ino,
+                            path: base.clone(),
+                        },
+                        Data::None => Origin::Zeros { ino },
+                    };
                     source = match &n.data {
                         _ if n.size == 0 => None,
                         Data::Local => Some(Source::File(live.content.path_of(ino))),
@@ -105,8 +166,15 @@ pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
             }
         }
         out.push(TreeEntry { entry, source });
+        origin.push(from);
     }
-    Ok(out)
+    Ok(Snapshot {
+        tree: out,
+        origin,
+        seq,
+        base_etag,
+        reader,
+    })
 }
 
 /// Packs the merged view into `out`.

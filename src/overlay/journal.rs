@@ -54,7 +54,26 @@ CREATE TABLE IF NOT EXISTS xattrs(
 CREATE TABLE IF NOT EXISTS changes(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
     ino INTEGER NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS wb_remap(ino INTEGER PRIMARY KEY, path TEXT NOT NULL);
 "#;
+
+/// A write-back under way, recorded before its first request so that a
+/// restart can tell its own completed upload from someone else's.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attempt {
+    /// Also in the object's user metadata ([`WRITEBACK_ID_KEY`]).
+    pub id: String,
+    /// The change feed up to here is in the object once it completes.
+    pub seq: i64,
+    /// The ETag the upload is conditional on ("" for no object).
+    pub base: String,
+    /// The multipart upload, once created (to abort after a crash).
+    #[serde(default)]
+    pub upload: Option<String>,
+}
+
+/// User metadata key of the write-back id in objects sessionfs writes.
+pub const WRITEBACK_ID_KEY: &str = "sessionfs-writeback";
 
 impl Journal {
     pub fn open(path: &Path) -> Result<Journal, OverlayError> {
@@ -222,6 +241,66 @@ impl Journal {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The newest change not yet written back (0 when none waits).
+    pub fn last_seq(&self) -> Result<i64, OverlayError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// How many changes wait to be written back.
+    pub fn pending_count(&self) -> Result<u64, OverlayError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// The inodes changed after `seq`.
+    pub fn changed_since(&self, seq: i64) -> Result<std::collections::HashSet<u64>, OverlayError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT ino FROM changes WHERE seq > ?1")?;
+        let rows = stmt.query_map([seq], |r| Ok(r.get::<_, i64>(0)? as u64))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The write-back recorded as under way, if any.
+    pub fn attempt(&self) -> Result<Option<Attempt>, OverlayError> {
+        match self.meta("wb_attempt")? {
+            None => Ok(None),
+            Some(json) => serde_json::from_str(&json)
+                .map(Some)
+                .map_err(|e| OverlayError::Corrupt(format!("write-back record: {e}"))),
+        }
+    }
+
+    /// After a crash: the recorded write-back did complete (the stored
+    /// object carries its id). Adopts it as the base: files the snapshot
+    /// found under another name than their base path are re-pointed, the
+    /// changes it covered are confirmed. Files still in the overlay stay
+    /// there (their bytes are in the object too; the next write-back
+    /// adopts them).
+    pub fn recover_completed(&self, attempt: &Attempt, etag: &str) -> Result<(), OverlayError> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE nodes SET base = (SELECT path FROM wb_remap WHERE wb_remap.ino = nodes.ino) \
+             WHERE local = 0 AND base IS NOT NULL AND ino IN (SELECT ino FROM wb_remap)",
+            [],
+        )?;
+        tx.execute("DELETE FROM changes WHERE seq <= ?1", [attempt.seq])?;
+        tx.execute("DELETE FROM wb_remap", [])?;
+        tx.execute("DELETE FROM meta WHERE k = 'wb_attempt'", [])?;
+        tx.execute(
+            "INSERT INTO meta(k, v) VALUES ('base_etag', ?1) ON CONFLICT(k) DO UPDATE SET v = ?1",
+            [etag],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Whether any change waits to be written back (one index probe).
     pub fn has_changes(&self) -> Result<bool, OverlayError> {
         Ok(self
@@ -327,6 +406,38 @@ impl Tx<'_> {
             .prepare_cached("INSERT INTO changes(op, ino, detail) VALUES (?1, ?2, ?3)")?
             .execute(params![op, ino as i64, detail])?;
         Ok(())
+    }
+
+    /// Records a write-back about to start, with the base paths it moves.
+    pub fn begin_attempt(
+        &self,
+        attempt: &Attempt,
+        remap: &[(u64, String)],
+    ) -> Result<(), OverlayError> {
+        self.tx.execute("DELETE FROM wb_remap", [])?;
+        for (ino, path) in remap {
+            self.tx
+                .prepare_cached("INSERT OR REPLACE INTO wb_remap(ino, path) VALUES (?1, ?2)")?
+                .execute(params![*ino as i64, path])?;
+        }
+        self.set_attempt(Some(attempt))
+    }
+
+    /// Replaces (or, with `None`, clears) the write-back record.
+    pub fn set_attempt(&self, attempt: Option<&Attempt>) -> Result<(), OverlayError> {
+        match attempt {
+            Some(a) => {
+                let json = serde_json::to_string(a)
+                    .map_err(|e| OverlayError::Corrupt(format!("write-back record: {e}")))?;
+                self.set_meta("wb_attempt", &json)
+            }
+            None => {
+                self.tx
+                    .execute("DELETE FROM meta WHERE k = 'wb_attempt'", [])?;
+                self.tx.execute("DELETE FROM wb_remap", [])?;
+                Ok(())
+            }
+        }
     }
 
     /// The write-back of everything up to `seq` is confirmed: drop those rows.

@@ -49,6 +49,22 @@ pub struct LiveSession {
     checked: Mutex<std::time::Instant>,
     /// When a request last asked the registry for this session.
     used: Mutex<std::time::Instant>,
+    /// One write-back at a time.
+    writing: Mutex<()>,
+    /// Whole-file operations hold it shared; retiring the session (before
+    /// it is deleted or replaced) holds it exclusively and marks it, so no
+    /// operation is half done when the overlay goes.
+    retired: parking_lot::RwLock<bool>,
+    /// What the write-backs of this session did, for status reports.
+    pub writeback: Mutex<WriteBackStatus>,
+}
+
+/// The write-back state of a session, as `status` and the API report it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WriteBackStatus {
+    pub last: Option<super::writeback::Report>,
+    pub last_error: Option<String>,
+    pub conflicts: u64,
 }
 
 /// The rounds of [`LiveSession::durable`].
@@ -65,6 +81,17 @@ struct Rounds {
     /// Every caller up to this number is durable.
     done: u64,
     running: bool,
+}
+
+/// One version of a file's bytes, pinned (see [`LiveSession::open_version`]).
+pub enum FileVersion {
+    /// The overlay file as it was opened (a replacement renames a new one
+    /// over the name; this handle keeps the old).
+    Local(Arc<std::fs::File>),
+    /// A file of an object version (objects never change).
+    Base(Arc<SessionReader>, String),
+    /// A file that has no bytes stored (reads as zeros up to its size).
+    Zeros,
 }
 
 /// A regular file of the session, as the API lists it.
@@ -92,14 +119,46 @@ impl LiveSession {
             group: GroupCommit::default(),
             checked: Mutex::new(std::time::Instant::now()),
             used: Mutex::new(std::time::Instant::now()),
+            writing: Mutex::new(()),
+            writeback: Mutex::new(WriteBackStatus::default()),
+            retired: parking_lot::RwLock::new(false),
         }
+    }
+
+    /// Enters an operation that must not overlap the session's retirement;
+    /// [`OverlayError::Retired`] once it is retired.
+    pub fn enter(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>, OverlayError> {
+        let g = self.retired.read();
+        if *g {
+            return Err(OverlayError::Retired);
+        }
+        Ok(g)
+    }
+
+    /// Waits for the operations in flight, then refuses every later one.
+    pub fn retire(&self) {
+        *self.retired.write() = true;
+    }
+
+    /// Lets operations in again (the deletion it was retired for failed).
+    pub fn unretire(&self) {
+        *self.retired.write() = false;
+    }
+
+    pub fn is_retired(&self) -> bool {
+        *self.retired.read()
+    }
+
+    /// Held for the whole of a write-back.
+    pub fn writeback_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.writing.lock()
     }
 
     pub fn read_only(&self) -> bool {
         self.read_only
     }
 
-    pub fn reader(&self) -> Option<&Arc<SessionReader>> {
+    pub fn reader(&self) -> Option<Arc<SessionReader>> {
         self.content.reader()
     }
 
@@ -142,7 +201,8 @@ impl LiveSession {
         self.watcher.lock().is_some()
     }
 
-    fn tell(&self, changes: &[Invalidation]) {
+    /// Tells the mount (if one watches) what its kernel may have cached.
+    pub fn tell(&self, changes: &[Invalidation]) {
         let watcher = self.watcher.lock().clone();
         if let Some(w) = watcher {
             w(changes);
@@ -232,7 +292,12 @@ impl LiveSession {
 
     /// Up to `size` bytes of a file from `offset`.
     pub fn read(&self, ino: u64, offset: u64, size: u64) -> Result<Vec<u8>, OverlayError> {
-        let node = self.ns.lock().get(ino)?.clone();
+        // The node and the object it points into, as one pair: a write-back
+        // swaps both under the namespace lock.
+        let (node, reader) = {
+            let ns = self.ns.lock();
+            (ns.get(ino)?.clone(), self.content.reader())
+        };
         let end = offset.saturating_add(size).min(node.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -241,9 +306,65 @@ impl LiveSession {
             Data::Local => self.content.read_local(ino, offset, end - offset),
             Data::Base(path) => Ok(self
                 .content
-                .read_base(&path, offset, end - offset)?
+                .read_base_from(reader.as_ref(), &path, offset, end - offset)?
                 .to_vec()),
             Data::None => Ok(vec![0u8; (end - offset) as usize]),
+        }
+    }
+
+    /// The file at `path` and its bytes as one version: later replacements
+    /// (an API PUT renames a new overlay file into place; a write-back
+    /// swaps the object) do not change what the returned version reads.
+    pub fn open_version(&self, path: &str) -> Result<(Node, FileVersion), OverlayError> {
+        let _installs_wait = self.content.copy_up_lock();
+        let ns = self.ns.lock();
+        let mut at = ROOT;
+        for part in components(path)? {
+            at = ns.lookup(at, part)?.ino;
+        }
+        let node = ns.get(at)?.clone();
+        let version = match &node.data {
+            _ if node.kind != NodeKind::File => FileVersion::Zeros,
+            Data::Local => FileVersion::Local(self.content.local(node.ino)?),
+            Data::Base(p) => match self.content.reader() {
+                Some(r) => FileVersion::Base(r, p.clone()),
+                None => return Err(OverlayError::Corrupt(format!("{p}: no session object"))),
+            },
+            Data::None => FileVersion::Zeros,
+        };
+        Ok((node, version))
+    }
+
+    /// Up to `len` bytes of `version` from `offset` (fewer only at its end).
+    pub fn read_version(
+        &self,
+        version: &FileVersion,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, OverlayError> {
+        match version {
+            FileVersion::Local(f) => {
+                let mut buf = vec![0u8; len as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    let n = std::os::unix::fs::FileExt::read_at(
+                        f.as_ref(),
+                        &mut buf[got..],
+                        offset + got as u64,
+                    )?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                }
+                buf.truncate(got);
+                Ok(buf)
+            }
+            FileVersion::Base(reader, path) => Ok(self
+                .content
+                .read_base_from(Some(reader), path, offset, len)?
+                .to_vec()),
+            FileVersion::Zeros => Ok(vec![0u8; len as usize]),
         }
     }
 
@@ -277,12 +398,20 @@ impl LiveSession {
     /// callers). Returns the size written.
     pub fn put_file(&self, path: &str, bytes: &[u8]) -> Result<u64, OverlayError> {
         self.writable()?;
+        let _live = self.enter()?;
         let parts = components(path)?;
         let Some((file_name, dirs)) = parts.split_last() else {
             return Err(OverlayError::Invalid("empty path"));
         };
+        // The bytes are written and synced outside every lock, so writers
+        // of different files (or the same one) overlap; the last rename wins.
+        let staged = self.content.stage(bytes)?;
         let mut told = Vec::new();
-        let ino = {
+        let installed = (|| {
+            // Resolving, creating what is missing and installing are one
+            // step: a DELETE of the file (or its directory) in between
+            // cannot turn this write into a 404.
+            let _one_at_a_time = self.content.copy_up_lock();
             let mut ns = self.ns.lock();
             let mut at = ROOT;
             for dir in dirs {
@@ -293,22 +422,12 @@ impl LiveSession {
                 at = n.ino;
             }
             let n = child(&mut ns, at, file_name, NodeKind::File, &mut told)?;
-            match n.kind {
+            let ino = match n.kind {
                 NodeKind::File => n.ino,
                 NodeKind::Dir => return Err(OverlayError::IsDir),
                 _ => return Err(OverlayError::Invalid("not a regular file")),
-            }
-        };
-        // The bytes are written and synced outside every lock, so writers
-        // of different files (or the same one) overlap; the last rename wins.
-        let staged = self.content.stage(ino, bytes)?;
-        {
-            let _one_at_a_time = self.content.copy_up_lock();
-            if let Err(e) = self.content.install(ino, &staged) {
-                let _ = std::fs::remove_file(&staged);
-                return Err(e);
-            }
-            let mut ns = self.ns.lock();
+            };
+            self.content.install(ino, &staged)?;
             let mut node = ns.get(ino)?.clone();
             let now = Time::now();
             node.data = Data::Local;
@@ -316,7 +435,15 @@ impl LiveSession {
             node.mtime = now;
             node.ctime = now;
             ns.save(node, "write")?;
-        }
+            Ok(ino)
+        })();
+        let ino = match installed {
+            Ok(ino) => ino,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+        };
         self.durable()?;
         told.push(Invalidation::Inode(ino));
         self.tell(&told);
@@ -326,6 +453,7 @@ impl LiveSession {
     /// Removes the file (or symlink, or other non-directory) at `path`.
     pub fn delete_file(&self, path: &str) -> Result<(), OverlayError> {
         self.writable()?;
+        let _live = self.enter()?;
         let parts = components(path)?;
         let Some((name, dirs)) = parts.split_last() else {
             return Err(OverlayError::Invalid("empty path"));

@@ -14,15 +14,20 @@
 //! - [`open`]: opening a session's overlay, reconciling what a crash left.
 //! - [`registry`]: the open sessions of a bucket, shared by mounts and API.
 //! - [`export`]: the merged view (object + overlay) packed as a tarball.
+//! - [`follow`]: moving onto an object another writer stored, merging.
+//! - [`writeback`]: the merged view made the stored object, incrementally
+//!   and conditionally, then adopted as the new base.
 
 pub mod content;
 pub mod export;
+pub mod follow;
 pub mod journal;
 pub mod live;
 pub mod namespace;
 pub mod node;
 pub mod open;
 pub mod registry;
+pub mod writeback;
 
 use crate::store::StoreError;
 use crate::tarball::TarballError;
@@ -67,6 +72,10 @@ pub enum OverlayError {
     Corrupt(String),
     #[error("the overlay journal {0} is in use by another process (a mount or the API serving this session)")]
     InUse(String),
+    /// The session was closed for deletion or replacement while the
+    /// operation waited: open it again.
+    #[error("the session was deleted or replaced meanwhile")]
+    Retired,
 }
 
 impl From<StoreError> for OverlayError {

@@ -21,6 +21,9 @@ use super::journal::{Journal, Tx};
 use super::node::{Data, Node, NodeKind, Time};
 use super::OverlayError;
 
+mod rebase;
+pub use rebase::Rebased;
+
 pub const ROOT: u64 = 1;
 /// Longest name of one directory entry, as on Linux filesystems.
 pub const NAME_MAX: usize = 255;
@@ -844,6 +847,37 @@ impl Namespace {
 
     pub fn sync(&self) -> Result<(), OverlayError> {
         self.journal.sync()
+    }
+
+    /// A write-back completed: the object with ETag `etag` holds every
+    /// change up to `seq`. Points the given files at their bytes in it and
+    /// forgets the changes, in one transaction. Not a change itself.
+    pub fn adopt_object(
+        &mut self,
+        data: &[(u64, Data)],
+        etag: &str,
+        seq: i64,
+    ) -> Result<(), OverlayError> {
+        let mut updated = Vec::with_capacity(data.len());
+        for (ino, d) in data {
+            if let Some(n) = self.nodes.get(ino) {
+                let mut n = n.clone();
+                n.data = d.clone();
+                updated.push(n);
+            }
+        }
+        let tx = self.journal.begin()?;
+        for n in &updated {
+            tx.put_node(n)?;
+        }
+        tx.set_meta("base_etag", etag)?;
+        tx.confirm(seq)?;
+        tx.set_attempt(None)?;
+        tx.commit()?;
+        for n in updated {
+            self.nodes.insert(n.ino, n);
+        }
+        Ok(())
     }
 
     pub fn journal(&self) -> &Journal {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::content::Content;
-use super::journal::Journal;
+use super::journal::{Journal, WRITEBACK_ID_KEY};
 use super::live::LiveSession;
 use super::namespace::Namespace;
 use super::node::Time;
@@ -72,6 +72,8 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
     let etag = reader.as_ref().map(|r| r.meta().etag.clone());
     let journal_path = spec.overlay.join(JOURNAL);
     if journal_path.exists() {
+        let stored = reader.as_ref().map(|r| r.meta());
+        recover_writeback(&journal_path, spec, stored, rt)?;
         check_version(&journal_path, &spec.overlay, etag.as_deref())?;
     }
     let entries = reader.as_ref().map_or(&[][..], |r| r.entries());
@@ -88,6 +90,20 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
     }
     for ino in orphans {
         content.remove(ino);
+    }
+    // Overlay files a write-back adopted into the object, left by a crash
+    // between its commit and their removal.
+    let local: std::collections::HashSet<u64> = ns.local_files().into_iter().collect();
+    let unjournaled: std::collections::HashSet<u64> = ns.unjournaled_local().into_iter().collect();
+    if let Ok(dir) = std::fs::read_dir(content.dir()) {
+        for e in dir.flatten() {
+            let ino = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+            if let Some(ino) = ino {
+                if !local.contains(&ino) && !unjournaled.contains(&ino) && ns.get(ino).is_ok() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
     // Files created and written whose journal entry had not caught up.
     for ino in ns.unjournaled_local() {
@@ -110,6 +126,46 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
         spec.overlay.join(WAL),
         spec.read_only,
     ))
+}
+
+/// A write-back a crash interrupted: if the stored object carries its id,
+/// it completed, and is adopted as the base (not taken for someone else's
+/// change); otherwise its multipart upload, if any, is aborted.
+fn recover_writeback(
+    journal: &Path,
+    spec: &OpenSpec,
+    stored: Option<&crate::store::ObjectMeta>,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), OpenError> {
+    let j = Journal::open(journal)?;
+    let Some(attempt) = j.attempt()? else {
+        return Ok(());
+    };
+    let ours = stored.filter(|m| {
+        m.metadata.get(WRITEBACK_ID_KEY).map(String::as_str) == Some(attempt.id.as_str())
+    });
+    match ours {
+        Some(meta) => {
+            tracing::info!(
+                "session {}: the write-back {} completed before the last stop; adopting it",
+                spec.session,
+                attempt.id
+            );
+            j.recover_completed(&attempt, &meta.etag)?;
+        }
+        None => {
+            if let Some(upload) = &attempt.upload {
+                let key = spec.session.object_key();
+                if let Err(e) = rt.block_on(spec.store.abort_multipart(&key, upload)) {
+                    tracing::warn!("aborting the interrupted upload {upload} of {key}: {e}");
+                }
+            }
+            let tx = j.begin()?;
+            tx.set_attempt(None)?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
 }
 
 /// Refuses an overlay with pending changes against another object version;

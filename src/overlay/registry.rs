@@ -54,7 +54,7 @@ pub enum RegistryError {
 }
 
 /// What the API reports of a session.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SessionInfo {
     pub name: String,
     /// Size of the stored object (0 for a session that has none yet).
@@ -65,6 +65,8 @@ pub struct SessionInfo {
     pub etag: Option<String>,
     /// The session has changes here not yet written back.
     pub pending_changes: bool,
+    /// What the write-backs of the session did (while it is open here).
+    pub writeback: Option<super::live::WriteBackStatus>,
 }
 
 pub struct Registry {
@@ -147,6 +149,7 @@ impl Registry {
                     created: Some(o.last_modified),
                     etag: Some(o.etag),
                     pending_changes: false,
+                    writeback: None,
                 },
             );
         }
@@ -164,6 +167,7 @@ impl Registry {
                 created: started,
                 etag: None,
                 pending_changes: false,
+                writeback: None,
             });
             info.pending_changes = self.pending(&path);
             if started.is_some() && info.created.is_none_or(|c| started.is_some_and(|s| s < c)) {
@@ -192,6 +196,7 @@ impl Registry {
             created: started.or(object.as_ref().map(|o| o.last_modified)),
             etag: object.map(|o| o.etag),
             pending_changes: self.pending(name),
+            writeback: self.get(name).map(|s| s.writeback.lock().clone()),
         }))
     }
 
@@ -284,7 +289,9 @@ impl Registry {
         name: &SessionPath,
         create: bool,
     ) -> Result<Arc<LiveSession>, RegistryError> {
-        if let Some(s) = self.get(name) {
+        // A retired session is being deleted or replaced: wait for that at
+        // the gate, then open what is left.
+        if let Some(s) = self.get(name).filter(|s| !s.is_retired()) {
             s.touch();
             if !self.replaced_underneath(&s) {
                 return Ok(s);
@@ -295,7 +302,10 @@ impl Registry {
         let gate = self.gate(name);
         let _opening = gate.lock();
         if let Some(s) = self.get(name) {
-            return Ok(s);
+            if !s.is_retired() {
+                return Ok(s);
+            }
+            self.open.lock().remove(name.as_str());
         }
         if !create && !self.rt.block_on(self.exists(name))? {
             return Err(RegistryError::NotFound(name.as_str().to_owned()));
@@ -323,15 +333,20 @@ impl Registry {
     pub fn discard(&self, name: &SessionPath) -> Result<(), RegistryError> {
         let gate = self.gate(name);
         let _opening = gate.lock();
-        {
-            let mut open = self.open.lock();
-            if let Some(s) = open.get(name.as_str()) {
-                if s.is_watched() {
-                    return Err(RegistryError::Mounted(name.as_str().to_owned()));
-                }
-                open.remove(name.as_str());
+        self.discard_locked(name)
+    }
+
+    /// [`Registry::discard`], the gate held: operations in flight on the
+    /// open session finish first, later ones find it retired.
+    fn discard_locked(&self, name: &SessionPath) -> Result<(), RegistryError> {
+        let live = self.get(name);
+        if let Some(s) = &live {
+            if s.is_watched() {
+                return Err(RegistryError::Mounted(name.as_str().to_owned()));
             }
+            s.retire();
         }
+        self.open.lock().remove(name.as_str());
         let overlay = self.overlay(name);
         match std::fs::remove_dir_all(&overlay) {
             Ok(()) => {}
@@ -345,14 +360,21 @@ impl Registry {
     /// Closes the sessions no mount watches, no request holds and nothing
     /// asked for since `idle`: their journals are synced and unlocked (so a
     /// `sessionfs mount` elsewhere on the host may take the overlay), and
-    /// their trees leave memory. Their overlays stay. Returns how many.
-    pub fn close_idle(&self, idle: std::time::Duration) -> usize {
+    /// their trees leave memory. Their overlays stay. With `keep_pending`,
+    /// sessions whose changes still wait for a write-back stay open (the
+    /// write-back works on open sessions). Returns how many.
+    pub fn close_idle(&self, idle: std::time::Duration, keep_pending: bool) -> usize {
         let closing: Vec<Arc<LiveSession>> = {
             let mut open = self.open.lock();
             let names: Vec<String> = open
                 .iter()
                 // The registry's own reference is the only one left.
-                .filter(|(_, s)| !s.is_watched() && Arc::strong_count(s) == 1 && s.idle() >= idle)
+                .filter(|(_, s)| {
+                    !s.is_watched()
+                        && Arc::strong_count(s) == 1
+                        && s.idle() >= idle
+                        && !(keep_pending && s.has_pending_changes().unwrap_or(true))
+                })
                 .map(|(n, _)| n.clone())
                 .collect();
             names.iter().filter_map(|n| open.remove(n)).collect()
@@ -366,17 +388,59 @@ impl Registry {
     }
 
     /// Deletes the session: its object and its overlay. `Ok(false)` when
-    /// there was nothing to delete.
-    pub async fn delete(&self, name: &SessionPath) -> Result<bool, RegistryError> {
-        if !self.exists(name).await? {
+    /// there was nothing to delete. Operations on the session in flight
+    /// finish first; those that come later see no session (or, writing,
+    /// create a new one). Blocks: call it off the runtime's threads.
+    pub fn delete(&self, name: &SessionPath) -> Result<bool, RegistryError> {
+        let gate = self.gate(name);
+        let _opening = gate.lock();
+        if !self.rt.block_on(self.exists(name))? {
             return Ok(false);
         }
-        if self.get(name).is_some_and(|s| s.is_watched()) {
-            return Err(RegistryError::Mounted(name.as_str().to_owned()));
+        let live = self.get(name);
+        if let Some(s) = &live {
+            if s.is_watched() {
+                return Err(RegistryError::Mounted(name.as_str().to_owned()));
+            }
+            s.retire();
         }
-        self.spec.store.delete(&name.object_key()).await?;
-        self.discard(name)?;
+        if let Err(e) = self.rt.block_on(self.spec.store.delete(&name.object_key())) {
+            if let Some(s) = &live {
+                s.unretire();
+            }
+            return Err(e.into());
+        }
+        self.discard_locked(name)?;
         Ok(true)
+    }
+
+    /// Replaces the session by what `upload` stores: operations in flight
+    /// finish first, the open session and its overlay are dropped once the
+    /// upload succeeded (and kept, as they were, if it failed). Blocks.
+    pub fn replace<T, E>(
+        &self,
+        name: &SessionPath,
+        upload: impl FnOnce() -> Result<T, E>,
+    ) -> Result<Result<T, E>, RegistryError> {
+        let gate = self.gate(name);
+        let _opening = gate.lock();
+        let live = self.get(name);
+        if let Some(s) = &live {
+            if s.is_watched() {
+                return Err(RegistryError::Mounted(name.as_str().to_owned()));
+            }
+            s.retire();
+        }
+        let stored = upload();
+        match &stored {
+            Ok(_) => self.discard_locked(name)?,
+            Err(_) => {
+                if let Some(s) = &live {
+                    s.unretire();
+                }
+            }
+        }
+        Ok(stored)
     }
 
     /// Forgets a session a mount removed itself (`rmdir` in the mount root).

@@ -9,6 +9,8 @@
 //!   file by fetching only the segments that hold it, verifying each.
 //! - [`foreign`] indexes tarballs other tools wrote in one streaming pass,
 //!   with [`zran`] access points, so they read lazily too.
+//! - [`repack`] plans a write-back that keeps an old object's unchanged
+//!   segments where they are.
 //! - [`path`] decides which entry names are safe.
 
 pub mod deflate;
@@ -16,6 +18,7 @@ pub mod foreign;
 pub mod index;
 pub mod path;
 pub mod reader;
+pub mod repack;
 pub mod sparse;
 pub mod tar_header;
 pub mod toc;

@@ -141,6 +141,17 @@ impl SessionReader {
         }
     }
 
+    /// A reader of an object this process has just written, from the TOC it
+    /// wrote: no request, and no chance of reading someone else's version.
+    pub fn written(
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        meta: ObjectMeta,
+        toc: Toc,
+    ) -> SessionReader {
+        SessionReader::new(store, key, meta, Layout::Native, toc)
+    }
+
     fn foreign(
         store: Arc<dyn ObjectStore>,
         key: &str,

@@ -79,11 +79,49 @@ pub fn pack_entries<W: Write + Send>(
     opts: &PackOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PackStats, TarballError> {
+    out.write_all(&GZIP_HEADER).map_err(TarballError::write)?;
+    Ok(pack_after(Prefix::default(), entries, out, opts, progress)?.0)
+}
+
+/// What comes before the bytes [`pack_after`] writes: segments already in
+/// place in the new object (reused from an old one), with their entries.
+/// Offsets are the new object's.
+#[derive(Clone, Debug, Default)]
+pub struct Prefix {
+    pub segments: Vec<Segment>,
+    pub entries: Vec<Entry>,
+}
+
+impl Prefix {
+    /// Object offset right after the prefix (the gzip header included).
+    pub fn co_end(&self) -> u64 {
+        self.segments
+            .last()
+            .map_or(GZIP_HEADER.len() as u64, |s| s.co + s.cl)
+    }
+
+    /// Tar offset right after the prefix.
+    pub fn uo_end(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.uo + s.ul)
+    }
+}
+
+/// Packs `entries` as the continuation of `prefix`: `out` receives the bytes
+/// of the object from [`Prefix::co_end`] on (new segments, the TOC, the
+/// trailer); the TOC and the trailer cover the prefix too. A write-back uses
+/// this to reuse an old object's segments without moving them.
+pub fn pack_after<W: Write + Send>(
+    prefix: Prefix,
+    entries: Vec<TreeEntry>,
+    mut out: W,
+    opts: &PackOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(PackStats, Toc), TarballError> {
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    out.write_all(&GZIP_HEADER).map_err(TarballError::write)?;
+    let (co_start, uo_start) = (prefix.co_end(), prefix.uo_end());
 
     let (raw_tx, raw_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
     // The workers alone own the receiver: if they all stop (the output failed),
@@ -112,12 +150,12 @@ pub fn pack_entries<W: Write + Send>(
         drop(done_tx);
         drop(raw_rx);
         let out = &mut out;
-        let collector = scope.spawn(move || collect_in_order(done_rx, out));
-        let laid_out = lay_out(entries, opts, raw_tx, progress);
+        let collector = scope.spawn(move || collect_in_order(done_rx, out, co_start, uo_start));
+        let laid_out = lay_out(entries, opts, raw_tx, uo_start, progress);
         (laid_out, collector.join())
     });
-    let mut toc_entries = laid_out?;
-    let (segments, mut co) = match written {
+    let new_entries = laid_out?;
+    let (new_segments, mut co) = match written {
         Ok(result) => result?,
         Err(_) => {
             return Err(TarballError::Corrupt(
@@ -125,6 +163,12 @@ pub fn pack_entries<W: Write + Send>(
             ))
         }
     };
+    let Prefix {
+        mut segments,
+        entries: mut toc_entries,
+    } = prefix;
+    segments.extend(new_segments);
+    toc_entries.extend(new_entries);
     let tar_data_end = segments.last().map_or(0, |s| s.uo + s.ul);
     toc_entries.shrink_to_fit();
 
@@ -187,13 +231,14 @@ pub fn pack_entries<W: Write + Send>(
     out.flush().map_err(TarballError::write)?;
     co += stored.len() as u64 + 8;
     debug_assert_eq!(co, object_size);
-    Ok(PackStats {
+    let stats = PackStats {
         entries: toc.entries.len(),
         segments: toc.segments.len(),
         tar_size,
         object_size,
         toc_size: toc_bytes.len() as u64,
-    })
+    };
+    Ok((stats, toc))
 }
 
 /// Lays out the tar stream of `entries`, sending each segment's bytes to the
@@ -202,13 +247,14 @@ fn lay_out(
     entries: Vec<TreeEntry>,
     opts: &PackOptions,
     tx: mpsc::SyncSender<(usize, Vec<u8>)>,
+    uo_start: u64,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<Entry>, TarballError> {
     let mut cut = Cutter {
         tx,
         current: Vec::with_capacity(opts.segment_max + 4096),
         index: 0,
-        pos: 0,
+        pos: uo_start,
     };
     let mut out = Vec::with_capacity(entries.len());
     let mut file_bytes = 0u64;
@@ -298,11 +344,11 @@ impl Cutter {
 fn collect_in_order<W: Write>(
     rx: mpsc::Receiver<(usize, Vec<u8>, u32, u64)>,
     out: &mut W,
+    mut co: u64,
+    mut uo: u64,
 ) -> Result<(Vec<Segment>, u64), TarballError> {
     let mut pending = BTreeMap::new();
     let mut segments = Vec::new();
-    let mut co = GZIP_HEADER.len() as u64;
-    let mut uo = 0u64;
     for (index, compressed, crc, ul) in rx {
         pending.insert(index, (compressed, crc, ul));
         while let Some((compressed, crc, ul)) = pending.remove(&segments.len()) {

@@ -1,0 +1,478 @@
+//! Moving the tree onto another version of the session object (another
+//! writer's), keeping every local change: a three-way merge by path of the
+//! base the overlay was made against (B), the stored object (R) and the
+//! local tree (L).
+//!
+//! For each path R changed (B and R differ):
+//! - unchanged here → R's version is taken (created, updated or removed);
+//! - changed here too → the local version stays, and R's is kept beside it
+//!   as `NAME.conflict-<tag>` (a file or symlink; directories merge by
+//!   their children);
+//! - deleted here, changed there → R's version comes back (a deletion never
+//!   wins over a change); changed here, deleted there → the local one stays.
+//!
+//! What R brings is not a local change: it is applied without change-feed
+//! rows, so following another writer never triggers a write-back of its
+//! own (two writers would otherwise chase each other). Conflict copies are
+//! local additions and are recorded as changes.
+//!
+//! Files whose bytes are still the base object's at a path R changes must
+//! be copied up first ([`Namespace::rebase_copy_ups`]): B's bytes are not
+//! in R.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Namespace, ROOT};
+use crate::overlay::journal::Tx;
+use crate::overlay::node::{Data, Node, NodeKind, Time};
+use crate::overlay::OverlayError;
+use crate::tarball::tar_header::hex_decode;
+use crate::tarball::toc::{Entry, Kind};
+
+/// What a rebase did.
+#[derive(Debug, Default)]
+pub struct Rebased {
+    /// Paths that took the stored object's version.
+    pub taken: Vec<String>,
+    /// Paths changed on both sides, with the name the other side's version
+    /// was kept under (none when it had nothing to keep).
+    pub conflicts: Vec<(String, Option<String>)>,
+    /// Inodes whose attributes or bytes changed.
+    pub inodes: Vec<u64>,
+    /// Names added or removed: (directory, name).
+    pub entries: Vec<(u64, String)>,
+    /// Inodes gone whose overlay files can go.
+    pub freed: Vec<u64>,
+}
+
+/// Whether two entries describe the same thing (offsets aside; a
+/// directory's mtime moves with its children and does not count).
+fn same_entry(a: &Entry, b: &Entry) -> bool {
+    a.t == b.t
+        && a.s == b.s
+        && a.m == b.m
+        && a.u == b.u
+        && a.g == b.g
+        && (a.t == Kind::Dir || (a.mt == b.mt && a.mn == b.mn))
+        && a.lt == b.lt
+        && a.dv == b.dv
+        && a.x == b.x
+}
+
+fn node_kind(k: Kind) -> Option<NodeKind> {
+    Some(match k {
+        Kind::File => NodeKind::File,
+        Kind::Dir => NodeKind::Dir,
+        Kind::Symlink => NodeKind::Symlink,
+        Kind::Fifo => NodeKind::Fifo,
+        Kind::CharDevice => NodeKind::CharDevice,
+        Kind::BlockDevice => NodeKind::BlockDevice,
+        Kind::HardLink => return None,
+    })
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+struct Sides<'a> {
+    base: HashMap<&'a str, &'a Entry>,
+    remote: HashMap<&'a str, &'a Entry>,
+    local: HashMap<String, u64>,
+}
+
+impl<'a> Sides<'a> {
+    fn remote_changed(&self, p: &str) -> bool {
+        match (self.base.get(p), self.remote.get(p)) {
+            (None, None) => false,
+            (Some(b), Some(r)) => !same_entry(b, r),
+            _ => true,
+        }
+    }
+}
+
+impl Namespace {
+    fn sides<'a>(&self, base: &'a [Entry], remote: &'a [Entry]) -> Sides<'a> {
+        Sides {
+            base: base.iter().map(|e| (e.p.as_str(), e)).collect(),
+            remote: remote.iter().map(|e| (e.p.as_str(), e)).collect(),
+            local: self.walk(ROOT).into_iter().collect(),
+        }
+    }
+
+    /// Whether the local node at `p` is still what the base had there.
+    fn local_unchanged(&self, s: &Sides<'_>, p: &str) -> bool {
+        let (b, l) = (s.base.get(p), s.local.get(p));
+        let (b, ino) = match (b, l) {
+            (None, None) => return true,
+            (Some(b), Some(ino)) => (*b, *ino),
+            _ => return false,
+        };
+        let Ok(n) = self.get(ino) else { return false };
+        if b.t == Kind::HardLink {
+            return b.lt.as_deref().and_then(|t| s.local.get(t)) == Some(&ino);
+        }
+        if node_kind(b.t) != Some(n.kind)
+            || n.perm != b.m & 0o7777
+            || u64::from(n.uid) != b.u
+            || u64::from(n.gid) != b.g
+        {
+            return false;
+        }
+        match n.kind {
+            NodeKind::Dir => true,
+            NodeKind::Symlink => n.target == b.lt && (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
+            NodeKind::File => {
+                (n.mtime.s, n.mtime.ns) == (b.mt, b.mn)
+                    && n.size == b.s
+                    && match &n.data {
+                        Data::Base(q) => q == p,
+                        Data::None => b.s == 0,
+                        Data::Local => false,
+                    }
+            }
+            _ => (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
+        }
+    }
+
+    /// Files whose bytes are the base object's at a path the stored object
+    /// changed, and that keep those bytes through the rebase: they must be
+    /// copied up (from the base object, or its cached blocks) first.
+    pub fn rebase_copy_ups(&self, base: &[Entry], remote: &[Entry]) -> Vec<u64> {
+        let s = self.sides(base, remote);
+        let mut out = Vec::new();
+        for n in self.nodes.values() {
+            let Data::Base(q) = &n.data else { continue };
+            if !s.remote_changed(q) {
+                continue;
+            }
+            let takes_remote =
+                s.local.get(q.as_str()) == Some(&n.ino) && self.local_unchanged(&s, q);
+            if !takes_remote {
+                out.push(n.ino);
+            }
+        }
+        out
+    }
+
+    /// Rebases the tree onto the stored object `remote` (ETag `etag`),
+    /// from `base`; `tag` names conflict copies. Fails with
+    /// [`OverlayError::Invalid`] when a file still needs a copy-up (the
+    /// caller copies it and tries again).
+    pub fn rebase(
+        &mut self,
+        base: &[Entry],
+        remote: &[Entry],
+        etag: &str,
+        tag: &str,
+    ) -> Result<Rebased, OverlayError> {
+        if !self.rebase_copy_ups(base, remote).is_empty() {
+            return Err(OverlayError::Invalid(
+                "files still need a copy-up before the rebase",
+            ));
+        }
+        let s = self.sides(base, remote);
+        let mut paths: Vec<&str> = s
+            .base
+            .keys()
+            .chain(s.remote.keys())
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .filter(|p| s.remote_changed(p))
+            .collect();
+        // Parents before children for what comes; children before parents
+        // for what goes (removals skip directories still holding entries).
+        paths.sort_by_key(|p| (p.matches('/').count(), *p));
+        let mut out = Rebased::default();
+        // The tree changes in memory first, the journal in one transaction
+        // at the end; if that fails, memory goes back to what it was.
+        let backup = (self.nodes.clone(), self.children.clone(), self.next_ino);
+        let mut ops = Vec::new();
+        let mut removals = Vec::new();
+        for p in paths {
+            let unchanged_here = self.local_unchanged(&s, p);
+            let here = self.lookup_path(p);
+            match (s.remote.get(p), here) {
+                (None, Some(_)) if unchanged_here => removals.push(p),
+                (None, _) => {}
+                (Some(r), None) => {
+                    // New there, or deleted here and changed there: theirs.
+                    if self.put_remote(&mut ops, p, r, p, &mut out)? {
+                        out.taken.push(p.to_owned());
+                    }
+                }
+                (Some(r), Some(ino)) if unchanged_here => {
+                    self.update_remote(&mut ops, p, ino, r, &mut out)?;
+                    out.taken.push(p.to_owned());
+                }
+                (Some(r), Some(ino)) => {
+                    let local_dir = self.get(ino).is_ok_and(|n| n.kind == NodeKind::Dir);
+                    if r.t == Kind::Dir && local_dir {
+                        continue;
+                    }
+                    let mut copy = None;
+                    if r.t != Kind::Dir && r.t != Kind::HardLink {
+                        let (dir, name) = split(p);
+                        let name = format!("{name}.conflict-{tag}");
+                        let at = if dir.is_empty() {
+                            name
+                        } else {
+                            format!("{dir}/{name}")
+                        };
+                        // The copy reads the stored object's bytes at `p`.
+                        if self.put_remote(&mut ops, &at, r, p, &mut out)? {
+                            if let Some(ino) = self.lookup_path(&at) {
+                                ops.push(Op::Change("conflict", ino, at.clone()));
+                            }
+                            copy = Some(at);
+                        }
+                    }
+                    out.conflicts.push((p.to_owned(), copy));
+                }
+            }
+        }
+        removals.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+        for p in removals {
+            if self.remove_remote(&mut ops, p, &mut out)? {
+                out.taken.push(p.to_owned());
+            }
+        }
+        let journaled = (|| {
+            let tx = self.journal.begin()?;
+            for op in &ops {
+                op.apply(&tx)?;
+            }
+            tx.set_meta("base_etag", etag)?;
+            tx.commit()
+        })();
+        if let Err(e) = journaled {
+            (self.nodes, self.children, self.next_ino) = backup;
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// The inode at a session-relative path, if any.
+    fn lookup_path(&self, p: &str) -> Option<u64> {
+        let mut at = ROOT;
+        for part in p.split('/') {
+            at = self.child(at, part)?;
+        }
+        Some(at)
+    }
+
+    /// Creates `p` as the stored object's entry `r` describes it (under its
+    /// parent, which must be a directory here), its bytes read from the
+    /// object at `bytes_at`. Returns whether it was created.
+    fn put_remote(
+        &mut self,
+        ops: &mut Vec<Op>,
+        p: &str,
+        r: &Entry,
+        bytes_at: &str,
+        out: &mut Rebased,
+    ) -> Result<bool, OverlayError> {
+        let (dir, name) = split(p);
+        let parent = if dir.is_empty() {
+            Some(ROOT)
+        } else {
+            self.lookup_path(dir)
+        };
+        let Some(parent) = parent.filter(|d| self.is_dir(*d)) else {
+            tracing::warn!("rebase: {p:?} has no directory here to go in; left out");
+            return Ok(false);
+        };
+        if self.child(parent, name).is_some() {
+            return Ok(false);
+        }
+        if r.t == Kind::HardLink {
+            let Some(target) = r.lt.as_deref().and_then(|t| self.lookup_path(t)) else {
+                return Ok(false);
+            };
+            if self.is_dir(target) {
+                return Ok(false);
+            }
+            let mut n = self.get(target)?.clone();
+            n.nlink += 1;
+            ops.push(Op::PutNode(n.clone()));
+            self.nodes.insert(target, n);
+            ops.push(Op::PutDirent(parent, name.to_owned(), target));
+            self.children
+                .entry(parent)
+                .or_default()
+                .insert(name.to_owned(), target);
+            out.entries.push((parent, name.to_owned()));
+            out.inodes.push(target);
+            return Ok(true);
+        }
+        let Some(kind) = node_kind(r.t) else {
+            return Ok(false);
+        };
+        let ino = self.alloc();
+        let node = node_from(ino, kind, parent, r, Some(bytes_at));
+        if kind == NodeKind::Dir {
+            self.children.insert(ino, Default::default());
+            let mut pn = self.get(parent)?.clone();
+            pn.nlink += 1;
+            ops.push(Op::PutNode(pn.clone()));
+            self.nodes.insert(parent, pn);
+        }
+        ops.push(Op::PutNode(node.clone()));
+        ops.push(Op::PutDirent(parent, name.to_owned(), ino));
+        for (k, hex) in &r.x {
+            if let Some(v) = hex_decode(hex) {
+                ops.push(Op::SetXattr(ino, format!("user.{k}"), v));
+            }
+        }
+        self.nodes.insert(ino, node);
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(name.to_owned(), ino);
+        out.entries.push((parent, name.to_owned()));
+        out.inodes.push(parent);
+        Ok(true)
+    }
+
+    /// Gives the node at `p` the stored object's version.
+    fn update_remote(
+        &mut self,
+        ops: &mut Vec<Op>,
+        p: &str,
+        ino: u64,
+        r: &Entry,
+        out: &mut Rebased,
+    ) -> Result<(), OverlayError> {
+        let n = self.get(ino)?.clone();
+        let same_kind = node_kind(r.t) == Some(n.kind) && r.t != Kind::HardLink;
+        if !same_kind {
+            // Another kind of thing: the old one goes, the new one comes.
+            if self.remove_remote(ops, p, out)? {
+                self.put_remote(ops, p, r, p, out)?;
+            }
+            return Ok(());
+        }
+        let mut m = node_from(ino, n.kind, n.parent, r, Some(p));
+        m.nlink = n.nlink;
+        m.atime = n.atime;
+        m.ctime = Time::now();
+        if n.kind == NodeKind::Dir {
+            m.mtime = n.mtime;
+        }
+        ops.push(Op::PutNode(m.clone()));
+        for name in self.journal.xattr_names(ino)? {
+            ops.push(Op::RemoveXattr(ino, name));
+        }
+        for (k, hex) in &r.x {
+            if let Some(v) = hex_decode(hex) {
+                ops.push(Op::SetXattr(ino, format!("user.{k}"), v));
+            }
+        }
+        self.nodes.insert(ino, m);
+        out.inodes.push(ino);
+        Ok(())
+    }
+
+    /// Removes the name `p` (a directory only when empty). Returns whether
+    /// it went.
+    fn remove_remote(
+        &mut self,
+        ops: &mut Vec<Op>,
+        p: &str,
+        out: &mut Rebased,
+    ) -> Result<bool, OverlayError> {
+        let (dir, name) = split(p);
+        let parent = if dir.is_empty() {
+            Some(ROOT)
+        } else {
+            self.lookup_path(dir)
+        };
+        let Some(parent) = parent else {
+            return Ok(false);
+        };
+        let Some(ino) = self.child(parent, name) else {
+            return Ok(false);
+        };
+        let mut n = self.get(ino)?.clone();
+        let is_dir = n.kind == NodeKind::Dir;
+        if is_dir && self.children.get(&ino).is_some_and(|c| !c.is_empty()) {
+            return Ok(false);
+        }
+        ops.push(Op::DeleteDirent(parent, name.to_owned()));
+        if let Some(c) = self.children.get_mut(&parent) {
+            c.remove(name);
+        }
+        if is_dir {
+            let mut pn = self.get(parent)?.clone();
+            pn.nlink = pn.nlink.saturating_sub(1);
+            ops.push(Op::PutNode(pn.clone()));
+            self.nodes.insert(parent, pn);
+            self.children.remove(&ino);
+            n.nlink = 0;
+        } else {
+            n.nlink = n.nlink.saturating_sub(1);
+        }
+        if n.nlink == 0 && !self.is_open(ino) {
+            ops.push(Op::DeleteNode(ino));
+            self.nodes.remove(&ino);
+            out.freed.push(ino);
+        } else {
+            ops.push(Op::PutNode(n.clone()));
+            self.nodes.insert(ino, n);
+        }
+        out.entries.push((parent, name.to_owned()));
+        out.inodes.push(parent);
+        out.inodes.push(ino);
+        Ok(true)
+    }
+}
+
+/// One journal write of a rebase, applied once the tree is settled.
+enum Op {
+    PutNode(Node),
+    DeleteNode(u64),
+    PutDirent(u64, String, u64),
+    DeleteDirent(u64, String),
+    SetXattr(u64, String, Vec<u8>),
+    RemoveXattr(u64, String),
+    Change(&'static str, u64, String),
+}
+
+impl Op {
+    fn apply(&self, tx: &Tx<'_>) -> Result<(), OverlayError> {
+        match self {
+            Op::PutNode(n) => tx.put_node(n),
+            Op::DeleteNode(ino) => tx.delete_node(*ino),
+            Op::PutDirent(parent, name, ino) => tx.put_dirent(*parent, name, *ino),
+            Op::DeleteDirent(parent, name) => tx.delete_dirent(*parent, name),
+            Op::SetXattr(ino, name, v) => tx.set_xattr(*ino, name, v),
+            Op::RemoveXattr(ino, name) => tx.remove_xattr(*ino, name).map(|_| ()),
+            Op::Change(op, ino, detail) => tx.change(op, *ino, detail),
+        }
+    }
+}
+
+/// A node as the stored object's entry describes it.
+fn node_from(ino: u64, kind: NodeKind, parent: u64, e: &Entry, path: Option<&str>) -> Node {
+    let mtime = Time { s: e.mt, ns: e.mn };
+    Node {
+        ino,
+        kind,
+        perm: e.m & 0o7777,
+        uid: u32::try_from(e.u).unwrap_or(0),
+        gid: u32::try_from(e.g).unwrap_or(0),
+        nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+        rdev: e.dv.map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32),
+        size: if kind == NodeKind::File { e.s } else { 0 },
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
+        data: match path {
+            Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),
+            _ => Data::None,
+        },
+        parent,
+    }
+}

@@ -1,0 +1,654 @@
+//! Writing a session back: the merged view becomes the stored object, at
+//! the cost of what changed, without losing anyone's update.
+//!
+//! One write-back:
+//! 1. **Snapshot** the tree under the namespace lock ([`export::snapshot`]):
+//!    the entries, where each one's bytes are, the change-feed sequence it
+//!    covers and the ETag it is based on.
+//! 2. **Record** the attempt in the journal (an id that also goes into the
+//!    object's metadata, the sequence, the base ETag, and the files whose
+//!    base path the snapshot moves), so a restart can tell its own
+//!    completed upload from someone else's.
+//! 3. **Pack**: incrementally when the base is a sessionfs object larger
+//!    than [`WriteBackOptions::small_object`] and not too fragmented
+//!    ([`repack::plan`]): unchanged runs are copied server-side
+//!    (`UploadPartCopy`, conditional on the base ETag), the rest is packed
+//!    into a spool file. Otherwise the whole view is packed afresh (which
+//!    also converts a foreign object).
+//! 4. **Upload**, conditional on the base ETag (`If-Match`; `If-None-Match`
+//!    for a session with no object yet). A 412 is a [`WriteBackError::Conflict`]:
+//!    nothing is written, every change stays pending.
+//! 5. **Adopt** the new object in one journal transaction: files whose
+//!    bytes it now holds point at it, overlay files no longer needed are
+//!    deleted (after the commit), the covered changes are confirmed.
+//!    Changes made meanwhile stay pending for the next write-back; a file
+//!    open or changed since the snapshot keeps its overlay file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use super::export::{self, Origin, Snapshot};
+use super::journal::{Attempt, WRITEBACK_ID_KEY};
+use super::live::LiveSession;
+use super::node::Data;
+use super::OverlayError;
+use crate::store::{
+    ByteRange, CompletedPart, CopySource, GetOptions, ObjectMeta, ObjectStore, Precondition,
+    PutOptions, StoreError, MAX_PARTS, MIN_PART_SIZE,
+};
+use crate::tarball::deflate::GZIP_HEADER;
+use crate::tarball::reader::SessionReader;
+use crate::tarball::repack::{self, Plan};
+use crate::tarball::tree::TreeEntry;
+use crate::tarball::writer::{pack_after, PackOptions, Prefix};
+use crate::tarball::TarballError;
+
+/// Largest part copied server-side in one request (S3 allows 5 GiB).
+const MAX_COPY_PART: u64 = 4 << 30;
+
+#[derive(Clone, Debug)]
+pub struct WriteBackOptions {
+    pub pack: PackOptions,
+    /// Objects up to this size are packed in full and sent in one PUT.
+    pub small_object: u64,
+    /// Size of the uploaded parts of a multipart upload.
+    pub part_size: u64,
+    /// Share of the object in short segments past which the next write-back
+    /// packs in full.
+    pub max_fragmentation: f64,
+}
+
+impl Default for WriteBackOptions {
+    fn default() -> Self {
+        WriteBackOptions {
+            pack: PackOptions::default(),
+            small_object: 16 << 20,
+            part_size: 32 << 20,
+            max_fragmentation: 0.25,
+        }
+    }
+}
+
+/// What one write-back did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub etag: String,
+    /// Packed in full (not incremental).
+    pub full: bool,
+    /// Changes of the feed it covered.
+    pub changes: u64,
+    pub object_size: u64,
+    /// Bytes sent to the store.
+    pub uploaded: u64,
+    /// Bytes copied server-side from the old object.
+    pub copied: u64,
+    /// Requests made to the store (reads of moved bytes included).
+    pub requests: u64,
+    pub seconds: f64,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteBackError {
+    /// The stored object is no longer the one the changes were made
+    /// against: another writer replaced or deleted it.
+    #[error("the stored object changed since this overlay's base {base:?} (another writer); the changes stay pending")]
+    Conflict { base: String },
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error("the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("packing: {0}")]
+    Pack(#[from] TarballError),
+    #[error("spool file: {0}")]
+    Spool(#[from] std::io::Error),
+}
+
+impl WriteBackError {
+    /// Worth trying again soon by itself (a passing fault, a file changed
+    /// while packed), as opposed to a conflict that needs a rebase.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, WriteBackError::Conflict { .. })
+    }
+}
+
+/// Process-wide write-back counters, for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub writebacks: AtomicU64,
+    pub failures: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+    pub copied_bytes: AtomicU64,
+}
+
+pub static COUNTERS: Counters = Counters {
+    writebacks: AtomicU64::new(0),
+    failures: AtomicU64::new(0),
+    conflicts: AtomicU64::new(0),
+    uploaded_bytes: AtomicU64::new(0),
+    copied_bytes: AtomicU64::new(0),
+};
+
+/// Writes the session back if it has pending changes. Blocks (the store is
+/// reached through the session's runtime): call it off the runtime.
+pub fn write_back(
+    live: &LiveSession,
+    store: &Arc<dyn ObjectStore>,
+    opts: &WriteBackOptions,
+) -> Result<Option<Report>, WriteBackError> {
+    let _one_at_a_time = live.writeback_lock();
+    let _in = live.enter()?;
+    live.writable()?;
+    let started = Instant::now();
+    let mut snap = export::snapshot(live)?;
+    if snap.seq == 0 {
+        return Ok(None);
+    }
+    let changes = live.ns.lock().journal().pending_count()?;
+    let key = live.name.object_key();
+    let attempt = Attempt {
+        id: new_id(),
+        seq: snap.seq,
+        base: snap.base_etag.clone(),
+        upload: None,
+    };
+    let remap: Vec<(u64, String)> = snap
+        .tree
+        .iter()
+        .zip(&snap.origin)
+        .filter_map(|(t, o)| match o {
+            Origin::Base { ino, path } if *path != t.entry.p => Some((*ino, t.entry.p.clone())),
+            _ => None,
+        })
+        .collect();
+    {
+        let ns = live.ns.lock();
+        let tx = ns.journal().begin()?;
+        tx.begin_attempt(&attempt, &remap)?;
+        tx.commit()?;
+    }
+    let rt = live.content.runtime().clone();
+    let paths: Vec<String> = snap.tree.iter().map(|t| t.entry.p.clone()).collect();
+    let result = pack_and_upload(live, store, opts, &mut snap, attempt, &rt);
+    let outcome = match result {
+        Ok(done) => done,
+        Err(e) => {
+            // Nothing was stored: the attempt is void.
+            let ns = live.ns.lock();
+            if let Ok(tx) = ns.journal().begin() {
+                let _ = tx.set_attempt(None).and_then(|()| tx.commit());
+            }
+            COUNTERS.failures.fetch_add(1, Ordering::Relaxed);
+            if e.is_conflict() {
+                COUNTERS.conflicts.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
+    };
+    let Uploaded {
+        meta,
+        toc,
+        uploaded,
+        copied,
+        requests,
+        full,
+    } = outcome;
+    let etag = meta.etag.clone();
+    let object_size = meta.size;
+    let reader = Arc::new(SessionReader::written(store.clone(), &key, meta, toc));
+    let freed = adopt(live, &snap, &paths, &etag, reader)?;
+    for ino in freed {
+        live.content.remove(ino);
+    }
+    let report = Report {
+        etag,
+        full,
+        changes,
+        object_size,
+        uploaded,
+        copied,
+        requests,
+        seconds: started.elapsed().as_secs_f64(),
+        at: SystemTime::now(),
+    };
+    COUNTERS.writebacks.fetch_add(1, Ordering::Relaxed);
+    COUNTERS
+        .uploaded_bytes
+        .fetch_add(uploaded, Ordering::Relaxed);
+    COUNTERS.copied_bytes.fetch_add(copied, Ordering::Relaxed);
+    Ok(Some(report))
+}
+
+/// A random id for one write-back.
+fn new_id() -> String {
+    let bytes: [u8; 12] = rand::random();
+    hex::encode(bytes)
+}
+
+struct Uploaded {
+    meta: ObjectMeta,
+    toc: crate::tarball::toc::Toc,
+    uploaded: u64,
+    copied: u64,
+    requests: u64,
+    full: bool,
+}
+
+/// One piece of the new object, in order.
+enum Piece {
+    /// Bytes of the old object, copied server-side when the part rules allow.
+    Copy(Range<u64>),
+    /// Bytes we have: the spool file from `offset`, `len` bytes.
+    Spool { offset: u64, len: u64 },
+}
+
+fn pack_and_upload(
+    live: &LiveSession,
+    store: &Arc<dyn ObjectStore>,
+    opts: &WriteBackOptions,
+    snap: &mut Snapshot,
+    mut attempt: Attempt,
+    rt: &tokio::runtime::Handle,
+) -> Result<Uploaded, WriteBackError> {
+    let key = live.name.object_key();
+    let plan = incremental_plan(snap, opts);
+    let spool_path = live
+        .content
+        .dir()
+        .join(format!("writeback.{}.spool", attempt.id));
+    let spool = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&spool_path)?;
+    // The spool file is only ever ours; gone whatever happens next.
+    let _ = std::fs::remove_file(&spool_path);
+    let mut out = BufWriter::new(spool);
+    let mut requests = 0u64;
+    let mut pieces = Vec::new();
+    let (stats_toc, full) = match &plan {
+        Some(plan) => {
+            if !plan.header_copied() {
+                out.write_all(&GZIP_HEADER)?;
+            }
+            for r in &plan.moved {
+                let bytes =
+                    rt.block_on(read_old(store.as_ref(), &key, &snap.base_etag, r.clone()))?;
+                requests += 1;
+                out.write_all(&bytes)?;
+            }
+            let fresh = take_fresh(&mut snap.tree, &plan.fresh);
+            let (_, toc) = pack_after(plan.prefix.clone(), fresh, &mut out, &opts.pack, &|_| {})?;
+            (toc, false)
+        }
+        None => {
+            out.write_all(&GZIP_HEADER)?;
+            let tree = std::mem::take(&mut snap.tree);
+            let (_, toc) = pack_after(Prefix::default(), tree, &mut out, &opts.pack, &|_| {})?;
+            (toc, true)
+        }
+    };
+    let mut spool = out.into_inner().map_err(|e| e.into_error())?;
+    let spool_len = spool.seek(SeekFrom::End(0))?;
+    let mut object_size = spool_len;
+    match &plan {
+        Some(plan) if !plan.header_copied() => {
+            // The header is the spool's first bytes; the copies follow it.
+            pieces.push(Piece::Spool {
+                offset: 0,
+                len: GZIP_HEADER.len() as u64,
+            });
+            pieces.extend(plan.copies.iter().cloned().map(Piece::Copy));
+            let rest = GZIP_HEADER.len() as u64;
+            pieces.push(Piece::Spool {
+                offset: rest,
+                len: spool_len - rest,
+            });
+            object_size += plan.copied_bytes();
+        }
+        Some(plan) => {
+            pieces.extend(plan.copies.iter().cloned().map(Piece::Copy));
+            pieces.push(Piece::Spool {
+                offset: 0,
+                len: spool_len,
+            });
+            object_size += plan.copied_bytes();
+        }
+        None => pieces.push(Piece::Spool {
+            offset: 0,
+            len: spool_len,
+        }),
+    }
+
+    let mut metadata = BTreeMap::new();
+    metadata.insert(WRITEBACK_ID_KEY.to_owned(), attempt.id.clone());
+    let precondition = if snap.base_etag.is_empty() {
+        Precondition::IfNoneMatch
+    } else {
+        Precondition::IfMatch(snap.base_etag.clone())
+    };
+    let put_opts = PutOptions {
+        precondition: precondition.clone(),
+        content_type: Some("application/gzip".into()),
+        metadata: metadata.clone(),
+    };
+    let conflict = conflict_or(&snap.base_etag);
+
+    let (etag, uploaded, copied) =
+        if object_size <= opts.small_object.max(opts.part_size) && pieces.len() == 1 {
+            let mut body = Vec::with_capacity(spool_len as usize);
+            spool.seek(SeekFrom::Start(0))?;
+            spool.read_to_end(&mut body)?;
+            requests += 1;
+            let put = rt
+                .block_on(store.put(&key, Bytes::from(body), put_opts))
+                .map_err(conflict)?;
+            (put.etag, spool_len, 0)
+        } else {
+            let id = rt.block_on(store.create_multipart(&key, put_opts))?;
+            requests += 1;
+            attempt.upload = Some(id.clone());
+            {
+                let ns = live.ns.lock();
+                let tx = ns.journal().begin()?;
+                tx.set_attempt(Some(&attempt))?;
+                tx.commit()?;
+            }
+            let sent = Multipart {
+                store: store.as_ref(),
+                key: &key,
+                id: &id,
+                base_etag: &snap.base_etag,
+                part_size: opts.part_size,
+                rt,
+            }
+            .send(&pieces, &mut spool, &mut requests);
+            let done = sent.and_then(|(parts, uploaded, copied)| {
+                requests += 1;
+                rt.block_on(store.complete_multipart(&key, &id, &parts, precondition))
+                    .map_err(conflict)
+                    .map(|put| (put.etag, uploaded, copied))
+            });
+            match done {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = rt.block_on(store.abort_multipart(&key, &id));
+                    return Err(e);
+                }
+            }
+        };
+    let meta = ObjectMeta {
+        key: key.clone(),
+        size: object_size,
+        etag,
+        last_modified: SystemTime::now(),
+        content_type: Some("application/gzip".into()),
+        metadata,
+    };
+    Ok(Uploaded {
+        meta,
+        toc: stats_toc,
+        uploaded,
+        copied,
+        requests,
+        full,
+    })
+}
+
+/// A failed precondition (or the object gone) means another writer got
+/// there first.
+fn conflict_or(base: &str) -> impl Fn(StoreError) -> WriteBackError + '_ {
+    move |e| match e {
+        StoreError::PreconditionFailed { .. } | StoreError::NotFound { .. } => {
+            WriteBackError::Conflict {
+                base: base.to_owned(),
+            }
+        }
+        other => WriteBackError::Store(other),
+    }
+}
+
+/// The incremental plan, when the base allows one.
+fn incremental_plan(snap: &Snapshot, opts: &WriteBackOptions) -> Option<Plan> {
+    let reader = snap.reader.as_ref()?;
+    if reader.is_foreign() || reader.meta().size <= opts.small_object {
+        return None;
+    }
+    let toc = reader.toc();
+    if repack::fragmentation(toc, opts.pack.segment_min) > opts.max_fragmentation {
+        tracing::info!(
+            "{}: fragmented past {:.0} %: packing in full",
+            reader.meta().key,
+            opts.max_fragmentation * 100.0
+        );
+        return None;
+    }
+    let entries: Vec<_> = snap.tree.iter().map(|t| t.entry.clone()).collect();
+    let same: Vec<bool> = (0..entries.len()).map(|i| snap.same_bytes(i)).collect();
+    let plan = repack::plan(toc, &entries, &same)?;
+    // Enough requests left for the uploaded parts too.
+    let copy_parts: u64 = plan
+        .copies
+        .iter()
+        .map(|r| (r.end - r.start).div_ceil(MAX_COPY_PART))
+        .sum();
+    if copy_parts + 64 > u64::from(MAX_PARTS) {
+        return None;
+    }
+    Some(plan)
+}
+
+/// The snapshot's entries at `indices` (ascending), for the packer: their
+/// sources can be read once, so they are taken out of the snapshot.
+fn take_fresh(tree: &mut Vec<TreeEntry>, indices: &[usize]) -> Vec<TreeEntry> {
+    let mut wanted = vec![false; tree.len()];
+    for &i in indices {
+        wanted[i] = true;
+    }
+    std::mem::take(tree)
+        .into_iter()
+        .zip(wanted)
+        .filter_map(|(t, w)| w.then_some(t))
+        .collect()
+}
+
+/// The parts of one multipart upload.
+struct Multipart<'a> {
+    store: &'a dyn ObjectStore,
+    key: &'a str,
+    id: &'a str,
+    base_etag: &'a str,
+    part_size: u64,
+    rt: &'a tokio::runtime::Handle,
+}
+
+impl Multipart<'_> {
+    /// Sends `pieces` as parts: copies of at least [`MIN_PART_SIZE`] go
+    /// server-side when nothing smaller is waiting before them; other bytes
+    /// are gathered into uploaded parts of at least that size (the last may
+    /// be smaller). Returns the parts and the bytes uploaded and copied.
+    fn send(
+        &self,
+        pieces: &[Piece],
+        spool: &mut File,
+        requests: &mut u64,
+    ) -> Result<(Vec<CompletedPart>, u64, u64), WriteBackError> {
+        let mut parts = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let (mut uploaded, mut copied) = (0u64, 0u64);
+        for piece in pieces {
+            match piece {
+                Piece::Copy(range) => {
+                    let mut range = range.clone();
+                    if !buf.is_empty() && (buf.len() as u64) < MIN_PART_SIZE {
+                        // Too little to stand alone: fill it from the copy.
+                        let take = (MIN_PART_SIZE - buf.len() as u64).min(range.end - range.start);
+                        let take = if range.end - range.start - take < MIN_PART_SIZE {
+                            range.end - range.start
+                        } else {
+                            take
+                        };
+                        let bytes = self.rt.block_on(read_old(
+                            self.store,
+                            self.key,
+                            self.base_etag,
+                            range.start..range.start + take,
+                        ))?;
+                        *requests += 1;
+                        buf.extend_from_slice(&bytes);
+                        range.start += take;
+                    }
+                    if range.is_empty() {
+                        continue;
+                    }
+                    if !buf.is_empty() {
+                        uploaded += self.upload(&mut parts, std::mem::take(&mut buf))?;
+                        *requests += 1;
+                    }
+                    while range.start < range.end {
+                        let left = range.end - range.start;
+                        let len = if left > MAX_COPY_PART + MIN_PART_SIZE {
+                            MAX_COPY_PART
+                        } else {
+                            left
+                        };
+                        let number = parts.len() as u32 + 1;
+                        let part = self.rt.block_on(self.store.upload_part_copy(
+                            self.key,
+                            self.id,
+                            number,
+                            CopySource {
+                                key: self.key.to_owned(),
+                                range: range.start..range.start + len,
+                                if_match: Some(self.base_etag.to_owned()),
+                            },
+                        ));
+                        let part = part.map_err(conflict_or(self.base_etag))?;
+                        *requests += 1;
+                        parts.push(part);
+                        copied += len;
+                        range.start += len;
+                    }
+                }
+                Piece::Spool { offset, len } => {
+                    spool.seek(SeekFrom::Start(*offset))?;
+                    let mut left = *len;
+                    while left > 0 {
+                        let room = self.part_size.saturating_sub(buf.len() as u64).max(1);
+                        let n = room.min(left) as usize;
+                        let at = buf.len();
+                        buf.resize(at + n, 0);
+                        spool.read_exact(&mut buf[at..])?;
+                        left -= n as u64;
+                        if buf.len() as u64 >= self.part_size && left > 0 {
+                            uploaded += self.upload(&mut parts, std::mem::take(&mut buf))?;
+                            *requests += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if !buf.is_empty() || parts.is_empty() {
+            uploaded += self.upload(&mut parts, buf)?;
+            *requests += 1;
+        }
+        Ok((parts, uploaded, copied))
+    }
+
+    fn upload(&self, parts: &mut Vec<CompletedPart>, body: Vec<u8>) -> Result<u64, WriteBackError> {
+        let len = body.len() as u64;
+        let number = parts.len() as u32 + 1;
+        parts.push(self.rt.block_on(self.store.upload_part(
+            self.key,
+            self.id,
+            number,
+            Bytes::from(body),
+        ))?);
+        Ok(len)
+    }
+}
+
+/// Bytes `range` of the base object, pinned to its ETag.
+async fn read_old(
+    store: &dyn ObjectStore,
+    key: &str,
+    etag: &str,
+    range: Range<u64>,
+) -> Result<Bytes, WriteBackError> {
+    let got = store
+        .get(
+            key,
+            GetOptions::range(ByteRange::Bounded {
+                start: range.start,
+                end: range.end,
+            })
+            .if_match(etag.to_owned()),
+        )
+        .await
+        .map_err(conflict_or(etag))?;
+    if got.body.len() as u64 != range.end - range.start {
+        return Err(WriteBackError::Pack(TarballError::Corrupt(
+            "the base object is shorter than its index says".into(),
+        )));
+    }
+    Ok(got.body)
+}
+
+/// Points the session at its new object: files whose bytes it holds read
+/// from it, the changes it covers are confirmed. Returns the overlay files
+/// to delete (after the commit).
+fn adopt(
+    live: &LiveSession,
+    snap: &Snapshot,
+    paths: &[String],
+    etag: &str,
+    reader: Arc<SessionReader>,
+) -> Result<Vec<u64>, OverlayError> {
+    let _no_copy_up = live.content.copy_up_lock();
+    let mut ns = live.ns.lock();
+    let changed = ns.journal().changed_since(snap.seq)?;
+    let mut data = Vec::new();
+    let mut freed = Vec::new();
+    for (path, origin) in paths.iter().zip(&snap.origin) {
+        match origin {
+            Origin::Base { ino, .. } => {
+                // Wherever the file is now, its bytes are at `path` in the new object.
+                if let Ok(n) = ns.get(*ino) {
+                    if matches!(n.data, Data::Base(_)) {
+                        data.push((*ino, Data::Base(path.clone())));
+                    }
+                }
+            }
+            Origin::Local { ino, size, mtime } => {
+                let Ok(n) = ns.get(*ino) else { continue };
+                let unchanged = n.data == Data::Local
+                    && n.size == *size
+                    && n.mtime == *mtime
+                    && !ns.is_open(*ino)
+                    && !changed.contains(ino);
+                if unchanged {
+                    data.push((*ino, Data::Base(path.clone())));
+                    freed.push(*ino);
+                }
+            }
+            Origin::Meta | Origin::Zeros { .. } => {}
+        }
+    }
+    ns.adopt_object(&data, etag, snap.seq)?;
+    live.content.set_reader(reader);
+    Ok(freed)
+}
+
+/// How long to wait before trying a failed write-back again.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 1u64 << failures.min(6);
+    Duration::from_secs(secs.min(60))
+}
