@@ -6,6 +6,7 @@
 //! (`store check`). This file only parses the command line and dispatches;
 //! the work lives in the library crates.
 
+mod control;
 mod inspect;
 mod mount_cmd;
 mod serve_cmd;
@@ -93,6 +94,10 @@ enum Command {
         dir: PathBuf,
         /// Session path, e.g. `owner__repo__branch`.
         session: String,
+        /// Push even though an overlay on this host holds changes of the
+        /// session not yet written back (they will be merged onto the push).
+        #[arg(long)]
+        force: bool,
     },
     /// Download a session and extract it into a directory.
     Pull { session: String, dir: PathBuf },
@@ -107,8 +112,21 @@ enum Command {
     },
     /// Print one file of a session (reads only the segments holding it).
     Cat { session: String, path: String },
-    /// Write back a mount's pending changes now.
-    Flush(Pending),
+    /// Write back a mount's pending changes now; returns once they are stored.
+    Flush {
+        /// The mount point of a session (`sessionfs mount`), or a session's
+        /// directory under `serve --mount-root`.
+        mountpoint: PathBuf,
+    },
+    /// A mount's write-back state: pending changes, the last write-back,
+    /// the last error, conflicts.
+    Status {
+        /// The mount point of a session, or a session's directory under a mount root.
+        mountpoint: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the stored versions of a session.
     Versions(Pending),
     /// Make an earlier version of a session the current one.
@@ -178,8 +196,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Command::Push { dir, session } => {
+        Command::Push {
+            dir,
+            session,
+            force,
+        } => {
             let session = SessionPath::parse(&session)?;
+            if !force {
+                transfer::refuse_pending(&cli.store.bucket, &session)?;
+            }
             let store = cli.store.config()?.open().await?;
             return transfer::push(store, &dir, &session, cli.quiet).await;
         }
@@ -217,7 +242,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return serve_cmd::serve(args, &cli.store, local, cli.quiet).await;
         }
         Command::Sync(_) => "sync",
-        Command::Flush(_) => "flush",
+        Command::Flush { mountpoint } => return control::flush(&mountpoint, cli.quiet),
+        Command::Status { mountpoint, json } => return control::status(&mountpoint, json),
         Command::Versions(_) => "versions",
         Command::Restore(_) => "restore",
     };

@@ -166,3 +166,26 @@ fn extract(archive: File, dir: &Path) -> Result<usize> {
     }
     Ok(count)
 }
+
+/// Refuses a push over a session whose overlay on this host holds changes
+/// not yet written back (`--force` pushes anyway; a mount then merges them
+/// onto the pushed tree). An overlay a running mount holds is left to it.
+pub fn refuse_pending(bucket: &str, session: &SessionPath) -> anyhow::Result<()> {
+    let from_env = std::env::var_os("SESSIONFS_OVERLAY_DIR").map(std::path::PathBuf::from);
+    let Ok(root) = crate::mount_cmd::overlay_root(from_env) else {
+        return Ok(());
+    };
+    let overlay = root.join(bucket).join(session.as_str());
+    let journal = overlay.join(sessionfs_core::overlay::open::JOURNAL);
+    if !journal.exists() {
+        return Ok(());
+    }
+    match sessionfs_core::overlay::journal::Journal::open(&journal) {
+        Ok(j) if j.has_changes().unwrap_or(false) => anyhow::bail!(
+            "the overlay {} holds changes of {session} not yet written back; mount the session \
+             (they are written back) or push with --force (they are merged onto the push)",
+            overlay.display()
+        ),
+        _ => Ok(()),
+    }
+}

@@ -108,7 +108,8 @@ impl WriteBack {
         }
         let quiet = Duration::from_millis(self.policy.quiet_ms);
         let max_lag = Duration::from_millis(self.policy.max_lag_ms);
-        let follow = (self.policy.follow_ms > 0).then(|| Duration::from_millis(self.policy.follow_ms));
+        let follow =
+            (self.policy.follow_ms > 0).then(|| Duration::from_millis(self.policy.follow_ms));
         let mut tracks: HashMap<String, Track> = HashMap::new();
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -120,6 +121,7 @@ impl WriteBack {
                 if s.read_only() {
                     continue;
                 }
+                self.register_control(&s);
                 let probe = s.clone();
                 let seq = tokio::task::spawn_blocking(move || {
                     probe.ns.lock().journal().last_seq().unwrap_or(0)
@@ -168,6 +170,32 @@ impl WriteBack {
                 }
             }
         }
+    }
+
+    /// Lets `sessionfs flush` and `sessionfs status` reach this loop through
+    /// the session (a mount answers them on its root).
+    fn register_control(&self, s: &Arc<LiveSession>) {
+        // No list of sessions inside: the session would hold itself.
+        let me = WriteBack {
+            sessions: Arc::new(Vec::new),
+            ..self.clone()
+        };
+        let weak = Arc::downgrade(s);
+        let rt = tokio::runtime::Handle::current();
+        s.set_control_once(move || {
+            Arc::new(move |what: &str| {
+                let s = weak.upgrade().ok_or("the session is closed")?;
+                match what {
+                    "flush" => match rt.block_on(me.once(&s)) {
+                        Ok(Some(r)) => Ok(describe(&r)),
+                        Ok(None) => Ok("nothing to write back".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    "status" => Ok(status_json(&s).to_string()),
+                    other => Err(format!("unknown request {other:?}")),
+                }
+            })
+        });
     }
 
     /// Asks the store whether another writer replaced `s`'s object, and
@@ -248,18 +276,7 @@ impl WriteBack {
         let mut status = s.writeback.lock();
         match &result {
             Ok(Some(r)) => {
-                tracing::info!(
-                    session = %s.name,
-                    "wrote back {} change(s): {} object of {} bytes, {} uploaded, {} copied server-side, {} requests, {:.3} s, etag {}",
-                    r.changes,
-                    if r.full { "full" } else { "incremental" },
-                    r.object_size,
-                    r.uploaded,
-                    r.copied,
-                    r.requests,
-                    r.seconds,
-                    r.etag
-                );
+                tracing::info!(session = %s.name, "{}", describe(r));
                 status.last = Some(r.clone());
                 status.last_error = None;
             }
@@ -305,4 +322,34 @@ impl WriteBack {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// One line of figures for a write-back.
+pub fn describe(r: &Report) -> String {
+    format!(
+        "wrote back {} change(s): {} object of {} bytes, {} uploaded, {} copied server-side, {} requests, {:.3} s, etag {}",
+        r.changes,
+        if r.full { "full" } else { "incremental" },
+        r.object_size,
+        r.uploaded,
+        r.copied,
+        r.requests,
+        r.seconds,
+        r.etag
+    )
+}
+
+/// What `sessionfs status` shows of a session.
+pub fn status_json(s: &LiveSession) -> serde_json::Value {
+    let pending = s.ns.lock().journal().pending_count().unwrap_or(0);
+    let base = s.reader().map(|r| r.meta().etag.clone());
+    let status = s.writeback.lock().clone();
+    serde_json::json!({
+        "session": s.name.as_str(),
+        "baseEtag": base,
+        "pendingChanges": pending,
+        "lastWriteBack": status.last.as_ref().map(Report::to_json),
+        "lastError": status.last_error,
+        "conflicts": status.conflicts,
+    })
 }

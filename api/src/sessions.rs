@@ -55,17 +55,7 @@ fn describe_json(i: &SessionInfo) -> serde_json::Value {
         "size": i.size,
         "etag": i.etag,
         "pendingChanges": i.pending_changes,
-        "lastWriteBack": i.writeback.as_ref().and_then(|w| w.last.as_ref()).map(|r| serde_json::json!({
-            "at": iso(Some(r.at)),
-            "etag": r.etag,
-            "full": r.full,
-            "changes": r.changes,
-            "objectSize": r.object_size,
-            "uploadedBytes": r.uploaded,
-            "copiedBytes": r.copied,
-            "requests": r.requests,
-            "seconds": r.seconds,
-        })),
+        "lastWriteBack": i.writeback.as_ref().and_then(|w| w.last.as_ref()).map(|r| r.to_json()),
         "lastWriteBackError": i.writeback.as_ref().and_then(|w| w.last_error.clone()),
         "writeBackConflicts": i.writeback.as_ref().map_or(0, |w| w.conflicts),
     })

@@ -53,6 +53,10 @@ pub fn watcher(notifier: Arc<OnceLock<Notifier>>, slot: u64, root: u64) -> Watch
     })
 }
 
+/// Prefix of the xattrs of a mount's root that reach the write-back loop:
+/// `user.sessionfs.flush`, `user.sessionfs.status`.
+pub const CONTROL_XATTR: &str = "user.sessionfs.";
+
 /// How long the kernel may trust names and attributes. Every change comes
 /// through this process (the API invalidates through the notifier), so the
 /// TTL can be long; it bounds staleness after an out-of-band edit.
@@ -809,6 +813,20 @@ impl Filesystem for SessionFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let ino = self.inner(ino);
+        // `sessionfs flush` and `sessionfs status` ask the mount's root.
+        if ino == self.root {
+            if let Some(what) = name.to_str().and_then(|n| n.strip_prefix(CONTROL_XATTR)) {
+                match self.live.control(what) {
+                    Some(Ok(v)) => Self::xattr_reply(v.as_bytes(), size, reply),
+                    Some(Err(e)) => {
+                        tracing::warn!("{what}: {e}");
+                        reply.error(Errno::from_i32(libc::EIO))
+                    }
+                    None => reply.error(Errno::from_i32(libc::ENOTSUP)),
+                }
+                return;
+            }
+        }
         let r = name_str(name).and_then(|n| self.live.ns.lock().getxattr(ino, n));
         match r {
             Ok(v) => Self::xattr_reply(&v, size, reply),

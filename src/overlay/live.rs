@@ -36,6 +36,11 @@ pub enum Invalidation {
 /// Told about every change made outside the mount that registered it.
 pub type Watcher = Arc<dyn Fn(&[Invalidation]) + Send + Sync>;
 
+/// Answers requests about the session's write-back (`flush`, `status`),
+/// registered by the write-back loop: a mount hands `sessionfs flush` and
+/// `sessionfs status` to it. The answer is text (JSON for `status`).
+pub type Control = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+
 pub struct LiveSession {
     pub name: SessionPath,
     pub ns: Mutex<Namespace>,
@@ -44,6 +49,7 @@ pub struct LiveSession {
     wal: std::path::PathBuf,
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
+    control: Mutex<Option<Control>>,
     group: GroupCommit,
     /// When the object was last found unchanged in the store.
     checked: Mutex<std::time::Instant>,
@@ -116,6 +122,7 @@ impl LiveSession {
             wal,
             read_only,
             watcher: Mutex::new(None),
+            control: Mutex::new(None),
             group: GroupCommit::default(),
             checked: Mutex::new(std::time::Instant::now()),
             used: Mutex::new(std::time::Instant::now()),
@@ -173,6 +180,21 @@ impl LiveSession {
     /// Registers the mount that must hear of changes made elsewhere.
     pub fn set_watcher(&self, watcher: Option<Watcher>) {
         *self.watcher.lock() = watcher;
+    }
+
+    /// Registers what answers `flush` and `status` (once).
+    pub fn set_control_once(&self, make: impl FnOnce() -> Control) {
+        let mut c = self.control.lock();
+        if c.is_none() {
+            *c = Some(make());
+        }
+    }
+
+    /// Asks the write-back loop `what` (`flush` or `status`); `None` when
+    /// no loop runs for this session.
+    pub fn control(&self, what: &str) -> Option<Result<String, String>> {
+        let c = self.control.lock().clone();
+        c.map(|c| c(what))
     }
 
     /// Whether the object should be checked again (`every` since the last

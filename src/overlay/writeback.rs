@@ -95,6 +95,23 @@ pub struct Report {
     pub at: SystemTime,
 }
 
+impl Report {
+    /// The figures as the API's session metadata and `sessionfs status` show them.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "at": humantime::format_rfc3339_millis(self.at).to_string(),
+            "etag": self.etag,
+            "full": self.full,
+            "changes": self.changes,
+            "objectSize": self.object_size,
+            "uploadedBytes": self.uploaded,
+            "copiedBytes": self.copied,
+            "requests": self.requests,
+            "seconds": self.seconds,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WriteBackError {
     /// The stored object is no longer the one the changes were made

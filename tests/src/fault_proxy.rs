@@ -31,6 +31,9 @@ pub enum Fault {
 pub struct FaultProxy {
     pub addr: SocketAddr,
     plan: Arc<Mutex<(VecDeque<Fault>, Fault)>>,
+    /// Bumped to cut every forwarded connection (clients keep connections
+    /// alive; a fault plan only meets new ones).
+    cut: tokio::sync::watch::Sender<u64>,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -42,6 +45,7 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy address");
         let plan = Arc::new(Mutex::new((VecDeque::new(), Fault::Forward)));
         let connections = Arc::new(AtomicUsize::new(0));
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
         let (p, c) = (plan.clone(), connections.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -51,12 +55,13 @@ impl FaultProxy {
                     let default = plan.1;
                     plan.0.pop_front().unwrap_or(default)
                 };
-                tokio::spawn(handle(client, upstream, fault));
+                tokio::spawn(handle(client, upstream, fault, cut_rx.clone()));
             }
         });
         FaultProxy {
             addr,
             plan,
+            cut,
             connections,
             task,
         }
@@ -67,6 +72,12 @@ impl FaultProxy {
         let mut plan = self.plan.lock().expect("plan lock");
         plan.0 = faults.iter().copied().collect();
         plan.1 = default;
+    }
+
+    /// Closes every connection forwarded so far, so that clients holding
+    /// them open meet the fault plan on their next connection.
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
     }
 
     /// Connections accepted so far.
@@ -81,10 +92,19 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn handle(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
+async fn handle(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    fault: Fault,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+) {
     if fault == Fault::Forward {
         if let Ok(mut server) = TcpStream::connect(upstream).await {
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            cut.mark_unchanged();
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = cut.changed() => {}
+            }
         }
         return;
     }

@@ -7,6 +7,7 @@
 //! a bucket per test is slow on the test server.
 
 pub mod api;
+pub mod extract;
 pub mod fault_proxy;
 pub mod mount;
 pub mod trees;

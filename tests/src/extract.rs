@@ -1,0 +1,74 @@
+//! Every reader other services use, run on one session object: GNU tar,
+//! bsdtar, Python `tarfile` in streaming mode (`'r|gz'`) and Node (zlib and
+//! a tar parser). Each extracts into a directory of its own and the trees
+//! are returned for comparison.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use crate::trees::{snapshot, Node};
+
+fn run(cmd: &mut Command, who: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{who}: {e}"));
+    assert!(
+        out.status.success(),
+        "{who} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The tree each reader extracts from `object`, by reader.
+pub fn every_reader(object: &Path, scratch: &Path) -> Vec<(&'static str, BTreeMap<String, Node>)> {
+    let node_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/node-extract.js");
+    let mut out = Vec::new();
+    let readers: [(&'static str, Box<dyn Fn(&Path) -> Command>); 4] = [
+        (
+            "GNU tar",
+            Box::new(|dest| {
+                let mut c = Command::new("tar");
+                c.arg("-xzf").arg(object).arg("-C").arg(dest);
+                c
+            }),
+        ),
+        (
+            "bsdtar",
+            Box::new(|dest| {
+                let mut c = Command::new("bsdtar");
+                c.arg("-xzf").arg(object).arg("-C").arg(dest);
+                c
+            }),
+        ),
+        (
+            "python tarfile r|gz",
+            Box::new(|dest| {
+                let mut c = Command::new("python3");
+                c.arg("-c")
+                    .arg(
+                        "import sys, tarfile\n\
+                         with tarfile.open(sys.argv[1], 'r|gz') as t:\n    \
+                         t.extractall(sys.argv[2], filter='tar')",
+                    )
+                    .arg(object)
+                    .arg(dest);
+                c
+            }),
+        ),
+        (
+            "node",
+            Box::new(|dest| {
+                let mut c = Command::new("node");
+                c.arg(&node_script).arg(object).arg(dest);
+                c
+            }),
+        ),
+    ];
+    for (who, cmd) in readers {
+        let dest = scratch.join(who.replace([' ', '|'], "-"));
+        std::fs::create_dir_all(&dest).expect("extraction directory");
+        run(&mut cmd(&dest), who);
+        out.push((who, snapshot(&dest)));
+    }
+    run(Command::new("gzip").arg("-t").arg(object), "gzip -t");
+    out
+}

@@ -1,0 +1,688 @@
+//! Write-back end to end, against the real S3 server: changes made in a
+//! mount or through the API reach the stored object (incrementally), other
+//! writers' objects are followed and merged, nothing acknowledged is lost
+//! to kill -9 or store faults, and every reader extracts what is stored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::{GetOptions, ObjectStore};
+use sessionfs_tests::extract::every_reader;
+use sessionfs_tests::mount::{Mount, Site};
+use sessionfs_tests::trees::{assert_same_tree, make_fixture, snapshot, Node};
+use sessionfs_tests::{pattern, s3_store};
+
+const API: &str = "/api/storage-worker/sessions";
+
+fn session_name(test: &str) -> String {
+    format!("wb-{test}-{:08x}", rand::random::<u32>())
+}
+
+/// Waits for `cond`, up to `within`; panics with `what` after.
+fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `sessionfs status --json` of a mount.
+fn status(site: &Site, m: &Mount) -> Value {
+    let out = site.run(&["status", "--json", &m.path.display().to_string()]);
+    serde_json::from_slice(&out).expect("status is JSON")
+}
+
+/// The stored object, fetched with a plain GET (not through sessionfs).
+async fn stored_object(session: &str, into: &Path) -> Option<(String, PathBuf)> {
+    let store = s3_store().await;
+    let key = SessionPath::parse(session).unwrap().object_key();
+    match store.get(&key, GetOptions::default()).await {
+        Ok(got) => {
+            let path = into.join(format!("{session}.tar.gz"));
+            std::fs::write(&path, &got.body).unwrap();
+            Some((got.meta.etag, path))
+        }
+        Err(sessionfs_core::store::StoreError::NotFound { .. }) => None,
+        Err(e) => panic!("GET {key}: {e}"),
+    }
+}
+
+/// Every reader extracts `object` to `expected`.
+fn every_reader_agrees(object: &Path, expected: &BTreeMap<String, Node>) {
+    let scratch = tempfile::tempdir().unwrap();
+    for (who, tree) in every_reader(object, scratch.path()) {
+        assert_same_tree(expected, &tree, who);
+    }
+}
+
+/// A session with the fixture and 40 MiB of incompressible files, so the
+/// object is far above the single-PUT size and write-backs go incremental.
+fn big_source(root: &Path) {
+    make_fixture(root);
+    let blob = root.join("workspace/blob");
+    std::fs::create_dir_all(&blob).unwrap();
+    for i in 0..40u64 {
+        std::fs::write(
+            blob.join(format!("b_{i:03}.bin")),
+            pattern(1 << 20, 1000 + i),
+        )
+        .unwrap();
+    }
+}
+
+/// The same changes, in a mount or in a plain directory.
+fn change_tree(root: &Path) {
+    let w = root.join("workspace");
+    std::fs::write(w.join("many/mod_007.rs"), b"// rewritten\n").unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(w.join("blob/b_020.bin"))
+            .unwrap();
+        f.write_all(b"appended").unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir_all(w.join("new/dir")).unwrap();
+    std::fs::write(w.join("new/dir/file.txt"), b"brand new\n").unwrap();
+    std::fs::remove_file(w.join("many/mod_200.rs")).unwrap();
+    std::fs::rename(w.join("blob/b_030.bin"), w.join("moved.bin")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        w.join("many/mod_100.rs"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_writes_back_what_changed_and_every_reader_extracts_it() {
+    let site = Site::s3();
+    let session = session_name("mount");
+    let src = site.dir.path().join("src");
+    big_source(&src);
+    site.push(&src, &session);
+    let (pushed_etag, _) = stored_object(&session, site.dir.path()).await.unwrap();
+
+    let quiet = Duration::from_millis(500);
+    let m = site.mount(&session, &["--writeback-quiet-ms", "500"]);
+    change_tree(&m.path);
+    let took = wait_for(Duration::from_secs(60), "the write-back", || {
+        let s = status(&site, &m);
+        s["pendingChanges"] == 0 && !s["lastWriteBack"].is_null()
+    });
+    let s = status(&site, &m);
+    let last = &s["lastWriteBack"];
+    assert_eq!(last["full"], false, "incremental: {s}");
+    let uploaded = last["uploadedBytes"].as_u64().unwrap();
+    let copied = last["copiedBytes"].as_u64().unwrap();
+    assert!(uploaded <= 16 << 20, "uploaded {uploaded} bytes: {s}");
+    assert!(copied >= 16 << 20, "copied only {copied} bytes: {s}");
+    assert!(
+        took <= quiet + Duration::from_secs(5),
+        "the write-back came {took:?} after the last change"
+    );
+
+    // Straight from S3: a new version, which every reader extracts to the
+    // tree the mount shows, and the mount shows what the changes made.
+    let expected_dir = site.dir.path().join("expected");
+    big_source(&expected_dir);
+    change_tree(&expected_dir);
+    let expected = snapshot(&expected_dir);
+    assert_same_tree(
+        &expected,
+        &snapshot(&m.path),
+        "the mount after the write-back",
+    );
+    let (etag, object) = stored_object(&session, site.dir.path()).await.unwrap();
+    assert_ne!(etag, pushed_etag);
+    assert_eq!(
+        Some(etag.clone()),
+        s["baseEtag"].as_str().map(str::to_owned)
+    );
+    every_reader_agrees(&object, &expected);
+
+    // A fresh process with an empty cache reads the new bytes.
+    let fresh = Site::s3();
+    let got = fresh.run(&["cat", &session, "workspace/blob/b_020.bin"]);
+    let mut want = pattern(1 << 20, 1020).to_vec();
+    want.extend_from_slice(b"appended");
+    assert!(got == want, "cat in a fresh process read other bytes");
+    let moved = fresh.run(&["cat", &session, "workspace/moved.bin"]);
+    assert!(moved == pattern(1 << 20, 1030).to_vec());
+    m.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_put_reaches_the_object_in_s3() {
+    let site = Site::s3();
+    let session = session_name("api");
+    let server = site.serve_api(&["--writeback-quiet-ms", "200"], &[]);
+    let url = format!("{}{API}/{session}/files/workspace/notes.md", server.url);
+    let http = reqwest::Client::new();
+    let r = http
+        .put(&url)
+        .body("# written through the API\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let scratch = tempfile::tempdir().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let object = loop {
+        if let Some((_, path)) = stored_object(&session, scratch.path()).await {
+            break path;
+        }
+        assert!(Instant::now() < deadline, "the object never appeared in S3");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut expected = BTreeMap::new();
+    expected.insert("workspace".to_owned(), Node::Dir { mode: 0o755 });
+    expected.insert(
+        "workspace/notes.md".to_owned(),
+        Node::File {
+            mode: 0o644,
+            content: b"# written through the API\n".to_vec(),
+        },
+    );
+    every_reader_agrees(&object, &expected);
+
+    // The metadata reports it, and the download serves the stored object.
+    let meta: Value = http
+        .get(format!("{}{API}/{session}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["pendingChanges"], false, "{meta}");
+    assert!(
+        meta["lastWriteBack"]["uploadedBytes"].as_u64().unwrap() > 0,
+        "{meta}"
+    );
+    let metrics = http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sessionfs_writebacks_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_api_servers_on_one_bucket_see_each_others_changes() {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let flags = [
+        "--writeback-quiet-ms",
+        "200",
+        "--recheck-ms",
+        "500",
+        "--follow-ms",
+        "500",
+    ];
+    let a = a_site.serve_api(&flags, &[]);
+    let b = b_site.serve_api(&flags, &[]);
+    let session = session_name("replicas");
+    let http = reqwest::Client::new();
+    let file = |server: &str| format!("{server}{API}/{session}/files/workspace/shared.txt");
+    let read = |url: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.bytes().await.unwrap())
+        }
+    };
+    // Within the quiet period plus the recheck interval, and some slack.
+    let bound = Duration::from_millis(200 + 500) + Duration::from_secs(5);
+    for round in 0..3 {
+        let body = format!("version {round}");
+        let r = http
+            .put(file(&a.url))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let start = Instant::now();
+        loop {
+            let (status, bytes) = read(file(&b.url)).await;
+            if status == 200 && bytes == body.as_bytes() {
+                break;
+            }
+            assert!(
+                start.elapsed() < bound,
+                "B still answers {status} {:?} for round {round}",
+                String::from_utf8_lossy(&bytes)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Deleted on B: gone on A as well.
+    let r = http
+        .delete(format!("{}{API}/{session}", b.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let start = Instant::now();
+    loop {
+        let (status, _) = read(file(&a.url)).await;
+        if status == 404 {
+            break;
+        }
+        assert!(
+            start.elapsed() < bound,
+            "A still serves the deleted session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.stop().code(), Some(0));
+    assert_eq!(b.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_follows_a_push_and_merges_what_is_pending() {
+    let site = Site::s3();
+    let pusher = Site::s3();
+    let session = session_name("follow");
+    let tree = |root: &Path, tag: &str, n: usize| {
+        let w = root.join("workspace");
+        std::fs::create_dir_all(&w).unwrap();
+        for i in 0..n {
+            std::fs::write(w.join(format!("{tag}-{i}.txt")), format!("{tag} {i}\n")).unwrap();
+        }
+        std::fs::write(w.join("common.txt"), format!("common from {tag}\n")).unwrap();
+    };
+    let one = site.dir.path().join("one");
+    tree(&one, "one", 20);
+    site.push(&one, &session);
+    // A long quiet period: what the mount writes stays pending until asked.
+    let m = site.mount(
+        &session,
+        &["--writeback-quiet-ms", "600000", "--follow-ms", "300"],
+    );
+    assert_eq!(
+        std::fs::read(m.join("workspace/common.txt")).unwrap(),
+        b"common from one\n"
+    );
+
+    // No pending changes: the mount moves onto the pushed tree.
+    let two = site.dir.path().join("two");
+    tree(&two, "two", 30);
+    pusher.push(&two, &session);
+    wait_for(
+        Duration::from_secs(20),
+        "the mount following the push",
+        || m.join("workspace/two-29.txt").exists() && !m.join("workspace/one-0.txt").exists(),
+    );
+    assert_same_tree(
+        &snapshot(&two),
+        &snapshot(&m.path),
+        "the mount after the push",
+    );
+
+    // Pending changes: kept and merged onto the next push.
+    std::fs::write(m.join("workspace/local.txt"), b"made in the mount\n").unwrap();
+    std::fs::write(m.join("workspace/two-3.txt"), b"edited in the mount\n").unwrap();
+    let three = site.dir.path().join("three");
+    tree(&three, "three", 10);
+    pusher.push(&three, &session);
+    wait_for(
+        Duration::from_secs(20),
+        "the mount following the second push",
+        || m.join("workspace/three-9.txt").exists(),
+    );
+    let mut expected = snapshot(&three);
+    expected.insert(
+        "workspace/local.txt".into(),
+        Node::File {
+            mode: 0o644,
+            content: b"made in the mount\n".to_vec(),
+        },
+    );
+    // Changed here, deleted there: the change stays.
+    expected.insert(
+        "workspace/two-3.txt".into(),
+        Node::File {
+            mode: 0o644,
+            content: b"edited in the mount\n".to_vec(),
+        },
+    );
+    assert_same_tree(&expected, &snapshot(&m.path), "the mount after the merge");
+    site.run(&["flush", &m.path.display().to_string()]);
+    let (_, object) = stored_object(&session, site.dir.path()).await.unwrap();
+    every_reader_agrees(&object, &expected);
+    m.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_mounts_writing_at_once_lose_nothing() {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let session = session_name("two-mounts");
+    let src = a_site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/same.txt"), b"base\n").unwrap();
+    a_site.push(&src, &session);
+    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "300"];
+    let a = a_site.mount(&session, &flags);
+    let b = b_site.mount(&session, &flags);
+    let (pa, pb) = (a.path.clone(), b.path.clone());
+    let writer = |root: PathBuf, tag: &'static str| {
+        std::thread::spawn(move || {
+            for i in 0..40 {
+                std::fs::write(
+                    root.join(format!("workspace/{tag}-{i:02}.txt")),
+                    format!("{tag} {i}\n"),
+                )
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    let (ta, tb) = (writer(pa.clone(), "a"), writer(pb.clone(), "b"));
+    ta.join().unwrap();
+    tb.join().unwrap();
+    // Both change the same file: one version wins the name, the other is
+    // kept beside it.
+    std::fs::write(pa.join("workspace/same.txt"), b"from a\n").unwrap();
+    std::fs::write(pb.join("workspace/same.txt"), b"from b\n").unwrap();
+    a.stop();
+    b.stop();
+    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    for tag in ["a", "b"] {
+        for i in 0..40 {
+            let p = format!("workspace/{tag}-{i:02}.txt");
+            match tree.get(&p) {
+                Some(Node::File { content, .. }) => {
+                    assert_eq!(content, format!("{tag} {i}\n").as_bytes(), "{p}")
+                }
+                other => panic!("{p}: {other:?}"),
+            }
+        }
+    }
+    let versions: Vec<&Vec<u8>> = tree
+        .iter()
+        .filter(|(p, _)| p.starts_with("workspace/same.txt"))
+        .filter_map(|(_, n)| match n {
+            Node::File { content, .. } => Some(content),
+            _ => None,
+        })
+        .collect();
+    let mut got: Vec<&[u8]> = versions.iter().map(|v| v.as_slice()).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [&b"from a\n"[..], &b"from b\n"[..]],
+        "both versions kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_write_back_loses_nothing_acknowledged() {
+    let site = Site::s3();
+    let session = session_name("kill9");
+    let src = site.dir.path().join("src");
+    big_source(&src);
+    site.push(&src, &session);
+    let mut written: Vec<(String, Vec<u8>)> = Vec::new();
+    for round in 0..6u64 {
+        let m = site.mount(&session, &["--writeback-quiet-ms", "50"]);
+        let name = format!("workspace/round-{round}.bin");
+        let data = pattern(200_000 + round as usize * 1000, round).to_vec();
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(m.join(&name)).unwrap();
+            f.write_all(&data).unwrap();
+            f.sync_all().unwrap();
+        }
+        written.push((name, data));
+        // Somewhere in the debounce, the pack or the upload.
+        std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 600));
+        m.kill9();
+        // Whatever is stored now is a whole, valid object.
+        let (_, object) = stored_object(&session, site.dir.path()).await.unwrap();
+        let out = std::process::Command::new("gzip")
+            .arg("-t")
+            .arg(&object)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: a torn object is visible"
+        );
+    }
+    // Restarted, the overlay writes back what is pending (exactly once: the
+    // object holds each file once, with its bytes).
+    let m = site.mount(&session, &["--writeback-quiet-ms", "50"]);
+    site.run(&["flush", &m.path.display().to_string()]);
+    m.stop();
+    let (_, object) = stored_object(&session, site.dir.path()).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for (who, tree) in every_reader(&object, scratch.path()) {
+        for (name, data) in &written {
+            match tree.get(name) {
+                Some(Node::File { content, .. }) => assert!(content == data, "{who}: {name}"),
+                other => panic!("{who}: {name} is {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_faults_delay_the_write_back_but_never_tear_the_object() {
+    use sessionfs_tests::fault_proxy::{Fault, FaultProxy};
+    let upstream: std::net::SocketAddr = format!(
+        "127.0.0.1:{}",
+        std::env::var("MINIO_PORT").expect("the test S3 server")
+    )
+    .parse()
+    .unwrap();
+    let proxy = FaultProxy::start(upstream).await;
+    let mut site = Site::s3();
+    for (k, v) in site.env.iter_mut() {
+        if k == "MINIO_PORT" {
+            *v = proxy.addr.port().to_string();
+        }
+    }
+    let session = session_name("faults");
+    let src = site.dir.path().join("src");
+    big_source(&src);
+    site.push(&src, &session);
+    let server = site.serve_api(
+        &["--writeback-quiet-ms", "100"],
+        &[
+            ("SESSIONFS_S3_MAX_ATTEMPTS", "2"),
+            ("SESSIONFS_S3_TIMEOUT", "3"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let url = format!("{}{API}/{session}/files/workspace/faulty.txt", server.url);
+    // Open the session while the store answers.
+    let r = http
+        .get(format!(
+            "{}{API}/{session}/files/workspace/hard-a.txt",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (before, _) = stored_object(&session, site.dir.path()).await.unwrap();
+    // Bursts of errors, resets and stalls for a few seconds.
+    let burst: Vec<Fault> = [
+        Fault::ServiceUnavailable,
+        Fault::Drop,
+        Fault::SlowDown,
+        Fault::Hang,
+    ]
+    .iter()
+    .cycle()
+    .take(40)
+    .copied()
+    .collect();
+    proxy.plan(&burst, Fault::ServiceUnavailable);
+    proxy.cut_all();
+    let r = http
+        .put(&url)
+        .body("written during the outage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "writes are local: the outage does not fail them"
+    );
+    // Meanwhile the session keeps answering from its overlay and cache.
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        "written during the outage".as_bytes()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (during, _) = stored_object(&session, site.dir.path()).await.unwrap();
+    assert_eq!(during, before, "nothing is stored while the store fails");
+    // The store comes back: the write-back completes by itself.
+    proxy.plan(&[], Fault::Forward);
+    let scratch = tempfile::tempdir().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let object = loop {
+        let (etag, object) = stored_object(&session, scratch.path()).await.unwrap();
+        if etag != before {
+            break object;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write-back after the outage: {}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut expected = {
+        let dir = site.dir.path().join("expected");
+        big_source(&dir);
+        snapshot(&dir)
+    };
+    expected.insert(
+        "workspace/faulty.txt".into(),
+        Node::File {
+            mode: 0o644,
+            content: b"written during the outage".to_vec(),
+        },
+    );
+    every_reader_agrees(&object, &expected);
+    assert!(
+        server.log_text().contains("write-back failed"),
+        "the faults were seen"
+    );
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+#[test]
+fn push_refuses_a_session_with_changes_pending_here() {
+    let site = Site::local();
+    let src = site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/a.txt"), b"a").unwrap();
+    site.push(&src, "pending");
+    let m = site.mount("pending", &["--no-writeback"]);
+    std::fs::write(m.join("workspace/b.txt"), b"b").unwrap();
+    m.stop();
+    let out = site
+        .command()
+        .args(["push", &src.display().to_string(), "pending"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not yet written back") && err.contains("--force"),
+        "{err}"
+    );
+    site.run(&["push", "--force", &src.display().to_string(), "pending"]);
+}
+
+#[test]
+fn two_hundred_write_backs_keep_the_object_within_ten_percent_of_a_fresh_pack() {
+    use sessionfs_core::overlay::export;
+    use sessionfs_core::overlay::open::{open, OpenSpec};
+    use sessionfs_core::overlay::writeback::{write_back, WriteBackOptions};
+    use sessionfs_core::tarball::reader::SessionReader;
+    use sessionfs_core::tarball::writer::{pack_dir, pack_entries, PackOptions};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (dir, store) = sessionfs_tests::local_store();
+    let src = dir.path().join("src");
+    big_source(&src);
+    let mut packed = Vec::new();
+    pack_dir(&src, &mut packed, &PackOptions::default(), &|_| {}).unwrap();
+    let session = SessionPath::parse("compact").unwrap();
+    let key = session.object_key();
+    rt.block_on(store.put(&key, packed.into(), Default::default()))
+        .unwrap();
+    let live = open(
+        &OpenSpec {
+            store: store.clone(),
+            index: None,
+            session,
+            overlay: dir.path().join("overlay"),
+            read_only: false,
+        },
+        rt.handle(),
+    )
+    .unwrap();
+    let opts = WriteBackOptions::default();
+    let mut incremental = 0;
+    for i in 0..200 {
+        let path = format!("workspace/many/mod_{:03}.rs", (i * 37) % 300);
+        live.put_file(&path, format!("// change {i}\n").as_bytes())
+            .unwrap();
+        let report = write_back(&live, &store, &opts).unwrap().expect("a write-back");
+        if !report.full {
+            incremental += 1;
+            assert!(report.copied > 0);
+        }
+    }
+    assert!(incremental >= 150, "only {incremental} of 200 were incremental");
+    let stored = rt.block_on(store.head(&key)).unwrap().size;
+    let mut fresh = Vec::new();
+    pack_entries(
+        export::entries(&live).unwrap(),
+        &mut fresh,
+        &PackOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    let fresh = fresh.len() as u64;
+    assert!(
+        stored * 100 <= fresh * 110,
+        "after 200 write-backs the object is {stored} bytes, a fresh pack {fresh}"
+    );
+    // The last object reads back whole, TOC and all.
+    let reader = rt
+        .block_on(SessionReader::open(store.clone(), &key, None))
+        .unwrap();
+    let last = (199 * 37) % 300;
+    let got = rt
+        .block_on(reader.read_all(&format!("workspace/many/mod_{last:03}.rs")))
+        .unwrap();
+    assert_eq!(&got[..], b"// change 199\n");
+    assert!(!live.has_pending_changes().unwrap());
+}
