@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in release mode against a real S3 server on 127.0.0.1, each figure
 # printed beside a reference measured in the same run.
-#   usage: scripts/bench.sh [SCALE] [tarball|mount|api|all]
+#   usage: scripts/bench.sh [SCALE] [tarball|writeback|mount|api|all]
 # SCALE 1.0 ≈ 1 GiB of source-like files for the tarball benchmark and 700 MB in
 # 45,000 files for the mount benchmark; 0.1 for a quick look. The mount benchmark
 # needs root (it drops the page cache and mounts ratarmount and archivemount). The API
@@ -16,6 +16,9 @@ s3_env="$(scripts/s3-server.sh start)"
 eval "$s3_env"
 if [ "$which" = all ] || [ "$which" = tarball ]; then
   target/release/sessionfs-bench "$scale"
+fi
+if [ "$which" = all ] || [ "$which" = writeback ]; then
+  target/release/sessionfs-bench "$scale" writeback
 fi
 if [ "$which" = all ] || [ "$which" = mount ]; then
   bench/mount-bench.sh "$(pwd)/target/release/sessionfs" "$scale"

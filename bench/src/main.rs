@@ -14,7 +14,11 @@
 //! The store is the S3 server from the environment (`scripts/bench.sh` starts
 //! one) or, without it, a local store.
 //!
-//! usage: sessionfs-bench [SCALE]   (default 1.0; 0.1 for a quick run)
+//! usage: sessionfs-bench [SCALE] [tarball|writeback]   (default 1.0
+//! tarball; 0.1 for a quick run). `writeback` runs the write-back
+//! benchmark ([`writeback`]) instead.
+
+mod writeback;
 
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
@@ -187,6 +191,11 @@ async fn main() -> Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(1.0);
+    match std::env::args().nth(2).as_deref() {
+        None | Some("tarball") => {}
+        Some("writeback") => return writeback::bench(scale).await,
+        Some(other) => bail!("unknown benchmark {other:?}: tarball or writeback"),
+    }
     let work = tempfile::tempdir()?;
     let tree = work.path().join("tree");
     let ((files, bytes, small, large), gen) = time(|| generate(&tree, scale))?;

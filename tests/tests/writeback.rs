@@ -654,13 +654,18 @@ fn two_hundred_write_backs_keep_the_object_within_ten_percent_of_a_fresh_pack() 
         let path = format!("workspace/many/mod_{:03}.rs", (i * 37) % 300);
         live.put_file(&path, format!("// change {i}\n").as_bytes())
             .unwrap();
-        let report = write_back(&live, &store, &opts).unwrap().expect("a write-back");
+        let report = write_back(&live, &store, &opts)
+            .unwrap()
+            .expect("a write-back");
         if !report.full {
             incremental += 1;
             assert!(report.copied > 0);
         }
     }
-    assert!(incremental >= 150, "only {incremental} of 200 were incremental");
+    assert!(
+        incremental >= 150,
+        "only {incremental} of 200 were incremental"
+    );
     let stored = rt.block_on(store.head(&key)).unwrap().size;
     let mut fresh = Vec::new();
     pack_entries(

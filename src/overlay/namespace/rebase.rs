@@ -195,9 +195,14 @@ impl Namespace {
             let here = self.lookup_path(p);
             match (s.remote.get(p), here) {
                 (None, Some(_)) if unchanged_here => removals.push(p),
-                (None, _) => {}
+                // Changed here, deleted there: ours stays.
+                (None, Some(_)) => out.conflicts.push((p.to_owned(), None)),
+                (None, None) => {}
                 (Some(r), None) => {
                     // New there, or deleted here and changed there: theirs.
+                    if !unchanged_here {
+                        out.conflicts.push((p.to_owned(), None));
+                    }
                     if self.put_remote(&mut ops, p, r, p, &mut out)? {
                         out.taken.push(p.to_owned());
                     }
@@ -474,5 +479,170 @@ fn node_from(ino: u64, kind: NodeKind, parent: u64, e: &Entry, path: Option<&str
             _ => Data::None,
         },
         parent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::namespace::SetAttr;
+    use std::collections::BTreeMap;
+
+    fn file(p: &str, mt: i64) -> Entry {
+        Entry {
+            p: p.to_owned(),
+            t: Kind::File,
+            s: 5,
+            m: 0o644,
+            u: 0,
+            g: 0,
+            mt,
+            mn: 0,
+            lt: None,
+            dv: None,
+            x: BTreeMap::new(),
+            ho: 0,
+            data_offset: 0,
+            sp: None,
+        }
+    }
+
+    fn dir(p: &str) -> Entry {
+        Entry {
+            t: Kind::Dir,
+            s: 0,
+            m: 0o755,
+            ..file(p, 1)
+        }
+    }
+
+    fn base() -> Vec<Entry> {
+        vec![
+            dir("w"),
+            file("w/a", 1),
+            file("w/b", 1),
+            file("w/c", 1),
+            file("w/d", 1),
+        ]
+    }
+
+    fn open(dir: &std::path::Path) -> Namespace {
+        Namespace::open(&dir.join("j.db"), Some("base"), &base())
+            .unwrap()
+            .0
+    }
+
+    fn ino(ns: &Namespace, p: &str) -> u64 {
+        ns.lookup_path(p)
+            .unwrap_or_else(|| panic!("{p} is missing"))
+    }
+
+    #[test]
+    fn what_changed_only_there_is_taken_without_a_local_change() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ns = open(d.path());
+        let a = ino(&ns, "w/a");
+        // There: a changed, b deleted, e new (in a new directory).
+        let remote = vec![
+            dir("w"),
+            file("w/a", 2),
+            file("w/c", 1),
+            file("w/d", 1),
+            dir("w/new"),
+            file("w/new/e", 3),
+        ];
+        let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
+        assert!(r.conflicts.is_empty());
+        assert_eq!(ino(&ns, "w/a"), a, "a keeps its inode");
+        assert_eq!(ns.get(a).unwrap().mtime.s, 2);
+        assert_eq!(ns.get(a).unwrap().data, Data::Base("w/a".into()));
+        assert!(ns.lookup_path("w/b").is_none());
+        assert_eq!(
+            ns.get(ino(&ns, "w/new/e")).unwrap().data,
+            Data::Base("w/new/e".into())
+        );
+        assert!(
+            !ns.journal().has_changes().unwrap(),
+            "following is not a change here"
+        );
+        assert_eq!(
+            ns.journal().meta("base_etag").unwrap().as_deref(),
+            Some("remote")
+        );
+        // The journal holds the same tree: a reopen sees it.
+        drop(ns);
+        let ns = Namespace::open(&d.path().join("j.db"), Some("remote"), &[])
+            .unwrap()
+            .0;
+        assert!(ns.lookup_path("w/new/e").is_some() && ns.lookup_path("w/b").is_none());
+    }
+
+    #[test]
+    fn both_sides_changed_keeps_ours_and_theirs_beside_it() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ns = open(d.path());
+        let a = ino(&ns, "w/a");
+        let set = SetAttr {
+            perm: Some(0o600),
+            ..SetAttr::default()
+        };
+        ns.setattr(a, &set).unwrap();
+        // Deleted here, changed there.
+        let w = ino(&ns, "w");
+        ns.remove(w, "c", false).unwrap();
+        // Changed here, deleted there.
+        let dd = ino(&ns, "w/d");
+        ns.setattr(dd, &set).unwrap();
+        let remote = vec![dir("w"), file("w/a", 2), file("w/b", 1), file("w/c", 2)];
+        // Ours keep the base's bytes, which the new object lacks.
+        let mut copy_ups = ns.rebase_copy_ups(&base(), &remote);
+        copy_ups.sort();
+        assert_eq!(copy_ups, vec![a, dd]);
+        for i in copy_ups {
+            ns.set_data(i, Data::Local, None).unwrap();
+        }
+        let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
+        assert_eq!(ns.get(a).unwrap().perm, 0o600, "ours stays");
+        let copy = ino(&ns, "w/a.conflict-tag");
+        assert_eq!(ns.get(copy).unwrap().data, Data::Base("w/a".into()));
+        assert_eq!(r.conflicts.len(), 3, "{:?}", r.conflicts);
+        assert_eq!(
+            ns.get(ino(&ns, "w/c")).unwrap().mtime.s,
+            2,
+            "a deletion does not win over a change"
+        );
+        assert_eq!(
+            ns.get(dd).unwrap().perm,
+            0o600,
+            "a change does not lose to a deletion"
+        );
+    }
+
+    #[test]
+    fn files_reading_bytes_the_new_object_lacks_are_copied_up_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ns = open(d.path());
+        let a = ino(&ns, "w/a");
+        let w = ino(&ns, "w");
+        ns.rename(w, "a", w, "moved", super::super::RenameMode::Replace)
+            .unwrap();
+        let remote = vec![
+            dir("w"),
+            file("w/a", 2),
+            file("w/b", 1),
+            file("w/c", 1),
+            file("w/d", 1),
+        ];
+        assert_eq!(ns.rebase_copy_ups(&base(), &remote), vec![a]);
+        assert!(ns.rebase(&base(), &remote, "remote", "tag").is_err());
+        ns.set_data(a, Data::Local, None).unwrap();
+        assert!(ns.rebase_copy_ups(&base(), &remote).is_empty());
+        ns.rebase(&base(), &remote, "remote", "tag").unwrap();
+        // Both survive: ours moved, theirs at the old name.
+        assert_eq!(ino(&ns, "w/moved"), a);
+        assert_eq!(
+            ns.get(ino(&ns, "w/a")).unwrap().data,
+            Data::Base("w/a".into())
+        );
     }
 }
