@@ -23,6 +23,9 @@ use sessionfs_core::tarball::writer::{pack_dir, pack_entries, PackOptions};
 
 use crate::{generate, run, s, store_from_env, upload, MIB};
 
+/// Files and their new bytes.
+type Changes = Vec<(String, Vec<u8>)>;
+
 pub async fn bench(scale: f64) -> Result<()> {
     let work = tempfile::tempdir()?;
     let tree = work.path().join("tree");
@@ -75,7 +78,7 @@ pub async fn bench(scale: f64) -> Result<()> {
             .collect()
     };
     let big = crate::source_text(&mut crate::Rng(0xfeed), (100.0 * MIB) as usize);
-    let scenarios: Vec<(String, Vec<(String, Vec<u8>)>)> = vec![
+    let scenarios: Vec<(String, Changes)> = vec![
         (
             "1 small file".into(),
             scattered(1)

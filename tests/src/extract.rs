@@ -22,27 +22,15 @@ fn run(cmd: &mut Command, who: &str) {
 pub fn every_reader(object: &Path, scratch: &Path) -> Vec<(&'static str, BTreeMap<String, Node>)> {
     let node_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/node-extract.js");
     let mut out = Vec::new();
-    let readers: [(&'static str, Box<dyn Fn(&Path) -> Command>); 4] = [
-        (
-            "GNU tar",
-            Box::new(|dest| {
-                let mut c = Command::new("tar");
+    let command = |who: &str, dest: &Path| {
+        let mut c;
+        match who {
+            "GNU tar" | "bsdtar" => {
+                c = Command::new(if who == "bsdtar" { "bsdtar" } else { "tar" });
                 c.arg("-xzf").arg(object).arg("-C").arg(dest);
-                c
-            }),
-        ),
-        (
-            "bsdtar",
-            Box::new(|dest| {
-                let mut c = Command::new("bsdtar");
-                c.arg("-xzf").arg(object).arg("-C").arg(dest);
-                c
-            }),
-        ),
-        (
-            "python tarfile r|gz",
-            Box::new(|dest| {
-                let mut c = Command::new("python3");
+            }
+            "python tarfile r|gz" => {
+                c = Command::new("python3");
                 c.arg("-c")
                     .arg(
                         "import sys, tarfile\n\
@@ -51,22 +39,19 @@ pub fn every_reader(object: &Path, scratch: &Path) -> Vec<(&'static str, BTreeMa
                     )
                     .arg(object)
                     .arg(dest);
-                c
-            }),
-        ),
-        (
-            "node",
-            Box::new(|dest| {
-                let mut c = Command::new("node");
+            }
+            _ => {
+                c = Command::new("node");
                 c.arg(&node_script).arg(object).arg(dest);
-                c
-            }),
-        ),
-    ];
-    for (who, cmd) in readers {
+            }
+        }
+        c
+    };
+    let readers = ["GNU tar", "bsdtar", "python tarfile r|gz", "node"];
+    for who in readers {
         let dest = scratch.join(who.replace([' ', '|'], "-"));
         std::fs::create_dir_all(&dest).expect("extraction directory");
-        run(&mut cmd(&dest), who);
+        run(&mut command(who, &dest), who);
         out.push((who, snapshot(&dest)));
     }
     run(Command::new("gzip").arg("-t").arg(object), "gzip -t");

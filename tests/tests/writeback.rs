@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::store::{GetOptions, ObjectStore};
+use sessionfs_core::store::GetOptions;
 use sessionfs_tests::extract::every_reader;
 use sessionfs_tests::mount::{Mount, Site};
 use sessionfs_tests::trees::{assert_same_tree, make_fixture, snapshot, Node};
