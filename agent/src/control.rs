@@ -55,6 +55,18 @@ pub fn flush(mountpoint: &Path, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Before an unmount: writes back what is pending, when the mount point is
+/// a sessionfs mount with write-back. A failure is reported, not fatal: the
+/// mount process tries again as it exits.
+pub fn flush_before_unmount(mountpoint: &Path) {
+    if let Err(e) = ask(mountpoint, "flush") {
+        let text = e.to_string();
+        if !text.contains("is not the root of a sessionfs mount") {
+            eprintln!("sessionfs: writing back before the unmount: {e:#}");
+        }
+    }
+}
+
 pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
     let answer = ask(mountpoint, "status")?;
     if json {

@@ -72,7 +72,8 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Mount one session as a read-write directory.
     Mount(mount_cmd::MountArgs),
-    /// Unmount a mounted session (the mount process syncs and exits).
+    /// Unmount a mounted session: its pending changes are written back
+    /// first, then the mount process syncs and exits.
     Umount {
         mountpoint: PathBuf,
         /// Detach now even if files are open; the mount ends when they close.
@@ -158,6 +159,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -233,7 +235,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
             return mount_cmd::run(args, &cli.store.bucket, store, index, cli.quiet).await;
         }
-        Command::Umount { mountpoint, lazy } => return mount_cmd::umount(&mountpoint, lazy),
+        Command::Umount { mountpoint, lazy } => {
+            // Pending changes go to the store before the mount goes away.
+            control::flush_before_unmount(&mountpoint);
+            return mount_cmd::umount(&mountpoint, lazy);
+        }
         Command::Serve(args) => {
             let local = serve_cmd::Local {
                 cache_dir: local_state_dir(cli.cache_dir)?,
@@ -248,6 +254,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(_) => "restore",
     };
     anyhow::bail!("`sessionfs {name}` is not implemented yet")
+}
+
+/// Lifts the soft limit of open descriptors to the hard one: a mount holds
+/// one per file open for writing, and 1,024 (the usual soft limit) is far
+/// below what a build or a package manager keeps open.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill and setrlimit to read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// The configured store behind the block cache, and the TOC index, both in the cache directory.

@@ -147,12 +147,10 @@ pub async fn run(
             )
         }),
     );
-    let looping = (!read_only).then(|| tokio::spawn(writeback.clone().run()));
+    let looping = tokio::spawn(writeback.clone().run());
     let served = serve_until_stopped(fuse_session, &mountpoint, quiet).await;
-    if let Some(l) = looping {
-        l.abort();
-        let _ = l.await;
-    }
+    looping.abort();
+    let _ = looping.await;
     // Unmounted: what is pending goes to the store before the process ends.
     if !read_only && !writeback.flush_all(STOP_FLUSH).await {
         tracing::error!("session {session}: changes left pending in the overlay");

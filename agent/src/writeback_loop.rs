@@ -101,11 +101,8 @@ impl WriteBack {
         !self.policy.no_writeback
     }
 
-    /// Runs until the task is aborted.
+    /// Runs until the task is aborted: follows newer objects, writes back.
     pub async fn run(self) {
-        if !self.enabled() {
-            return;
-        }
         let quiet = Duration::from_millis(self.policy.quiet_ms);
         let max_lag = Duration::from_millis(self.policy.max_lag_ms);
         let follow =
@@ -118,9 +115,6 @@ impl WriteBack {
             let sessions = (self.sessions)();
             tracks.retain(|name, _| sessions.iter().any(|s| s.name.as_str() == name));
             for s in sessions {
-                if s.read_only() {
-                    continue;
-                }
                 self.register_control(&s);
                 let probe = s.clone();
                 let seq = tokio::task::spawn_blocking(move || {
@@ -136,7 +130,8 @@ impl WriteBack {
                     t.checked_at = Some(now);
                     self.check_remote(&s, seq != 0).await;
                 }
-                if seq == 0 {
+                // Read-only sessions and --no-writeback only follow.
+                if seq == 0 || s.read_only() || !self.enabled() {
                     t.seq = 0;
                     t.changed_at = None;
                     t.waiting_since = None;
@@ -186,12 +181,19 @@ impl WriteBack {
             Arc::new(move |what: &str| {
                 let s = weak.upgrade().ok_or("the session is closed")?;
                 match what {
+                    "flush" if !me.enabled() => {
+                        Err("write-back is off (--no-writeback)".to_owned())
+                    }
                     "flush" => match rt.block_on(me.once(&s)) {
                         Ok(Some(r)) => Ok(describe(&r)),
                         Ok(None) => Ok("nothing to write back".to_owned()),
                         Err(e) => Err(e.to_string()),
                     },
                     "status" => Ok(status_json(&s).to_string()),
+                    "follow" => rt
+                        .block_on(me.follow(&s))
+                        .map(|f| format!("{f:?}"))
+                        .map_err(|e| e.to_string()),
                     other => Err(format!("unknown request {other:?}")),
                 }
             })

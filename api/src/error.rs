@@ -113,7 +113,7 @@ impl ApiError {
                 ApiError::Conflict(format!("a parent of {path} is not a directory"))
             }
             OverlayError::Invalid(why) => ApiError::Conflict(format!("{path}: {why}")),
-            OverlayError::NameTooLong | OverlayError::BadName => {
+            OverlayError::NameTooLong | OverlayError::BadName | OverlayError::NotPermitted(_) => {
                 ApiError::InvalidFilePath(format!("{path}: {e}"))
             }
             OverlayError::ReadOnly => ApiError::ReadOnly,

@@ -96,7 +96,7 @@ pub fn follow(
             })
             .collect();
         told.extend(rebased.inodes.iter().map(|i| Invalidation::Inode(*i)));
-        live.tell(&told);
+        live.tell_detached(told);
         if !rebased.conflicts.is_empty() {
             COUNTERS.conflicts.fetch_add(
                 rebased.conflicts.len() as u64,

@@ -70,6 +70,10 @@ pub struct Attempt {
     /// The multipart upload, once created (to abort after a crash).
     #[serde(default)]
     pub upload: Option<String>,
+    /// When the attempt began (seconds since the epoch): uploads of the
+    /// key started since then and never recorded are its own too.
+    #[serde(default)]
+    pub started: u64,
 }
 
 /// User metadata key of the write-back id in objects sessionfs writes.

@@ -223,6 +223,23 @@ impl LiveSession {
         self.watcher.lock().is_some()
     }
 
+    /// Tells the mount, from a thread of its own, what its kernel may have
+    /// cached. For callers that may run inside a kernel request to the
+    /// mount (a read that found the object replaced): invalidating a page
+    /// waits for that request's page lock, so telling from the caller's
+    /// thread would wait for itself.
+    pub fn tell_detached(&self, changes: Vec<Invalidation>) {
+        let Some(w) = self.watcher.lock().clone() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || w(&changes));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a thread to invalidate the kernel's caches: {e}");
+        }
+    }
+
     /// Tells the mount (if one watches) what its kernel may have cached.
     pub fn tell(&self, changes: &[Invalidation]) {
         let watcher = self.watcher.lock().clone();
@@ -314,6 +331,22 @@ impl LiveSession {
 
     /// Up to `size` bytes of a file from `offset`.
     pub fn read(&self, ino: u64, offset: u64, size: u64) -> Result<Vec<u8>, OverlayError> {
+        match self.read_once(ino, offset, size) {
+            // Another writer replaced the object (its old bytes are gone from
+            // the store and not cached): move onto the new one, read again.
+            Err(OverlayError::Tarball(crate::tarball::TarballError::ObjectChanged)) => {
+                match self.control("follow") {
+                    Some(Ok(_)) => self.read_once(ino, offset, size),
+                    _ => Err(OverlayError::Tarball(
+                        crate::tarball::TarballError::ObjectChanged,
+                    )),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn read_once(&self, ino: u64, offset: u64, size: u64) -> Result<Vec<u8>, OverlayError> {
         // The node and the object it points into, as one pair: a write-back
         // swaps both under the namespace lock.
         let (node, reader) = {

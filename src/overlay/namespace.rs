@@ -71,6 +71,18 @@ pub fn check_name(name: &str) -> Result<(), OverlayError> {
     Ok(())
 }
 
+/// `.sessionfs` at the session root is sessionfs's own (the TOC lives in
+/// the object under it): no user entry may take the name, or the object
+/// written back would hold two entries of one path.
+fn check_not_reserved(parent: u64, name: &str) -> Result<(), OverlayError> {
+    if parent == ROOT && name == crate::tarball::toc::RESERVED_DIR {
+        return Err(OverlayError::NotPermitted(
+            "the name .sessionfs at a session's root is reserved for sessionfs",
+        ));
+    }
+    Ok(())
+}
+
 impl Namespace {
     /// Loads the journal at `path`, or starts it from `entries` (the TOC of
     /// the session object, or nothing for a new session) when it is new.
@@ -383,6 +395,7 @@ impl Namespace {
         target: Option<String>,
     ) -> Result<Node, OverlayError> {
         check_name(name)?;
+        check_not_reserved(parent, name)?;
         if self.dir(parent)?.contains_key(name) {
             return Err(OverlayError::Exists);
         }
@@ -426,6 +439,7 @@ impl Namespace {
 
     pub fn link(&mut self, ino: u64, parent: u64, name: &str) -> Result<Node, OverlayError> {
         check_name(name)?;
+        check_not_reserved(parent, name)?;
         let node = self.get(ino)?;
         if node.kind == NodeKind::Dir {
             return Err(OverlayError::NotPermitted("hard links to directories"));
@@ -530,6 +544,7 @@ impl Namespace {
         mode: RenameMode,
     ) -> Result<Freed, OverlayError> {
         check_name(new_name)?;
+        check_not_reserved(new_parent, new_name)?;
         let src = *self.dir(parent)?.get(name).ok_or(OverlayError::NotFound)?;
         let dst = self.dir(new_parent)?.get(new_name).copied();
         let src_is_dir = self.is_dir(src);

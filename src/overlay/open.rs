@@ -154,10 +154,30 @@ fn recover_writeback(
             j.recover_completed(&attempt, &meta.etag)?;
         }
         None => {
-            if let Some(upload) = &attempt.upload {
-                let key = spec.session.object_key();
-                if let Err(e) = rt.block_on(spec.store.abort_multipart(&key, upload)) {
-                    tracing::warn!("aborting the interrupted upload {upload} of {key}: {e}");
+            // The attempt's upload, and any of the key begun since it
+            // started (created, but killed before it was recorded). Another
+            // writer's upload caught here only has to try again.
+            let key = spec.session.object_key();
+            let since = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(attempt.started.saturating_sub(5));
+            let mut ids: Vec<String> = attempt.upload.iter().cloned().collect();
+            match rt.block_on(spec.store.list_multipart(&key)) {
+                Ok(uploads) => ids.extend(
+                    uploads
+                        .into_iter()
+                        .filter(|u| u.initiated >= since)
+                        .map(|u| u.upload_id),
+                ),
+                Err(e) => tracing::warn!("listing the uploads of {key}: {e}"),
+            }
+            ids.sort();
+            ids.dedup();
+            for upload in ids {
+                match rt.block_on(spec.store.abort_multipart(&key, &upload)) {
+                    Ok(()) | Err(StoreError::UploadNotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!("aborting the interrupted upload {upload} of {key}: {e}")
+                    }
                 }
             }
             let tx = j.begin()?;

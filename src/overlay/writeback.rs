@@ -176,6 +176,9 @@ pub fn write_back(
         seq: snap.seq,
         base: snap.base_etag.clone(),
         upload: None,
+        started: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     let remap: Vec<(u64, String)> = snap
         .tree

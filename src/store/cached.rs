@@ -298,4 +298,8 @@ impl ObjectStore for CachedStore {
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
         self.inner.store.abort_multipart(key, upload_id).await
     }
+
+    async fn list_multipart(&self, key: &str) -> Result<Vec<super::PendingUpload>> {
+        self.inner.store.list_multipart(key).await
+    }
 }

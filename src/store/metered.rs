@@ -183,4 +183,9 @@ impl ObjectStore for MeteredStore {
         self.count(&self.counters.writes);
         self.inner.abort_multipart(key, upload_id).await
     }
+
+    async fn list_multipart(&self, key: &str) -> Result<Vec<super::PendingUpload>> {
+        self.request();
+        self.inner.list_multipart(key).await
+    }
 }

@@ -238,6 +238,14 @@ pub struct CompletedPart {
     pub etag: String,
 }
 
+/// A multipart upload started and neither completed nor aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: SystemTime,
+}
+
 /// Where an `upload_part_copy` takes its bytes from.
 #[derive(Clone, Debug)]
 pub struct CopySource {
@@ -304,6 +312,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     ) -> Result<PutResult>;
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()>;
+
+    /// The multipart uploads of `key` in progress (started, neither
+    /// completed nor aborted): what a crash may have left behind.
+    async fn list_multipart(&self, key: &str) -> Result<Vec<PendingUpload>>;
 
     /// Every key under `prefix` (and, with a delimiter, every common prefix),
     /// following continuation tokens to the end.

@@ -248,16 +248,27 @@ pub fn plan(old: &Toc, new: &[Entry], same_bytes: &[bool]) -> Option<Plan> {
 
 /// How much of an object sits in short segments (the tails of earlier
 /// write-backs): past a share of them, the next write-back packs in full.
+/// The last segment of a file spanning several is short by design and does
+/// not count.
 pub fn fragmentation(toc: &Toc, segment_min: usize) -> f64 {
-    let total: u64 = toc.segments.iter().map(|s| s.cl).sum();
-    if total == 0 || toc.segments.len() < 8 {
+    let segs = &toc.segments;
+    let total: u64 = segs.iter().map(|s| s.cl).sum();
+    if total == 0 || segs.len() < 8 {
         return 0.0;
     }
-    let short: u64 = toc
-        .segments
+    let seg_of = |x: u64| segs.partition_point(|s| s.uo + s.ul <= x);
+    let mut ends_a_large_file = vec![false; segs.len()];
+    for e in &toc.entries {
+        let last = seg_of(entry_end(e).max(e.ho + 1) - 1);
+        if last > seg_of(e.ho) && last < segs.len() {
+            ends_a_large_file[last] = true;
+        }
+    }
+    let short: u64 = segs
         .iter()
-        .filter(|s| (s.ul as usize) < segment_min / 4)
-        .map(|s| s.cl)
+        .zip(&ends_a_large_file)
+        .filter(|(s, tail)| (s.ul as usize) < segment_min / 4 && !**tail)
+        .map(|(s, _)| s.cl)
         .sum();
     short as f64 / total as f64
 }

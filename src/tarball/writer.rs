@@ -2,7 +2,9 @@
 //!
 //! One thread walks the entries and lays out the tar stream, cutting it into
 //! segments: at an entry's first header block once a segment holds at least
-//! `segment_min` bytes, and every `segment_max` bytes inside a large file.
+//! `segment_min` bytes or the entry would take it past `segment_max`, every
+//! `segment_max` bytes inside a large file, and right after a file that
+//! spans segments.
 //! Worker threads (one per core) compress segments in parallel; the caller's
 //! writer receives them in order. The table of contents, its locator and the
 //! end of archive follow as stored blocks, then the gzip trailer, whose CRC is
@@ -260,9 +262,17 @@ fn lay_out(
     let mut file_bytes = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
     for TreeEntry { mut entry, source } in entries {
-        if cut.current.len() >= opts.segment_min {
+        // An entry that would not fit in the segment starts a new one, and
+        // one that spans segments has them to itself (see below), so that
+        // an entry shares a segment only with entries wholly inside it: a
+        // write-back that rebuilds a segment then never drags a large
+        // neighbour (and its neighbours) along.
+        let span = 512 + entry.s.div_ceil(512) * 512;
+        let too_big = cut.current.len() as u64 + span > opts.segment_max as u64;
+        if !cut.current.is_empty() && (cut.current.len() >= opts.segment_min || too_big) {
             cut.cut()?;
         }
+        let first_segment = cut.index;
         entry.ho = cut.pos;
         let header = tar_header::encode(&entry)?;
         cut.push(&header);
@@ -306,6 +316,9 @@ fn lay_out(
             }
             let pad = (512 - (entry.s % 512) as usize) % 512;
             cut.push(&[0u8; 512][..pad]);
+        }
+        if cut.index != first_segment && !cut.current.is_empty() {
+            cut.cut()?;
         }
         out.push(entry);
     }

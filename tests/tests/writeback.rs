@@ -442,7 +442,12 @@ async fn kill_9_during_write_back_loses_nothing_acknowledged() {
     big_source(&src);
     site.push(&src, &session);
     let mut written: Vec<(String, Vec<u8>)> = Vec::new();
-    for round in 0..6u64 {
+    // Six rounds in the suite; SESSIONFS_KILL_ROUNDS=50 for the soak.
+    let rounds: u64 = std::env::var("SESSIONFS_KILL_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(6);
+    for round in 0..rounds {
         let m = site.mount(&session, &["--writeback-quiet-ms", "50"]);
         let name = format!("workspace/round-{round}.bin");
         let data = pattern(200_000 + round as usize * 1000, round).to_vec();
@@ -473,6 +478,10 @@ async fn kill_9_during_write_back_loses_nothing_acknowledged() {
     let m = site.mount(&session, &["--writeback-quiet-ms", "50"]);
     site.run(&["flush", &m.path.display().to_string()]);
     m.stop();
+    // No multipart upload is left behind.
+    let key = SessionPath::parse(&session).unwrap().object_key();
+    let left = s3_store().await.list_multipart(&key).await.unwrap();
+    assert!(left.is_empty(), "uploads left behind: {left:?}");
     let (_, object) = stored_object(&session, site.dir.path()).await.unwrap();
     let scratch = tempfile::tempdir().unwrap();
     for (who, tree) in every_reader(&object, scratch.path()) {
@@ -690,4 +699,61 @@ fn two_hundred_write_backs_keep_the_object_within_ten_percent_of_a_fresh_pack() 
         .unwrap();
     assert_eq!(&got[..], b"// change 199\n");
     assert!(!live.has_pending_changes().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reserved_name_is_refused_in_mounts_and_through_the_api() {
+    let site = Site::local();
+    let src = site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/a.txt"), b"a").unwrap();
+    site.push(&src, "reserved");
+    let m = site.mount("reserved", &[]);
+    let e = std::fs::create_dir(m.join(".sessionfs")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let e = std::fs::write(m.join(".sessionfs"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let e = std::fs::rename(m.join("workspace"), m.join(".sessionfs")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // Below the root the name is anyone's.
+    std::fs::create_dir(m.join("workspace/.sessionfs")).unwrap();
+    m.stop();
+    let server = site.serve_api(&[], &[]);
+    let r = reqwest::Client::new()
+        .put(format!("{}{API}/reserved/files/.sessionfs/toc", server.url))
+        .body("not a TOC")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "invalid_file_path", "{v}");
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_after_a_push_moves_onto_the_new_object_instead_of_failing() {
+    let site = Site::s3();
+    let pusher = Site::s3();
+    let session = session_name("read-follow");
+    // The file sits in the first segment, far from the tail the mount
+    // read at open (and so cached), behind 4 MiB of incompressible bytes.
+    let tree = |root: &Path, tag: &str| {
+        std::fs::create_dir_all(root.join("workspace")).unwrap();
+        std::fs::write(root.join("workspace/0-y.txt"), format!("{tag}-y")).unwrap();
+        std::fs::write(root.join("workspace/big.bin"), pattern(4 << 20, 9)).unwrap();
+    };
+    let one = site.dir.path().join("one");
+    tree(&one, "old");
+    site.push(&one, &session);
+    // Never polls: only the failed read can tell the object changed.
+    let m = site.mount(&session, &["--follow-ms", "0"]);
+    let two = site.dir.path().join("two");
+    tree(&two, "new");
+    pusher.push(&two, &session);
+    assert_eq!(
+        std::fs::read(m.join("workspace/0-y.txt")).unwrap(),
+        b"new-y"
+    );
+    m.stop();
 }

@@ -532,6 +532,12 @@ impl ObjectStore for LocalStore {
         .await
     }
 
+    async fn list_multipart(&self, key: &str) -> Result<Vec<crate::store::PendingUpload>> {
+        let k = key.to_owned();
+        self.blocking("list_multipart", key, move |s| multipart::list(s, &k))
+            .await
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
         let (k, id) = (key.to_owned(), upload_id.to_owned());
         self.blocking("abort_multipart", key, move |s| {

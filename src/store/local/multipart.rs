@@ -265,3 +265,37 @@ pub(super) fn abort(s: &Inner, key: &str, upload_id: &str) -> Result<()> {
     fs::remove_dir_all(&dir).map_err(|e| StoreError::io(OP, key, e))?;
     durable::sync_dir(&s.uploads).map_err(|e| StoreError::io(OP, key, e))
 }
+
+pub(super) fn list(s: &Inner, key: &str) -> Result<Vec<crate::store::PendingUpload>> {
+    const OP: &str = "list_multipart";
+    let mut out = Vec::new();
+    let dir = match fs::read_dir(&s.uploads) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::io(OP, key, e)),
+    };
+    for entry in dir.flatten() {
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        // Uploads being aborted or created meanwhile are not errors.
+        let Ok(raw) = fs::read(entry.path().join("upload.json")) else {
+            continue;
+        };
+        let Ok(info) = serde_json::from_slice::<UploadInfo>(&raw) else {
+            continue;
+        };
+        if info.key == key {
+            let initiated = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            out.push(crate::store::PendingUpload {
+                key: key.to_owned(),
+                upload_id: id,
+                initiated,
+            });
+        }
+    }
+    Ok(out)
+}

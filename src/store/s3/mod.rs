@@ -629,6 +629,42 @@ impl ObjectStore for S3Store {
         })
     }
 
+    async fn list_multipart(&self, key: &str) -> Result<Vec<crate::store::PendingUpload>> {
+        const OP: &str = "list_multipart";
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(key)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| map_sdk_error(self.ctx(OP, key), e))?;
+            for u in page.uploads() {
+                if u.key() == Some(key) {
+                    out.push(crate::store::PendingUpload {
+                        key: key.to_owned(),
+                        upload_id: u.upload_id().unwrap_or_default().to_owned(),
+                        initiated: to_system_time(u.initiated()),
+                    });
+                }
+            }
+            let next = (
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            );
+            if page.is_truncated() != Some(true) || next == (key_marker.clone(), id_marker.clone())
+            {
+                return Ok(out);
+            }
+            (key_marker, id_marker) = next;
+        }
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<()> {
         const OP: &str = "abort_multipart";
         self.client
