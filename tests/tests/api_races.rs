@@ -24,7 +24,7 @@ fn session_name(test: &str) -> String {
 /// length of its own; every tenth version is over 1 MiB (streamed in
 /// chunks), the others a few KiB to a few hundred.
 fn version(k: usize) -> Vec<u8> {
-    let len = if k % 10 == 0 {
+    let len = if k.is_multiple_of(10) {
         (1 << 20) + 4096 * (k % 7) + 1
     } else {
         2000 + (k % 50) * 5000
