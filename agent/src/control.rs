@@ -1,15 +1,29 @@
-//! `sessionfs flush` and `sessionfs status` for a mount: both ask the
-//! mount process through an xattr of the mount's root
-//! (`user.sessionfs.flush`, `user.sessionfs.status`), which its FUSE layer
-//! hands to the write-back loop. `flush` returns once the pending changes
-//! are in the store.
+//! `sessionfs flush` and `sessionfs status`.
+//!
+//! For a mount, both ask the mount process through an xattr of the mount's
+//! root (`user.sessionfs.flush`, `user.sessionfs.status`), which its FUSE
+//! layer hands to the write-back loop. For a session name, they work on the
+//! session's overlay on this host when no process holds it (a mount that
+//! stopped without writing back, a server that was killed): `flush` opens
+//! it and writes it back from this process. `flush` returns once the
+//! pending changes are in the store.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
+use sessionfs_core::overlay::journal::Journal;
+use sessionfs_core::overlay::open::{open, OpenError, OpenSpec, JOURNAL};
+use sessionfs_core::overlay::OverlayError;
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::ObjectStore;
+use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::fs::CONTROL_XATTR;
+
+use crate::writeback_loop::{describe, Policy, WriteBack};
 
 /// Largest answer read back.
 const MAX_ANSWER: usize = 1 << 20;
@@ -99,5 +113,106 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
         println!("last error:      {e}");
     }
     println!("conflicts:       {}", field("conflicts"));
+    Ok(())
+}
+
+/// Where a session's overlay lives on this host.
+fn overlay_of(bucket: &str, session: &SessionPath) -> Result<std::path::PathBuf> {
+    let from_env = std::env::var_os("SESSIONFS_OVERLAY_DIR").map(std::path::PathBuf::from);
+    Ok(crate::mount_cmd::overlay_root(from_env)?
+        .join(bucket)
+        .join(session.as_str()))
+}
+
+fn held_elsewhere(session: &SessionPath) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the overlay of {session} is held by a running mount or server: give its mount point \
+         (`sessionfs flush MOUNTPOINT`), or let the server write it back"
+    )
+}
+
+/// `flush SESSION`: writes back an overlay no process holds.
+pub async fn flush_session(
+    session: SessionPath,
+    bucket: &str,
+    store: Arc<dyn ObjectStore>,
+    index: TocIndex,
+    quiet: bool,
+) -> Result<()> {
+    let overlay = overlay_of(bucket, &session)?;
+    if !overlay.join(JOURNAL).exists() {
+        bail!(
+            "no overlay of {session} on this host (looked in {}): nothing to write back",
+            overlay.display()
+        );
+    }
+    let spec = OpenSpec {
+        store: store.clone(),
+        index: Some(index),
+        session: session.clone(),
+        overlay,
+        read_only: false,
+    };
+    let rt = tokio::runtime::Handle::current();
+    let live = match tokio::task::spawn_blocking(move || open(&spec, &rt)).await? {
+        Ok(live) => Arc::new(live),
+        Err(OpenError::Overlay(OverlayError::InUse(_))) => return Err(held_elsewhere(&session)),
+        Err(e) => return Err(e.into()),
+    };
+    let policy = Policy {
+        quiet_ms: 0,
+        max_lag_ms: 0,
+        no_writeback: false,
+        follow_ms: 0,
+    };
+    let wb = WriteBack::new(Arc::new(Vec::new), store, policy, Arc::new(|_| {}));
+    let report = wb.once(&live).await;
+    let synced = live.sync();
+    match report? {
+        Some(r) if !quiet => println!("{}", describe(&r)),
+        None if !quiet => println!("nothing to write back"),
+        _ => {}
+    }
+    Ok(synced?)
+}
+
+/// `status SESSION`: what the overlay on this host holds.
+pub fn status_session(session: &SessionPath, bucket: &str, json: bool) -> Result<()> {
+    let overlay = overlay_of(bucket, session)?;
+    let journal = overlay.join(JOURNAL);
+    let (pending, base) = if journal.exists() {
+        let j = match Journal::open(&journal) {
+            Ok(j) => j,
+            Err(OverlayError::InUse(_)) => return Err(held_elsewhere(session)),
+            Err(e) => return Err(e.into()),
+        };
+        (
+            j.pending_count()?,
+            j.meta("base_etag")?.filter(|e| !e.is_empty()),
+        )
+    } else {
+        (0, None)
+    };
+    let v = serde_json::json!({
+        "session": session.as_str(),
+        "overlay": journal.exists().then(|| overlay.display().to_string()),
+        "baseEtag": base,
+        "pendingChanges": pending,
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!("session:         {session}");
+        println!(
+            "overlay:         {}",
+            if journal.exists() {
+                overlay.display().to_string()
+            } else {
+                "none on this host".into()
+            }
+        );
+        println!("object version:  {}", base.as_deref().unwrap_or("(none)"));
+        println!("pending changes: {pending}");
+    }
     Ok(())
 }

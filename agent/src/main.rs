@@ -113,17 +113,18 @@ enum Command {
     },
     /// Print one file of a session (reads only the segments holding it).
     Cat { session: String, path: String },
-    /// Write back a mount's pending changes now; returns once they are stored.
+    /// Write back pending changes now; returns once they are stored.
     Flush {
-        /// The mount point of a session (`sessionfs mount`), or a session's
-        /// directory under `serve --mount-root`.
-        mountpoint: PathBuf,
+        /// A mount point (`sessionfs mount`, or a session's directory under
+        /// `serve --mount-root`), or a session path whose overlay on this
+        /// host no process holds (written back by this command).
+        target: String,
     },
-    /// A mount's write-back state: pending changes, the last write-back,
-    /// the last error, conflicts.
+    /// Write-back state: pending changes, the last write-back, the last
+    /// error, conflicts (of a mount), or what a session's overlay holds.
     Status {
-        /// The mount point of a session, or a session's directory under a mount root.
-        mountpoint: PathBuf,
+        /// A mount point, or a session path.
+        target: String,
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
@@ -248,8 +249,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return serve_cmd::serve(args, &cli.store, local, cli.quiet).await;
         }
         Command::Sync(_) => "sync",
-        Command::Flush { mountpoint } => return control::flush(&mountpoint, cli.quiet),
-        Command::Status { mountpoint, json } => return control::status(&mountpoint, json),
+        Command::Flush { target } if std::path::Path::new(&target).exists() => {
+            return control::flush(std::path::Path::new(&target), cli.quiet)
+        }
+        Command::Flush { target } => {
+            let session = SessionPath::parse(&target)?;
+            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            return control::flush_session(session, &cli.store.bucket, store, index, cli.quiet)
+                .await;
+        }
+        Command::Status { target, json } if std::path::Path::new(&target).exists() => {
+            return control::status(std::path::Path::new(&target), json)
+        }
+        Command::Status { target, json } => {
+            let session = SessionPath::parse(&target)?;
+            return control::status_session(&session, &cli.store.bucket, json);
+        }
         Command::Versions(_) => "versions",
         Command::Restore(_) => "restore",
     };

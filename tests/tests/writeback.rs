@@ -625,7 +625,16 @@ fn push_refuses_a_session_with_changes_pending_here() {
         err.contains("not yet written back") && err.contains("--force"),
         "{err}"
     );
-    site.run(&["push", "--force", &src.display().to_string(), "pending"]);
+    // The overlay no process holds is written back by `flush SESSION`.
+    let before: Value =
+        serde_json::from_slice(&site.run(&["status", "--json", "pending"])).unwrap();
+    assert!(before["pendingChanges"].as_u64().unwrap() > 0, "{before}");
+    site.run(&["flush", "pending"]);
+    let after: Value = serde_json::from_slice(&site.run(&["status", "--json", "pending"])).unwrap();
+    assert_eq!(after["pendingChanges"], 0, "{after}");
+    let b = site.run(&["cat", "pending", "workspace/b.txt"]);
+    assert_eq!(b, b"b");
+    site.run(&["push", &src.display().to_string(), "pending"]);
 }
 
 #[test]
