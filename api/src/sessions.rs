@@ -30,6 +30,7 @@ use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::upload::put_file;
 use sessionfs_core::store::{GetOptions, PutOptions, StoreError};
 use sessionfs_core::tarball::foreign::{self, Format, Limits};
+use sessionfs_core::tarball::toc::Kind;
 use sessionfs_core::tarball::TarballError;
 use tokio::io::AsyncWriteExt;
 
@@ -297,6 +298,23 @@ fn check_tarball(
             "{} member(s) cannot be extracted safely: {}",
             index.skipped.len(),
             shown.join("; ")
+        )));
+    }
+    // A member through a symlink (`y -> /tmp/x`, then `y/f`) would be
+    // written outside the tree by extractors that follow the link.
+    let links: std::collections::HashSet<&str> = index
+        .entries
+        .iter()
+        .filter(|e| matches!(e.t, Kind::Symlink | Kind::HardLink))
+        .map(|e| e.p.as_str())
+        .collect();
+    if let Some(e) = index.entries.iter().find(|e| {
+        e.p.match_indices('/')
+            .any(|(at, _)| links.contains(&e.p[..at]))
+    }) {
+        return Err(ApiError::InvalidTarball(format!(
+            "member {:?} lies through a link; it cannot be extracted safely",
+            e.p
         )));
     }
     let native = index

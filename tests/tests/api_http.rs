@@ -713,7 +713,25 @@ async fn bad_input_is_refused_and_changes_nothing() {
         t.append(&h, &b"evil"[..]).unwrap();
         t.finish().unwrap();
     }
+    // A symlink out of the tree, then a member through it.
+    let mut through = Vec::new();
+    {
+        let mut gz = flate2::write::GzEncoder::new(&mut through, flate2::Compression::fast());
+        let mut t = tar::Builder::new(&mut gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        t.append_link(&mut h, "workspace/y", "/tmp/x").unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(0o644);
+        t.append_data(&mut h, "workspace/y/f", &b"evil"[..])
+            .unwrap();
+        t.finish().unwrap();
+    }
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("member through a symlink", through, 400, "invalid_tarball"),
         (
             "not a tarball",
             b"this is not a tarball at all".to_vec(),
