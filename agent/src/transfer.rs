@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::upload::put_file;
 use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions};
-use sessionfs_core::tarball::toc::RESERVED_DIR;
+use sessionfs_core::tarball::toc::{DIGEST_KEY, RESERVED_DIR};
 use sessionfs_core::tarball::writer::{pack_dir, PackOptions, PackStats};
 
 fn bytes_bar(total: Option<u64>, what: &str) -> ProgressBar {
@@ -81,6 +81,7 @@ pub async fn push(
     };
     let opts = PutOptions {
         content_type: Some("application/gzip".to_owned()),
+        metadata: [(DIGEST_KEY.to_owned(), stats.digest.clone())].into(),
         ..PutOptions::default()
     };
     let etag = put_file(store.as_ref(), &key, scratch.path(), opts, &|n| {

@@ -46,6 +46,7 @@ use crate::store::{
 use crate::tarball::deflate::GZIP_HEADER;
 use crate::tarball::reader::SessionReader;
 use crate::tarball::repack::{self, Plan};
+use crate::tarball::toc::DIGEST_KEY;
 use crate::tarball::tree::TreeEntry;
 use crate::tarball::writer::{pack_after, PackOptions, Prefix};
 use crate::tarball::TarballError;
@@ -294,7 +295,7 @@ fn pack_and_upload(
     let mut out = BufWriter::new(spool);
     let mut requests = 0u64;
     let mut pieces = Vec::new();
-    let (stats_toc, full) = match &plan {
+    let (digest, stats_toc, full) = match &plan {
         Some(plan) => {
             if !plan.header_copied() {
                 out.write_all(&GZIP_HEADER)?;
@@ -306,14 +307,15 @@ fn pack_and_upload(
                 out.write_all(&bytes)?;
             }
             let fresh = take_fresh(&mut snap.tree, &plan.fresh);
-            let (_, toc) = pack_after(plan.prefix.clone(), fresh, &mut out, &opts.pack, &|_| {})?;
-            (toc, false)
+            let (stats, toc) =
+                pack_after(plan.prefix.clone(), fresh, &mut out, &opts.pack, &|_| {})?;
+            (stats.digest, toc, false)
         }
         None => {
             out.write_all(&GZIP_HEADER)?;
             let tree = std::mem::take(&mut snap.tree);
-            let (_, toc) = pack_after(Prefix::default(), tree, &mut out, &opts.pack, &|_| {})?;
-            (toc, true)
+            let (stats, toc) = pack_after(Prefix::default(), tree, &mut out, &opts.pack, &|_| {})?;
+            (stats.digest, toc, true)
         }
     };
     let mut spool = out.into_inner().map_err(|e| e.into_error())?;
@@ -350,6 +352,7 @@ fn pack_and_upload(
 
     let mut metadata = BTreeMap::new();
     metadata.insert(WRITEBACK_ID_KEY.to_owned(), attempt.id.clone());
+    metadata.insert(DIGEST_KEY.to_owned(), digest);
     let precondition = if snap.base_etag.is_empty() {
         Precondition::IfNoneMatch
     } else {

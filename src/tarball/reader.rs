@@ -24,7 +24,10 @@ use super::deflate::{inflate_exact, zlib_decompress_exact, GZIP_TRAILER_LEN, STO
 use super::foreign::{self, ForeignIndex, Format, Limits};
 use super::index::{IndexedToc, TocIndex};
 use super::sparse::{self, Piece};
-use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, LOCATOR_FROM_END, LOCATOR_LEN};
+use super::toc::{
+    object_digest, Entry, Kind, Locator, Segment, Toc, DIGEST_KEY, EOA_LEN, LOCATOR_FROM_END,
+    LOCATOR_LEN,
+};
 use super::zran::{inflate_from_point, AccessPoint};
 use super::TarballError;
 use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore, StoreError};
@@ -555,5 +558,17 @@ async fn read_tail(
         .map_err(|e| TarballError::Corrupt(format!("table of contents region: {e:?}")))?;
     let toc_bytes = content[512..512 + locator.toc_len as usize].to_vec();
     let toc = decode_toc(&locator, &toc_bytes)?;
+    // The object's digest, when its writer left one, binds the TOC (and so
+    // every segment) to what was stored.
+    if let Some(want) = meta.metadata.get(DIGEST_KEY) {
+        let mut end = region.to_vec();
+        end.extend_from_slice(&tail[t - GZIP_TRAILER_LEN - final_block as usize..]);
+        let got = object_digest(&toc.segments, &end);
+        if &got != want {
+            return Err(TarballError::Corrupt(format!(
+                "the object's digest is {got}, its metadata says {want}"
+            )));
+        }
+    }
     Ok((locator, toc_bytes, toc))
 }

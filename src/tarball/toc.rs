@@ -39,6 +39,26 @@ pub const MAX_TOC_RAW: u64 = 1 << 30;
 /// Largest segment accepted (the writer cuts at 1 MiB).
 pub const MAX_SEGMENT_LEN: u64 = 64 << 20;
 
+/// User metadata key of the object digest sessionfs writes with its objects.
+pub const DIGEST_KEY: &str = "sessionfs-digest";
+
+/// The digest of a whole session object, without reading its segments:
+/// SHA-256 over each segment's BLAKE3 digest (as the TOC has it, in object
+/// order) and then every byte from the TOC region to the end (TOC, locator,
+/// end of archive, gzip trailer). Each segment's bytes are bound to its
+/// digest (readers verify them), so this binds every byte of the object;
+/// and a write-back that copies segments server-side can compute it.
+/// `tail` is the object from the TOC region's start to its end. Hex.
+pub fn object_digest(segments: &[Segment], tail: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for s in segments {
+        h.update(s.d.as_bytes());
+    }
+    h.update(tail);
+    hex::encode(h.finalize())
+}
+
 /// One deflate segment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {

@@ -60,6 +60,8 @@ pub struct PackStats {
     pub object_size: u64,
     /// Bytes of the compressed table of contents inside the object.
     pub toc_size: u64,
+    /// [`super::toc::object_digest`] of the object, for its user metadata.
+    pub digest: String,
 }
 
 /// Packs the directory `root` into `out`. `progress` is told how many file
@@ -228,10 +230,12 @@ pub fn pack_after<W: Write + Send>(
     crc.update(&head);
     crc.update(&tail_plain);
     out.write_all(&stored).map_err(TarballError::write)?;
-    out.write_all(&gzip_trailer(crc.finalize(), tar_size))
-        .map_err(TarballError::write)?;
+    let trailer = gzip_trailer(crc.finalize(), tar_size);
+    out.write_all(&trailer).map_err(TarballError::write)?;
+    stored.extend_from_slice(&trailer);
+    let digest = super::toc::object_digest(&toc.segments, &stored);
     out.flush().map_err(TarballError::write)?;
-    co += stored.len() as u64 + 8;
+    co += stored.len() as u64;
     debug_assert_eq!(co, object_size);
     let stats = PackStats {
         entries: toc.entries.len(),
@@ -239,6 +243,7 @@ pub fn pack_after<W: Write + Send>(
         tar_size,
         object_size,
         toc_size: toc_bytes.len() as u64,
+        digest,
     };
     Ok((stats, toc))
 }

@@ -143,6 +143,15 @@ async fn a_mount_writes_back_what_changed_and_every_reader_extracts_it() {
     );
     let (etag, object) = stored_object(&session, site.dir.path()).await.unwrap();
     assert_ne!(etag, pushed_etag);
+    let key = SessionPath::parse(&session).unwrap().object_key();
+    let head = s3_store().await.head(&key).await.unwrap();
+    assert!(
+        head.metadata
+            .get(sessionfs_core::tarball::toc::DIGEST_KEY)
+            .is_some_and(|d| d.len() == 64),
+        "the written-back object carries its digest: {:?}",
+        head.metadata
+    );
     assert_eq!(
         Some(etag.clone()),
         s["baseEtag"].as_str().map(str::to_owned)
@@ -765,4 +774,38 @@ async fn a_read_after_a_push_moves_onto_the_new_object_instead_of_failing() {
         b"new-y"
     );
     m.stop();
+}
+
+#[test]
+fn the_object_digest_in_the_metadata_is_checked_at_open() {
+    use sessionfs_core::store::PutOptions;
+    use sessionfs_core::tarball::reader::SessionReader;
+    use sessionfs_core::tarball::toc::DIGEST_KEY;
+    use sessionfs_core::tarball::writer::{pack_dir, PackOptions};
+    use sessionfs_core::tarball::TarballError;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (dir, store) = sessionfs_tests::local_store();
+    let src = dir.path().join("src");
+    make_fixture(&src);
+    let mut packed = Vec::new();
+    let stats = pack_dir(&src, &mut packed, &PackOptions::default(), &|_| {}).unwrap();
+    assert_eq!(stats.digest.len(), 64);
+    for (key, digest, good) in [
+        ("good/session.tar.gz", stats.digest.clone(), true),
+        ("bad/session.tar.gz", "0".repeat(64), false),
+    ] {
+        let opts = PutOptions {
+            metadata: [(DIGEST_KEY.to_owned(), digest)].into(),
+            ..PutOptions::default()
+        };
+        rt.block_on(store.put(key, packed.clone().into(), opts))
+            .unwrap();
+        let opened = rt.block_on(SessionReader::open(store.clone(), key, None));
+        match (good, opened) {
+            (true, Ok(_)) => {}
+            (false, Err(TarballError::Corrupt(why))) => assert!(why.contains("digest"), "{why}"),
+            (good, other) => panic!("good={good}: {:?}", other.map(|_| ())),
+        }
+    }
 }
