@@ -72,7 +72,13 @@ pub fn parse(raw: &str) -> Result<Option<Route>, ApiError> {
         Some("files") | Some("files/") => Route::Files(session),
         Some(t) => match t.strip_prefix("files/") {
             Some(file) => Route::File(session, file_path(file)?),
-            None => return Ok(None),
+            // `sessions/own/repo/br/files`: a session path holding a raw `/`.
+            None => {
+                return Err(ApiError::InvalidSessionPath(format!(
+                    "{:?}: contains '/' (session paths are one segment, e.g. owner__repo__branch)",
+                    format!("{seg}/{t}").chars().take(80).collect::<String>()
+                )))
+            }
         },
     }))
 }
@@ -90,8 +96,11 @@ fn session_path(seg: &str) -> Result<SessionPath, ApiError> {
     })
 }
 
-/// A file path inside a session: segments decoded one by one, each a plain
-/// name (no `/`, `\`, `.`, `..`, empty, control characters).
+/// A file path inside a session: segments decoded one by one. An encoded
+/// `/` (`%2F`) separates names as a raw one does (Express decodes route
+/// parameters, so the seed's clients send `workspace%2Fa.txt`); every name
+/// is then checked as a plain name (no `\\`, `.`, `..`, empty, control
+/// characters).
 pub fn file_path(raw: &str) -> Result<String, ApiError> {
     let bad = |why: &str| ApiError::InvalidFilePath(why.to_owned());
     let mut out = Vec::new();
@@ -99,8 +108,8 @@ pub fn file_path(raw: &str) -> Result<String, ApiError> {
         let name = percent_decode_str(seg)
             .decode_utf8()
             .map_err(|_| bad("not UTF-8 once decoded"))?;
-        if name.contains('/') || name.contains('\\') {
-            return Err(bad("a segment contains '/' or '\\'"));
+        if name.contains('\\') {
+            return Err(bad("a name contains '\\'"));
         }
         if name.chars().any(char::is_control) {
             return Err(bad("contains a control character"));
@@ -159,7 +168,10 @@ mod tests {
             assert_eq!(parse(raw).unwrap(), Some(want), "{raw}");
         }
         assert_eq!(parse("/health").unwrap(), None);
-        assert_eq!(parse("/api/storage-worker/sessions/a/nope").unwrap(), None);
+        assert!(matches!(
+            parse("/api/storage-worker/sessions/own/repo/br/files"),
+            Err(ApiError::InvalidSessionPath(_))
+        ));
     }
 
     #[test]
@@ -211,5 +223,13 @@ mod tests {
             file_path(".session-metadata.json").unwrap(),
             ".session-metadata.json"
         );
+        assert_eq!(file_path("workspace%2Fa.txt").unwrap(), "workspace/a.txt");
+        assert_eq!(
+            file_path("workspace%2fsrc/b.ts").unwrap(),
+            "workspace/src/b.ts"
+        );
+        for p in ["workspace%2F..%2Fx", "%2Fetc", "a%2F", "a%2F%2Fb"] {
+            assert!(file_path(p).is_err(), "{p:?}");
+        }
     }
 }

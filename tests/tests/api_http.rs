@@ -873,8 +873,9 @@ async fn routes_methods_and_the_token() {
     // Unknown routes and wrong methods.
     let (st, v) = call(auth(c.get(format!("{}/nope", server.url)))).await;
     assert_error(st, &v, 404, "not_found");
+    // Under a session, an unknown tail is a session path with a raw `/`.
     let (st, v) = call(auth(c.get(format!("{}{API}/x__y/elsewhere", server.url)))).await;
-    assert_error(st, &v, 404, "not_found");
+    assert_error(st, &v, 400, "invalid_session_path");
     let r = auth(c.put(format!("{}{API}/x__y", server.url)))
         .send()
         .await
@@ -1268,4 +1269,48 @@ async fn idle_sessions_are_closed_and_their_overlay_can_be_mounted() {
     // The mount gone, the API opens the session again.
     let (st, v) = call(c.get(format!("{}{API}/{s}/files", server.url))).await;
     assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encoded_slash_separates_file_names_and_a_raw_one_is_no_session_path() {
+    let site = Site::local();
+    let server = serve(&site, &[]);
+    let name = session("slashes");
+    // Express decodes route parameters: the seed's clients send `%2F`.
+    let (st, _) = call(
+        http()
+            .put(format!(
+                "{}{API}/{name}/files/workspace%2Fenc.txt",
+                server.url
+            ))
+            .body("encoded"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let got = bytes_of(format!(
+        "{}{API}/{name}/files/workspace/enc.txt",
+        server.url
+    ))
+    .await;
+    assert_eq!(&got[..], b"encoded");
+    // `..` is still refused once decoded.
+    let (status, body) = raw_request(
+        &server.addr(),
+        "GET",
+        &format!("{API}/{name}/files/workspace%2F..%2F..%2Fx"),
+        b"",
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_error(status, &v, 400, "invalid_file_path");
+    // A raw `/` in a session path is a bad session path, not a missing route.
+    for (method, path) in [
+        ("GET", format!("{API}/own/repo/br/files")),
+        ("PUT", format!("{API}/own/repo/br/files/a.txt")),
+        ("GET", format!("{API}/own/repo")),
+    ] {
+        let (status, body) = raw_request(&server.addr(), method, &path, b"x");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_error(status, &v, 400, "invalid_session_path");
+    }
+    assert_eq!(server.stop().code(), Some(0));
 }
