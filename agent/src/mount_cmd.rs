@@ -58,7 +58,24 @@ pub fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
-    let md = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
+    let md = match std::fs::metadata(mp) {
+        // A FUSE mount whose process died (kill -9): detach it and go on.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            if let Err(u) = umount(mp, true) {
+                bail!(
+                    "{} is a stale mount (its process died) and could not be detached ({u:#}); \
+                     run `fusermount3 -uz {0}` or `umount -l {0}`",
+                    mp.display()
+                );
+            }
+            tracing::warn!(
+                "{}: detached a stale mount left by a process that died",
+                mp.display()
+            );
+            std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?
+        }
+        other => other.with_context(|| format!("mount point {}", mp.display()))?,
+    };
     if !md.is_dir() {
         bail!("mount point {} is not a directory", mp.display());
     }

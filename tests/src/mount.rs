@@ -182,6 +182,17 @@ impl Mount {
         lazy_umount(&self.path);
     }
 
+    /// kill -9 of the mount process, leaving its dead mount point in place
+    /// ("Transport endpoint is not connected"), as a crash does.
+    pub fn kill9_keep_mounted(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Drop would detach it: forget the path instead.
+        self.path = PathBuf::new();
+    }
+
     /// A clean stop: SIGTERM, then wait for the process to unmount and exit.
     pub fn stop(mut self) {
         self.stop_inner();
@@ -191,7 +202,7 @@ impl Mount {
         if let Some(mut child) = self.child.take() {
             crate::terminate(&mut child, Duration::from_secs(30));
         }
-        if is_mounted(&self.path) {
+        if !self.path.as_os_str().is_empty() && is_mounted(&self.path) {
             lazy_umount(&self.path);
         }
     }

@@ -809,3 +809,28 @@ fn the_object_digest_in_the_metadata_is_checked_at_open() {
         }
     }
 }
+
+#[test]
+fn a_stale_mount_left_by_kill_9_is_detached_by_the_next_mount() {
+    let site = Site::local();
+    let src = site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/a.txt"), b"a").unwrap();
+    site.push(&src, "stale");
+    let m = site.mount("stale", &[]);
+    let path = m.path.clone();
+    m.kill9_keep_mounted();
+    let e = std::fs::metadata(&path).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    let m = site.mount_at("stale", &path, &[]);
+    // The stale mount is listed until the new process detaches it.
+    wait_for(Duration::from_secs(30), "the new mount", || {
+        std::fs::read(m.join("workspace/a.txt")).is_ok_and(|b| b == b"a")
+    });
+    assert!(
+        m.log_text().contains("detached a stale mount"),
+        "{}",
+        m.log_text()
+    );
+    m.stop();
+}
