@@ -7,10 +7,12 @@
 //! - [`cache`]: the on-disk block cache;
 //! - [`session`]: session paths and the keys of their objects;
 //! - [`overlay`]: open sessions and their pending changes (the tree, the
-//!   journal, the changed bytes), shared by mounts and API.
+//!   journal, the changed bytes), shared by mounts and API;
+//! - [`text`]: outside text made safe to show (control characters escaped).
 
 pub mod cache;
 pub mod overlay;
 pub mod session;
 pub mod store;
 pub mod tarball;
+pub mod text;

@@ -10,6 +10,7 @@ use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_core::tarball::reader::SessionReader;
 use sessionfs_core::tarball::toc::{Entry, Kind};
+use sessionfs_core::text::escape_controls;
 
 /// Bytes read per request by `cat`: large enough to amortise a GET, small
 /// enough to keep memory flat for any file size.
@@ -67,15 +68,18 @@ fn ls_to(
             };
             let target =
                 e.lt.as_deref()
-                    .map(|t| format!(" -> {t}"))
+                    .map(|t| format!(" -> {}", escape_controls(t)))
                     .unwrap_or_default();
             writeln!(
                 out,
                 "{kind}{:04o} {:>12} {:>12} {}{target}",
-                e.m, e.s, e.mt, e.p
+                e.m,
+                e.s,
+                e.mt,
+                escape_controls(&e.p)
             )?;
         } else {
-            writeln!(out, "{}", e.p)?;
+            writeln!(out, "{}", escape_controls(&e.p))?;
         }
     }
     Ok(())

@@ -154,10 +154,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // No colour codes, and names from objects never reach the terminal
+    // raw: every line's control characters are escaped.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_writer(|| EscapingStderr)
         .init();
 
     raise_open_files_limit();
@@ -174,7 +176,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sessionfs: {e:#}");
+            eprintln!(
+                "sessionfs: {}",
+                sessionfs_core::text::escape_controls(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -269,6 +274,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(_) => "restore",
     };
     anyhow::bail!("`sessionfs {name}` is not implemented yet")
+}
+
+/// Standard error for log lines, their control characters escaped.
+struct EscapingStderr;
+
+impl std::io::Write for EscapingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let escaped = sessionfs_core::text::escape_log_line(buf);
+        std::io::stderr().lock().write_all(&escaped)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Lifts the soft limit of open descriptors to the hard one: a mount holds

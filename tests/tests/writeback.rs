@@ -834,3 +834,45 @@ fn a_stale_mount_left_by_kill_9_is_detached_by_the_next_mount() {
     );
     m.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crafted_names_reach_the_terminal_escaped() {
+    let site = Site::local();
+    let crafted = "workspace/\u{1b}]0;PWNED-TITLE\u{7}\u{1b}[2J.txt";
+    let mut tgz = Vec::new();
+    {
+        let mut gz = flate2::write::GzEncoder::new(&mut tgz, flate2::Compression::fast());
+        let mut t = tar::Builder::new(&mut gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        t.append_data(&mut h, crafted, &b"hi"[..]).unwrap();
+        t.finish().unwrap();
+    }
+    let store =
+        sessionfs_core::store::local::LocalStore::open(&site.dir.path().join("store"), "sessions")
+            .unwrap();
+    use sessionfs_core::store::ObjectStore;
+    store
+        .put("crafted/session.tar.gz", tgz.into(), Default::default())
+        .await
+        .unwrap();
+    // The reader leaves the name out as unsafe, and says so in the log:
+    // escaped, like every message.
+    let out = site.command().args(["ls", "-l", "crafted"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all = [out.stdout.clone(), out.stderr.clone()].concat();
+    assert!(!all.contains(&0x1b) && !all.contains(&0x07), "raw control bytes: {all:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PWNED-TITLE"));
+    let out = site
+        .command()
+        .args(["cat", "crafted", &format!("{crafted}.missing")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        !out.stderr.contains(&0x1b) && String::from_utf8_lossy(&out.stderr).contains("\\x1b"),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
