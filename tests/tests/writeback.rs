@@ -850,7 +850,7 @@ async fn crafted_names_reach_the_terminal_escaped() {
         t.finish().unwrap();
     }
     let store =
-        sessionfs_core::store::local::LocalStore::open(&site.dir.path().join("store"), "sessions")
+        sessionfs_core::store::local::LocalStore::open(site.dir.path().join("store"), "sessions")
             .unwrap();
     use sessionfs_core::store::ObjectStore;
     store
@@ -859,10 +859,21 @@ async fn crafted_names_reach_the_terminal_escaped() {
         .unwrap();
     // The reader leaves the name out as unsafe, and says so in the log:
     // escaped, like every message.
-    let out = site.command().args(["ls", "-l", "crafted"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = site
+        .command()
+        .args(["ls", "-l", "crafted"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let all = [out.stdout.clone(), out.stderr.clone()].concat();
-    assert!(!all.contains(&0x1b) && !all.contains(&0x07), "raw control bytes: {all:?}");
+    assert!(
+        !all.contains(&0x1b) && !all.contains(&0x07),
+        "raw control bytes: {all:?}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("PWNED-TITLE"));
     let out = site
         .command()
