@@ -226,7 +226,17 @@ impl BlockCache {
         let tmp = self
             .tmp
             .join(format!("{}.{:x}", hex(id), rand::random::<u64>()));
-        let mut file = File::create(&tmp)?;
+        let mut file = match File::create(&tmp) {
+            // The cache directory was deleted under a running process:
+            // made again, so caching goes on (the block directory above
+            // was recreated the same way).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(&self.tmp)?;
+                tracing::warn!(dir = %self.dir.display(), "the block cache directory went away; made it again");
+                File::create(&tmp)?
+            }
+            other => other?,
+        };
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -310,6 +320,20 @@ mod tests {
         assert!(cache.read(&id).is_none());
         assert!(!path.exists());
         assert_eq!(cache.stats().corrupt, 1);
+    }
+
+    #[test]
+    fn a_cache_directory_deleted_under_it_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let cache = BlockCache::open(&root, 10 << 20, BLOCK_SIZE).unwrap();
+        let (a, b) = (block_id("s", "k", "e", 1), block_id("s", "k", "e", 2));
+        cache.write(&a, b"first").unwrap();
+        fs::remove_dir_all(&root).unwrap();
+        assert!(cache.read(&a).is_none(), "gone with the directory: a miss");
+        cache.write(&b, b"second").unwrap();
+        assert_eq!(&cache.read(&b).unwrap()[..], b"second");
+        assert!(cache.block_path(&b).exists());
     }
 
     #[test]
