@@ -879,7 +879,20 @@ impl Filesystem for SessionFs {
         let parent = self.inner(parent);
         let r = (|| {
             let node = self.make(req, parent, name, NodeKind::File, mode, umask, 0, None)?;
-            let fh = self.open_handle(node.ino, flags | libc::O_RDWR)?;
+            let fh = match self.open_handle(node.ino, flags | libc::O_RDWR) {
+                Ok(fh) => fh,
+                Err(e) => {
+                    // A failed create creates nothing (EMFILE, ENOSPC): a
+                    // retry must not meet EEXIST.
+                    if let Ok(n) = name_str(name) {
+                        let freed = self.live.ns.lock().remove(parent, n, false);
+                        for ino in freed.unwrap_or_default() {
+                            self.live.content.remove(ino);
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             let node = self.live.ns.lock().get(node.ino)?.clone();
             Ok::<_, OverlayError>((node, fh))
         })();

@@ -887,3 +887,70 @@ async fn crafted_names_reach_the_terminal_escaped() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Sets this process's soft limit of descriptors (`None`: the hard limit);
+/// children started meanwhile inherit it.
+fn set_own_nofile(soft: Option<u64>) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit for both calls.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = soft.unwrap_or(lim.rlim_max).min(lim.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+#[test]
+fn thousands_of_files_open_for_writing_and_a_failed_create_creates_nothing() {
+    let site = Site::local();
+    let src = site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    site.push(&src, "many-open");
+    // Started with the soft limit of 1,024 a login shell gives, the mount
+    // raises it to the hard one by itself.
+    set_own_nofile(Some(1024));
+    let m = site.mount("many-open", &[]);
+    set_own_nofile(None);
+    let w = m.join("workspace");
+    let mut open = Vec::new();
+    for i in 0..5000 {
+        let f = std::fs::File::create(w.join(format!("f{i:04}")))
+            .unwrap_or_else(|e| panic!("file {i}: {e}"));
+        open.push(f);
+    }
+    drop(open);
+    // Now the mount's own limit, lowered under it: a create that fails for
+    // want of descriptors leaves no file behind.
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", m.pid()))
+        .arg("--nofile=200:200")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut held = Vec::new();
+    let mut failed_at = None;
+    for i in 0..400 {
+        match std::fs::File::create(w.join(format!("g{i:04}"))) {
+            Ok(f) => held.push(f),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{e}");
+                failed_at = Some(i);
+                break;
+            }
+        }
+    }
+    let i = failed_at.expect("the lowered limit was never reached");
+    let name = w.join(format!("g{i:04}"));
+    assert!(!name.exists(), "the failed create left {name:?}");
+    drop(held);
+    // With descriptors free again, the same exclusive create succeeds.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&name)
+        .unwrap();
+    m.stop();
+}
