@@ -45,6 +45,11 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub threads: u64,
+    /// Seconds one read of the object may take, retries included, before
+    /// it fails (EIO in a mount, 5xx in the API) and the log says why.
+    #[arg(long, env = "SESSIONFS_READ_TIMEOUT_SECS", default_value_t = 30, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub read_timeout_secs: u64,
     #[command(flatten)]
     pub writeback: Policy,
 }
@@ -113,6 +118,9 @@ pub async fn run(
 ) -> Result<()> {
     let session = SessionPath::parse(&args.session)?;
     let mountpoint = check_mountpoint(&args.mountpoint)?;
+    sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
+        args.read_timeout_secs,
+    ));
     mount::check_fuse()?;
     let overlay = overlay_root(args.overlay_dir.clone())?
         .join(bucket)

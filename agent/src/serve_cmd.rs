@@ -86,6 +86,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SESSIONFS_IDLE_CLOSE_SECS", default_value_t = 300, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_close_secs: u64,
+    /// Seconds one read of the object may take, retries included, before
+    /// it fails (EIO in a mount, 5xx in the API) and the log says why.
+    #[arg(long, env = "SESSIONFS_READ_TIMEOUT_SECS", default_value_t = 30, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub read_timeout_secs: u64,
     #[command(flatten)]
     pub writeback: Policy,
 }
@@ -129,6 +134,9 @@ pub async fn serve(
     quiet: bool,
 ) -> Result<()> {
     let bucket = store_args.bucket.clone();
+    sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
+        args.read_timeout_secs,
+    ));
     let index = TocIndex::open(&local.cache_dir.join("index.db"))?;
     let cache = Arc::new(
         BlockCache::open(

@@ -44,13 +44,20 @@ fn on_session<T>(
     op: impl Fn(&Arc<LiveSession>) -> Result<T, (OverlayError, Arc<LiveSession>)>,
     fail: impl Fn(OverlayError, &LiveSession) -> ApiError,
 ) -> Result<T, ApiError> {
+    // Each retry follows a deletion that completed meanwhile; the claim is
+    // taken as soon as the session is open, so only a deletion that got
+    // there first can make this operation try again.
     let mut tries = 0;
     loop {
         let live = registry.open(name, create).map_err(ApiError::from)?;
-        match op(&live) {
-            Ok(v) => return Ok(v),
-            Err((OverlayError::Retired, _)) if tries < 5 => tries += 1,
-            Err((e, live)) => return Err(fail(e, &live)),
+        let claimed = live.enter().map(|_claim| op(&live));
+        match claimed {
+            Ok(Ok(v)) => return Ok(v),
+            Err(OverlayError::Retired) | Ok(Err((OverlayError::Retired, _))) if tries < 100 => {
+                tries += 1
+            }
+            Err(e) => return Err(fail(e, &live)),
+            Ok(Err((e, live))) => return Err(fail(e, &live)),
         }
     }
 }

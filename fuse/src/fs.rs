@@ -621,10 +621,30 @@ impl Filesystem for SessionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(self.inner(ino), offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(err(e)),
+        let ino = self.inner(ino);
+        let from_object = self
+            .live
+            .ns
+            .lock()
+            .get(ino)
+            .is_ok_and(|n| matches!(n.data, Data::Base(_)));
+        if !from_object {
+            match self.do_read(ino, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(err(e)),
+            }
+            return;
         }
+        // Bytes that may wait on the store are read on the runtime's
+        // blocking pool: the FUSE threads stay free to answer from the
+        // cache and the journal while the store stalls.
+        let live = self.live.clone();
+        self.live.content.runtime().spawn_blocking(move || {
+            match live.read(ino, offset, u64::from(size)) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(err(e)),
+            }
+        });
     }
 
     fn write(

@@ -26,6 +26,23 @@ use super::OverlayError;
 /// Bytes fetched per request during a copy-up.
 const COPY_CHUNK: u64 = 8 << 20;
 
+/// How long one read of the object may take, retries included, in
+/// milliseconds (process-wide: `--read-timeout-secs`).
+static READ_DEADLINE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
+/// Sets how long one read of an object may take before it fails (EIO in a
+/// mount, 5xx in the API) instead of waiting on a stalled store.
+pub fn set_read_deadline(d: std::time::Duration) {
+    READ_DEADLINE_MS.store(
+        d.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+fn read_deadline() -> std::time::Duration {
+    std::time::Duration::from_millis(READ_DEADLINE_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 pub struct Content {
     dir: PathBuf,
     files: Mutex<HashMap<u64, Arc<File>>>,
@@ -209,7 +226,20 @@ impl Content {
     ) -> Result<bytes::Bytes, OverlayError> {
         let reader = reader
             .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
-        Ok(self.rt.block_on(reader.read(path, offset, len))?)
+        let deadline = read_deadline();
+        match self.rt.block_on(async {
+            tokio::time::timeout(deadline, reader.read(path, offset, len)).await
+        }) {
+            Ok(read) => Ok(read?),
+            Err(_) => Err(crate::store::StoreError::Transient {
+                op: "read",
+                key: path.to_owned(),
+                message: format!(
+                    "no answer within {deadline:?} (--read-timeout-secs); the store stalls"
+                ),
+            }
+            .into()),
+        }
     }
 
     /// Makes the overlay files and their directory durable.

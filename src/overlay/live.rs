@@ -135,7 +135,9 @@ impl LiveSession {
     /// Enters an operation that must not overlap the session's retirement;
     /// [`OverlayError::Retired`] once it is retired.
     pub fn enter(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>, OverlayError> {
-        let g = self.retired.read();
+        // Recursive: a caller inside an operation may enter again without
+        // queueing behind a retirement that waits for that operation.
+        let g = self.retired.read_recursive();
         if *g {
             return Err(OverlayError::Retired);
         }

@@ -60,6 +60,24 @@ const WAL: &str = "journal.db-wal";
 pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession, OpenError> {
     std::fs::create_dir_all(&spec.overlay).map_err(OverlayError::from)?;
     let key = spec.session.object_key();
+    // The version pending changes were made against, from the local index,
+    // read before opening the stored object refreshes the index (in case
+    // another writer replaced it: see below).
+    let pending_base = pending_base(&spec.overlay.join(JOURNAL))?;
+    let old_version = match (&pending_base, &spec.index) {
+        (Some(base), Some(index)) if !base.is_empty() => rt
+            .block_on(SessionReader::from_index(
+                spec.store.clone(),
+                &key,
+                base,
+                index,
+            ))
+            .unwrap_or_else(|e| {
+                tracing::warn!("the local index of {key} at {base}: {e}");
+                None
+            }),
+        _ => None,
+    };
     let reader = match rt.block_on(SessionReader::open(
         spec.store.clone(),
         &key,
@@ -69,12 +87,47 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
         Err(TarballError::Store(StoreError::NotFound { .. })) => None,
         Err(e) => return Err(OverlayError::from(e).into()),
     };
-    let etag = reader.as_ref().map(|r| r.meta().etag.clone());
+    let mut reader = reader;
+    let mut etag = reader.as_ref().map(|r| r.meta().etag.clone());
     let journal_path = spec.overlay.join(JOURNAL);
     if journal_path.exists() {
         let stored = reader.as_ref().map(|r| r.meta());
         recover_writeback(&journal_path, spec, stored, rt)?;
-        check_version(&journal_path, &spec.overlay, etag.as_deref())?;
+        match check_version(&journal_path, &spec.overlay, etag.as_deref()) {
+            // Changes pending against a version another writer replaced:
+            // the session opens on that version (its TOC from the local
+            // index), and the write-back loop then moves it onto the stored
+            // one, merging, so nothing is stranded.
+            // Made here from nothing while someone else stored the session:
+            // no old version to read; every file is in the overlay.
+            Err(OpenError::Diverged { journal, .. }) if journal.is_empty() => {
+                etag = None;
+                reader = None;
+            }
+            Err(OpenError::Diverged {
+                journal,
+                stored,
+                overlay,
+            }) => match old_version {
+                Some(r) => {
+                    tracing::warn!(
+                        "session {}: changes pending against {journal}, which another writer \
+                         replaced; opening that version to merge them onto the stored one",
+                        spec.session
+                    );
+                    etag = Some(journal);
+                    reader = Some(Arc::new(r));
+                }
+                None => {
+                    return Err(OpenError::Diverged {
+                        overlay,
+                        journal,
+                        stored,
+                    })
+                }
+            },
+            other => other?,
+        }
     }
     let entries = reader.as_ref().map_or(&[][..], |r| r.entries());
     let (mut ns, orphans) = Namespace::open(&journal_path, etag.as_deref(), entries)?;
@@ -186,6 +239,18 @@ fn recover_writeback(
         }
     }
     Ok(())
+}
+
+/// The base ETag of an overlay whose journal holds pending changes.
+fn pending_base(journal: &Path) -> Result<Option<String>, OpenError> {
+    if !journal.exists() {
+        return Ok(None);
+    }
+    let j = Journal::open(journal)?;
+    if !j.has_changes()? {
+        return Ok(None);
+    }
+    Ok(j.meta("base_etag")?)
 }
 
 /// Refuses an overlay with pending changes against another object version;

@@ -144,6 +144,47 @@ impl SessionReader {
         }
     }
 
+    /// A reader of an earlier version of the object at `key` (ETag `etag`),
+    /// from the TOC the local index kept of it: what an overlay's pending
+    /// changes were made against, after another writer replaced it. Its
+    /// bytes are read from the block cache while they are there (the store
+    /// has the new version only); `None` when the index does not have it.
+    pub async fn from_index(
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        etag: &str,
+        index: &TocIndex,
+    ) -> Result<Option<SessionReader>, TarballError> {
+        let Some(cached) = index.get(&store.describe(), key, etag).await? else {
+            return Ok(None);
+        };
+        // The object's size is the locator's own (bytes 56..64).
+        let Some(size) = cached
+            .locator
+            .get(56..64)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+        else {
+            return Ok(None);
+        };
+        let toc = decode_cached(&cached, size)?;
+        let meta = ObjectMeta {
+            key: key.to_owned(),
+            size,
+            etag: etag.to_owned(),
+            last_modified: std::time::UNIX_EPOCH,
+            content_type: None,
+            metadata: Default::default(),
+        };
+        Ok(Some(SessionReader::new(
+            store,
+            key,
+            meta,
+            Layout::Native,
+            toc,
+        )))
+    }
+
     /// A reader of an object this process has just written, from the TOC it
     /// wrote: no request, and no chance of reading someone else's version.
     pub fn written(

@@ -954,3 +954,82 @@ fn thousands_of_files_open_for_writing_and_a_failed_create_creates_nothing() {
         .unwrap();
     m.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() {
+    use sessionfs_tests::fault_proxy::{Fault, FaultProxy};
+    let upstream: std::net::SocketAddr = format!(
+        "127.0.0.1:{}",
+        std::env::var("MINIO_PORT").expect("the test S3 server")
+    )
+    .parse()
+    .unwrap();
+    let proxy = FaultProxy::start(upstream).await;
+    let mut site = Site::s3();
+    for (k, v) in site.env.iter_mut() {
+        if k == "MINIO_PORT" {
+            *v = proxy.addr.port().to_string();
+        }
+    }
+    let session = session_name("stall");
+    let src = site.dir.path().join("src");
+    let w = src.join("workspace");
+    std::fs::create_dir_all(&w).unwrap();
+    std::fs::write(w.join("a-cached.txt"), b"cached bytes").unwrap();
+    std::fs::write(w.join("b-cached.txt"), b"beside it").unwrap();
+    // Incompressible, so each sits in segments of its own.
+    for i in 0..8u64 {
+        std::fs::write(w.join(format!("big-{i}.bin")), pattern(3 << 20, 50 + i)).unwrap();
+    }
+    site.push(&src, &session);
+    let m = site.mount(&session, &["--read-timeout-secs", "3"]);
+    assert_eq!(
+        std::fs::read(m.join("workspace/a-cached.txt")).unwrap(),
+        b"cached bytes"
+    );
+    // That read brought its segment, the other small file too, into the
+    // block cache; the kernel has pages of this one only.
+
+    proxy.plan(&[], Fault::Hang);
+    proxy.cut_all();
+    let started = Instant::now();
+    let stuck: Vec<_> = (0..6)
+        .map(|i| {
+            let p = m.join(format!("workspace/big-{i}.bin"));
+            std::thread::spawn(move || (std::fs::read(p), Instant::now()))
+        })
+        .collect();
+    // More stalled reads than FUSE threads: cached reads and listings still answer.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    assert_eq!(
+        std::fs::read(m.join("workspace/b-cached.txt")).unwrap(),
+        b"beside it"
+    );
+    assert_eq!(std::fs::read_dir(m.join("workspace")).unwrap().count(), 10);
+    let answered = t.elapsed();
+    assert!(
+        answered < Duration::from_secs(2),
+        "a cached read and a listing waited {answered:?} behind stalled reads"
+    );
+    for h in stuck {
+        let (r, at) = h.join().unwrap();
+        let e = r.expect_err("a read of a stalled store");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        let took = at - started;
+        assert!(
+            took <= Duration::from_secs(3 + 5),
+            "a stalled read ended after {took:?}"
+        );
+    }
+    assert!(
+        m.log_text().contains("--read-timeout-secs"),
+        "{}",
+        m.log_text()
+    );
+    // The store back, the same reads succeed.
+    proxy.plan(&[], Fault::Forward);
+    let got = std::fs::read(m.join("workspace/big-3.bin")).unwrap();
+    assert!(got == pattern(3 << 20, 53).to_vec());
+    m.stop();
+}
