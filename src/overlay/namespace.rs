@@ -195,38 +195,11 @@ impl Namespace {
                 by_path.insert(&e.p, target);
                 continue;
             }
-            let kind = match e.t {
-                Kind::File => NodeKind::File,
-                Kind::Dir => NodeKind::Dir,
-                Kind::Symlink => NodeKind::Symlink,
-                Kind::Fifo => NodeKind::Fifo,
-                Kind::CharDevice => NodeKind::CharDevice,
-                Kind::BlockDevice => NodeKind::BlockDevice,
-                Kind::HardLink => continue,
+            let Some(kind) = NodeKind::of_entry(e.t) else {
+                continue;
             };
             let ino = self.alloc();
-            let mtime = Time { s: e.mt, ns: e.mn };
-            let rdev = e.dv.map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32);
-            let node = Node {
-                ino,
-                kind,
-                perm: e.m & 0o7777,
-                uid: u32::try_from(e.u).unwrap_or(0),
-                gid: u32::try_from(e.g).unwrap_or(0),
-                nlink: if kind == NodeKind::Dir { 2 } else { 1 },
-                rdev,
-                size: if kind == NodeKind::File { e.s } else { 0 },
-                atime: mtime,
-                mtime,
-                ctime: mtime,
-                target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
-                data: if kind == NodeKind::File && e.s > 0 {
-                    Data::Base(e.p.clone())
-                } else {
-                    Data::None
-                },
-                parent,
-            };
+            let node = Node::from_entry(ino, kind, parent, e, Some(&e.p));
             for (k, hex) in &e.x {
                 if let Some(v) = hex_decode(hex) {
                     xattrs.push((ino, format!("user.{k}"), v));

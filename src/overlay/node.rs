@@ -44,6 +44,21 @@ impl NodeKind {
         })
     }
 
+    /// The kind of an entry of a session object (a hard link has none: it
+    /// names another entry's inode).
+    pub fn of_entry(k: crate::tarball::toc::Kind) -> Option<NodeKind> {
+        use crate::tarball::toc::Kind;
+        Some(match k {
+            Kind::File => NodeKind::File,
+            Kind::Dir => NodeKind::Dir,
+            Kind::Symlink => NodeKind::Symlink,
+            Kind::Fifo => NodeKind::Fifo,
+            Kind::CharDevice => NodeKind::CharDevice,
+            Kind::BlockDevice => NodeKind::BlockDevice,
+            Kind::HardLink => return None,
+        })
+    }
+
     /// From the `S_IFMT` bits of a mode given to mknod.
     pub fn from_mode(mode: u32) -> Option<NodeKind> {
         Some(match mode & libc::S_IFMT {
@@ -131,6 +146,39 @@ pub struct Node {
     pub data: Data,
     /// The parent of a directory (directories have exactly one).
     pub parent: u64,
+}
+
+impl Node {
+    /// A node as an entry of a session object describes it, under `parent`;
+    /// a file's bytes are the object's at `bytes_at` (none when empty).
+    pub fn from_entry(
+        ino: u64,
+        kind: NodeKind,
+        parent: u64,
+        e: &crate::tarball::toc::Entry,
+        bytes_at: Option<&str>,
+    ) -> Node {
+        let mtime = Time { s: e.mt, ns: e.mn };
+        Node {
+            ino,
+            kind,
+            perm: e.m & 0o7777,
+            uid: u32::try_from(e.u).unwrap_or(0),
+            gid: u32::try_from(e.g).unwrap_or(0),
+            nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+            rdev: e.dv.map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32),
+            size: if kind == NodeKind::File { e.s } else { 0 },
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
+            data: match bytes_at {
+                Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),
+                _ => Data::None,
+            },
+            parent,
+        }
+    }
 }
 
 /// Reported block size; also the unit of `st_blocks` rounding.

@@ -54,6 +54,24 @@ async fn stored_object(session: &str, into: &Path) -> Option<(String, PathBuf)> 
     }
 }
 
+/// A site whose processes reach the S3 server through a fault proxy.
+async fn site_through_proxy() -> (sessionfs_tests::fault_proxy::FaultProxy, Site) {
+    let upstream: std::net::SocketAddr = format!(
+        "127.0.0.1:{}",
+        std::env::var("MINIO_PORT").expect("the test S3 server")
+    )
+    .parse()
+    .unwrap();
+    let proxy = sessionfs_tests::fault_proxy::FaultProxy::start(upstream).await;
+    let mut site = Site::s3();
+    for (k, v) in site.env.iter_mut() {
+        if k == "MINIO_PORT" {
+            *v = proxy.addr.port().to_string();
+        }
+    }
+    (proxy, site)
+}
+
 /// Every reader extracts `object` to `expected`.
 fn every_reader_agrees(object: &Path, expected: &BTreeMap<String, Node>) {
     let scratch = tempfile::tempdir().unwrap();
@@ -505,20 +523,8 @@ async fn kill_9_during_write_back_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn store_faults_delay_the_write_back_but_never_tear_the_object() {
-    use sessionfs_tests::fault_proxy::{Fault, FaultProxy};
-    let upstream: std::net::SocketAddr = format!(
-        "127.0.0.1:{}",
-        std::env::var("MINIO_PORT").expect("the test S3 server")
-    )
-    .parse()
-    .unwrap();
-    let proxy = FaultProxy::start(upstream).await;
-    let mut site = Site::s3();
-    for (k, v) in site.env.iter_mut() {
-        if k == "MINIO_PORT" {
-            *v = proxy.addr.port().to_string();
-        }
-    }
+    use sessionfs_tests::fault_proxy::Fault;
+    let (proxy, site) = site_through_proxy().await;
     let session = session_name("faults");
     let src = site.dir.path().join("src");
     big_source(&src);
@@ -957,20 +963,8 @@ fn thousands_of_files_open_for_writing_and_a_failed_create_creates_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() {
-    use sessionfs_tests::fault_proxy::{Fault, FaultProxy};
-    let upstream: std::net::SocketAddr = format!(
-        "127.0.0.1:{}",
-        std::env::var("MINIO_PORT").expect("the test S3 server")
-    )
-    .parse()
-    .unwrap();
-    let proxy = FaultProxy::start(upstream).await;
-    let mut site = Site::s3();
-    for (k, v) in site.env.iter_mut() {
-        if k == "MINIO_PORT" {
-            *v = proxy.addr.port().to_string();
-        }
-    }
+    use sessionfs_tests::fault_proxy::Fault;
+    let (proxy, site) = site_through_proxy().await;
     let session = session_name("stall");
     let src = site.dir.path().join("src");
     let w = src.join("workspace");

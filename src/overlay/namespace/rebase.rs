@@ -59,18 +59,6 @@ fn same_entry(a: &Entry, b: &Entry) -> bool {
         && a.x == b.x
 }
 
-fn node_kind(k: Kind) -> Option<NodeKind> {
-    Some(match k {
-        Kind::File => NodeKind::File,
-        Kind::Dir => NodeKind::Dir,
-        Kind::Symlink => NodeKind::Symlink,
-        Kind::Fifo => NodeKind::Fifo,
-        Kind::CharDevice => NodeKind::CharDevice,
-        Kind::BlockDevice => NodeKind::BlockDevice,
-        Kind::HardLink => return None,
-    })
-}
-
 fn split(path: &str) -> (&str, &str) {
     path.rsplit_once('/').unwrap_or(("", path))
 }
@@ -112,7 +100,7 @@ impl Namespace {
         if b.t == Kind::HardLink {
             return b.lt.as_deref().and_then(|t| s.local.get(t)) == Some(&ino);
         }
-        if node_kind(b.t) != Some(n.kind)
+        if NodeKind::of_entry(b.t) != Some(n.kind)
             || n.perm != b.m & 0o7777
             || u64::from(n.uid) != b.u
             || u64::from(n.gid) != b.g
@@ -311,11 +299,11 @@ impl Namespace {
             out.inodes.push(target);
             return Ok(true);
         }
-        let Some(kind) = node_kind(r.t) else {
+        let Some(kind) = NodeKind::of_entry(r.t) else {
             return Ok(false);
         };
         let ino = self.alloc();
-        let node = node_from(ino, kind, parent, r, Some(bytes_at));
+        let node = Node::from_entry(ino, kind, parent, r, Some(bytes_at));
         if kind == NodeKind::Dir {
             self.children.insert(ino, Default::default());
             let mut pn = self.get(parent)?.clone();
@@ -350,7 +338,7 @@ impl Namespace {
         out: &mut Rebased,
     ) -> Result<(), OverlayError> {
         let n = self.get(ino)?.clone();
-        let same_kind = node_kind(r.t) == Some(n.kind) && r.t != Kind::HardLink;
+        let same_kind = NodeKind::of_entry(r.t) == Some(n.kind) && r.t != Kind::HardLink;
         if !same_kind {
             // Another kind of thing: the old one goes, the new one comes.
             if self.remove_remote(ops, p, out)? {
@@ -358,7 +346,7 @@ impl Namespace {
             }
             return Ok(());
         }
-        let mut m = node_from(ino, n.kind, n.parent, r, Some(p));
+        let mut m = Node::from_entry(ino, n.kind, n.parent, r, Some(p));
         m.nlink = n.nlink;
         m.atime = n.atime;
         m.ctime = Time::now();
@@ -455,30 +443,6 @@ impl Op {
             Op::RemoveXattr(ino, name) => tx.remove_xattr(*ino, name).map(|_| ()),
             Op::Change(op, ino, detail) => tx.change(op, *ino, detail),
         }
-    }
-}
-
-/// A node as the stored object's entry describes it.
-fn node_from(ino: u64, kind: NodeKind, parent: u64, e: &Entry, path: Option<&str>) -> Node {
-    let mtime = Time { s: e.mt, ns: e.mn };
-    Node {
-        ino,
-        kind,
-        perm: e.m & 0o7777,
-        uid: u32::try_from(e.u).unwrap_or(0),
-        gid: u32::try_from(e.g).unwrap_or(0),
-        nlink: if kind == NodeKind::Dir { 2 } else { 1 },
-        rdev: e.dv.map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32),
-        size: if kind == NodeKind::File { e.s } else { 0 },
-        atime: mtime,
-        mtime,
-        ctime: mtime,
-        target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
-        data: match path {
-            Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),
-            _ => Data::None,
-        },
-        parent,
     }
 }
 
