@@ -81,12 +81,18 @@ fn every_reader_agrees(object: &Path, expected: &BTreeMap<String, Node>) {
 }
 
 /// A session with the fixture and 40 MiB of incompressible files, so the
-/// object is far above the single-PUT size and write-backs go incremental.
+/// object is far above the single-PUT size and write-backs go incremental
+/// (`SESSIONFS_WB_TEST_MIB` makes it larger: 1024 for a 1 GiB session).
 fn big_source(root: &Path) {
     make_fixture(root);
     let blob = root.join("workspace/blob");
     std::fs::create_dir_all(&blob).unwrap();
-    for i in 0..40u64 {
+    let mib: u64 = std::env::var("SESSIONFS_WB_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
+        .max(40);
+    for i in 0..mib {
         std::fs::write(
             blob.join(format!("b_{i:03}.bin")),
             pattern(1 << 20, 1000 + i),
@@ -409,9 +415,14 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     let a = a_site.mount(&session, &flags);
     let b = b_site.mount(&session, &flags);
     let (pa, pb) = (a.path.clone(), b.path.clone());
+    // 40 files each (6 s); SESSIONFS_TWO_MOUNTS_FILES=400 writes for a minute.
+    let files: usize = std::env::var("SESSIONFS_TWO_MOUNTS_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
     let writer = |root: PathBuf, tag: &'static str| {
         std::thread::spawn(move || {
-            for i in 0..40 {
+            for i in 0..files {
                 std::fs::write(
                     root.join(format!("workspace/{tag}-{i:02}.txt")),
                     format!("{tag} {i}\n"),
@@ -434,7 +445,7 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     let scratch = tempfile::tempdir().unwrap();
     let (_, tree) = every_reader(&object, scratch.path()).remove(0);
     for tag in ["a", "b"] {
-        for i in 0..40 {
+        for i in 0..files {
             let p = format!("workspace/{tag}-{i:02}.txt");
             match tree.get(&p) {
                 Some(Node::File { content, .. }) => {
