@@ -51,8 +51,12 @@ use crate::tarball::tree::TreeEntry;
 use crate::tarball::writer::{pack_after, PackOptions, Prefix};
 use crate::tarball::TarballError;
 
-/// Largest part copied server-side in one request (S3 allows 5 GiB).
-const MAX_COPY_PART: u64 = 4 << 30;
+/// Size of the parts copied server-side: small enough that a long run is
+/// copied by several requests at once, large enough that an object of
+/// hundreds of GiB stays under S3's 10,000 parts.
+const COPY_PART: u64 = 64 << 20;
+/// Server-side copies in flight at once.
+const COPY_CONCURRENCY: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct WriteBackOptions {
@@ -461,7 +465,7 @@ fn incremental_plan(snap: &Snapshot, opts: &WriteBackOptions) -> Option<Plan> {
     let copy_parts: u64 = plan
         .copies
         .iter()
-        .map(|r| (r.end - r.start).div_ceil(MAX_COPY_PART))
+        .map(|r| (r.end - r.start).div_ceil(COPY_PART))
         .sum();
     if copy_parts + 64 > u64::from(MAX_PARTS) {
         return None;
@@ -505,6 +509,9 @@ impl Multipart<'_> {
         requests: &mut u64,
     ) -> Result<(Vec<CompletedPart>, u64, u64), WriteBackError> {
         let mut parts = Vec::new();
+        // Copies are numbered in place and sent together at the end.
+        let mut copies: Vec<(u32, Range<u64>)> = Vec::new();
+        let mut next = 1u32;
         let mut buf: Vec<u8> = Vec::new();
         let (mut uploaded, mut copied) = (0u64, 0u64);
         for piece in pieces {
@@ -533,30 +540,20 @@ impl Multipart<'_> {
                         continue;
                     }
                     if !buf.is_empty() {
-                        uploaded += self.upload(&mut parts, std::mem::take(&mut buf))?;
+                        uploaded += self.upload(&mut parts, &mut next, std::mem::take(&mut buf))?;
                         *requests += 1;
                     }
                     while range.start < range.end {
                         let left = range.end - range.start;
-                        let len = if left > MAX_COPY_PART + MIN_PART_SIZE {
-                            MAX_COPY_PART
+                        // The last piece of a run takes the remainder, so
+                        // no copied part falls under the minimum.
+                        let len = if left >= COPY_PART + MIN_PART_SIZE {
+                            COPY_PART
                         } else {
                             left
                         };
-                        let number = parts.len() as u32 + 1;
-                        let part = self.rt.block_on(self.store.upload_part_copy(
-                            self.key,
-                            self.id,
-                            number,
-                            CopySource {
-                                key: self.key.to_owned(),
-                                range: range.start..range.start + len,
-                                if_match: Some(self.base_etag.to_owned()),
-                            },
-                        ));
-                        let part = part.map_err(conflict_or(self.base_etag))?;
-                        *requests += 1;
-                        parts.push(part);
+                        copies.push((next, range.start..range.start + len));
+                        next += 1;
                         copied += len;
                         range.start += len;
                     }
@@ -572,23 +569,54 @@ impl Multipart<'_> {
                         spool.read_exact(&mut buf[at..])?;
                         left -= n as u64;
                         if buf.len() as u64 >= self.part_size && left > 0 {
-                            uploaded += self.upload(&mut parts, std::mem::take(&mut buf))?;
+                            uploaded +=
+                                self.upload(&mut parts, &mut next, std::mem::take(&mut buf))?;
                             *requests += 1;
                         }
                     }
                 }
             }
         }
-        if !buf.is_empty() || parts.is_empty() {
-            uploaded += self.upload(&mut parts, buf)?;
+        if !buf.is_empty() || next == 1 {
+            uploaded += self.upload(&mut parts, &mut next, buf)?;
             *requests += 1;
         }
+        *requests += copies.len() as u64;
+        let copied_parts = self.rt.block_on(async {
+            use futures::{StreamExt, TryStreamExt};
+            futures::stream::iter(copies.into_iter().map(|(number, range)| async move {
+                self.store
+                    .upload_part_copy(
+                        self.key,
+                        self.id,
+                        number,
+                        CopySource {
+                            key: self.key.to_owned(),
+                            range,
+                            if_match: Some(self.base_etag.to_owned()),
+                        },
+                    )
+                    .await
+                    .map_err(conflict_or(self.base_etag))
+            }))
+            .buffer_unordered(COPY_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await
+        })?;
+        parts.extend(copied_parts);
+        parts.sort_by_key(|p| p.part_number);
         Ok((parts, uploaded, copied))
     }
 
-    fn upload(&self, parts: &mut Vec<CompletedPart>, body: Vec<u8>) -> Result<u64, WriteBackError> {
+    fn upload(
+        &self,
+        parts: &mut Vec<CompletedPart>,
+        next: &mut u32,
+        body: Vec<u8>,
+    ) -> Result<u64, WriteBackError> {
         let len = body.len() as u64;
-        let number = parts.len() as u32 + 1;
+        let number = *next;
+        *next += 1;
         parts.push(self.rt.block_on(self.store.upload_part(
             self.key,
             self.id,
