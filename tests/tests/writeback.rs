@@ -151,7 +151,7 @@ async fn a_mount_writes_back_what_changed_and_every_reader_extracts_it() {
     assert!(copied >= 16 << 20, "copied only {copied} bytes: {s}");
     assert!(
         took <= quiet + Duration::from_secs(5),
-        "the write-back came {took:?} after the last change"
+        "the write-back came {took:?} after the last change: {s}"
     );
 
     // Straight from S3: a new version, which every reader extracts to the
