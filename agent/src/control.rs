@@ -2,11 +2,12 @@
 //!
 //! For a mount, both ask the mount process through an xattr of the mount's
 //! root (`user.sessionfs.flush`, `user.sessionfs.status`), which its FUSE
-//! layer hands to the write-back loop. For a session name, they work on the
-//! session's overlay on this host when no process holds it (a mount that
-//! stopped without writing back, a server that was killed): `flush` opens
-//! it and writes it back from this process. `flush` returns once the
-//! pending changes are in the store.
+//! layer hands to the write-back loop. For a session name, they ask the
+//! process holding the session's overlay on this host through its control
+//! socket (`control_socket`: a `serve`, a mount); when no process holds it
+//! (a mount that stopped without writing back, a server that was killed),
+//! `flush` opens the overlay and writes it back from this process. `flush`
+//! returns once the pending changes are in the store.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -82,12 +83,15 @@ pub fn flush_before_unmount(mountpoint: &Path) {
 }
 
 pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
-    let answer = ask(mountpoint, "status")?;
+    print_status(&ask(mountpoint, "status")?, json)
+}
+
+fn print_status(answer: &str, json: bool) -> Result<()> {
     if json {
         println!("{answer}");
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_str(&answer).context("the mount's status")?;
+    let v: serde_json::Value = serde_json::from_str(answer).context("the status answered")?;
     let field = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
     println!(
         "session:         {}",
@@ -117,35 +121,58 @@ pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
 }
 
 /// Where a session's overlay lives on this host.
-fn overlay_of(bucket: &str, session: &SessionPath) -> Result<std::path::PathBuf> {
-    let from_env = std::env::var_os("SESSIONFS_OVERLAY_DIR").map(std::path::PathBuf::from);
-    Ok(crate::mount_cmd::overlay_root(from_env)?
+pub fn overlay_of(
+    root: Option<std::path::PathBuf>,
+    bucket: &str,
+    session: &SessionPath,
+) -> Result<std::path::PathBuf> {
+    Ok(crate::mount_cmd::overlay_root(root)?
         .join(bucket)
         .join(session.as_str()))
 }
 
-fn held_elsewhere(session: &SessionPath) -> anyhow::Error {
-    anyhow::anyhow!(
-        "the overlay of {session} is held by a running mount or server: give its mount point \
-         (`sessionfs flush MOUNTPOINT`), or let the server write it back"
+/// Asks the process that holds the overlay (its lock says one does). A
+/// process that has just opened the session starts answering within one
+/// round of its write-back loop, so it is given a moment.
+fn ask_holder(overlay: &Path, what: &str, session: &SessionPath) -> Result<String> {
+    for _ in 0..30 {
+        if let Some(answer) = crate::control_socket::ask(overlay, what)? {
+            return Ok(answer);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!(
+        "the overlay of {session} is held by a process that does not write it back \
+         (a read-only mount, or one started with --no-writeback)"
     )
 }
 
-/// `flush SESSION`: writes back an overlay no process holds.
+/// `flush SESSION`: asks the process holding the overlay to write it back,
+/// or writes back an overlay no process holds.
 pub async fn flush_session(
     session: SessionPath,
-    bucket: &str,
+    overlay: std::path::PathBuf,
     store: Arc<dyn ObjectStore>,
     index: TocIndex,
     quiet: bool,
 ) -> Result<()> {
-    let overlay = overlay_of(bucket, &session)?;
+    let asked = {
+        let overlay = overlay.clone();
+        tokio::task::spawn_blocking(move || crate::control_socket::ask(&overlay, "flush")).await?
+    };
+    if let Some(answer) = asked? {
+        if !quiet {
+            println!("{answer}");
+        }
+        return Ok(());
+    }
     if !overlay.join(JOURNAL).exists() {
         bail!(
             "no overlay of {session} on this host (looked in {}): nothing to write back",
             overlay.display()
         );
     }
+    let spec_overlay = overlay.clone();
     let spec = OpenSpec {
         store: store.clone(),
         index: Some(index),
@@ -156,7 +183,16 @@ pub async fn flush_session(
     let rt = tokio::runtime::Handle::current();
     let live = match tokio::task::spawn_blocking(move || open(&spec, &rt)).await? {
         Ok(live) => Arc::new(live),
-        Err(OpenError::Overlay(OverlayError::InUse(_))) => return Err(held_elsewhere(&session)),
+        Err(OpenError::Overlay(OverlayError::InUse(_))) => {
+            let overlay = spec_overlay;
+            let answer =
+                tokio::task::spawn_blocking(move || ask_holder(&overlay, "flush", &session))
+                    .await??;
+            if !quiet {
+                println!("{answer}");
+            }
+            return Ok(());
+        }
         Err(e) => return Err(e.into()),
     };
     let policy = Policy {
@@ -176,14 +212,19 @@ pub async fn flush_session(
     Ok(synced?)
 }
 
-/// `status SESSION`: what the overlay on this host holds.
-pub fn status_session(session: &SessionPath, bucket: &str, json: bool) -> Result<()> {
-    let overlay = overlay_of(bucket, session)?;
+/// `status SESSION`: the status of the process holding the overlay, or
+/// what the overlay on this host holds.
+pub fn status_session(session: &SessionPath, overlay: &Path, json: bool) -> Result<()> {
+    if let Some(answer) = crate::control_socket::ask(overlay, "status")? {
+        return print_status(&answer, json);
+    }
     let journal = overlay.join(JOURNAL);
     let (pending, base) = if journal.exists() {
         let j = match Journal::open(&journal) {
             Ok(j) => j,
-            Err(OverlayError::InUse(_)) => return Err(held_elsewhere(session)),
+            Err(OverlayError::InUse(_)) => {
+                return print_status(&ask_holder(overlay, "status", session)?, json)
+            }
             Err(e) => return Err(e.into()),
         };
         (

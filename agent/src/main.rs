@@ -7,6 +7,7 @@
 //! the work lives in the library crates.
 
 mod control;
+mod control_socket;
 mod inspect;
 mod mount_cmd;
 mod serve_cmd;
@@ -116,9 +117,13 @@ enum Command {
     /// Write back pending changes now; returns once they are stored.
     Flush {
         /// A mount point (`sessionfs mount`, or a session's directory under
-        /// `serve --mount-root`), or a session path whose overlay on this
-        /// host no process holds (written back by this command).
+        /// `serve --mount-root`), or a session path: the process holding
+        /// its overlay on this host writes it back, or this command does
+        /// when no process holds it.
         target: String,
+        /// Where overlays live (as given to `mount` or `serve`).
+        #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
+        overlay_dir: Option<std::path::PathBuf>,
     },
     /// Write-back state: pending changes, the last write-back, the last
     /// error, conflicts (of a mount), or what a session's overlay holds.
@@ -128,6 +133,9 @@ enum Command {
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
+        /// Where overlays live (as given to `mount` or `serve`).
+        #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
+        overlay_dir: Option<std::path::PathBuf>,
     },
     /// List the stored versions of a session.
     Versions(Pending),
@@ -254,21 +262,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return serve_cmd::serve(args, &cli.store, local, cli.quiet).await;
         }
         Command::Sync(_) => "sync",
-        Command::Flush { target } if std::path::Path::new(&target).exists() => {
+        Command::Flush { target, .. } if std::path::Path::new(&target).exists() => {
             return control::flush(std::path::Path::new(&target), cli.quiet)
         }
-        Command::Flush { target } => {
+        Command::Flush {
+            target,
+            overlay_dir,
+        } => {
             let session = SessionPath::parse(&target)?;
+            let overlay = control::overlay_of(overlay_dir, &cli.store.bucket, &session)?;
             let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
-            return control::flush_session(session, &cli.store.bucket, store, index, cli.quiet)
-                .await;
+            return control::flush_session(session, overlay, store, index, cli.quiet).await;
         }
-        Command::Status { target, json } if std::path::Path::new(&target).exists() => {
+        Command::Status { target, json, .. } if std::path::Path::new(&target).exists() => {
             return control::status(std::path::Path::new(&target), json)
         }
-        Command::Status { target, json } => {
+        Command::Status {
+            target,
+            json,
+            overlay_dir,
+        } => {
             let session = SessionPath::parse(&target)?;
-            return control::status_session(&session, &cli.store.bucket, json);
+            let overlay = control::overlay_of(overlay_dir, &cli.store.bucket, &session)?;
+            return control::status_session(&session, &overlay, json);
         }
         Command::Versions(_) => "versions",
         Command::Restore(_) => "restore",

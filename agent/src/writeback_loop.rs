@@ -178,7 +178,10 @@ impl WriteBack {
         let weak = Arc::downgrade(s);
         let rt = tokio::runtime::Handle::current();
         s.set_control_once(move || {
+            // Dropped with the hook, and so with the session.
+            let listening = crate::control_socket::listen(s);
             Arc::new(move |what: &str| {
+                let _ = &listening;
                 let s = weak.upgrade().ok_or("the session is closed")?;
                 match what {
                     "flush" if !me.enabled() => {

@@ -179,6 +179,11 @@ impl LiveSession {
         }
     }
 
+    /// The session's overlay directory (where its journal is).
+    pub fn overlay_dir(&self) -> &std::path::Path {
+        self.wal.parent().unwrap_or(std::path::Path::new("/"))
+    }
+
     /// Registers the mount that must hear of changes made elsewhere.
     pub fn set_watcher(&self, watcher: Option<Watcher>) {
         *self.watcher.lock() = watcher;

@@ -147,6 +147,7 @@ async fn a_mount_writes_back_what_changed_and_every_reader_extracts_it() {
     assert_eq!(last["full"], false, "incremental: {s}");
     let uploaded = last["uploadedBytes"].as_u64().unwrap();
     let copied = last["copiedBytes"].as_u64().unwrap();
+    eprintln!("write-back {took:?} after the last change: {last}");
     assert!(uploaded <= 16 << 20, "uploaded {uploaded} bytes: {s}");
     assert!(copied >= 16 << 20, "copied only {copied} bytes: {s}");
     assert!(
@@ -253,6 +254,52 @@ async fn an_api_put_reaches_the_object_in_s3() {
         metrics.contains("sessionfs_writebacks_total 1"),
         "{metrics}"
     );
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+/// `flush SESSION` and `status SESSION` reach the server holding the
+/// session (through its control socket): the flush returns once the change
+/// is in S3, long before the server's own quiet period ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn flush_of_a_session_name_reaches_the_server_holding_it() {
+    let site = Site::s3();
+    let session = session_name("flushapi");
+    let server = site.serve_api(
+        &["--writeback-quiet-ms", "600000", "--writeback-max-lag-ms", "600000"],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}{API}/{session}/files/workspace/a.txt", server.url))
+        .body("flushed by name\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let before: Value =
+        serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
+    assert!(before["pendingChanges"].as_u64().unwrap() > 0, "{before}");
+    assert!(before["lastWriteBack"].is_null(), "{before}");
+
+    site.run(&["flush", &session]);
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, object) = stored_object(&session, scratch.path())
+        .await
+        .expect("the flush returned before the object was stored");
+    let mut expected = BTreeMap::new();
+    expected.insert("workspace".to_owned(), Node::Dir { mode: 0o755 });
+    expected.insert(
+        "workspace/a.txt".to_owned(),
+        Node::File {
+            mode: 0o644,
+            content: b"flushed by name\n".to_vec(),
+        },
+    );
+    every_reader_agrees(&object, &expected);
+    let after: Value =
+        serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
+    assert_eq!(after["pendingChanges"], 0, "{after}");
+    assert!(after["lastWriteBack"]["uploadedBytes"].as_u64().unwrap() > 0, "{after}");
     assert_eq!(server.stop().code(), Some(0));
 }
 
