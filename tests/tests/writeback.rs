@@ -1085,3 +1085,68 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     assert!(got == pattern(3 << 20, 53).to_vec());
     m.stop();
 }
+
+/// A session stored by another tool (GNU tar's tar.gz, no index) is
+/// converted at its first write-back: a full pack with its index and
+/// digest, holding the other tool's tree and the change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_object_is_converted_at_its_first_write_back() {
+    let site = Site::s3();
+    let session = session_name("foreign");
+    let src = site.dir.path().join("src");
+    make_fixture(&src);
+    let plain = site.dir.path().join("plain.tar.gz");
+    let out = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&plain)
+        .arg("-C")
+        .arg(&src)
+        .args(std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let key = SessionPath::parse(&session).unwrap().object_key();
+    let store = s3_store().await;
+    store
+        .put(
+            &key,
+            std::fs::read(&plain).unwrap().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert!(store
+        .head(&key)
+        .await
+        .unwrap()
+        .metadata
+        .get(sessionfs_core::tarball::toc::DIGEST_KEY)
+        .is_none());
+
+    let m = site.mount(&session, &["--writeback-quiet-ms", "100"]);
+    std::fs::write(m.path.join("workspace/added.txt"), b"after conversion\n").unwrap();
+    std::fs::write(src.join("workspace/added.txt"), b"after conversion\n").unwrap();
+    wait_for(Duration::from_secs(30), "the write-back", || {
+        let s = status(&site, &m);
+        s["pendingChanges"] == 0 && !s["lastWriteBack"].is_null()
+    });
+    assert_eq!(status(&site, &m)["lastWriteBack"]["full"], true);
+    m.stop();
+
+    let head = store.head(&key).await.unwrap();
+    assert!(
+        head.metadata
+            .get(sessionfs_core::tarball::toc::DIGEST_KEY)
+            .is_some(),
+        "converted to a sessionfs object: {:?}",
+        head.metadata
+    );
+    let (_, object) = stored_object(&session, site.dir.path()).await.unwrap();
+    every_reader_agrees(&object, &snapshot(&src));
+    // Its index is found again by a fresh process (no foreign indexing).
+    let fresh = Site::s3();
+    assert_eq!(
+        fresh.run(&["cat", &session, "workspace/added.txt"]),
+        b"after conversion\n"
+    );
+}
