@@ -74,7 +74,7 @@ pub fn flush(mountpoint: &Path, quiet: bool) -> Result<()> {
 /// a sessionfs mount with write-back. A failure is reported, not fatal: the
 /// mount process tries again as it exits.
 pub fn flush_before_unmount(mountpoint: &Path) {
-    if let Err(e) = ask(mountpoint, "flush") {
+    if let Err(e) = ask(mountpoint, "drain") {
         let text = e.to_string();
         if !text.contains("is not the root of a sessionfs mount") {
             eprintln!("sessionfs: writing back before the unmount: {e:#}");

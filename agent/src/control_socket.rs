@@ -3,9 +3,13 @@
 //! overlay (a `serve` without mounts has no mount point to ask through).
 //!
 //! The process holding an overlay (its journal lock is exclusive) listens
-//! on an abstract Unix socket named after the overlay directory's canonical
-//! path, so the name needs no file, cannot be left behind by kill -9, and
-//! has no path-length limit. Only the same user (or root) is answered:
+//! on an abstract Unix socket named after the session and the overlay
+//! directory's canonical path, so the name needs no file, cannot be left
+//! behind by kill -9, and has no path-length limit. The session part lets a
+//! process see, in `/proc/net/unix`, that another overlay of the same
+//! session is held on this host (two mounts with two overlay directories),
+//! and warn: both write back, and the conflict policy keeps both versions
+//! of a file changed in both. Only the same user (or root) is answered:
 //! abstract sockets have no file permissions, so the peer's credentials are
 //! checked. One request per connection: a line (`flush` or `status`), then
 //! the answer: `ok` or `err` on the first line, the text after it.
@@ -26,13 +30,55 @@ const MAX_REQUEST: u64 = 64;
 /// Largest answer read back.
 const MAX_ANSWER: u64 = 1 << 20;
 
-/// The socket's name for the overlay at `overlay`.
-fn address(overlay: &Path) -> std::io::Result<SocketAddr> {
+/// Where names of control sockets start; then the session's key, then
+/// the overlay's.
+const PREFIX: &str = "sessionfs/control/";
+
+fn short_hash(bytes: &[u8]) -> String {
     use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(bytes)[..12])
+}
+
+/// The socket's name for the overlay at `overlay`: the session's key
+/// (overlays live at `ROOT/BUCKET/SESSION`, so its last two components),
+/// then the overlay directory's canonical path, each hashed.
+fn name(overlay: &Path) -> std::io::Result<String> {
     let canonical = overlay.canonicalize()?;
-    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    let name = format!("sessionfs/control/{}", &hex::encode(digest)[..32]);
-    SocketAddr::from_abstract_name(name.as_bytes())
+    let session: Vec<_> = canonical.iter().rev().take(2).collect();
+    let session = session
+        .iter()
+        .map(|c| c.as_encoded_bytes())
+        .collect::<Vec<_>>()
+        .join(&b'/');
+    Ok(format!(
+        "{PREFIX}{}/{}",
+        short_hash(&session),
+        short_hash(canonical.as_os_str().as_encoded_bytes())
+    ))
+}
+
+fn address(overlay: &Path) -> std::io::Result<SocketAddr> {
+    SocketAddr::from_abstract_name(name(overlay)?.as_bytes())
+}
+
+/// How many other overlays of the same session processes on this host
+/// hold now (their control sockets are listed in `/proc/net/unix`).
+fn other_holders(mine: &str) -> usize {
+    let Some((session, _)) = mine.rsplit_once('/') else {
+        return 0;
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return 0;
+    };
+    let mut seen: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter_map(|p| p.strip_prefix('@'))
+        .filter(|p| p.starts_with(session) && *p != mine)
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
 }
 
 /// Stops the listener when the session's control hook (and so the session)
@@ -62,7 +108,8 @@ pub fn listen(s: &Arc<LiveSession>) -> Listening {
 }
 
 async fn accept_loop(overlay: &Path, session: Weak<LiveSession>) -> std::io::Result<()> {
-    let addr = address(overlay)?;
+    let name = name(overlay)?;
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
     // The name is free unless this process held the session a moment ago
     // and that listener has not stopped yet.
     let mut tries = 0;
@@ -76,6 +123,17 @@ async fn accept_loop(overlay: &Path, session: Weak<LiveSession>) -> std::io::Res
             Err(e) => return Err(e),
         }
     };
+    let others = other_holders(&name);
+    if others > 0 {
+        if let Some(s) = session.upgrade() {
+            tracing::warn!(
+                session = %s.name,
+                "{others} other process(es) on this host hold this session with another overlay directory: \
+                 each writes its changes back on its own, and a file changed in both is kept \
+                 twice (the later write-back's copy as NAME.conflict-<etag>)"
+            );
+        }
+    }
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     loop {

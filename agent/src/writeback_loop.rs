@@ -187,7 +187,9 @@ impl WriteBack {
                     "flush" if !me.enabled() => {
                         Err("write-back is off (--no-writeback)".to_owned())
                     }
-                    "flush" => match rt.block_on(me.once(&s)) {
+                    // Before an unmount: nothing to do when write-back is off.
+                    "drain" if !me.enabled() => Ok("write-back is off".to_owned()),
+                    "flush" | "drain" => match rt.block_on(me.once(&s)) {
                         Ok(Some(r)) => Ok(describe(&r)),
                         Ok(None) => Ok("nothing to write back".to_owned()),
                         Err(e) => Err(e.to_string()),

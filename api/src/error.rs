@@ -39,6 +39,8 @@ pub enum ApiError {
     UploadFailed(String),
     #[error("download failed: {0}")]
     DownloadFailed(String),
+    #[error("no space left for the session's changes on this server: {0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -61,6 +63,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::UploadFailed(_) => "upload_failed",
             ApiError::DownloadFailed(_) => "download_failed",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -80,6 +83,7 @@ impl ApiError {
             ApiError::ReadOnly => StatusCode::FORBIDDEN,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::UploadFailed(_) | ApiError::DownloadFailed(_) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -118,6 +122,7 @@ impl ApiError {
             }
             OverlayError::ReadOnly => ApiError::ReadOnly,
             OverlayError::InUse(_) => ApiError::Conflict(e.to_string()),
+            e if e.no_space() => ApiError::InsufficientStorage(e.to_string()),
             e => fail(e),
         }
     }

@@ -66,7 +66,7 @@ pub fn document() -> Value {
                             "invalid_session_path", "invalid_file_path", "invalid_request", "invalid_tarball",
                             "session_not_found", "file_not_found", "not_found", "method_not_allowed",
                             "payload_too_large", "range_not_satisfiable", "conflict", "read_only",
-                            "unauthorized", "upload_failed", "download_failed", "internal_error"]},
+                            "unauthorized", "upload_failed", "download_failed", "insufficient_storage", "internal_error"]},
                         "message": {"type": "string"},
                         "containerId": {"type": "string"}
                     }

@@ -19,6 +19,9 @@ use sessionfs_core::overlay::OverlayError;
 
 /// The errno the kernel is given for an overlay error.
 pub fn errno(e: &OverlayError) -> i32 {
+    if e.no_space() {
+        return libc::ENOSPC;
+    }
     match e {
         OverlayError::NotFound => libc::ENOENT,
         OverlayError::Exists => libc::EEXIST,

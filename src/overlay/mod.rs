@@ -85,6 +85,17 @@ impl From<StoreError> for OverlayError {
 }
 
 impl OverlayError {
+    /// The overlay's disk (or quota) is full: ENOSPC, whichever layer hit it.
+    pub fn no_space(&self) -> bool {
+        match self {
+            OverlayError::Journal(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::DiskFull
+            }
+            OverlayError::Io(e) => matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)),
+            _ => false,
+        }
+    }
+
     /// Failures of sessionfs itself or its storage (logged), as opposed to
     /// answers about the tree (ENOENT, EEXIST, …) that callers expect.
     pub fn is_unexpected(&self) -> bool {

@@ -441,8 +441,27 @@ impl Namespace {
         Ok(node)
     }
 
+    /// Runs `op`, which frees space, so that it works on a full disk: if
+    /// its journal write finds no room, the journal's reserve is given up
+    /// and `op` runs again (its transaction rolled back, nothing applied).
+    fn freeing<T>(
+        &mut self,
+        mut op: impl FnMut(&mut Self) -> Result<T, OverlayError>,
+    ) -> Result<T, OverlayError> {
+        // Space the previous delete freed goes to the reserve first.
+        self.journal.take_reserve_back();
+        match op(self) {
+            Err(e) if e.no_space() && self.journal.give_up_reserve() => op(self),
+            r => r,
+        }
+    }
+
     /// unlink (`dir == false`) and rmdir (`dir == true`).
     pub fn remove(&mut self, parent: u64, name: &str, dir: bool) -> Result<Freed, OverlayError> {
+        self.freeing(|ns| ns.remove_once(parent, name, dir))
+    }
+
+    fn remove_once(&mut self, parent: u64, name: &str, dir: bool) -> Result<Freed, OverlayError> {
         if name == "." {
             return Err(OverlayError::Invalid("rmdir of ."));
         }
@@ -770,9 +789,11 @@ impl Namespace {
         };
         debug_assert_eq!(left, 0);
         if self.nodes.get(&ino).is_some_and(|n| n.nlink == 0) {
-            let tx = self.journal.begin()?;
-            tx.delete_node(ino)?;
-            tx.commit()?;
+            self.freeing(|ns| {
+                let tx = ns.journal.begin()?;
+                tx.delete_node(ino)?;
+                tx.commit()
+            })?;
             self.nodes.remove(&ino);
             return Ok(vec![ino]);
         }

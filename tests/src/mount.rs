@@ -198,6 +198,19 @@ impl Mount {
         self.stop_inner();
     }
 
+    /// A stop that must be clean: SIGTERM, and the process writes back
+    /// (unless told not to), syncs its journal, unmounts and exits 0.
+    pub fn stop_cleanly(mut self) {
+        let mut child = self.child.take().expect("a running mount");
+        let status = crate::terminate(&mut child, Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the mount did not stop cleanly ({status:?}); its log:\n{}",
+            self.log_text()
+        );
+        assert!(!is_mounted(&self.path), "the mount is still there");
+    }
+
     fn stop_inner(&mut self) {
         if let Some(mut child) = self.child.take() {
             crate::terminate(&mut child, Duration::from_secs(30));

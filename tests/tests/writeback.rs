@@ -265,19 +265,26 @@ async fn flush_of_a_session_name_reaches_the_server_holding_it() {
     let site = Site::s3();
     let session = session_name("flushapi");
     let server = site.serve_api(
-        &["--writeback-quiet-ms", "600000", "--writeback-max-lag-ms", "600000"],
+        &[
+            "--writeback-quiet-ms",
+            "600000",
+            "--writeback-max-lag-ms",
+            "600000",
+        ],
         &[],
     );
     let http = reqwest::Client::new();
     let r = http
-        .put(format!("{}{API}/{session}/files/workspace/a.txt", server.url))
+        .put(format!(
+            "{}{API}/{session}/files/workspace/a.txt",
+            server.url
+        ))
         .body("flushed by name\n")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let before: Value =
-        serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
+    let before: Value = serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
     assert!(before["pendingChanges"].as_u64().unwrap() > 0, "{before}");
     assert!(before["lastWriteBack"].is_null(), "{before}");
 
@@ -296,10 +303,12 @@ async fn flush_of_a_session_name_reaches_the_server_holding_it() {
         },
     );
     every_reader_agrees(&object, &expected);
-    let after: Value =
-        serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
+    let after: Value = serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
     assert_eq!(after["pendingChanges"], 0, "{after}");
-    assert!(after["lastWriteBack"]["uploadedBytes"].as_u64().unwrap() > 0, "{after}");
+    assert!(
+        after["lastWriteBack"]["uploadedBytes"].as_u64().unwrap() > 0,
+        "{after}"
+    );
     assert_eq!(server.stop().code(), Some(0));
 }
 
@@ -461,6 +470,16 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "300"];
     let a = a_site.mount(&session, &flags);
     let b = b_site.mount(&session, &flags);
+    // The later mount warns that another overlay of the session is held here.
+    wait_for(
+        Duration::from_secs(10),
+        "the warning of another overlay",
+        || {
+            b.log_text()
+                .contains("other process(es) on this host hold this session")
+        },
+    );
+    assert!(!a.log_text().contains("other process(es) on this host"));
     let (pa, pb) = (a.path.clone(), b.path.clone());
     // 40 files each (6 s); SESSIONFS_TWO_MOUNTS_FILES=400 writes for a minute.
     let files: usize = std::env::var("SESSIONFS_TWO_MOUNTS_FILES")
@@ -1101,7 +1120,11 @@ async fn a_foreign_object_is_converted_at_its_first_write_back() {
         .arg(&plain)
         .arg("-C")
         .arg(&src)
-        .args(std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()))
+        .args(
+            std::fs::read_dir(&src)
+                .unwrap()
+                .map(|e| e.unwrap().file_name()),
+        )
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -1115,13 +1138,12 @@ async fn a_foreign_object_is_converted_at_its_first_write_back() {
         )
         .await
         .unwrap();
-    assert!(store
+    assert!(!store
         .head(&key)
         .await
         .unwrap()
         .metadata
-        .get(sessionfs_core::tarball::toc::DIGEST_KEY)
-        .is_none());
+        .contains_key(sessionfs_core::tarball::toc::DIGEST_KEY));
 
     let m = site.mount(&session, &["--writeback-quiet-ms", "100"]);
     std::fs::write(m.path.join("workspace/added.txt"), b"after conversion\n").unwrap();
@@ -1136,8 +1158,7 @@ async fn a_foreign_object_is_converted_at_its_first_write_back() {
     let head = store.head(&key).await.unwrap();
     assert!(
         head.metadata
-            .get(sessionfs_core::tarball::toc::DIGEST_KEY)
-            .is_some(),
+            .contains_key(sessionfs_core::tarball::toc::DIGEST_KEY),
         "converted to a sessionfs object: {:?}",
         head.metadata
     );
