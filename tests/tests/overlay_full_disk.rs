@@ -165,7 +165,7 @@ fn the_journal_wal_stays_bounded_over_a_hundred_thousand_creates() {
             scope.spawn(move || {
                 fs::create_dir(&dir).unwrap();
                 for i in 0..files / threads {
-                    let mut f = File::create(dir.join(format!("f{i:06}"))).unwrap();
+                    let f = File::create(dir.join(format!("f{i:06}"))).unwrap();
                     if i % 100 == 0 {
                         f.sync_all().unwrap();
                         let mut m = max.lock().unwrap();
