@@ -1171,3 +1171,65 @@ async fn a_foreign_object_is_converted_at_its_first_write_back() {
         b"after conversion\n"
     );
 }
+
+/// A store outage before or during a large GET through the API: a 5xx
+/// before any byte, or a connection cut short of its `Content-Length`;
+/// never a 200 that looks complete with fewer or other bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_during_a_large_get_never_looks_like_a_complete_answer() {
+    use sessionfs_tests::fault_proxy::Fault;
+    let session = session_name("outage");
+    let len = 48usize << 20;
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("workspace")).unwrap();
+    std::fs::write(src.path().join("workspace/big.bin"), pattern(len, 77)).unwrap();
+    // Pushed from elsewhere: the server below starts with an empty cache.
+    Site::s3().push(src.path(), &session);
+    let (proxy, site) = site_through_proxy().await;
+    let server = site.serve_api(&["--read-timeout-secs", "3"], &[]);
+    let url = format!("{}{API}/{session}/files/workspace/big.bin", server.url);
+    let http = reqwest::Client::new();
+
+    // The store down before the request: an error status, no body.
+    proxy.plan(&[], Fault::Drop);
+    proxy.cut_all();
+    let r = http.get(&url).send().await.unwrap();
+    assert!(r.status().is_server_error(), "answered {}", r.status());
+
+    // Down in the middle of the body.
+    proxy.plan(&[], Fault::Forward);
+    let mut r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.content_length(), Some(len as u64));
+    let mut got = Vec::new();
+    while got.len() < 1 << 20 {
+        got.extend_from_slice(&r.chunk().await.unwrap().expect("more body"));
+    }
+    proxy.plan(&[], Fault::Drop);
+    proxy.cut_all();
+    let ended = loop {
+        match r.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    match ended {
+        Ok(()) => {
+            // Only if every byte came (from what was already fetched).
+            assert_eq!(got.len(), len, "a body ended short without an error");
+            assert!(got == pattern(len, 77));
+        }
+        Err(e) => {
+            eprintln!("cut after {} of {len} bytes: {e}", got.len());
+            assert!(got.len() < len, "an error after the whole body: {e}")
+        }
+    }
+    assert!(got[..1 << 20] == pattern(len, 77)[..1 << 20]);
+    // The server goes on answering once the store is back.
+    proxy.plan(&[], Fault::Forward);
+    let whole = http.get(&url).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert!(whole.bytes().await.unwrap() == pattern(len, 77));
+    assert_eq!(server.stop().code(), Some(0));
+}
