@@ -73,7 +73,7 @@ struct Handle {
 
 pub struct SessionFs {
     live: Arc<LiveSession>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Arc<Mutex<HashMap<u64, Handle>>>,
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     root: u64,
@@ -101,6 +101,12 @@ fn answer(reply: ReplyEmpty, r: Result<(), OverlayError>) {
     }
 }
 
+/// Whether an open with `flags` may change the file (and so copies it up).
+fn open_writes(flags: i32) -> bool {
+    let acc = flags & libc::O_ACCMODE;
+    acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & libc::O_TRUNC != 0
+}
+
 fn name_str(name: &OsStr) -> Result<&str, OverlayError> {
     std::str::from_utf8(name.as_bytes()).map_err(|_| OverlayError::BadName)
 }
@@ -114,7 +120,7 @@ impl SessionFs {
     pub fn new(live: Arc<LiveSession>, root: u64) -> SessionFs {
         SessionFs {
             live,
-            handles: Mutex::new(HashMap::new()),
+            handles: Arc::new(Mutex::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             root,
@@ -213,13 +219,14 @@ impl SessionFs {
     }
 
     fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, OverlayError> {
-        let acc = flags & libc::O_ACCMODE;
-        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
-        let trunc = flags & libc::O_TRUNC != 0;
-        if write || trunc {
+        if open_writes(flags) {
             self.writable()?;
-            self.live.ensure_local(ino, trunc)?;
+            self.live.ensure_local(ino, flags & libc::O_TRUNC != 0)?;
         }
+        Ok(self.register(ino, flags))
+    }
+
+    fn register(&self, ino: u64, flags: i32) -> u64 {
         let fh = self.fh();
         self.live.ns.lock().opened(ino);
         self.handles.lock().insert(
@@ -230,7 +237,7 @@ impl SessionFs {
                 dirty: false,
             },
         );
-        Ok(fh)
+        fh
     }
 
     fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, OverlayError> {
@@ -603,7 +610,39 @@ impl Filesystem for SessionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_handle(self.inner(ino), flags.0) {
+        let ino = self.inner(ino);
+        let copies_up = open_writes(flags.0)
+            && flags.0 & libc::O_TRUNC == 0
+            && self.writable().is_ok()
+            && self
+                .live
+                .ns
+                .lock()
+                .get(ino)
+                .is_ok_and(|n| matches!(n.data, Data::Base(_)));
+        if copies_up {
+            // The copy-up may wait on the store: on the blocking pool, as
+            // reads from the object are, with the handle registered first
+            // and dropped again if the copy-up fails.
+            let fh = self.register(ino, flags.0);
+            let (live, handles) = (self.live.clone(), self.handles.clone());
+            self.live.content.runtime().spawn_blocking(move || {
+                match live.ensure_local(ino, false) {
+                    Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Err(e) => {
+                        handles.lock().remove(&fh);
+                        if let Ok(freed) = live.ns.lock().closed(ino) {
+                            for ino in freed {
+                                live.content.remove(ino);
+                            }
+                        }
+                        reply.error(err(e))
+                    }
+                }
+            });
+            return;
+        }
+        match self.open_handle(ino, flags.0) {
             // Only this process changes the bytes: the page cache stays valid.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(err(e)),

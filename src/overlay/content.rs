@@ -49,7 +49,33 @@ pub struct Content {
     /// Replaced when a write-back makes a new object the base.
     reader: parking_lot::RwLock<Option<Arc<SessionReader>>>,
     rt: tokio::runtime::Handle,
-    copy_up: Mutex<()>,
+    copy_ups: CopyUps,
+}
+
+/// Who may change which overlay file: a copy-up (or a truncation, or a
+/// first write of an empty file) holds its own file only, so one copy-up
+/// waiting on a stalled store holds up nothing but that file; steps over
+/// the whole session (a write-back adopting its object, a rebase, an API
+/// PUT installing a file under the namespace lock) wait for them all.
+#[derive(Default)]
+struct CopyUps {
+    session: parking_lot::RwLock<()>,
+    busy: Mutex<std::collections::HashSet<u64>>,
+    freed: parking_lot::Condvar,
+}
+
+/// Held while one file's overlay bytes are being replaced.
+pub struct FileGuard<'a> {
+    copy_ups: &'a CopyUps,
+    ino: u64,
+    _session: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
+impl Drop for FileGuard<'_> {
+    fn drop(&mut self) {
+        self.copy_ups.busy.lock().remove(&self.ino);
+        self.copy_ups.freed.notify_all();
+    }
 }
 
 impl Content {
@@ -65,7 +91,7 @@ impl Content {
             files: Mutex::new(HashMap::new()),
             reader: parking_lot::RwLock::new(reader),
             rt,
-            copy_up: Mutex::new(()),
+            copy_ups: CopyUps::default(),
         })
     }
 
@@ -137,9 +163,30 @@ impl Content {
         std::fs::metadata(self.path(ino)).ok()
     }
 
-    /// Serialises copy-ups so one file is never fetched twice at once.
-    pub fn copy_up_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
-        self.copy_up.lock()
+    /// Serialises what replaces `ino`'s overlay bytes (a copy-up), so one
+    /// file is never fetched twice at once; other files go on.
+    pub fn file_lock(&self, ino: u64) -> FileGuard<'_> {
+        let session = self.copy_ups.session.read();
+        let mut busy = self.copy_ups.busy.lock();
+        while busy.contains(&ino) {
+            self.copy_ups.freed.wait(&mut busy);
+        }
+        busy.insert(ino);
+        FileGuard {
+            copy_ups: &self.copy_ups,
+            ino,
+            _session: session,
+        }
+    }
+
+    /// Keeps every copy-up out (waits for those under way).
+    pub fn exclusive(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.copy_ups.session.write()
+    }
+
+    /// Keeps steps over the whole session out, while copy-ups go on.
+    pub fn shared(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.copy_ups.session.read()
     }
 
     /// Fetches `len` bytes of `base` (the first `len`, for a truncating
@@ -199,7 +246,7 @@ impl Content {
 
     /// Renames a staged file over the overlay file of `ino`: readers see the
     /// old bytes or the new ones, never a mix. The caller holds
-    /// [`Content::copy_up_lock`] and the directory is synced later.
+    /// [`Content::exclusive`] and the directory is synced later.
     pub fn install(&self, ino: u64, staged: &Path) -> Result<(), OverlayError> {
         self.close(ino);
         std::fs::rename(staged, self.path(ino))?;

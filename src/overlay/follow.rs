@@ -72,7 +72,7 @@ pub fn follow(
             live.ensure_local(ino, false)?;
         }
         let rebased = {
-            let _no_copy_up = live.content.copy_up_lock();
+            let _no_copy_up = live.content.exclusive();
             let mut ns = live.ns.lock();
             match ns.rebase(&base, remote.entries(), &etag, &tag) {
                 Ok(r) => {

@@ -306,7 +306,7 @@ impl LiveSession {
 
     /// Brings a file's bytes into the overlay (once); `truncate` skips the fetch.
     pub fn ensure_local(&self, ino: u64, truncate: bool) -> Result<(), OverlayError> {
-        let _one_at_a_time = self.content.copy_up_lock();
+        let _this_file = self.content.file_lock(ino);
         let node = self.ns.lock().get(ino)?.clone();
         if node.kind != NodeKind::File {
             return Err(OverlayError::Invalid("not a regular file"));
@@ -380,7 +380,7 @@ impl LiveSession {
     /// (an API PUT renames a new overlay file into place; a write-back
     /// swaps the object) do not change what the returned version reads.
     pub fn open_version(&self, path: &str) -> Result<(Node, FileVersion), OverlayError> {
-        let _installs_wait = self.content.copy_up_lock();
+        let _installs_wait = self.content.shared();
         let ns = self.ns.lock();
         let mut at = ROOT;
         for part in components(path)? {
@@ -475,7 +475,7 @@ impl LiveSession {
             // Resolving, creating what is missing and installing are one
             // step: a DELETE of the file (or its directory) in between
             // cannot turn this write into a 404.
-            let _one_at_a_time = self.content.copy_up_lock();
+            let _one_at_a_time = self.content.exclusive();
             let mut ns = self.ns.lock();
             let mut at = ROOT;
             for dir in dirs {

@@ -664,7 +664,7 @@ fn adopt(
     etag: &str,
     reader: Arc<SessionReader>,
 ) -> Result<Vec<u64>, OverlayError> {
-    let _no_copy_up = live.content.copy_up_lock();
+    let _no_copy_up = live.content.exclusive();
     let mut ns = live.ns.lock();
     let changed = ns.journal().changed_since(snap.seq)?;
     let mut data = Vec::new();

@@ -1049,7 +1049,7 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     std::fs::write(w.join("a-cached.txt"), b"cached bytes").unwrap();
     std::fs::write(w.join("b-cached.txt"), b"beside it").unwrap();
     // Incompressible, so each sits in segments of its own.
-    for i in 0..8u64 {
+    for i in 0..12u64 {
         std::fs::write(w.join(format!("big-{i}.bin")), pattern(3 << 20, 50 + i)).unwrap();
     }
     site.push(&src, &session);
@@ -1064,12 +1064,20 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     proxy.plan(&[], Fault::Hang);
     proxy.cut_all();
     let started = Instant::now();
-    let stuck: Vec<_> = (0..6)
+    let mut stuck: Vec<_> = (0..6)
         .map(|i| {
             let p = m.join(format!("workspace/big-{i}.bin"));
             std::thread::spawn(move || (std::fs::read(p), Instant::now()))
         })
         .collect();
+    // Opens for writing copy the file up from the store: stalled too.
+    stuck.extend((6..12).map(|i| {
+        let p = m.join(format!("workspace/big-{i}.bin"));
+        std::thread::spawn(move || {
+            let r = std::fs::OpenOptions::new().append(true).open(p);
+            (r.map(|_| Vec::new()), Instant::now())
+        })
+    }));
     // More stalled reads than FUSE threads: cached reads and listings still answer.
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
@@ -1077,7 +1085,7 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
         std::fs::read(m.join("workspace/b-cached.txt")).unwrap(),
         b"beside it"
     );
-    assert_eq!(std::fs::read_dir(m.join("workspace")).unwrap().count(), 10);
+    assert_eq!(std::fs::read_dir(m.join("workspace")).unwrap().count(), 14);
     let answered = t.elapsed();
     assert!(
         answered < Duration::from_secs(2),
@@ -1085,7 +1093,7 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     );
     for h in stuck {
         let (r, at) = h.join().unwrap();
-        let e = r.expect_err("a read of a stalled store");
+        let e = r.expect_err("a read or copy-up from a stalled store");
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
         let took = at - started;
         assert!(
@@ -1102,6 +1110,15 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     proxy.plan(&[], Fault::Forward);
     let got = std::fs::read(m.join("workspace/big-3.bin")).unwrap();
     assert!(got == pattern(3 << 20, 53).to_vec());
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("workspace/big-7.bin"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"+").unwrap();
+    drop(f);
+    let got = std::fs::read(m.join("workspace/big-7.bin")).unwrap();
+    assert_eq!(got.len(), (3 << 20) + 1);
+    assert!(got[..3 << 20] == pattern(3 << 20, 57)[..]);
     m.stop();
 }
 
