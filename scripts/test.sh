@@ -34,10 +34,12 @@ install_system_packages
 # built once into the repo's own .tools/ (pjdfstest switches to the `tests` user).
 install_fs_suites() {
   local root=.tools/cargo
-  for tool in pjdfstest fsx; do
-    if [ ! -x "$root/bin/$tool" ]; then
-      log "installing $tool"
-      cargo install --quiet --locked --root "$root" "$tool"
+  # Pinned: the counts the suite asserts are those of these versions.
+  for pinned in pjdfstest@0.2.2 fsx@0.3.2; do
+    local tool=${pinned%@*} version=${pinned#*@}
+    if ! "$root/bin/$tool" --version 2>/dev/null | grep -q "$version"; then
+      log "installing $pinned"
+      cargo install --quiet --locked --force --root "$root" "$tool" --version "$version"
     fi
   done
   if ! id tests >/dev/null 2>&1; then

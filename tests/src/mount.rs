@@ -193,14 +193,9 @@ impl Mount {
         self.path = PathBuf::new();
     }
 
-    /// A clean stop: SIGTERM, then wait for the process to unmount and exit.
-    pub fn stop(mut self) {
-        self.stop_inner();
-    }
-
     /// A stop that must be clean: SIGTERM, and the process writes back
     /// (unless told not to), syncs its journal, unmounts and exits 0.
-    pub fn stop_cleanly(mut self) {
+    pub fn stop(mut self) {
         let mut child = self.child.take().expect("a running mount");
         let status = crate::terminate(&mut child, Duration::from_secs(60));
         assert!(
@@ -209,6 +204,11 @@ impl Mount {
             self.log_text()
         );
         assert!(!is_mounted(&self.path), "the mount is still there");
+        let log = self.log_text();
+        assert!(
+            !log.contains("syncing the overlay"),
+            "the journal was not synced at the stop:\n{log}"
+        );
     }
 
     fn stop_inner(&mut self) {

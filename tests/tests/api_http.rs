@@ -1019,9 +1019,11 @@ async fn writes_through_the_api_and_the_mount_see_each_other() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 409);
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 409, "conflict");
     let r = c.delete(format!("{url}{API}/{s}")).send().await.unwrap();
-    assert_eq!(r.status(), 409);
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 409, "conflict");
     assert_eq!(fs::read(&file).unwrap(), b"edited in the mount");
     m.stop();
 }
@@ -1046,9 +1048,18 @@ async fn shutdown_finishes_requests_in_flight() {
         .unwrap();
     let first = r.chunk().await.unwrap().unwrap();
     let pid = server.pid();
+    let addr = server.url.trim_start_matches("http://").to_owned();
     let stopper = std::thread::spawn(move || server.stop());
-    // Give the signal time to land while the body is still streaming.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The signal has landed once the server stops accepting connections,
+    // while this body is still streaming.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not close the listener"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut got = first.to_vec();
     while let Some(chunk) = r.chunk().await.unwrap() {
         got.extend_from_slice(&chunk);

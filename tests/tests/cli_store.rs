@@ -209,6 +209,7 @@ fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
     // `serve` refuses a port that is no port, and says so when the port is taken.
     let out = sessionfs(&["serve", "--port", "70000"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("70000"), "{}", text(&out));
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
     let out = sessionfs(&["serve", "--bind", "127.0.0.1", "--port", &port], &[]);

@@ -368,6 +368,11 @@ fn daemon_mode_returns_once_mounted_and_umount_ends_it() {
         .output()
         .unwrap();
     assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("is already a mount point"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     let out = site.command().arg("umount").arg(&mnt).output().unwrap();
     assert!(
         out.status.success(),
@@ -437,4 +442,110 @@ fn a_second_mount_of_the_same_overlay_is_refused() {
     let _m = site.mount(SESSION, &[]);
     let said = refused_mount(&site, "second");
     assert!(said.contains("in use by another process"), "{said}");
+}
+
+/// Names that are not UTF-8 are refused with EILSEQ (a session's tarball
+/// names are UTF-8 for every reader); POSIX ACLs are not supported
+/// (EOPNOTSUPP, so `cp -a` and `rsync -A` fall back to modes); byte-range
+/// locks hold between two processes.
+#[test]
+fn non_utf8_names_acls_and_byte_range_locks() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &[]);
+    let w = m.join("workspace");
+    let bad = w.join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt"));
+    assert_eq!(errno(File::create(&bad)), libc::EILSEQ);
+    assert_eq!(errno(fs::create_dir(&bad)), libc::EILSEQ);
+    fs::write(w.join("plain.txt"), b"0123456789abcdef").unwrap();
+    assert_eq!(errno(fs::rename(w.join("plain.txt"), &bad)), libc::EILSEQ);
+    assert!(w.join("plain.txt").exists());
+
+    let path = CString::new(w.join("plain.txt").as_os_str().as_bytes()).unwrap();
+    // A valid ACL (version 2): user::rw-, group::r--, other::r--. (One
+    // without entries would mean "remove the ACL".)
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 4)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let dir = CString::new(w.as_os_str().as_bytes()).unwrap();
+    // (A default ACL belongs on a directory.)
+    for (path, name) in [
+        (&path, "system.posix_acl_access"),
+        (&dir, "system.posix_acl_access"),
+        (&dir, "system.posix_acl_default"),
+    ] {
+        let name = CString::new(name).unwrap();
+        // SAFETY: both strings are NUL-terminated; the value is valid for its length.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        };
+        assert_eq!(rc, -1);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EOPNOTSUPP),
+            "{name:?}"
+        );
+    }
+
+    // Another process holds bytes 0..10 of the file.
+    let mut holder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import fcntl, sys\n\
+             f = open(sys.argv[1], 'r+')\n\
+             fcntl.lockf(f, fcntl.LOCK_EX, 10, 0)\n\
+             print('locked', flush=True)\n\
+             sys.stdin.read()\n",
+        )
+        .arg(w.join("plain.txt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(w.join("plain.txt"))
+        .unwrap();
+    let try_lock = |start: i64, len: i64| -> i32 {
+        // SAFETY: an all-zero flock is valid; the fields are set below.
+        let mut l: libc::flock = unsafe { std::mem::zeroed() };
+        l.l_type = libc::F_WRLCK as i16;
+        l.l_whence = libc::SEEK_SET as i16;
+        l.l_start = start;
+        l.l_len = len;
+        // SAFETY: `f` is open for the call; `l` is a valid flock.
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &l) };
+        if rc == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    };
+    let held = try_lock(0, 10);
+    assert!(
+        held == libc::EAGAIN || held == libc::EACCES,
+        "a range another process holds: errno {held}"
+    );
+    assert_eq!(try_lock(100, 10), 0, "a range nobody holds");
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(try_lock(0, 10), 0, "the range once its holder exited");
+    drop(f);
+    m.stop();
 }

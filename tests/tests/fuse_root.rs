@@ -59,7 +59,21 @@ fn every_session_of_the_bucket_is_a_directory_of_the_root() {
         .unwrap()
         .any(|e| e.unwrap().file_name().to_str() == Some(fresh.as_str())));
     // Invalid session names and plain files are refused in the root.
-    assert!(fs::create_dir(m.join("not a/valid")).is_err());
+    // (A name in the root itself: `not a/valid` would fail in any
+    // filesystem, for its missing parent.)
+    use std::os::unix::ffi::OsStrExt;
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    for bad in [
+        std::ffi::OsStr::new("back\\slash"),
+        std::ffi::OsStr::new("tab\there"),
+        latin1,
+    ] {
+        assert_eq!(
+            fs::create_dir(m.path.join(bad)).unwrap_err().raw_os_error(),
+            Some(libc::EINVAL),
+            "mkdir {bad:?} in the root"
+        );
+    }
     assert_eq!(
         fs::write(m.join("file-in-root"), b"x")
             .unwrap_err()
@@ -89,5 +103,10 @@ fn every_session_of_the_bucket_is_a_directory_of_the_root() {
     assert!(
         !out.status.success(),
         "the object of a removed session is gone"
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no such object") || said.contains("not found"),
+        "ls of a removed session says why: {said}"
     );
 }

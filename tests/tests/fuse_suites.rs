@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use sessionfs_tests::mount::Site;
+use sessionfs_tests::pattern;
 
 fn tool(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -27,20 +28,33 @@ fn session(name: &str) -> String {
     format!("tests__{name}{:08x}__main", rand::random::<u32>())
 }
 
+/// What the README claims for pjdfstest 0.2.2 (pinned by scripts/test.sh).
+const PJDFSTEST_PASSED: u32 = 382;
+
+/// pjdfstest inside a directory of a pushed session (a tree that lives in
+/// the object, mounted on another host with an empty cache), so the journal
+/// runs over an object-backed tree.
 #[test]
 fn pjdfstest_passes_inside_a_mounted_session() {
     let site = Site::s3();
-    let m = site.mount(&session("pjdfstest"), &["--allow-other"]);
+    let name = session("pjdfstest");
+    let src = site.dir.path().join("src");
+    sessionfs_tests::trees::make_fixture(&src);
+    std::fs::create_dir_all(src.join("workspace/suite")).unwrap();
+    site.push(&src, &name);
+    let host = Site::s3();
+    let m = host.mount(&name, &["--allow-other"]);
+    let dir = m.join("workspace/suite");
     let secondary = tempfile::tempdir().unwrap();
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("pjdfstest/sessionfs.toml");
     let out = Command::new(tool("pjdfstest"))
         .arg("-c")
         .arg(&config)
         .arg("-p")
-        .arg(&m.path)
+        .arg(&dir)
         .arg("-s")
         .arg(secondary.path())
-        .current_dir(&m.path)
+        .current_dir(&dir)
         .output()
         .unwrap();
     let text =
@@ -50,6 +64,19 @@ fn pjdfstest_passes_inside_a_mounted_session() {
         .find(|l| l.starts_with("Summary:"))
         .unwrap_or_else(|| panic!("pjdfstest printed no summary:\n{text}"));
     eprintln!("{summary}");
+    // "Summary: N passed, M failed, K skipped"
+    let count = |what: &str| -> u32 {
+        summary
+            .split(',')
+            .find(|p| p.trim_end().ends_with(what))
+            .and_then(|p| p.split_whitespace().rev().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {what} count in {summary:?}"))
+    };
+    assert_eq!(count("failed"), 0, "{summary}");
+    assert!(
+        count("passed") >= PJDFSTEST_PASSED,
+        "fewer than the {PJDFSTEST_PASSED} passes the README claims: {summary}"
+    );
     let failed: Vec<&str> = text.lines().filter(|l| l.ends_with("FAILED")).collect();
     assert!(failed.is_empty(), "pjdfstest failures: {failed:#?}\n{text}");
     assert!(out.status.success(), "{text}");
@@ -78,4 +105,48 @@ fn fsx_runs_100000_operations_without_a_mismatch() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "fsx failed:\n{text}");
     assert!(text.contains("All operations completed A-OK"), "{text}");
+}
+
+/// fsx on a file that lives in the session object, in a mount with an
+/// empty cache: opening it for writing copies it up from the store, every
+/// read is checked against fsx's model, and what the mount ends with is
+/// what the written-back object holds (read by a fresh process).
+#[test]
+fn fsx_on_a_file_from_the_object_and_its_write_back() {
+    let site = Site::s3();
+    let name = session("fsxobject");
+    let src = site.dir.path().join("src/workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("fsx.file"), pattern(1 << 20, 5)).unwrap();
+    std::fs::write(src.join("beside.txt"), b"unchanged").unwrap();
+    site.push(&site.dir.path().join("src"), &name);
+
+    let host = Site::s3();
+    let m = host.mount(&name, &["--writeback-quiet-ms", "200"]);
+    let artifacts = tempfile::tempdir().unwrap();
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fsx/object-file.toml");
+    let out = Command::new(tool("fsx"))
+        .args(["-N", "100000", "-S", "20261201", "-f"])
+        .arg(&config)
+        .arg("-P")
+        .arg(artifacts.path())
+        .arg(m.join("workspace/fsx.file"))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fsx failed:\n{text}");
+    assert!(text.contains("All operations completed A-OK"), "{text}");
+    let ended = std::fs::read(m.join("workspace/fsx.file")).unwrap();
+    assert_eq!(ended.len(), 1 << 20);
+    assert!(ended != pattern(1 << 20, 5), "fsx changed nothing");
+    host.run(&["flush", &m.path.display().to_string()]);
+    m.stop();
+
+    let fresh = Site::s3();
+    assert!(fresh.run(&["cat", &name, "workspace/fsx.file"]) == ended);
+    assert_eq!(
+        fresh.run(&["cat", &name, "workspace/beside.txt"]),
+        b"unchanged"
+    );
 }

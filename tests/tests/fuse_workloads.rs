@@ -1,7 +1,9 @@
 //! Real tools inside a mounted session on the S3 server, each compared with
 //! the same run on a local directory (tests/scripts/workloads.sh): git on a
 //! 5,000-file tree, extracting a 10,000-file tarball, SQLite transactions, an
-//! editor's save, a package manager's install. Then kill -9 of the mount
+//! editor's save, a package manager's install; and the same tools again on
+//! that tree once pushed and mounted fresh elsewhere (lazy reads, copy-ups),
+//! its write-back checked by every reader. Then kill -9 of the mount
 //! process in the middle of writes: everything that returned from fsync is
 //! there after a new mount. And a corrupt object: EIO and a log line, no hang.
 
@@ -13,7 +15,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sessionfs_core::session::SessionPath;
+use sessionfs_core::store::GetOptions;
+use sessionfs_tests::extract::every_reader;
 use sessionfs_tests::mount::Site;
+use sessionfs_tests::s3_store;
 use sessionfs_tests::trees::{assert_same_tree, make_fixture, snapshot, Node};
 
 fn session(name: &str) -> String {
@@ -110,9 +116,90 @@ fn tools_inside_a_mount_do_what_they_do_on_a_local_disk() {
     assert_eq!(String::from_utf8_lossy(&status.stdout), "");
 }
 
+/// The blind spot of the test above: the same tools on a tree that lives in
+/// the object (pushed, then mounted fresh with an empty cache), so lazy
+/// reads, the block cache and copy-ups run under them; then the written-back
+/// object holds exactly the mount's tree, for every reader.
+#[test]
+fn tools_work_on_a_pushed_session_and_the_write_back_holds_their_tree() {
+    let site = Site::s3();
+    let tarball = ten_thousand_file_tarball(site.dir.path());
+    let made = site.dir.path().join("made/workspace");
+    fs::create_dir_all(&made).unwrap();
+    run_workloads(&made, &tarball);
+    let name = session("pushed");
+    site.push(&site.dir.path().join("made"), &name);
+
+    let local = site.dir.path().join("local");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&made)
+        .arg(&local)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let second = |dir: &Path| {
+        let out = Command::new("bash")
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/workloads-pushed.sh"))
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "workloads-pushed in {}: {}{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let expected = second(&local);
+    assert!(expected.contains("git status: []"), "{expected}");
+
+    // Another host: an empty cache, the session only in S3.
+    let host = Site::s3();
+    let m = host.mount(
+        &name,
+        &["--subdir", "workspace", "--writeback-quiet-ms", "200"],
+    );
+    let got = second(&m.path);
+    assert_eq!(got, expected, "the same tools, the same results");
+    assert_same_tree(
+        &tree_without_git(&local),
+        &tree_without_git(&m.path),
+        "workloads on the pushed session",
+    );
+    host.run(&["flush", &m.path.display().to_string()]);
+    let mounted = snapshot(&m.path);
+    m.stop();
+
+    let key = SessionPath::parse(&name).unwrap().object_key();
+    let object = host.dir.path().join("written-back.tar.gz");
+    let body = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        s3_store()
+            .await
+            .get(&key, GetOptions::default())
+            .await
+            .unwrap()
+            .body
+    });
+    fs::write(&object, &body).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for (who, tree) in every_reader(&object, scratch.path()) {
+        let workspace: BTreeMap<String, Node> = tree
+            .into_iter()
+            .filter_map(|(p, n)| p.strip_prefix("workspace/").map(|p| (p.to_owned(), n)))
+            .collect();
+        assert_same_tree(&mounted, &workspace, who);
+    }
+}
+
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
+
+/// Files of the pushed session the kill -9 writer finds in place.
+const OBJECT_FILES: u64 = 300;
 
 /// Writes files and returns each one's name once fsync has returned for it.
 fn write_until_failure(dir: &Path, acked: &Mutex<Vec<(String, Vec<u8>)>>) {
@@ -120,10 +207,22 @@ fn write_until_failure(dir: &Path, acked: &Mutex<Vec<(String, Vec<u8>)>>) {
         let name = format!("f{i:05}");
         let data = sessionfs_tests::pattern(1 + (i as usize * 7919) % (200 << 10), i).to_vec();
         let result = (|| {
-            // Half are written in place, half as an editor saves (temp + rename).
-            if i % 2 == 0 {
+            // A third replaced (create + truncate), a third rewritten in
+            // place over what was there (a copy-up of an object file, then a
+            // truncation to the new length), a third saved as editors do
+            // (temp + rename).
+            if i % 3 == 0 {
                 let mut f = File::create(dir.join(&name))?;
                 f.write_all(&data)?;
+                f.sync_all()?;
+            } else if i % 3 == 1 {
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join(&name))?;
+                f.write_all(&data)?;
+                f.set_len(data.len() as u64)?;
                 f.sync_all()?;
             } else {
                 let tmp = dir.join(format!(".{name}.tmp"));
@@ -145,9 +244,25 @@ fn write_until_failure(dir: &Path, acked: &Mutex<Vec<(String, Vec<u8>)>>) {
 fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
     let site = Site::s3();
     let name = session("kill9");
+    // The session lives in the object: the writes below replace and rewrite
+    // object files (copy-ups) as much as they create new ones.
+    let src = site.dir.path().join("src");
+    fs::create_dir_all(src.join("w")).unwrap();
+    fs::write(
+        src.join("log"),
+        b"the pushed log, longer than what replaces it\n",
+    )
+    .unwrap();
+    for i in 0..OBJECT_FILES {
+        fs::write(
+            src.join("w").join(format!("f{i:05}")),
+            sessionfs_tests::pattern(3000 + i as usize * 13, 1_000_000 + i),
+        )
+        .unwrap();
+    }
+    site.push(&src, &name);
     let m = site.mount(&name, &[]);
     let dir = m.join("w");
-    fs::create_dir(&dir).unwrap();
     // A file that is rewritten in place and fsynced before the storm.
     let mut f = OpenOptions::new()
         .create(true)
@@ -167,7 +282,15 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
         let (dir, acked) = (dir.clone(), acked.clone());
         std::thread::spawn(move || write_until_failure(&dir, &acked))
     };
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill once the writer is well under way (not after a fixed time).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 30 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mountpoint = m.path.clone();
     m.kill9();
     writer.join().unwrap();
@@ -192,6 +315,15 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
             "{file}: {} bytes back, {} written",
             got.len(),
             data.len()
+        );
+    }
+    // Object files the writer never reached are as pushed (the one it was
+    // writing at the kill may be either).
+    for i in acked.len() as u64 + 1..OBJECT_FILES {
+        let got = fs::read(m.join("w").join(format!("f{i:05}"))).unwrap();
+        assert!(
+            got == sessionfs_tests::pattern(3000 + i as usize * 13, 1_000_000 + i),
+            "f{i:05}, never written, changed"
         );
     }
     eprintln!("{} fsynced writes all present after kill -9", acked.len());
@@ -228,10 +360,16 @@ fn a_corrupt_object_fails_reads_with_eio_and_a_log_line() {
     );
     // The rest of the tree still lists and the small files outside the damage read.
     assert!(m.join("workspace/README.md").exists());
-    std::thread::sleep(Duration::from_millis(100));
-    let log = m.log_text();
-    assert!(
-        log.contains("ERROR") && log.contains("segment"),
-        "the failure is logged: {log}"
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = m.log_text();
+        if log.contains("ERROR") && log.contains("segment") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure is logged: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

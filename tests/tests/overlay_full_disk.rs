@@ -121,7 +121,7 @@ fn a_full_overlay_disk_answers_enospc_and_deleting_through_the_mount_frees_it() 
     kept.push(("after.bin".to_owned(), 99_999));
 
     // The unmount syncs; a remount finds everything fsynced.
-    m.stop_cleanly();
+    m.stop();
     let m = site.mount(session, &["--no-writeback"]);
     let w = m.path.join("workspace");
     check(&w, &kept);
@@ -129,13 +129,13 @@ fn a_full_overlay_disk_answers_enospc_and_deleting_through_the_mount_frees_it() 
 
     // Full again, stopped and mounted again: the remount still works.
     let more = fill(&w, "b");
-    m.stop_cleanly();
+    m.stop();
     let m = site.mount(session, &["--no-writeback"]);
     let w = m.path.join("workspace");
     check(&w, &kept);
     check(&w, &more);
     fs::remove_file(w.join(&more[0].0)).unwrap();
-    m.stop_cleanly();
+    m.stop();
 }
 
 /// Size of the journal's WAL now (0 when there is none).
@@ -182,7 +182,7 @@ fn the_journal_wal_stays_bounded_over_a_hundred_thousand_creates() {
         fs::read_dir(m.path.join("d0")).unwrap().count(),
         files / threads
     );
-    m.stop_cleanly();
+    m.stop();
 }
 
 /// Through the API: a PUT that finds the disk full answers 507

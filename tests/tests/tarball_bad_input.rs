@@ -235,12 +235,14 @@ fn a_gzip_bomb_is_refused_without_inflating_it_all() {
     assert!(err.to_string().contains("decompression bomb"), "{err}");
 }
 
-/// A tarball with an entry climbing out with `..`, an absolute path, and a
-/// symlink out of the tree followed by a file written through it.
-fn hostile_tarball(path: &Path, outside: &Path) {
+/// A tarball with one hostile member (after a harmless one): `climb` is an
+/// entry climbing out with `..` (refused), `absolute` one with an absolute
+/// path into `outside` (taken as relative, as `tar x` does), `symlink` a link
+/// out of the tree and a file written through it (refused).
+fn hostile_tarball(path: &Path, outside: &Path, how: &str) {
     let script = r#"
-import io, sys, tarfile
-out, outside = sys.argv[1], sys.argv[2]
+import io, os, sys, tarfile
+out, outside, how = sys.argv[1], sys.argv[2], sys.argv[3]
 with tarfile.open(out, "w:gz") as t:
     def add(name, data=b"x", kind=tarfile.REGTYPE, link=""):
         info = tarfile.TarInfo(name)
@@ -249,20 +251,40 @@ with tarfile.open(out, "w:gz") as t:
         info.size = len(data) if kind == tarfile.REGTYPE else 0
         t.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
     add("workspace/ok.txt", b"fine")
-    add("escape", kind=tarfile.SYMTYPE, link=outside)
-    add("escape/planted.txt", b"through the link")
+    if how == "climb":
+        add("workspace/../../climbed.txt", b"climbed out")
+    elif how == "absolute":
+        add(os.path.join(outside, "absolute.txt"), b"absolute")
+    else:
+        add("escape", kind=tarfile.SYMTYPE, link=outside)
+        add("escape/planted.txt", b"through the link")
 "#;
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
         .arg(path)
         .arg(outside)
+        .arg(how)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The archive holds what it says (tarfile keeps names as given).
+    let listed = Command::new("tar").arg("tzf").arg(path).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let want = match how {
+        "climb" => "workspace/../../climbed.txt".to_owned(),
+        "absolute" => outside.join("absolute.txt").display().to_string(),
+        _ => "escape/planted.txt".to_owned(),
+    };
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == want || l == want.trim_start_matches('/')),
+        "{listed}"
     );
 }
 
@@ -271,32 +293,51 @@ async fn pull_never_writes_outside_the_destination() {
     let f = fixture();
     let outside = f.dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    let archive = f.dir.path().join("hostile.tar.gz");
-    hostile_tarball(&archive, &outside);
-    f.store
-        .put(
-            "hostile/session.tar.gz",
-            Bytes::from(std::fs::read(&archive).unwrap()),
-            PutOptions::default(),
-        )
-        .await
-        .unwrap();
-    let dest = f.dir.path().join("dest");
-    let out = Command::new(sessionfs_bin())
-        .args(["--quiet", "--store", "local", "--store-dir"])
-        .arg(f.dir.path().join("store"))
-        .args(["pull", "hostile"])
-        .arg(&dest)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a hostile archive fails the pull");
-    assert!(said.contains("escape/planted.txt"), "{said}");
-    assert_eq!(
-        std::fs::read_dir(&outside).unwrap().count(),
-        0,
-        "nothing was written outside"
-    );
+    for (how, member) in [
+        ("climb", "climbed.txt"),
+        ("absolute", "absolute.txt"),
+        ("symlink", "escape/planted.txt"),
+    ] {
+        let archive = f.dir.path().join(format!("{how}.tar.gz"));
+        hostile_tarball(&archive, &outside, how);
+        let session = format!("hostile-{how}");
+        f.store
+            .put(
+                &format!("{session}/session.tar.gz"),
+                Bytes::from(std::fs::read(&archive).unwrap()),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        let dest = f.dir.path().join("deep/dest").join(how);
+        let out = Command::new(sessionfs_bin())
+            .args(["--quiet", "--store", "local", "--store-dir"])
+            .arg(f.dir.path().join("store"))
+            .args(["pull", &session])
+            .arg(&dest)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        if how == "absolute" {
+            // As `tar x` does: the leading `/` goes, the file lands inside.
+            assert!(out.status.success(), "{said}");
+            let inside = dest.join(outside.join(member).strip_prefix("/").unwrap());
+            assert_eq!(std::fs::read(&inside).unwrap(), b"absolute");
+        } else {
+            assert!(
+                !out.status.success(),
+                "a hostile archive ({how}) fails the pull"
+            );
+            assert!(said.contains(member), "{how}: {said}");
+        }
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "{how}: nothing was written outside"
+        );
+        assert!(!f.dir.path().join("deep/climbed.txt").exists());
+        assert!(!f.dir.path().join("climbed.txt").exists());
+    }
 }
 
 #[tokio::test]

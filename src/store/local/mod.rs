@@ -139,19 +139,28 @@ impl LocalStore {
 }
 
 impl Inner {
+    /// Removes what crashed writers left: temporary files, and multipart
+    /// uploads nobody touched for [`STALE_TEMP_AGE`] (as an S3 lifecycle
+    /// rule aborts incomplete uploads).
     fn sweep_stale_temps(&self) {
-        let Ok(entries) = fs::read_dir(&self.tmp) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let stale = entry
-                .metadata()
+        let stale = |path: &Path| {
+            fs::metadata(path)
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > STALE_TEMP_AGE);
-            if stale {
+                .is_some_and(|age| age > STALE_TEMP_AGE)
+        };
+        for entry in fs::read_dir(&self.tmp).into_iter().flatten().flatten() {
+            if stale(&entry.path()) {
                 let _ = fs::remove_file(entry.path());
+            }
+        }
+        for entry in fs::read_dir(&self.uploads).into_iter().flatten().flatten() {
+            // An upload is touched with each part it receives.
+            let dir = entry.path();
+            let parts = fs::read_dir(&dir).into_iter().flatten().flatten();
+            if stale(&dir) && parts.map(|p| p.path()).all(|p| stale(&p)) {
+                let _ = fs::remove_dir_all(&dir);
             }
         }
     }
