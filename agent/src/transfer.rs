@@ -19,7 +19,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::upload::put_file;
 use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions};
-use sessionfs_core::tarball::toc::{DIGEST_KEY, RESERVED_DIR};
+use sessionfs_core::tarball::reader::decode_toc;
+use sessionfs_core::tarball::toc::{
+    Kind, Locator, DIGEST_KEY, LOCATOR_LEN, MAX_TOC_RAW, RESERVED_DIR, TOC_PATH,
+};
 use sessionfs_core::tarball::writer::{pack_dir, PackOptions, PackStats};
 
 fn bytes_bar(total: Option<u64>, what: &str) -> ProgressBar {
@@ -136,13 +139,19 @@ pub async fn pull(
 /// Extracts a (possibly multi-member) tar.gz into `dir`, leaving out
 /// sessionfs's own index.
 fn extract(archive: File, dir: &Path) -> Result<usize> {
+    let object_size = archive.metadata()?.len();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(1 << 20, archive));
     let mut tar = tar::Archive::new(gz);
     tar.set_preserve_permissions(true);
     tar.set_preserve_mtime(true);
+    tar.set_unpack_xattrs(true);
+    // Owners as stored, when this process may set them (root).
+    // SAFETY: geteuid has no preconditions.
+    tar.set_preserve_ownerships(unsafe { libc::geteuid() } == 0);
     tar.set_overwrite(true);
     let mut count = 0;
+    let mut toc_entry = None;
     for entry in tar.entries().context("reading the archive")? {
         let mut entry = entry.context("reading the archive")?;
         let path = entry.path().context("reading an entry name")?.into_owned();
@@ -151,6 +160,12 @@ fn extract(archive: File, dir: &Path) -> Result<usize> {
             .next()
             .is_some_and(|c| c.as_os_str() == RESERVED_DIR)
         {
+            if path.to_str() == Some(TOC_PATH) && entry.size() <= 2 * MAX_TOC_RAW {
+                let mut data = Vec::with_capacity(entry.size() as usize);
+                std::io::Read::read_to_end(&mut entry, &mut data)
+                    .context("reading the table of contents")?;
+                toc_entry = Some(data);
+            }
             continue;
         }
         if !entry
@@ -165,7 +180,46 @@ fn extract(archive: File, dir: &Path) -> Result<usize> {
         }
         count += 1;
     }
+    if let Some(data) = toc_entry {
+        restore_mtimes(&data, object_size, dir)?;
+    }
     Ok(count)
+}
+
+/// Tar headers hold whole seconds; a sessionfs object's TOC has the
+/// nanoseconds: set them once everything is extracted (a directory's own
+/// time last, as its entries' creation moved it).
+fn restore_mtimes(toc_entry: &[u8], object_size: u64, dir: &Path) -> Result<()> {
+    let Some(at) = toc_entry.len().checked_sub(LOCATOR_LEN) else {
+        bail!("the table of contents is cut short");
+    };
+    let locator = Locator::decode(&toc_entry[at..], object_size)?;
+    let toc_bytes = toc_entry
+        .get(..locator.toc_len as usize)
+        .context("the table of contents is cut short")?;
+    let toc = decode_toc(&locator, toc_bytes)?;
+    let (dirs, others): (Vec<_>, Vec<_>) = toc.entries.iter().partition(|e| e.t == Kind::Dir);
+    for e in others.into_iter().chain(dirs.into_iter().rev()) {
+        let path = std::ffi::CString::new(dir.join(&e.p).as_os_str().as_encoded_bytes())?;
+        let t = libc::timespec {
+            tv_sec: e.mt,
+            tv_nsec: i64::from(e.mn.min(999_999_999)),
+        };
+        // SAFETY: `path` is NUL-terminated; `times` holds two timespecs.
+        let rc = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                [t, t].as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            bail!("setting the time of {}: {err}", e.p);
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a push over a session whose overlay on this host holds changes

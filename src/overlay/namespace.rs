@@ -202,7 +202,7 @@ impl Namespace {
             let node = Node::from_entry(ino, kind, parent, e, Some(&e.p));
             for (k, hex) in &e.x {
                 if let Some(v) = hex_decode(hex) {
-                    xattrs.push((ino, format!("user.{k}"), v));
+                    xattrs.push((ino, k.clone(), v));
                 }
             }
             if kind == NodeKind::Dir {

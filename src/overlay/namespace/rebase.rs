@@ -315,7 +315,7 @@ impl Namespace {
         ops.push(Op::PutDirent(parent, name.to_owned(), ino));
         for (k, hex) in &r.x {
             if let Some(v) = hex_decode(hex) {
-                ops.push(Op::SetXattr(ino, format!("user.{k}"), v));
+                ops.push(Op::SetXattr(ino, k.clone(), v));
             }
         }
         self.nodes.insert(ino, node);
@@ -359,7 +359,7 @@ impl Namespace {
         }
         for (k, hex) in &r.x {
             if let Some(v) = hex_decode(hex) {
-                ops.push(Op::SetXattr(ino, format!("user.{k}"), v));
+                ops.push(Op::SetXattr(ino, k.clone(), v));
             }
         }
         self.nodes.insert(ino, m);
