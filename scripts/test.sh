@@ -30,6 +30,23 @@ install_system_packages() {
 
 install_system_packages
 
+# The npm `tar` package (what Node services extract with), pinned, into the
+# repo's own .tools/node: the compatibility tests extract and create with it.
+install_node_tar() {
+  local dir=.tools/node version=7.4.3
+  if ! grep -qs "\"version\": \"$version\"" "$dir/node_modules/tar/package.json"; then
+    if ! command -v npm >/dev/null; then
+      local sudo=""
+      [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq npm >/dev/null
+    fi
+    log "installing tar@$version from npm"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --silent "tar@$version"
+  fi
+}
+install_node_tar
+
 # The filesystem suites run inside mounts: pjdfstest and fsx from crates.io,
 # built once into the repo's own .tools/ (pjdfstest switches to the `tests` user).
 install_fs_suites() {

@@ -65,8 +65,17 @@ pub fn encode(entry: &Entry) -> Result<Vec<u8>, TarballError> {
     if let Some(target) = &entry.lt {
         if target.len() > 100 || h.set_link_name(target).is_err() {
             pax.push(("linkpath".into(), target.clone().into_bytes()));
-            // The ustar field stays empty; the PAX record carries the target.
-            h.as_mut_bytes()[157..257].fill(0);
+            // The PAX record carries the target; the ustar field holds its
+            // first 100 bytes, as GNU tar writes it: readers that ignore PAX
+            // get a stand-in, and npm's tar refuses a link whose ustar field
+            // is empty (and then applies the record to the next entry).
+            let mut cut = target.len().min(100);
+            while !target.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let field = &mut h.as_mut_bytes()[157..257];
+            field.fill(0);
+            field[..cut].copy_from_slice(&target.as_bytes()[..cut]);
         }
     }
     if let Some((major, minor)) = entry.dv {
@@ -177,6 +186,22 @@ mod tests {
         assert!(blocks.len() >= 1536);
         let text = String::from_utf8_lossy(&blocks);
         assert!(text.contains(&format!(" path={long}\n")));
+    }
+
+    #[test]
+    fn long_link_targets_keep_a_stand_in_in_the_ustar_field() {
+        // 99 ASCII bytes then a 2-byte character: the cut falls before it.
+        let target = format!("{}é{}", "t".repeat(99), "u".repeat(60));
+        let mut e = file("workspace/link");
+        e.t = Kind::Symlink;
+        e.s = 0;
+        e.lt = Some(target.clone());
+        let blocks = encode(&e).unwrap();
+        let text = String::from_utf8_lossy(&blocks);
+        assert!(text.contains(&format!(" linkpath={target}\n")));
+        let ustar = &blocks[blocks.len() - 512..];
+        assert_eq!(&ustar[157..256], "t".repeat(99).as_bytes());
+        assert_eq!(ustar[256], 0);
     }
 
     #[test]

@@ -82,6 +82,16 @@ impl Server {
     }
 }
 
+impl Server {
+    /// kill -9 of the server, as a crash.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

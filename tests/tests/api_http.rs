@@ -1325,3 +1325,39 @@ async fn an_encoded_slash_separates_file_names_and_a_raw_one_is_no_session_path(
     }
     assert_eq!(server.stop().code(), Some(0));
 }
+
+/// "A PUT replaces a file in one step; durable when answered": every PUT
+/// answered before a kill -9 of the server is there, whole, after a restart
+/// (with write-back off, so the bytes come from the overlay the server left).
+#[tokio::test]
+async fn every_answered_put_survives_kill_9_of_the_server() {
+    let site = Site::s3();
+    let s = session("putkill9");
+    let server = serve(&site, &["--no-writeback"]);
+    let c = http();
+    let url = |url: &str, i: usize| format!("{url}{API}/{s}/files/workspace/f{i:03}.bin");
+    let body = |i: usize| pattern(1 + i * 4099, i as u64);
+    // Each file twice: the second PUT replaces the first.
+    for round in 0..2 {
+        for i in 0..40 {
+            let r = c
+                .put(url(&server.url, i))
+                .body(if round == 0 { pattern(777, 5) } else { body(i) })
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    server.kill9();
+    let server = serve(&site, &["--no-writeback"]);
+    for i in 0..40 {
+        let r = c.get(url(&server.url, i)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "f{i:03} after the kill");
+        assert!(
+            r.bytes().await.unwrap() == body(i),
+            "f{i:03} holds other bytes"
+        );
+    }
+    assert_eq!(server.stop().code(), Some(0));
+}

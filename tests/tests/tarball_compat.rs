@@ -119,12 +119,21 @@ fn python_tarfile_streaming_extracts_the_same_tree() {
 }
 
 #[test]
-fn node_zlib_extracts_the_same_tree() {
+fn node_tar_extracts_the_same_tree_from_a_file_and_from_a_stream() {
     let p = packed_fixture();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/node-extract.js");
-    extracted_by(&p, "node", |obj, dest| {
-        run(Command::new("node").arg(&script).arg(obj).arg(dest), "node");
-    });
+    let script = sessionfs_tests::extract::node_tar_script();
+    for mode in ["extract", "extract-stream"] {
+        extracted_by(&p, mode, |obj, dest| {
+            run(
+                Command::new("node")
+                    .arg(&script)
+                    .arg(mode)
+                    .arg(obj)
+                    .arg(dest),
+                mode,
+            );
+        });
+    }
 }
 
 #[test]

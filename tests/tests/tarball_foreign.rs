@@ -1,6 +1,6 @@
 //! Tarballs sessionfs did not write open after one indexing pass and then
 //! list and read exactly like `tar x` of the same file: a corpus made by GNU
-//! tar (gnu and posix formats), Python's tarfile, pigz, a tar stream split
+//! tar (gnu and posix formats), Python's tarfile, Node's npm tar, pigz, a tar stream split
 //! over several gzip members, an uncompressed tar, and an archive with a
 //! duplicated name (the later wins). Through the real S3 server the index
 //! makes later reads lazy: about one span per small file.
@@ -108,8 +108,22 @@ PY
         "#,
         dir,
     );
+    // Node services write sessions with the npm tar package.
+    let out = Command::new("node")
+        .arg(sessionfs_tests::extract::node_tar_script())
+        .arg("create")
+        .arg(dir.join("node.tar.gz"))
+        .arg(dir.join("src"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     [
         ("gnu", "gnu.tar.gz"),
+        ("node-tar", "node.tar.gz"),
         ("posix", "posix.tar.gz"),
         ("pigz", "pigz.tar.gz"),
         ("plain", "plain.tar"),
