@@ -36,18 +36,43 @@ fn file_param() -> Value {
 }
 
 pub fn document() -> Value {
-    let common_errors = json!({
-        "400": error_response("invalid_session_path, invalid_file_path or invalid_request"),
-        "401": error_response("unauthorized: a bearer token is configured and was not given"),
-        "500": error_response("the store or the overlay failed"),
-    });
-    let with = |mut ok: Value| {
-        if let (Some(o), Some(e)) = (ok.as_object_mut(), common_errors.as_object()) {
+    // The errors a route can give, by what it does: every route but the
+    // health check needs the token when one is set and may meet a store
+    // failure; routes with a path in them check it; writes may meet a
+    // read-only server; writes of bytes may meet a full overlay disk.
+    let merged = |mut ok: Value, errors: Value| {
+        if let (Some(o), Some(e)) = (ok.as_object_mut(), errors.as_object()) {
             for (k, v) in e {
                 o.entry(k.clone()).or_insert(v.clone());
             }
         }
         ok
+    };
+    let base = json!({
+        "401": error_response("unauthorized: a bearer token is configured and was not given"),
+        "500": error_response("the store or the overlay failed"),
+    });
+    let with = |ok: Value| merged(ok, base.clone());
+    let with_path = |ok: Value| {
+        merged(
+            with(ok),
+            json!({
+                "400": error_response("invalid_session_path, invalid_file_path or invalid_request"),
+                "409": error_response("conflict: another process on this host holds the session, or a directory is in the way"),
+            }),
+        )
+    };
+    let with_write = |ok: Value| {
+        merged(
+            with_path(ok),
+            json!({"403": error_response("read_only: this server does not accept changes")}),
+        )
+    };
+    let with_bytes = |ok: Value| {
+        merged(
+            with_write(ok),
+            json!({"507": error_response("insufficient_storage: the overlay disk is full")}),
+        )
     };
     json!({
         "openapi": "3.0.3",
@@ -165,15 +190,15 @@ pub fn document() -> Value {
                 "responses": with(json!({"200": json_response("the sessions", "SessionList")}))}},
             "/api/storage-worker/sessions/bulk-delete": {"post": {"summary": "Delete several sessions",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BulkDeleteRequest"}}}},
-                "responses": with(json!({"200": json_response("one result per path", "BulkDeleted"),
+                "responses": with_write(json!({"200": json_response("one result per path", "BulkDeleted"),
                     "413": error_response("payload_too_large")}))}},
             "/api/storage-worker/sessions/{sessionPath}": {
                 "parameters": [session_param()],
-                "get": {"summary": "Session metadata", "responses": with(json!({
+                "get": {"summary": "Session metadata", "responses": with_path(json!({
                     "200": json_response("the session", "Session"), "404": error_response("session_not_found")}))},
                 "head": {"summary": "Whether the session exists", "responses": {
                     "200": {"description": "it exists"}, "404": {"description": "it does not"}, "400": {"description": "invalid session path"}}},
-                "delete": {"summary": "Delete the session (object and local changes)", "responses": with(json!({
+                "delete": {"summary": "Delete the session (object and local changes)", "responses": with_write(json!({
                     "200": json_response("deleted", "Deleted"), "404": error_response("session_not_found"),
                     "409": error_response("conflict: the session is mounted here")}))}
             },
@@ -184,14 +209,14 @@ pub fn document() -> Value {
                         "application/gzip": {"schema": {"type": "string", "format": "binary"}},
                         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                         "multipart/form-data": {"schema": {"type": "object", "properties": {"tarball": {"type": "string", "format": "binary"}}}}}},
-                    "responses": with(json!({"200": json_response("stored", "Uploaded"),
+                    "responses": with_bytes(json!({"200": json_response("stored", "Uploaded"),
                         "409": error_response("conflict: the session is mounted here"),
                         "413": error_response("payload_too_large: the body or its inflated size is over the limit")}))}
             },
             "/api/storage-worker/sessions/{sessionPath}/download": {
                 "parameters": [session_param()],
                 "get": {"summary": "The session as tar.gz, with changes not yet written back",
-                    "responses": with(json!({
+                    "responses": with_path(json!({
                         "200": {"description": "the tarball", "headers": {
                             "ETag": {"schema": {"type": "string"}}, "Content-Length": {"schema": {"type": "integer"}},
                             "Content-Disposition": {"schema": {"type": "string"}}},
@@ -200,14 +225,14 @@ pub fn document() -> Value {
             },
             "/api/storage-worker/sessions/{sessionPath}/files": {
                 "parameters": [session_param()],
-                "get": {"summary": "List the session's regular files", "responses": with(json!({
+                "get": {"summary": "List the session's regular files", "responses": with_path(json!({
                     "200": json_response("the files", "FileList"), "404": error_response("session_not_found")}))}
             },
             "/api/storage-worker/sessions/{sessionPath}/files/{filePath}": {
                 "parameters": [session_param(), file_param()],
                 "get": {"summary": "Read a file (a single Range is honoured)",
                     "parameters": [{"name": "Range", "in": "header", "required": false, "schema": {"type": "string"}}],
-                    "responses": with(json!({
+                    "responses": with_path(json!({
                         "200": {"description": "the bytes, Content-Type from the name", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                         "206": {"description": "the range asked for"},
                         "304": {"description": "If-None-Match matched"},
@@ -217,11 +242,11 @@ pub fn document() -> Value {
                     "200": {"description": "it exists"}, "404": {"description": "it does not"}, "400": {"description": "invalid path"}}},
                 "put": {"summary": "Create or replace a file (creates the session and directories)",
                     "requestBody": {"required": true, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                    "responses": with(json!({
+                    "responses": with_bytes(json!({
                         "200": json_response("written", "FileWritten"),
                         "409": error_response("conflict: a directory is in the way"),
                         "413": error_response("payload_too_large")}))},
-                "delete": {"summary": "Delete a file", "responses": with(json!({
+                "delete": {"summary": "Delete a file", "responses": with_write(json!({
                     "200": json_response("deleted", "FileDeleted"),
                     "404": error_response("session_not_found or file_not_found")}))}
             }

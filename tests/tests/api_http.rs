@@ -1110,8 +1110,140 @@ async fn the_openapi_document_validates_and_every_route_answers_as_described() {
             .as_str()?;
         doc.pointer(&r.replacen('#', "", 1)).cloned()
     };
+    // JSON answers hold the fields their schema requires, with its types.
+    let check_schema = |what: &str, documented: &Value, body: &[u8]| {
+        let Some(schema) = schema_of(documented) else {
+            return;
+        };
+        let v: Value =
+            serde_json::from_slice(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e})"));
+        for field in schema["required"].as_array().into_iter().flatten() {
+            let field = field.as_str().unwrap();
+            assert!(v.get(field).is_some(), "{what}: no {field} in {v}");
+            let want = &schema["properties"][field]["type"];
+            let got = &v[field];
+            let ok = match want.as_str() {
+                Some("string") => got.is_string(),
+                Some("integer") => got.is_u64() || got.is_i64(),
+                Some("boolean") => got.is_boolean(),
+                Some("array") => got.is_array(),
+                Some("object") => got.is_object(),
+                _ => true,
+            };
+            assert!(ok, "{what}: {field} should be {want}: {v}");
+        }
+    };
+
+    // First, every operation where it succeeds: its documented success
+    // status (the one 2xx it lists) and schema.
+    let paths = doc["paths"].as_object().unwrap();
+    let f = "workspace/doc.txt";
+    let other = session("openapi-bulk");
+    let t_session = format!("{API}/{{sessionPath}}");
+    let t_file = format!("{API}/{{sessionPath}}/files/{{filePath}}");
+    let steps: Vec<(&str, String, String)> = vec![
+        ("get", "/health".into(), "/health".into()),
+        ("get", "/openapi.json".into(), "/openapi.json".into()),
+        ("get", "/metrics".into(), "/metrics".into()),
+        (
+            "post",
+            format!("{t_session}/upload"),
+            format!("{API}/{s}/upload"),
+        ),
+        ("get", API.into(), API.into()),
+        ("get", t_session.clone(), format!("{API}/{s}")),
+        ("head", t_session.clone(), format!("{API}/{s}")),
+        (
+            "get",
+            format!("{t_session}/files"),
+            format!("{API}/{s}/files"),
+        ),
+        ("get", t_file.clone(), format!("{API}/{s}/files/{f}")),
+        ("head", t_file.clone(), format!("{API}/{s}/files/{f}")),
+        ("put", t_file.clone(), format!("{API}/{s}/files/{f}")),
+        (
+            "get",
+            format!("{t_session}/download"),
+            format!("{API}/{s}/download"),
+        ),
+        ("delete", t_file.clone(), format!("{API}/{s}/files/{f}")),
+        ("delete", t_session.clone(), format!("{API}/{s}")),
+        (
+            "post",
+            format!("{API}/bulk-delete"),
+            format!("{API}/bulk-delete"),
+        ),
+    ];
+    // The session the bulk delete removes.
+    let r = c
+        .put(format!("{}{API}/{other}/files/workspace/x", server.url))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut succeeded = std::collections::BTreeSet::new();
+    for (method, template, path) in &steps {
+        let op = &paths[template.as_str()][*method];
+        assert!(op.is_object(), "{method} {template} is not documented");
+        // 200 where it is listed (GET of a file also lists 206, for a range).
+        let mut success: Vec<&String> = op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with('2'))
+            .collect();
+        success.sort();
+        assert!(
+            !success.is_empty(),
+            "{method} {template}: no success status"
+        );
+        let url = format!("{}{path}", server.url);
+        let req = match *method {
+            "get" => c.get(&url),
+            "head" => c.head(&url),
+            "put" => c.put(&url).body("rewritten"),
+            "delete" => c.delete(&url),
+            _ if path.ends_with("/upload") => c
+                .post(&url)
+                .header("content-type", "application/gzip")
+                .body(tgz.clone()),
+            _ => c
+                .post(&url)
+                .json(&serde_json::json!({ "sessionPaths": [other] })),
+        };
+        let r = req.send().await.unwrap();
+        let what = format!("{method} {path}");
+        assert_eq!(
+            r.status().as_u16().to_string(),
+            *success[0],
+            "{what} answered {}",
+            r.status()
+        );
+        let body = r.bytes().await.unwrap();
+        if *method != "head" {
+            check_schema(&what, &op["responses"][success[0]], &body);
+        }
+        succeeded.insert((method.to_string(), template.clone()));
+    }
+    let documented: std::collections::BTreeSet<(String, String)> = paths
+        .iter()
+        .flat_map(|(t, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| m.as_str() != "parameters")
+                .map(move |m| (m.clone(), t.clone()))
+        })
+        .collect();
+    assert_eq!(
+        succeeded, documented,
+        "every documented operation succeeded once"
+    );
+
+    // Then every operation once more, the session gone: whatever each
+    // answers is documented for it.
     let mut checked = 0;
-    // Operations in an order that leaves each something to act on.
     let order = ["get", "head", "put", "post", "delete"];
     let paths = doc["paths"].as_object().unwrap();
     for method in order {
@@ -1144,26 +1276,8 @@ async fn the_openapi_document_validates_and_every_route_answers_as_described() {
                 .get("content-type")
                 .is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/json"));
             let body = r.bytes().await.unwrap();
-            if let (Some(schema), true) = (schema_of(documented), is_json && method != "head") {
-                let v: Value = serde_json::from_slice(&body).unwrap();
-                for field in schema["required"].as_array().into_iter().flatten() {
-                    let field = field.as_str().unwrap();
-                    assert!(
-                        v.get(field).is_some(),
-                        "{method} {template}: no {field} in {v}"
-                    );
-                    let want = &schema["properties"][field]["type"];
-                    let got = &v[field];
-                    let ok = match want.as_str() {
-                        Some("string") => got.is_string(),
-                        Some("integer") => got.is_u64() || got.is_i64(),
-                        Some("boolean") => got.is_boolean(),
-                        Some("array") => got.is_array(),
-                        Some("object") => got.is_object(),
-                        _ => true,
-                    };
-                    assert!(ok, "{method} {template}: {field} should be {want}: {v}");
-                }
+            if is_json && method != "head" {
+                check_schema(&format!("{method} {template}"), documented, &body);
             }
             checked += 1;
         }
