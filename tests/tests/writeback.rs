@@ -1250,3 +1250,48 @@ async fn an_outage_during_a_large_get_never_looks_like_a_complete_answer() {
     assert!(whole.bytes().await.unwrap() == pattern(len, 77));
     assert_eq!(server.stop().code(), Some(0));
 }
+
+/// The block cache directory deleted under a running mount is made again
+/// and used: later reads fill it, without a flood of warnings.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_directory_deleted_under_a_mount_is_made_again_and_used() {
+    let site = Site::s3();
+    let session = session_name("cachedir");
+    let src = site.dir.path().join("src/workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(src.join(format!("f{i}.bin")), pattern(2 << 20, 900 + i)).unwrap();
+    }
+    Site::s3().push(&site.dir.path().join("src"), &session);
+    let m = site.mount(&session, &[]);
+    assert!(std::fs::read(m.join("workspace/f0.bin")).unwrap() == pattern(2 << 20, 900));
+    let cache = site.dir.path().join("cache");
+    assert!(cache.exists());
+    std::fs::remove_dir_all(&cache).unwrap();
+    for i in 1..4u64 {
+        let got = std::fs::read(m.join(format!("workspace/f{i}.bin"))).unwrap();
+        assert!(got == pattern(2 << 20, 900 + i), "f{i}.bin");
+    }
+    let blocks = walk_files(&cache);
+    assert!(
+        blocks.iter().map(|(_, len)| len).sum::<u64>() >= 2 << 20,
+        "the cache holds no blocks again: {blocks:?}"
+    );
+    let warnings = m.log_text().matches("WARN").count();
+    assert!(warnings <= 3, "{warnings} warnings:\n{}", m.log_text());
+    m.stop();
+}
+
+/// Every regular file under `dir` with its length.
+fn walk_files(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let md = e.metadata().unwrap();
+        if md.is_dir() {
+            out.extend(walk_files(&e.path()));
+        } else {
+            out.push((e.path(), md.len()));
+        }
+    }
+    out
+}
