@@ -12,7 +12,6 @@
 //! The FUSE threads are not tokio threads: they hand object reads to the
 //! runtime with `Handle::block_on`, which never stalls the runtime itself.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -43,9 +42,15 @@ fn read_deadline() -> std::time::Duration {
     std::time::Duration::from_millis(READ_DEADLINE_MS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+/// Overlay file descriptors kept open beyond those in use.
+const OPEN_FILES: usize = 256;
+
 pub struct Content {
     dir: PathBuf,
-    files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Open overlay files, most recently used last. Bounded: descriptors
+    /// are not one per file open in the mount (thousands may be), only
+    /// those in use at this instant beyond [`OPEN_FILES`].
+    files: Mutex<lru::LruCache<u64, Arc<File>>>,
     /// Replaced when a write-back makes a new object the base.
     reader: parking_lot::RwLock<Option<Arc<SessionReader>>>,
     rt: tokio::runtime::Handle,
@@ -88,7 +93,7 @@ impl Content {
         std::fs::create_dir_all(&dir)?;
         Ok(Content {
             dir,
-            files: Mutex::new(HashMap::new()),
+            files: Mutex::new(lru::LruCache::unbounded()),
             reader: parking_lot::RwLock::new(reader),
             rt,
             copy_ups: CopyUps::default(),
@@ -140,13 +145,28 @@ impl Content {
                 .truncate(false)
                 .open(self.path(ino))?,
         );
-        files.insert(ino, f.clone());
+        files.put(ino, f.clone());
+        // Over the bound, the least recently used descriptors nobody holds
+        // right now are closed (opened again when next needed).
+        let excess = files.len().saturating_sub(OPEN_FILES);
+        if excess > 0 {
+            let idle: Vec<u64> = files
+                .iter()
+                .rev()
+                .filter(|(_, f)| Arc::strong_count(f) == 1)
+                .map(|(ino, _)| *ino)
+                .take(excess)
+                .collect();
+            for ino in idle {
+                files.pop(&ino);
+            }
+        }
         Ok(f)
     }
 
     /// Forgets the shared handle (the file stays).
     pub fn close(&self, ino: u64) {
-        self.files.lock().remove(&ino);
+        self.files.lock().pop(&ino);
     }
 
     pub fn remove(&self, ino: u64) {
