@@ -101,6 +101,22 @@ pub fn terminate(
     }
 }
 
+/// Runs `cmd` and returns its standard output and error together; panics
+/// with both, naming `what`, when it fails.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: could not start: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
 /// A local store in a fresh temporary directory (removed when the guard drops).
 pub fn local_store() -> (tempfile::TempDir, Arc<dyn ObjectStore>) {
     let dir = tempfile::tempdir().expect("temporary directory");

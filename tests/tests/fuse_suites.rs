@@ -95,15 +95,15 @@ fn fsx_runs_100000_operations_without_a_mismatch() {
     let site = Site::s3();
     let m = site.mount(&session("fsx"), &[]);
     let artifacts = tempfile::tempdir().unwrap();
-    let out = Command::new(tool("fsx"))
+    fsx(Command::new(tool("fsx"))
         .args(["-N", "100000", "-S", "20261123", "-P"])
         .arg(artifacts.path())
-        .arg(m.join("fsx.file"))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fsx failed:\n{text}");
+        .arg(m.join("fsx.file")));
+}
+
+/// Runs fsx; it must complete every operation.
+fn fsx(cmd: &mut Command) {
+    let text = sessionfs_tests::run_ok(cmd, "fsx");
     assert!(text.contains("All operations completed A-OK"), "{text}");
 }
 
@@ -125,18 +125,12 @@ fn fsx_on_a_file_from_the_object_and_its_write_back() {
     let m = host.mount(&name, &["--writeback-quiet-ms", "200"]);
     let artifacts = tempfile::tempdir().unwrap();
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fsx/object-file.toml");
-    let out = Command::new(tool("fsx"))
+    fsx(Command::new(tool("fsx"))
         .args(["-N", "100000", "-S", "20261201", "-f"])
         .arg(&config)
         .arg("-P")
         .arg(artifacts.path())
-        .arg(m.join("workspace/fsx.file"))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fsx failed:\n{text}");
-    assert!(text.contains("All operations completed A-OK"), "{text}");
+        .arg(m.join("workspace/fsx.file")));
     let ended = std::fs::read(m.join("workspace/fsx.file")).unwrap();
     assert_eq!(ended.len(), 1 << 20);
     assert!(ended != pattern(1 << 20, 5), "fsx changed nothing");

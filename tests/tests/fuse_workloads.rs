@@ -26,25 +26,28 @@ fn session(name: &str) -> String {
     format!("tests__{name}{:08x}__main", rand::random::<u32>())
 }
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/workloads.sh")
-}
-
-fn run_workloads(dir: &Path, tarball: &Path) -> String {
+/// Runs `tests/scripts/NAME` with `args`; returns what it printed.
+fn run_script(name: &str, args: &[&Path]) -> String {
     let out = Command::new("bash")
-        .arg(script())
-        .arg(dir)
-        .arg(tarball)
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts")
+                .join(name),
+        )
+        .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "workloads in {}: {}{}",
-        dir.display(),
+        "{name} {args:?}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+fn run_workloads(dir: &Path, tarball: &Path) -> String {
+    run_script("workloads.sh", &[dir, tarball])
 }
 
 /// The tree without git's own files (pack names depend on timing).
@@ -138,21 +141,7 @@ fn tools_work_on_a_pushed_session_and_the_write_back_holds_their_tree() {
         .status()
         .unwrap();
     assert!(copied.success());
-    let second = |dir: &Path| {
-        let out = Command::new("bash")
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/workloads-pushed.sh"))
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "workloads-pushed in {}: {}{}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let second = |dir: &Path| run_script("workloads-pushed.sh", &[dir]);
     let expected = second(&local);
     assert!(expected.contains("git status: []"), "{expected}");
 

@@ -230,22 +230,18 @@ fn times_owners_xattrs_and_hard_links_survive_every_way_through() {
     std::fs::write(&tgz, &body).unwrap();
     let extracted = site.dir.path().join("extracted");
     std::fs::create_dir_all(&extracted).unwrap();
-    let out = Command::new("tar")
-        .args([
-            "--xattrs",
-            "--xattrs-include=user.*",
-            "--same-owner",
-            "-xzf",
-        ])
-        .arg(&tgz)
-        .arg("-C")
-        .arg(&extracted)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    sessionfs_tests::run_ok(
+        Command::new("tar")
+            .args([
+                "--xattrs",
+                "--xattrs-include=user.*",
+                "--same-owner",
+                "-xzf",
+            ])
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&extracted),
+        "GNU tar",
     );
     // sessionfs's own index is an entry of the archive too.
     std::fs::remove_dir_all(extracted.join(".sessionfs")).unwrap();

@@ -109,17 +109,13 @@ PY
         dir,
     );
     // Node services write sessions with the npm tar package.
-    let out = Command::new("node")
-        .arg(sessionfs_tests::extract::node_tar_script())
-        .arg("create")
-        .arg(dir.join("node.tar.gz"))
-        .arg(dir.join("src"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    sessionfs_tests::run_ok(
+        Command::new("node")
+            .arg(sessionfs_tests::extract::node_tar_script())
+            .arg("create")
+            .arg(dir.join("node.tar.gz"))
+            .arg(dir.join("src")),
+        "node tar create",
     );
     [
         ("gnu", "gnu.tar.gz"),
