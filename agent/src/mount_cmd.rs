@@ -54,6 +54,10 @@ pub struct MountArgs {
     pub writeback: Policy,
 }
 
+/// The overlays' journal reserve, beside the sessions' overlay directories
+/// (a file, so never taken for a session).
+pub const RESERVE_FILE: &str = ".journal-reserve";
+
 pub fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
     match arg {
         Some(dir) => Ok(dir),
@@ -122,9 +126,9 @@ pub async fn run(
         args.read_timeout_secs,
     ));
     mount::check_fuse()?;
-    let overlay = overlay_root(args.overlay_dir.clone())?
-        .join(bucket)
-        .join(session.as_str());
+    let overlays = overlay_root(args.overlay_dir.clone())?.join(bucket);
+    sessionfs_core::overlay::reserve::set_file(overlays.join(RESERVE_FILE));
+    let overlay = overlays.join(session.as_str());
     if args.daemon {
         return daemonise(&overlay, &mountpoint, quiet).await;
     }

@@ -23,7 +23,9 @@ use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount;
 use sessionfs_fuse::multi::{MultiFs, RootSpec};
 
-use crate::mount_cmd::{check_mountpoint, overlay_root, spawn, stop_signal, STOP_FLUSH};
+use crate::mount_cmd::{
+    check_mountpoint, overlay_root, spawn, stop_signal, RESERVE_FILE, STOP_FLUSH,
+};
 use crate::store_args::StoreArgs;
 use crate::writeback_loop::{Policy, WriteBack};
 
@@ -150,6 +152,7 @@ pub async fn serve(
     let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(metered.clone(), cache.clone()));
     let store_for_writeback = store.clone();
     let overlays = overlay_root(args.overlay_dir.clone())?.join(&bucket);
+    sessionfs_core::overlay::reserve::set_file(overlays.join(RESERVE_FILE));
     let spool_dir = overlays.join(".spool");
     std::fs::create_dir_all(&spool_dir)
         .with_context(|| format!("creating {}", spool_dir.display()))?;

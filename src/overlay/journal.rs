@@ -12,15 +12,12 @@
 //! it as is (stable inode numbers, nothing re-derived from the object), and
 //! the write-back agent packs the tree straight from it.
 //!
-//! A full disk must not lock the user in: deleting is how space comes back,
-//! and a delete is a journal write. So the journal keeps [`RESERVE`] bytes
-//! allocated in a file beside it; an operation that frees space (unlink,
-//! rmdir, the last close of an unlinked file, a sync) and finds the disk
-//! full gives the reserve up and runs again, and the reserve is taken back
-//! as space comes free (before anything else may use it). Opening gives it
-//! up first when the disk is that full, so a remount works too. The WAL is checkpointed
-//! every [`CHECKPOINT_PAGES`] pages and cut back to [`WAL_LIMIT`] after, so
-//! it stays within a few MiB however many operations a mount runs.
+//! A full disk must not lock the user in: a sync that finds no room gives
+//! up the overlays' reserve ([`super::reserve`]) and runs again, as deletes
+//! do in the namespace, and opening a journal on a disk that full gives it
+//! up first, so a remount works. The WAL is checkpointed every
+//! [`CHECKPOINT_PAGES`] pages and cut back to [`WAL_LIMIT`] after, so it
+//! stays within a few MiB however many operations a mount runs.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,106 +25,17 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::node::{Data, Node, NodeKind, Time};
+use super::reserve;
 use super::OverlayError;
 
 pub struct Journal {
     conn: Connection,
-    reserve: Reserve,
 }
 
-/// Bytes kept allocated beside the journal for deletes on a full disk.
-pub const RESERVE: u64 = 8 << 20;
 /// WAL pages between automatic checkpoints (4 MiB of 4 KiB pages).
 const CHECKPOINT_PAGES: u32 = 1024;
 /// Size the WAL file is cut back to after a checkpoint.
 const WAL_LIMIT: i64 = 4 << 20;
-/// The reserve's file name, beside the journal.
-const RESERVE_FILE: &str = "reserve";
-
-/// The file holding up to [`RESERVE`] bytes.
-struct Reserve {
-    path: std::path::PathBuf,
-    /// Bytes it holds now.
-    held: std::sync::atomic::AtomicU64,
-}
-
-impl Reserve {
-    fn new(dir: &Path) -> Reserve {
-        let path = dir.join(RESERVE_FILE);
-        let held = std::fs::metadata(&path).map_or(0, |m| m.len());
-        Reserve {
-            path,
-            held: held.into(),
-        }
-    }
-
-    fn available(&self) -> Option<u64> {
-        available_bytes(self.path.parent()?)
-    }
-
-    /// Gives the reserve up; whether there was one to give.
-    fn release(&self) -> bool {
-        let held = self.held.swap(0, std::sync::atomic::Ordering::SeqCst);
-        if held > 0 {
-            let _ = std::fs::remove_file(&self.path);
-            tracing::warn!(
-                "the overlay's disk is full: gave up the journal's reserve ({held} bytes at {}) to let a delete or sync through",
-                self.path.display()
-            );
-        }
-        held > 0
-    }
-
-    /// Takes the reserve back, as far as there is room: space freed on a
-    /// full disk goes to the reserve before anything else.
-    fn arm(&self) {
-        let held = self.held.load(std::sync::atomic::Ordering::SeqCst);
-        if held >= RESERVE {
-            return;
-        }
-        let room = self.available().unwrap_or(0) / 4096 * 4096;
-        let grow = (RESERVE - held).min(room);
-        if grow == 0 {
-            return;
-        }
-        let mut f = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-        {
-            Ok(f) => f,
-            Err(_) => return,
-        };
-        let zeros = vec![0u8; 1 << 20];
-        let mut left = grow;
-        while left > 0 {
-            use std::io::Write;
-            let n = left.min(zeros.len() as u64) as usize;
-            if f.write_all(&zeros[..n]).is_err() {
-                break;
-            }
-            left -= n as u64;
-        }
-        let now = f.metadata().map_or(held, |m| m.len());
-        self.held.store(now, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Bytes available to an unprivileged writer on the filesystem of `dir`.
-fn available_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is NUL-terminated and `st` is valid for one statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
 /// One row of the change feed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -199,12 +107,11 @@ impl Journal {
     }
 
     fn open_inner(path: &Path) -> Result<Journal, OverlayError> {
-        let reserve = Reserve::new(path.parent().unwrap_or(Path::new(".")));
         // A disk too full to take the reserve back: opening (recovery,
         // the first commits) may need the room.
-        let room = reserve.available().unwrap_or(0);
-        if room < RESERVE {
-            reserve.release();
+        let room = reserve::available().unwrap_or(u64::MAX);
+        if room < reserve::RESERVE {
+            reserve::release();
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(2))?;
@@ -219,23 +126,10 @@ impl Journal {
         conn.execute_batch(SCHEMA)?;
         // On a nearly full disk the opening's own writes come first; the
         // next delete or sync takes the reserve back.
-        if room >= 2 * RESERVE {
-            reserve.arm();
+        if room >= 2 * reserve::RESERVE {
+            reserve::take_back();
         }
-        Ok(Journal { conn, reserve })
-    }
-
-    /// For an operation that frees space and found the disk too full for
-    /// its journal write: gives the reserve up; whether there was one (and
-    /// so whether running the operation again may succeed).
-    pub fn give_up_reserve(&self) -> bool {
-        self.reserve.release()
-    }
-
-    /// Takes the reserve back, as far as the disk has room, if it was
-    /// given up.
-    pub fn take_reserve_back(&self) {
-        self.reserve.arm();
+        Ok(Journal { conn })
     }
 
     pub fn meta(&self, k: &str) -> Result<Option<String>, OverlayError> {
@@ -263,10 +157,10 @@ impl Journal {
         };
         let r = match checkpoint() {
             // An unmount on a full disk must still sync.
-            Err(e) if e.no_space() && self.give_up_reserve() => checkpoint(),
+            Err(e) if e.no_space() && reserve::release() => checkpoint(),
             r => r,
         };
-        self.take_reserve_back();
+        reserve::take_back();
         r
     }
 

@@ -289,8 +289,8 @@ impl LiveSession {
                 // committed is already in the file (it does not buffer), and
                 // a checkpoint syncs the database before it resets the log.
                 let r = self.content.sync_dir().and_then(|()| sync_file(&self.wal));
-                // Space freed on a full disk goes back to the journal's reserve.
-                self.ns.lock().journal().take_reserve_back();
+                // Space freed on a full disk goes back to the reserve first.
+                super::reserve::take_back();
                 g = self.group.state.lock();
                 g.running = false;
                 if r.is_ok() {

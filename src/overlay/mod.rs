@@ -27,6 +27,7 @@ pub mod namespace;
 pub mod node;
 pub mod open;
 pub mod registry;
+pub mod reserve;
 pub mod writeback;
 
 use crate::store::StoreError;

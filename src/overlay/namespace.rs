@@ -442,16 +442,16 @@ impl Namespace {
     }
 
     /// Runs `op`, which frees space, so that it works on a full disk: if
-    /// its journal write finds no room, the journal's reserve is given up
+    /// its journal write finds no room, the overlays' reserve is given up
     /// and `op` runs again (its transaction rolled back, nothing applied).
     fn freeing<T>(
         &mut self,
         mut op: impl FnMut(&mut Self) -> Result<T, OverlayError>,
     ) -> Result<T, OverlayError> {
         // Space the previous delete freed goes to the reserve first.
-        self.journal.take_reserve_back();
+        super::reserve::take_back();
         match op(self) {
-            Err(e) if e.no_space() && self.journal.give_up_reserve() => op(self),
+            Err(e) if e.no_space() && super::reserve::release() => op(self),
             r => r,
         }
     }
