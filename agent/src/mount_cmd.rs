@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sessionfs_core::overlay::open::JOURNAL;
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::store::ObjectStore;
+use sessionfs_core::store::{ObjectStore, StoreError};
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount::{self, MountSpec};
 
@@ -22,10 +23,19 @@ use crate::writeback_loop::{Policy, WriteBack};
 
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
-    /// Session path, e.g. `owner__repo__branch` (a new one starts empty).
+    /// Session path, e.g. `owner__repo__branch`; it must exist in the
+    /// store (or have changes in an overlay here) unless `--create`.
     pub session: String,
-    /// An existing empty directory.
+    /// An existing empty directory (see `--allow-non-empty`).
     pub mountpoint: PathBuf,
+    /// Start a new, empty session when the store has none of this name
+    /// (without it, a mistyped name is an error, not an empty mount).
+    #[arg(long)]
+    pub create: bool,
+    /// Mount over a directory that holds files (they are hidden while
+    /// mounted).
+    #[arg(long)]
+    pub allow_non_empty: bool,
     /// Mount this directory of the session (e.g. `workspace`) instead of its root.
     #[arg(long)]
     pub subdir: Option<String>,
@@ -66,7 +76,7 @@ pub fn overlay_root(arg: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-pub fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
+pub fn check_mountpoint(mp: &Path, allow_non_empty: bool) -> Result<PathBuf> {
     let md = match std::fs::metadata(mp) {
         // A FUSE mount whose process died (kill -9): detach it and go on.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
@@ -91,6 +101,18 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf> {
     let mp = mp.canonicalize()?;
     if is_mounted(&mp) {
         bail!("{} is already a mount point", mp.display());
+    }
+    if !allow_non_empty {
+        let held = std::fs::read_dir(&mp)
+            .with_context(|| format!("mount point {}", mp.display()))?
+            .count();
+        if held > 0 {
+            bail!(
+                "mount point {} is not empty ({held} entries, which the mount would hide): \
+                 choose an empty directory, or pass --allow-non-empty",
+                mp.display()
+            );
+        }
     }
     Ok(mp)
 }
@@ -121,7 +143,7 @@ pub async fn run(
     quiet: bool,
 ) -> Result<()> {
     let session = SessionPath::parse(&args.session)?;
-    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    let mountpoint = check_mountpoint(&args.mountpoint, args.allow_non_empty)?;
     sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
         args.read_timeout_secs,
     ));
@@ -129,6 +151,16 @@ pub async fn run(
     let overlays = overlay_root(args.overlay_dir.clone())?.join(bucket);
     sessionfs_core::overlay::reserve::set_file(overlays.join(RESERVE_FILE));
     let overlay = overlays.join(session.as_str());
+    if !args.create && !overlay.join(JOURNAL).exists() {
+        let key = session.object_key();
+        if let Err(StoreError::NotFound { .. }) = store.head(&key).await {
+            bail!(
+                "session {session} not found in {} (no object {key}, no overlay here): check the \
+                 name, or pass --create to start a new, empty session",
+                store.describe()
+            );
+        }
+    }
     if args.daemon {
         return daemonise(&overlay, &mountpoint, quiet).await;
     }

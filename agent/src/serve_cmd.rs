@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Also mount every session of the bucket under DIR/{sessionPath}/.
     #[arg(long, value_name = "DIR")]
     pub mount_root: Option<PathBuf>,
+    /// Mount the root over a directory that holds files (hidden while mounted).
+    #[arg(long)]
+    pub allow_non_empty: bool,
     /// Refuse every change (API and mounts).
     #[arg(long)]
     pub read_only: bool,
@@ -186,7 +189,7 @@ pub async fn serve(
     let mut running = match &args.mount_root {
         None => None,
         Some(root) => {
-            let mountpoint = check_mountpoint(root)?;
+            let mountpoint = check_mountpoint(root, args.allow_non_empty)?;
             mount::check_fuse()?;
             let notifier = Arc::new(OnceLock::new());
             let spec = RootSpec {

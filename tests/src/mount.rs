@@ -78,7 +78,8 @@ impl Site {
     }
 
     pub fn mount_at(&self, session: &str, mountpoint: &Path, extra: &[&str]) -> Mount {
-        let mut args = vec!["mount", session];
+        // Tests mount new sessions as often as pushed ones.
+        let mut args = vec!["mount", session, "--create"];
         args.extend_from_slice(extra);
         self.spawn_mount(&args, mountpoint)
     }

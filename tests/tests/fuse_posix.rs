@@ -318,6 +318,73 @@ fn a_missing_mount_point_or_session_path_is_a_clear_error() {
     assert!(said.contains("/nonexistent/mnt"), "{said}");
 }
 
+/// Safe defaults: a mistyped session name is an error naming the session
+/// and the store (not an empty mount), `--create` starts a new session; a
+/// mount point holding files is refused (they would be hidden) unless
+/// `--allow-non-empty`.
+#[test]
+fn unknown_sessions_and_non_empty_mount_points_are_refused_unless_asked_for() {
+    let site = site_with_fixture();
+    let mnt = site.dir.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let mount = |args: &[&str]| {
+        site.command()
+            .arg("mount")
+            .args(args)
+            .arg(&mnt)
+            .arg("--daemon")
+            .output()
+            .unwrap()
+    };
+    let out = mount(&["tests__typo__main"]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("session tests__typo__main not found in local:") && said.contains("--create"),
+        "{said}"
+    );
+    assert!(!sessionfs_tests::mount::is_mounted(&mnt));
+
+    let out = mount(&["tests__new__main", "--create"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(mnt.join("first.txt"), b"a new session").unwrap();
+    site.run(&["umount", &mnt.display().to_string()]);
+    // Now known here (its overlay holds the change): no --create needed.
+    let out = mount(&["tests__new__main"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(mnt.join("first.txt")).unwrap(), b"a new session");
+    site.run(&["umount", &mnt.display().to_string()]);
+
+    fs::write(mnt.join("hidden.txt"), b"would be hidden").unwrap();
+    let out = mount(&[SESSION]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("is not empty") && said.contains("--allow-non-empty"),
+        "{said}"
+    );
+    let out = mount(&[SESSION, "--allow-non-empty"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!mnt.join("hidden.txt").exists());
+    site.run(&["umount", &mnt.display().to_string()]);
+    assert_eq!(
+        fs::read(mnt.join("hidden.txt")).unwrap(),
+        b"would be hidden"
+    );
+}
+
 #[test]
 fn a_host_without_dev_fuse_gets_a_message_saying_so() {
     // A private mount namespace whose /dev lacks fuse: what a container
