@@ -11,6 +11,7 @@ mod control_socket;
 mod inspect;
 mod mount_cmd;
 mod serve_cmd;
+mod sessions_cmd;
 mod store_args;
 mod store_check;
 mod transfer;
@@ -114,6 +115,19 @@ enum Command {
     },
     /// Print one file of a session (reads only the segments holding it).
     Cat { session: String, path: String },
+    /// List the sessions of the bucket (path, size, last modified), and the
+    /// changes each has pending in an overlay on this host.
+    Sessions {
+        /// Only sessions whose path starts with this.
+        prefix: Option<String>,
+        /// Print the list as JSON (an array of objects with `sessionPath`,
+        /// `size`, `lastModified`, `inStore`, `pendingChanges`, `heldHere`).
+        #[arg(long)]
+        json: bool,
+        /// Where overlays live (as given to `mount` or `serve`).
+        #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
+        overlay_dir: Option<std::path::PathBuf>,
+    },
     /// Write back pending changes now; returns once they are stored.
     Flush {
         /// A mount point (`sessionfs mount`, or a session's directory under
@@ -238,6 +252,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
             let reader = inspect::open(store, &session, &index).await?;
             return inspect::ls(&reader, path.as_deref(), long).await;
+        }
+        Command::Sessions {
+            prefix,
+            json,
+            overlay_dir,
+        } => {
+            let overlays = mount_cmd::overlay_root(overlay_dir)?.join(&cli.store.bucket);
+            let (store, _) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            return sessions_cmd::run(store, &overlays, prefix.as_deref(), json).await;
         }
         Command::Cat { session, path } => {
             let session = SessionPath::parse(&session)?;

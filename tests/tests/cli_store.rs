@@ -189,7 +189,8 @@ fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
     let help = text(&out);
     let pending = ["sync", "versions", "restore"];
     let built = [
-        "store", "pack", "push", "pull", "ls", "cat", "mount", "umount", "serve", "flush", "status",
+        "store", "pack", "push", "pull", "ls", "cat", "sessions", "mount", "umount", "serve",
+        "flush", "status",
     ];
     for name in pending.iter().chain(&built) {
         assert!(

@@ -616,3 +616,39 @@ fn non_utf8_names_acls_and_byte_range_locks() {
     drop(f);
     m.stop();
 }
+
+/// `sessionfs sessions`: what the store holds, and what overlays here hold
+/// that is not written back yet (also of a session only here so far, and of
+/// one a running mount holds).
+#[test]
+fn sessions_lists_the_store_and_the_changes_pending_here() {
+    let site = site_with_fixture();
+    let m = site.mount("tests__local__only", &["--no-writeback"]);
+    fs::write(m.join("pending.txt"), b"not written back").unwrap();
+    let list: serde_json::Value =
+        serde_json::from_slice(&site.run(&["sessions", "--json"])).unwrap();
+    let rows = list.as_array().unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["sessionPath"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+    };
+    let pushed = row(SESSION);
+    assert_eq!(pushed["inStore"], true);
+    assert!(pushed["size"].as_u64().unwrap() > 0);
+    assert!(pushed["lastModified"].as_str().unwrap().ends_with('Z'));
+    let local = row("tests__local__only");
+    assert_eq!(local["inStore"], false);
+    assert_eq!(local["heldHere"], true);
+    assert!(local["pendingChanges"].as_u64().unwrap() >= 1, "{local}");
+    // A prefix narrows it; the table names both.
+    let only: serde_json::Value =
+        serde_json::from_slice(&site.run(&["sessions", "tests__local", "--json"])).unwrap();
+    assert_eq!(only.as_array().unwrap().len(), 1, "{only}");
+    let table = String::from_utf8(site.run(&["sessions"])).unwrap();
+    assert!(
+        table.contains(SESSION) && table.contains("(not in the store yet)"),
+        "{table}"
+    );
+    m.stop();
+}
