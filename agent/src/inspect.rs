@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::store::ObjectStore;
+use sessionfs_core::store::{ObjectStore, StoreError};
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_core::tarball::reader::SessionReader;
 use sessionfs_core::tarball::toc::{Entry, Kind};
+use sessionfs_core::tarball::TarballError;
 use sessionfs_core::text::escape_controls;
 
 /// Bytes read per request by `cat`: large enough to amortise a GET, small
@@ -21,7 +22,14 @@ pub async fn open(
     session: &SessionPath,
     index: &TocIndex,
 ) -> Result<SessionReader> {
-    Ok(SessionReader::open(store, &session.object_key(), Some(index)).await?)
+    let described = store.describe();
+    match SessionReader::open(store, &session.object_key(), Some(index)).await {
+        Ok(r) => Ok(r),
+        Err(TarballError::Store(StoreError::NotFound { .. })) => anyhow::bail!(
+            "session {session} not found in {described} (list them with `sessionfs sessions`)"
+        ),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A reader that went away (`| head`) ends the output, not the command.

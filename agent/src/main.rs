@@ -174,8 +174,17 @@ struct Pending {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "sessionfs: --log {:?} is not a log filter ({e}); examples: `warn`, `info`, \
+                 `info,sessionfs_core=debug`",
+                cli.log
+            );
+            return ExitCode::from(2);
+        }
+    };
     // No colour codes, and names from objects never reach the terminal
     // raw: every line's control characters are escaped.
     tracing_subscriber::fmt()
@@ -200,10 +209,47 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "sessionfs: {}",
-                sessionfs_core::text::escape_controls(&format!("{e:#}"))
+                sessionfs_core::text::escape_controls(&describe(&e))
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, each said once: a cause whose text the
+/// message before it already holds (many errors print their source) is
+/// left out.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let inner = anyhow::anyhow!("reading x: {io}").context("opening the session");
+        let said = super::describe(&inner);
+        assert_eq!(
+            said,
+            "opening the session: reading x: No such file or directory (os error 2)"
+        );
+        let e = anyhow::Error::new(io).context("mount point /nope");
+        assert_eq!(
+            super::describe(&e),
+            "mount point /nope: No such file or directory (os error 2)"
+        );
     }
 }
 

@@ -179,7 +179,15 @@ fn session_paths_are_checked_before_anything_is_read() {
     }
     let out = sessionfs(&["cat", "no__such__session", "x"], &[]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("no such object"), "{}", text(&out));
+    assert!(
+        text(&out).contains("session no__such__session not found in local:"),
+        "{}",
+        text(&out)
+    );
+    // A cause is said once, and a wrong log filter is refused in words.
+    let out = sessionfs(&["--log", "info,x=loud", "ls", "a"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("is not a log filter"), "{}", text(&out));
 }
 
 #[test]
