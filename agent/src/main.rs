@@ -234,25 +234,6 @@ fn describe(e: &anyhow::Error) -> String {
     text
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_cause_is_said_once() {
-        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
-        let inner = anyhow::anyhow!("reading x: {io}").context("opening the session");
-        let said = super::describe(&inner);
-        assert_eq!(
-            said,
-            "opening the session: reading x: No such file or directory (os error 2)"
-        );
-        let e = anyhow::Error::new(io).context("mount point /nope");
-        assert_eq!(
-            super::describe(&e),
-            "mount point /nope: No such file or directory (os error 2)"
-        );
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let name = match cli.command {
         Command::Store(StoreCommand::Check) => {
@@ -422,4 +403,23 @@ pub fn xdg_dir(var: &str, home_rel: &str, sub: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(home_rel)))
         .map(|d| d.join(sub))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let inner = anyhow::anyhow!("reading x: {io}").context("opening the session");
+        let said = super::describe(&inner);
+        assert_eq!(
+            said,
+            "opening the session: reading x: No such file or directory (os error 2)"
+        );
+        let e = anyhow::Error::new(io).context("mount point /nope");
+        assert_eq!(
+            super::describe(&e),
+            "mount point /nope: No such file or directory (os error 2)"
+        );
+    }
 }
