@@ -40,55 +40,157 @@ fn quiet_pipe(r: std::io::Result<()>) -> Result<()> {
     }
 }
 
-pub async fn ls(reader: &SessionReader, dir: Option<&str>, long: bool) -> Result<()> {
-    quiet_pipe(ls_to(reader, dir, long, &mut std::io::stdout().lock()))
+/// How `ls` prints.
+#[derive(Clone, Copy, Default)]
+pub struct LsStyle {
+    /// Type and mode (as `ls -l`), owner, size, modification time.
+    pub long: bool,
+    /// Sizes in KiB, MiB, … (with `long`).
+    pub human: bool,
+    /// One JSON array of every field, for scripts.
+    pub json: bool,
+}
+
+pub async fn ls(reader: &SessionReader, path: Option<&str>, style: LsStyle) -> Result<()> {
+    quiet_pipe(ls_to(reader, path, style, &mut std::io::stdout().lock()))
+}
+
+/// `-rwxr-xr-x`, as `ls -l` prints a mode.
+fn mode_string(e: &Entry) -> String {
+    let kind = match e.t {
+        Kind::File | Kind::HardLink => '-',
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::Fifo => 'p',
+        Kind::CharDevice => 'c',
+        Kind::BlockDevice => 'b',
+    };
+    let m = e.m;
+    let bit = |mask: u32, c: char| if m & mask != 0 { c } else { '-' };
+    let special = |x: bool, set: bool, on: char, off: char| match (set, x) {
+        (true, true) => on,
+        (true, false) => off,
+        (false, true) => 'x',
+        (false, false) => '-',
+    };
+    let mut out = String::with_capacity(10);
+    out.push(kind);
+    out.push(bit(0o400, 'r'));
+    out.push(bit(0o200, 'w'));
+    out.push(special(m & 0o100 != 0, m & 0o4000 != 0, 's', 'S'));
+    out.push(bit(0o040, 'r'));
+    out.push(bit(0o020, 'w'));
+    out.push(special(m & 0o010 != 0, m & 0o2000 != 0, 's', 'S'));
+    out.push(bit(0o004, 'r'));
+    out.push(bit(0o002, 'w'));
+    out.push(special(m & 0o001 != 0, m & 0o1000 != 0, 't', 'T'));
+    out
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if bytes < 1024 {
+        return bytes.to_string();
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1}{}", UNITS[unit])
+    } else {
+        format!("{v:.0}{}", UNITS[unit])
+    }
+}
+
+fn mtime(e: &Entry) -> std::time::SystemTime {
+    let base = std::time::UNIX_EPOCH;
+    match u64::try_from(e.mt) {
+        Ok(s) => base + std::time::Duration::new(s, e.mn.min(999_999_999)),
+        Err(_) => base - std::time::Duration::from_secs(e.mt.unsigned_abs()),
+    }
 }
 
 fn ls_to(
     reader: &SessionReader,
-    dir: Option<&str>,
-    long: bool,
+    path: Option<&str>,
+    style: LsStyle,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
-    let entries: Vec<&Entry> = match dir {
+    let entries: Vec<&Entry> = match path.map(|p| p.trim_matches('/')) {
         None => reader.entries().iter().collect(),
-        Some(dir) => {
-            let dir = dir.trim_matches('/');
-            if !dir.is_empty() && reader.stat(dir).is_none_or(|e| e.t != Kind::Dir) {
+        Some("") => reader.list_dir(""),
+        // As `ls`: a directory lists its entries, anything else itself.
+        Some(p) => match reader.stat(p) {
+            Some(e) if e.t == Kind::Dir => reader.list_dir(p),
+            Some(e) => vec![e],
+            None => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("no such directory in the session: {dir}"),
-                ));
+                    format!("no such file or directory in the session: {p}"),
+                ))
             }
-            reader.list_dir(dir)
-        }
+        },
     };
+    if style.json {
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "path": e.p,
+                    "type": match e.t {
+                        Kind::File => "file",
+                        Kind::Dir => "dir",
+                        Kind::Symlink => "symlink",
+                        Kind::HardLink => "hardlink",
+                        Kind::Fifo => "fifo",
+                        Kind::CharDevice => "char",
+                        Kind::BlockDevice => "block",
+                    },
+                    "mode": format!("{:04o}", e.m),
+                    "size": e.s,
+                    "uid": e.u,
+                    "gid": e.g,
+                    "mtime": humantime::format_rfc3339_nanos(mtime(e)).to_string(),
+                    "target": e.lt,
+                })
+            })
+            .collect();
+        return writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&list).map_err(std::io::Error::other)?
+        );
+    }
     for e in entries {
-        if long {
-            let kind = match e.t {
-                Kind::File => '-',
-                Kind::Dir => 'd',
-                Kind::Symlink => 'l',
-                Kind::HardLink => 'h',
-                Kind::Fifo => 'p',
-                Kind::CharDevice => 'c',
-                Kind::BlockDevice => 'b',
-            };
-            let target =
-                e.lt.as_deref()
-                    .map(|t| format!(" -> {}", escape_controls(t)))
-                    .unwrap_or_default();
-            writeln!(
-                out,
-                "{kind}{:04o} {:>12} {:>12} {}{target}",
-                e.m,
-                e.s,
-                e.mt,
-                escape_controls(&e.p)
-            )?;
-        } else {
+        if !style.long {
             writeln!(out, "{}", escape_controls(&e.p))?;
+            continue;
         }
+        let target = match (e.t, e.lt.as_deref()) {
+            (Kind::HardLink, Some(t)) => format!(" (hard link to {})", escape_controls(t)),
+            (_, Some(t)) => format!(" -> {}", escape_controls(t)),
+            _ => String::new(),
+        };
+        let size = if style.human {
+            human_size(e.s)
+        } else {
+            e.s.to_string()
+        };
+        // "2026-12-01 08:25" (UTC), from the RFC 3339 form.
+        let when = humantime::format_rfc3339_seconds(mtime(e)).to_string();
+        let when = format!("{} {}", &when[..10], when.get(11..16).unwrap_or(""));
+        writeln!(
+            out,
+            "{} {:>5} {:>5} {:>10} {when} {}{target}",
+            mode_string(e),
+            e.u,
+            e.g,
+            size,
+            escape_controls(&e.p)
+        )?;
     }
     Ok(())
 }

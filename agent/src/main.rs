@@ -105,13 +105,25 @@ enum Command {
     /// Download a session and extract it into a directory.
     Pull { session: String, dir: PathBuf },
     /// List the files of a session (reads only its index).
+    // `-h` is `ls -h` here, as in ls; help stays on `--help`.
+    #[command(disable_help_flag = true)]
     Ls {
         session: String,
-        /// List only this directory's entries.
+        /// A directory (lists its entries) or a file (lists itself).
         path: Option<String>,
-        /// Type, mode, size and mtime too.
+        /// Type and mode, owner, size and modification time (UTC).
         #[arg(short, long)]
         long: bool,
+        /// Sizes in K, M, G (with -l).
+        #[arg(short = 'h', long)]
+        human_readable: bool,
+        /// Print help.
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+        /// Every field as JSON (`path`, `type`, `mode`, `size`, `uid`,
+        /// `gid`, `mtime` in RFC 3339 with nanoseconds, `target`).
+        #[arg(long)]
+        json: bool,
     },
     /// Print one file of a session (reads only the segments holding it).
     Cat { session: String, path: String },
@@ -274,11 +286,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session,
             path,
             long,
+            human_readable,
+            json,
+            ..
         } => {
             let session = SessionPath::parse(&session)?;
             let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
             let reader = inspect::open(store, &session, &index).await?;
-            return inspect::ls(&reader, path.as_deref(), long).await;
+            let style = inspect::LsStyle {
+                long,
+                human: human_readable,
+                json,
+            };
+            return inspect::ls(&reader, path.as_deref(), style).await;
         }
         Command::Sessions {
             prefix,

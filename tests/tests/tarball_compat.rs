@@ -202,6 +202,32 @@ fn push_ls_cat_and_pull_round_trip_through_the_local_store() {
     sorted.sort();
     assert_eq!(sorted, expected);
     assert!(!listing.contains(".sessionfs"), "the index is hidden");
+    // As ls: a file lists itself; -l prints modes as ls does, -h sizes.
+    let size = std::fs::metadata(p.source.join("workspace/big.bin"))
+        .unwrap()
+        .len();
+    let one = String::from_utf8(sfs(&["ls", "-l", "o__r__main", "workspace/big.bin"])).unwrap();
+    assert!(one.starts_with("-rw-r--r-- "), "{one}");
+    assert!(
+        one.contains(&format!(" {size} ")) && one.trim_end().ends_with(" workspace/big.bin"),
+        "{one}"
+    );
+    let human = String::from_utf8(sfs(&["ls", "-lh", "o__r__main", "workspace/big.bin"])).unwrap();
+    assert!(
+        human.contains(&format!(" {:.1}M ", size as f64 / 1048576.0)),
+        "{human}"
+    );
+    let dirs = String::from_utf8(sfs(&["ls", "-l", "o__r__main"])).unwrap();
+    assert!(
+        dirs.lines()
+            .any(|l| l.starts_with("drwx") && l.ends_with(" workspace")),
+        "{dirs}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&sfs(&["ls", "--json", "o__r__main", "workspace/big.bin"])).unwrap();
+    assert_eq!(json[0]["size"], size);
+    assert_eq!(json[0]["type"], "file");
+    assert_eq!(json[0]["mode"], "0644");
     let big = sfs(&["cat", "o__r__main", "workspace/big.bin"]);
     assert_eq!(
         big,
