@@ -15,6 +15,7 @@ mod sessions_cmd;
 mod store_args;
 mod store_check;
 mod transfer;
+mod units;
 mod writeback_loop;
 
 use std::path::PathBuf;
@@ -101,9 +102,20 @@ enum Command {
         /// session not yet written back (they will be merged onto the push).
         #[arg(long)]
         force: bool,
+        /// Print what was stored as JSON (`sessionPath`, `entries`,
+        /// `tarBytes`, `objectBytes`, `segments`, `etag`).
+        #[arg(long)]
+        json: bool,
     },
     /// Download a session and extract it into a directory.
-    Pull { session: String, dir: PathBuf },
+    Pull {
+        session: String,
+        dir: PathBuf,
+        /// Print what was extracted as JSON (`sessionPath`, `entries`,
+        /// `objectBytes`, `etag`).
+        #[arg(long)]
+        json: bool,
+    },
     /// List the files of a session (reads only its index).
     // `-h` is `ls -h` here, as in ls; help stays on `--help`.
     #[command(disable_help_flag = true)]
@@ -269,18 +281,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             session,
             force,
+            json,
         } => {
             let session = SessionPath::parse(&session)?;
             if !force {
                 transfer::refuse_pending(&cli.store.bucket, &session)?;
             }
             let store = cli.store.config()?.open().await?;
-            return transfer::push(store, &dir, &session, cli.quiet).await;
+            return transfer::push(store, &dir, &session, cli.quiet, json).await;
         }
-        Command::Pull { session, dir } => {
+        Command::Pull { session, dir, json } => {
             let session = SessionPath::parse(&session)?;
             let store = cli.store.config()?.open().await?;
-            return transfer::pull(store, &session, &dir, cli.quiet).await;
+            return transfer::pull(store, &session, &dir, cli.quiet, json).await;
         }
         Command::Ls {
             session,

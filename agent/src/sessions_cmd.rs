@@ -50,21 +50,6 @@ fn overlay_state(dir: &Path) -> Option<(u64, bool)> {
     }
 }
 
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 pub async fn run(
     store: Arc<dyn ObjectStore>,
     overlays: &Path,
@@ -150,7 +135,9 @@ pub async fn run(
         "SESSION", "SIZE", "MODIFIED"
     );
     for (name, r) in &rows {
-        let size = r.size.map_or_else(|| "-".to_owned(), human);
+        let size = r
+            .size
+            .map_or_else(|| "-".to_owned(), crate::units::human_bytes);
         let modified = r.modified.map_or_else(
             || "(not in the store yet)".to_owned(),
             |t| humantime::format_rfc3339_seconds(t).to_string(),

@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sessionfs_core::session::SessionPath;
+
+use crate::units::human_bytes;
 use sessionfs_core::store::upload::put_file;
 use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions};
 use sessionfs_core::tarball::reader::decode_toc;
@@ -73,11 +75,12 @@ pub async fn push(
     dir: &Path,
     session: &SessionPath,
     quiet: bool,
+    json: bool,
 ) -> Result<()> {
     let scratch = tempfile::NamedTempFile::new().context("creating a temporary file")?;
-    let stats = pack(dir, scratch.path(), quiet).await?;
+    let stats = pack(dir, scratch.path(), quiet || json).await?;
     let key = session.object_key();
-    let bar = if quiet {
+    let bar = if quiet || json {
         ProgressBar::hidden()
     } else {
         bytes_bar(Some(stats.object_size), "uploading")
@@ -92,10 +95,25 @@ pub async fn push(
     })
     .await?;
     bar.finish_and_clear();
-    if !quiet {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "sessionPath": session.as_str(),
+                "entries": stats.entries,
+                "tarBytes": stats.tar_size,
+                "objectBytes": stats.object_size,
+                "segments": stats.segments,
+                "etag": etag,
+            })
+        );
+    } else if !quiet {
         eprintln!(
-            "pushed {session}: {} entries, {} bytes of tar in {} bytes ({} segments), etag {etag}",
-            stats.entries, stats.tar_size, stats.object_size, stats.segments
+            "pushed {session}: {} entries, {} of tar in a {} object ({} segments), etag {etag}",
+            stats.entries,
+            human_bytes(stats.tar_size),
+            human_bytes(stats.object_size),
+            stats.segments
         );
     }
     Ok(())
@@ -107,10 +125,12 @@ pub async fn pull(
     session: &SessionPath,
     dir: &Path,
     quiet: bool,
+    json: bool,
 ) -> Result<()> {
     let key = session.object_key();
     let mut stream = store.get_stream(&key, GetOptions::default()).await?;
-    let bar = if quiet {
+    let (size, etag) = (stream.meta.size, stream.meta.etag.clone());
+    let bar = if quiet || json {
         ProgressBar::hidden()
     } else {
         bytes_bar(Some(stream.meta.size), "downloading")
@@ -130,8 +150,21 @@ pub async fn pull(
     bar.finish_and_clear();
     let (archive, dir) = (scratch.reopen()?, dir.to_path_buf());
     let count = tokio::task::spawn_blocking(move || extract(archive, &dir)).await??;
-    if !quiet {
-        eprintln!("pulled {session}: {count} entries");
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "sessionPath": session.as_str(),
+                "entries": count,
+                "objectBytes": size,
+                "etag": etag,
+            })
+        );
+    } else if !quiet {
+        eprintln!(
+            "pulled {session}: {count} entries from a {} object",
+            human_bytes(size)
+        );
     }
     Ok(())
 }

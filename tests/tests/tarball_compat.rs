@@ -235,6 +235,31 @@ fn push_ls_cat_and_pull_round_trip_through_the_local_store() {
     );
     let hard = sfs(&["cat", "o__r__main", "workspace/hard-b.txt"]);
     assert_eq!(hard, b"shared by two names");
+    // For scripts: what push stored and pull extracted, as JSON.
+    let pushed: serde_json::Value = serde_json::from_slice(&sfs(&[
+        "push",
+        p.source.to_str().unwrap(),
+        "o__r__again",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(pushed["sessionPath"], "o__r__again");
+    assert!(pushed["objectBytes"].as_u64().unwrap() > 0, "{pushed}");
+    assert_eq!(
+        pushed["entries"].as_u64().unwrap() as usize,
+        expected.len(),
+        "{pushed}"
+    );
+    let again = p.root.join("pulled-again");
+    let pulled: serde_json::Value = serde_json::from_slice(&sfs(&[
+        "pull",
+        "o__r__again",
+        again.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(pulled["etag"], pushed["etag"]);
+    assert_eq!(pulled["objectBytes"], pushed["objectBytes"]);
     let dest = p.root.join("pulled");
     sfs(&["pull", "o__r__main", dest.to_str().unwrap()]);
     assert_same_tree(&snapshot(&p.source), &snapshot(&dest), "sessionfs pull");
