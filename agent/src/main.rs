@@ -34,7 +34,11 @@ use store_args::StoreArgs;
 
 /// Coding sessions stored as tar.gz objects in S3, as live directories.
 #[derive(Parser, Debug)]
-#[command(name = "sessionfs", version, propagate_version = true)]
+#[command(
+    name = "sessionfs",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SESSIONFS_GIT_COMMIT"), ", built ", env!("SESSIONFS_BUILD_TIME"), ")"),
+    propagate_version = true
+)]
 struct Cli {
     #[command(flatten)]
     store: StoreArgs,
@@ -44,22 +48,30 @@ struct Cli {
         long,
         env = "SESSIONFS_LOG",
         default_value = "warn,fuser=error",
-        global = true
+        global = true,
+        help_heading = "Output"
     )]
     log: String,
 
     /// Directory of local state: the index of session TOCs and the block cache.
     /// [default: $XDG_CACHE_HOME/sessionfs or ~/.cache/sessionfs]
-    #[arg(long, env = "SESSIONFS_CACHE_DIR", value_name = "DIR", global = true)]
+    #[arg(
+        long,
+        env = "SESSIONFS_CACHE_DIR",
+        value_name = "DIR",
+        global = true,
+        help_heading = "Local state"
+    )]
     cache_dir: Option<PathBuf>,
 
     /// Byte budget of the on-disk block cache, in MiB.
     #[arg(long, env = "SESSIONFS_CACHE_SIZE", value_name = "MIB", default_value_t = 4096,
-          value_parser = clap::value_parser!(u64).range(16..), global = true)]
+          value_parser = clap::value_parser!(u64).range(16..), global = true,
+          help_heading = "Local state")]
     cache_size: u64,
 
     /// No progress bars or summaries.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, help_heading = "Output")]
     quiet: bool,
 
     #[command(subcommand)]
@@ -83,7 +95,7 @@ enum Command {
         #[arg(long)]
         lazy: bool,
     },
-    /// Keep a plain local directory in sync with a session (hosts without FUSE).
+    /// (not built yet) Keep a plain local directory in sync with a session (hosts without FUSE).
     Sync(Pending),
     /// Pack a directory into a seekable session tarball file.
     Pack {
@@ -175,9 +187,9 @@ enum Command {
         #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
         overlay_dir: Option<std::path::PathBuf>,
     },
-    /// List the stored versions of a session.
+    /// (not built yet) List the stored versions of a session.
     Versions(Pending),
-    /// Make an earlier version of a session the current one.
+    /// (not built yet) Make an earlier version of a session the current one.
     Restore(Pending),
 }
 

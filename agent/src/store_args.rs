@@ -12,6 +12,7 @@ use sessionfs_core::store::config::{minio_endpoint, S3Config};
 use sessionfs_core::store::{StoreConfig, StoreKind};
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Object store (flags or environment)")]
 pub struct StoreArgs {
     /// Which store holds the sessions: `local` (a directory, the default) or
     /// `s3`. Defaults to `s3` when an S3 endpoint is configured.

@@ -206,6 +206,30 @@ fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
             "{name} missing from:\n{help}"
         );
     }
+    // The unbuilt ones say so in the list; store flags have their heading.
+    for name in pending {
+        let line = help
+            .lines()
+            .find(|l| l.starts_with(&format!("  {name} ")))
+            .unwrap();
+        assert!(line.contains("(not built yet)"), "{line}");
+    }
+    assert!(
+        help.contains("\nObject store (flags or environment):\n"),
+        "{help}"
+    );
+    // --version names the commit it was built from.
+    let version = text(&sessionfs(&["--version"], &[]));
+    let commit = version
+        .split(['(', ','])
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{version}"
+    );
     for name in pending {
         let out = sessionfs(&[name, "some-session", "--flag"], &[]);
         assert!(!out.status.success(), "{name} must fail until it is built");
