@@ -306,6 +306,8 @@ async fn daemonise(overlay: &Path, mountpoint: &Path, quiet: bool) -> Result<()>
         .create(true)
         .append(true)
         .open(&log_path)?;
+    // What earlier runs wrote stays in the log, but not in this run's answer.
+    let start = log.metadata().map_or(0, |m| m.len());
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--daemon")
@@ -332,8 +334,9 @@ async fn daemonise(overlay: &Path, mountpoint: &Path, quiet: bool) -> Result<()>
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let log = std::fs::read(&log_path).unwrap_or_default();
+            let this_run = String::from_utf8_lossy(log.get(start as usize..).unwrap_or_default());
+            let tail: Vec<&str> = this_run.lines().rev().take(5).collect();
             bail!(
                 "the background mount exited ({status}): {}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")

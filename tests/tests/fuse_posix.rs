@@ -453,6 +453,29 @@ fn daemon_mode_returns_once_mounted_and_umount_ends_it() {
         fs::read(m.join("workspace/after-daemon.txt")).unwrap(),
         b"kept"
     );
+    // A background mount that fails (the overlay is held) says why, with
+    // this run's lines only, not those the earlier run left in the log.
+    let other = site.dir.path().join("daemon-mnt-2");
+    fs::create_dir_all(&other).unwrap();
+    let log = site.overlay(SESSION, "sessions").join("mount.log");
+    let mut earlier = OpenOptions::new().append(true).open(&log).unwrap();
+    earlier.write_all(b"a line of an earlier run\n").unwrap();
+    drop(earlier);
+    let out = site
+        .command()
+        .args(["mount", SESSION])
+        .arg(&other)
+        .arg("--daemon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("in use"), "{said}");
+    assert!(
+        !said.contains("an earlier run"),
+        "an earlier run's lines: {said}"
+    );
+    m.stop();
 }
 
 #[test]
