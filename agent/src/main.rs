@@ -86,10 +86,15 @@ enum Command {
     /// Serve the storage-worker HTTP API and, with --mount-root, mount every session.
     Serve(serve_cmd::ServeArgs),
     /// Mount one session as a read-write directory.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs mount acme__web__main /workspace --subdir workspace\n  sessionfs mount acme__web__main /mnt/s --daemon --read-only\n  sessionfs mount acme__new__main /mnt/n --create"
+    )]
     Mount(mount_cmd::MountArgs),
     /// Unmount a mounted session: its pending changes are written back
     /// first, then the mount process syncs and exits.
+    #[command(after_long_help = "Example:\n  sessionfs umount /workspace")]
     Umount {
+        /// The mount point (of `sessionfs mount`).
         mountpoint: PathBuf,
         /// Detach now even if files are open; the mount ends when they close.
         #[arg(long)]
@@ -106,7 +111,12 @@ enum Command {
         output: PathBuf,
     },
     /// Pack a directory and upload it as a session, replacing the session's object.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs push ./checkout acme__web__main\n  sessionfs push ./checkout acme__web__main --json | jq .etag"
+    )]
     Push {
+        /// The directory to upload (its contents become the session's root:
+        /// `workspace/`, `.session-metadata.json`, …).
         dir: PathBuf,
         /// Session path, e.g. `owner__repo__branch`.
         session: String,
@@ -120,8 +130,11 @@ enum Command {
         json: bool,
     },
     /// Download a session and extract it into a directory.
+    #[command(after_long_help = "Example:\n  sessionfs pull acme__web__main ./restored")]
     Pull {
+        /// Session path, e.g. `owner__repo__branch`.
         session: String,
+        /// Where to extract it (created if missing; nothing is written outside it).
         dir: PathBuf,
         /// Print what was extracted as JSON (`sessionPath`, `entries`,
         /// `objectBytes`, `etag`).
@@ -130,8 +143,12 @@ enum Command {
     },
     /// List the files of a session (reads only its index).
     // `-h` is `ls -h` here, as in ls; help stays on `--help`.
-    #[command(disable_help_flag = true)]
+    #[command(
+        disable_help_flag = true,
+        after_long_help = "Examples:\n  sessionfs ls acme__web__main\n  sessionfs ls -lh acme__web__main workspace/src\n  sessionfs ls --json acme__web__main workspace/package.json"
+    )]
     Ls {
+        /// Session path, e.g. `owner__repo__branch`.
         session: String,
         /// A directory (lists its entries) or a file (lists itself).
         path: Option<String>,
@@ -150,9 +167,18 @@ enum Command {
         json: bool,
     },
     /// Print one file of a session (reads only the segments holding it).
-    Cat { session: String, path: String },
+    #[command(after_long_help = "Example:\n  sessionfs cat acme__web__main workspace/README.md")]
+    Cat {
+        /// Session path, e.g. `owner__repo__branch`.
+        session: String,
+        /// The file's path in the session, e.g. `workspace/src/main.rs`.
+        path: String,
+    },
     /// List the sessions of the bucket (path, size, last modified), and the
     /// changes each has pending in an overlay on this host.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs sessions\n  sessionfs sessions acme__ --json"
+    )]
     Sessions {
         /// Only sessions whose path starts with this.
         prefix: Option<String>,
