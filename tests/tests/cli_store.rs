@@ -62,6 +62,21 @@ fn store_check_with_a_wrong_secret_says_the_credentials_were_rejected() {
     );
 }
 
+/// A HEAD answers 403 without a reason: `ls` with a wrong secret says what
+/// it may mean and which command tells.
+#[test]
+fn ls_with_a_wrong_secret_points_to_store_check() {
+    let vars = with(&s3_env(), "MINIO_ROOT_PASSWORD", "not-the-secret");
+    let out = sessionfs(&["ls", "any__session__main"], &vars);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("credentials may be wrong") && said.contains("sessionfs store check"),
+        "{said}"
+    );
+    assert!(!said.contains("not-the-secret"), "{said}");
+}
+
 #[test]
 fn store_check_with_an_unknown_access_key_says_the_credentials_were_rejected() {
     let vars = with(&s3_env(), "MINIO_ROOT_USER", "nobody");

@@ -136,6 +136,16 @@ pub(super) fn classify(
             op,
             message: format!("{}: {message}", code.unwrap_or_default()),
         },
+        // A HEAD answers no error code: wrong credentials and a missing
+        // permission look the same.
+        (401 | 403, None) => StoreError::PermissionDenied {
+            op,
+            key,
+            message: format!(
+                "{message} (no reason given: the credentials may be wrong, or lack access to \
+                 the bucket; `sessionfs store check` says which)"
+            ),
+        },
         (401 | 403, _) => StoreError::PermissionDenied { op, key, message },
         (_, Some("EntityTooSmall" | "InvalidPart" | "InvalidPartOrder")) => {
             StoreError::InvalidPart { op, key, message }
