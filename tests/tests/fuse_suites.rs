@@ -123,6 +123,19 @@ fn fsx_on_a_file_from_the_object_and_its_write_back() {
 
     let host = Site::s3();
     let m = host.mount(&name, &["--writeback-quiet-ms", "200"]);
+    // fsx zeroes its file first: check the copy-up itself (opening for
+    // writing copies the object's bytes up; they read back the same).
+    {
+        use std::io::Read;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("workspace/fsx.file"))
+            .unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == pattern(1 << 20, 5), "the copy-up holds other bytes");
+    }
     let artifacts = tempfile::tempdir().unwrap();
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fsx/object-file.toml");
     fsx(Command::new(tool("fsx"))
