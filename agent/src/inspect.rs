@@ -22,14 +22,37 @@ pub async fn open(
     session: &SessionPath,
     index: &TocIndex,
 ) -> Result<SessionReader> {
-    let described = store.describe();
-    match SessionReader::open(store, &session.object_key(), Some(index)).await {
+    match SessionReader::open(store.clone(), &session.object_key(), Some(index)).await {
         Ok(r) => Ok(r),
-        Err(TarballError::Store(StoreError::NotFound { .. })) => anyhow::bail!(
-            "session {session} not found in {described} (list them with `sessionfs sessions`)"
-        ),
+        Err(TarballError::Store(StoreError::NotFound { .. })) => Err(not_found(
+            store.as_ref(),
+            session,
+            "list them with `sessionfs sessions`",
+        )
+        .await),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Why a session's object is not there, in words: a HEAD cannot tell a
+/// missing bucket from a missing object, a listing can.
+pub async fn not_found(
+    store: &dyn ObjectStore,
+    session: &SessionPath,
+    hint: &str,
+) -> anyhow::Error {
+    if let Err(e @ StoreError::BucketNotFound { .. }) =
+        store.list_all(&format!("{session}/"), None).await
+    {
+        return anyhow::anyhow!(
+            "{e} in {}: create it, or check MINIO_BUCKET/--bucket",
+            store.describe()
+        );
+    }
+    anyhow::anyhow!(
+        "session {session} not found in {} ({hint})",
+        store.describe()
+    )
 }
 
 /// A reader that went away (`| head`) ends the output, not the command.

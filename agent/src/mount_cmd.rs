@@ -154,11 +154,15 @@ pub async fn run(
     if !args.create && !overlay.join(JOURNAL).exists() {
         let key = session.object_key();
         if let Err(StoreError::NotFound { .. }) = store.head(&key).await {
-            bail!(
-                "session {session} not found in {} (no object {key}, no overlay here): check the \
-                 name, or pass --create to start a new, empty session",
-                store.describe()
-            );
+            return Err(crate::inspect::not_found(
+                store.as_ref(),
+                &session,
+                &format!(
+                    "no object {key}, no overlay here: check the name, or pass --create to \
+                     start a new, empty session"
+                ),
+            )
+            .await);
         }
     }
     if args.daemon {

@@ -99,6 +99,15 @@ fn store_check_of_a_missing_bucket_says_so() {
         said.contains("no-such-bucket-here") && said.contains("does not exist"),
         "{said}"
     );
+    // A HEAD cannot tell a missing bucket from a missing object: ls says
+    // which, as the mount does.
+    let out = sessionfs(&["ls", "any__session__main"], &vars);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("bucket \"no-such-bucket-here\" does not exist"),
+        "{said}"
+    );
 }
 
 #[test]
