@@ -11,7 +11,7 @@
 //! and warn: both write back, and the conflict policy keeps both versions
 //! of a file changed in both. Only the same user (or root) is answered:
 //! abstract sockets have no file permissions, so the peer's credentials are
-//! checked. One request per connection: a line (`flush` or `status`), then
+//! checked, both ways. One request per connection: a line (`flush` or `status`), then
 //! the answer: `ok` or `err` on the first line, the text after it.
 
 use std::io::{Read, Write};
@@ -189,6 +189,14 @@ pub fn ask(overlay: &Path, what: &str) -> Result<Option<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
         Err(e) => return Err(e).context("connecting to the process holding the session"),
     };
+    // Abstract names have no owner: only a process of this user (or root)
+    // is taken for the one holding the session.
+    let server = peer_uid(&conn).context("the credentials of the process holding the session")?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if server != me && server != 0 {
+        bail!("the control socket of this session belongs to uid {server}, not to this user: not asking it");
+    }
     conn.write_all(format!("{what}\n").as_bytes())?;
     let mut text = String::new();
     conn.take(MAX_ANSWER)
@@ -199,4 +207,30 @@ pub fn ask(overlay: &Path, what: &str) -> Result<Option<String>> {
         Some(("err", rest)) => bail!("the process holding the session could not {what}: {rest}"),
         _ => bail!("the process holding the session answered nothing (it may have stopped)"),
     }
+}
+
+/// The uid of the process at the other end of `conn`.
+fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the descriptor is open for the call; `cred` and `len` are
+    // valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
