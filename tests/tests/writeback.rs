@@ -1285,7 +1285,13 @@ async fn a_cache_directory_deleted_under_a_mount_is_made_again_and_used() {
     assert!(std::fs::read(m.join("workspace/f0.bin")).unwrap() == pattern(2 << 20, 900));
     let cache = site.dir.path().join("cache");
     assert!(cache.exists());
-    std::fs::remove_dir_all(&cache).unwrap();
+    // (Readahead may still be writing blocks into it: try again then.)
+    let mut tries = 0;
+    while let Err(e) = std::fs::remove_dir_all(&cache) {
+        tries += 1;
+        assert!(tries < 100, "deleting the cache directory: {e}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for i in 1..4u64 {
         let got = std::fs::read(m.join(format!("workspace/f{i}.bin"))).unwrap();
         assert!(got == pattern(2 << 20, 900 + i), "f{i}.bin");
