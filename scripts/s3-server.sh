@@ -6,6 +6,7 @@
 #                        print `export ...` lines for the endpoint and credentials
 #   s3-server.sh stop    stop the server started by `start` and remove its data
 #   s3-server.sh env     print the `export ...` lines again
+#   s3-server.sh diagnose  print (to stderr) whether it runs, the disk it writes to, and its log's tail
 #
 # Probed on a machine of this kind: ranged and suffix GET, HEAD with user metadata, ListObjectsV2
 # (prefix, delimiter, pagination), DeleteObjects, multipart (5 MiB minimum enforced), UploadPartCopy
@@ -87,9 +88,26 @@ stop() {
   rm -rf "$STATE_DIR"
 }
 
+# What a failed run needs to tell a server fault from a sessionfs one.
+diagnose() {
+  {
+    local pid; pid="$(cat "$STATE_DIR/weed.pid" 2>/dev/null || true)"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      echo "S3 server: running (pid $pid), $(ps -o rss= -p "$pid" | awk '{printf "%d MiB resident", $1/1024}')"
+    else
+      echo "S3 server: not running"
+    fi
+    df -h "$STATE_DIR" 2>/dev/null || true
+    echo "S3 server data: $(du -sh "$STATE_DIR/data" 2>/dev/null | cut -f1)"
+    echo "--- last lines of the S3 server's logs with an error:"
+    grep -h -E '^[EF][0-9]{4}|error|Error|panic' "$STATE_DIR"/weed.log "$STATE_DIR"/weed.* 2>/dev/null | tail -40 || true
+  } >&2
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   env) print_env ;;
-  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+  diagnose) diagnose ;;
+  *) echo "usage: $0 start|stop|env|diagnose" >&2; exit 2 ;;
 esac

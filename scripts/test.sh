@@ -116,8 +116,14 @@ s3_env="$(scripts/s3-server.sh start)"
 eval "$s3_env"
 
 log "running the tests"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
+  cargo nextest run --workspace --no-fail-fast || status=$?
 else
-  cargo test --workspace --no-fail-fast
+  cargo test --workspace --no-fail-fast || status=$?
 fi
+if [ "$status" -ne 0 ]; then
+  log "tests failed (exit $status); the S3 server and the disk, for telling its faults from ours"
+  scripts/s3-server.sh diagnose || true
+fi
+exit "$status"

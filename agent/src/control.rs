@@ -179,6 +179,7 @@ pub async fn flush_session(
         session: session.clone(),
         overlay,
         read_only: false,
+        offline: sessionfs_core::overlay::open::Offline::Never,
     };
     let rt = tokio::runtime::Handle::current();
     let live = match tokio::task::spawn_blocking(move || open(&spec, &rt)).await? {

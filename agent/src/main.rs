@@ -6,10 +6,13 @@
 //! (`store check`). This file only parses the command line and dispatches;
 //! the work lives in the library crates.
 
+mod arg_ranges;
 mod control;
 mod control_socket;
 mod inspect;
+mod local_stack;
 mod mount_cmd;
+mod mount_options;
 mod serve_cmd;
 mod sessions_cmd;
 mod store_args;
@@ -18,6 +21,7 @@ mod transfer;
 mod units;
 mod writeback_loop;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,9 +29,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
-use sessionfs_core::cache::blocks::{BlockCache, BLOCK_SIZE};
+use local_stack::LocalStack;
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::store::cached::CachedStore;
 use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::index::TocIndex;
 use store_args::StoreArgs;
@@ -66,7 +69,7 @@ struct Cli {
 
     /// Byte budget of the on-disk block cache, in MiB.
     #[arg(long, env = "SESSIONFS_CACHE_SIZE", value_name = "MIB", default_value_t = 4096,
-          value_parser = clap::value_parser!(u64).range(16..), global = true,
+          value_parser = crate::arg_ranges::cache_mib, global = true,
           help_heading = "Local state")]
     cache_size: u64,
 
@@ -235,7 +238,33 @@ struct Pending {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let argv = match mount_options::from_helper(&argv) {
+        None => argv,
+        Some(Ok(Some(argv))) => argv,
+        // mount -f: the options were checked; nothing to mount.
+        Some(Ok(None)) => return ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("mount.fuse.sessionfs: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut cli = Cli::parse_from(&argv);
+    let argv = match &cli.command {
+        Command::Mount(m) if !m.options.is_empty() => match mount_options::expand(&argv) {
+            Ok(expanded) => {
+                cli = Cli::parse_from(&expanded);
+                expanded
+            }
+            Err(e) => {
+                eprintln!("sessionfs: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => argv,
+    };
+    let _ = COMMAND_LINE.set(argv);
+    cli.store.quiet = cli.quiet;
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
         Ok(f) => f,
         Err(e) => {
@@ -266,16 +295,53 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let store = cli.store.clone();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let mut said = describe(&e);
+            if let Some(hint) = unreachable_hint(&e, &store) {
+                said.push_str(&hint);
+            }
             eprintln!(
                 "sessionfs: {}",
-                sessionfs_core::text::escape_controls(&describe(&e))
+                sessionfs_core::text::escape_controls(&said)
             );
             ExitCode::FAILURE
         }
     }
+}
+
+/// What to do when the store did not answer: where it was looked for.
+fn unreachable_hint(e: &anyhow::Error, store: &StoreArgs) -> Option<String> {
+    let unavailable = e.chain().any(|c| {
+        c.downcast_ref::<sessionfs_core::store::StoreError>()
+            .is_some_and(|s| s.is_unavailable())
+            || c.downcast_ref::<sessionfs_core::tarball::TarballError>()
+                .is_some_and(|t| matches!(t, sessionfs_core::tarball::TarballError::Store(s) if s.is_unavailable()))
+            || c.downcast_ref::<sessionfs_core::overlay::OverlayError>()
+                .is_some_and(|o| o.store_unavailable())
+    });
+    if !unavailable {
+        return None;
+    }
+    let config = store.config().ok()?;
+    let endpoint = config.s3.endpoint.as_deref()?;
+    Some(format!(
+        " (is the store at {endpoint} up? check --s3-endpoint, or MINIO_ENDPOINT and \
+         MINIO_PORT; `sessionfs store check` tests it)"
+    ))
+}
+
+/// The command line as understood: after the mount(8) helper's arguments
+/// and `-o` options became flags (what `--daemon` runs again).
+static COMMAND_LINE: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
+
+pub fn command_line() -> Vec<OsString> {
+    COMMAND_LINE
+        .get()
+        .cloned()
+        .unwrap_or_else(|| std::env::args_os().collect())
 }
 
 /// The error and its causes, each said once: a cause whose text the
@@ -367,8 +433,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return inspect::cat(&reader, &path).await;
         }
         Command::Mount(args) => {
-            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
-            return mount_cmd::run(args, &cli.store.bucket, store, index, cli.quiet).await;
+            let stack =
+                LocalStack::open(&cli.store, local_state_dir(cli.cache_dir)?, cli.cache_size)
+                    .await?;
+            return mount_cmd::run(args, &cli.store.bucket, stack, cli.quiet).await;
         }
         Command::Umount { mountpoint, lazy } => {
             // Pending changes go to the store before the mount goes away.
@@ -376,11 +444,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return mount_cmd::umount(&mountpoint, lazy);
         }
         Command::Serve(args) => {
-            let local = serve_cmd::Local {
-                cache_dir: local_state_dir(cli.cache_dir)?,
-                cache_mib: cli.cache_size,
-            };
-            return serve_cmd::serve(args, &cli.store, local, cli.quiet).await;
+            let stack =
+                LocalStack::open(&cli.store, local_state_dir(cli.cache_dir)?, cli.cache_size)
+                    .await?;
+            return serve_cmd::serve(args, &cli.store.bucket, stack, cli.quiet).await;
         }
         Command::Sync(_) => "sync",
         Command::Flush { target, .. } if std::path::Path::new(&target).exists() => {
@@ -451,12 +518,8 @@ async fn cached_store(
     cache_dir: Option<PathBuf>,
     cache_mib: u64,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, TocIndex)> {
-    let dir = local_state_dir(cache_dir)?;
-    let index = TocIndex::open(&dir.join("index.db"))?;
-    let cache = BlockCache::open(&dir.join("blocks"), cache_mib << 20, BLOCK_SIZE)
-        .with_context(|| format!("opening the block cache in {}", dir.display()))?;
-    let store = store.config()?.open().await?;
-    Ok((Arc::new(CachedStore::new(store, Arc::new(cache))), index))
+    let stack = LocalStack::open(store, local_state_dir(cache_dir)?, cache_mib).await?;
+    Ok((stack.store, stack.index))
 }
 
 fn local_state_dir(cache_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {

@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sessionfs_core::overlay::open::Offline;
 use sessionfs_core::overlay::open::JOURNAL;
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::store::{ObjectStore, StoreError};
-use sessionfs_core::tarball::index::TocIndex;
+use sessionfs_core::store::StoreError;
 use sessionfs_fuse::mount::{self, MountSpec};
 
+use crate::local_stack::LocalStack;
 use crate::writeback_loop::{Policy, WriteBack};
 
 #[derive(clap::Args, Debug)]
@@ -42,6 +43,12 @@ pub struct MountArgs {
     /// Refuse every change.
     #[arg(long)]
     pub read_only: bool,
+    /// Do not contact the store: serve, read-only, the version this host
+    /// last opened, from the cached index and blocks (files whose blocks are
+    /// not cached fail with EIO). Without it, a mount whose store cannot be
+    /// reached falls back to the same, saying so.
+    #[arg(long)]
+    pub offline: bool,
     /// Return once the mount is live, leaving it running in the background.
     #[arg(long)]
     pub daemon: bool,
@@ -53,13 +60,23 @@ pub struct MountArgs {
     #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
     pub overlay_dir: Option<PathBuf>,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, default_value_t = 4, value_parser = crate::arg_ranges::threads)]
     pub threads: u64,
     /// Seconds one read of the object may take, retries included, before
     /// it fails (EIO in a mount, 5xx in the API) and the log says why.
     #[arg(long, env = "SESSIONFS_READ_TIMEOUT_SECS", default_value_t = 30, value_name = "SECS",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = crate::arg_ranges::seconds)]
     pub read_timeout_secs: u64,
+    /// Mount options as mount(8) and fstab give them, e.g.
+    /// `-o ro,allow_other,subdir=workspace,cache_size=1024`: each stands for
+    /// the flag of that meaning (README, "Mount options"); unknown ones are
+    /// an error.
+    #[arg(short = 'o', value_name = "OPT[,OPT…]")]
+    pub options: Vec<String>,
+    /// Serve Prometheus metrics (block cache, store traffic, write-backs)
+    /// at http://ADDR/metrics, e.g. `127.0.0.1:9100`.
+    #[arg(long, env = "SESSIONFS_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub writeback: Policy,
 }
@@ -135,13 +152,8 @@ fn unescape_mount_path(p: &str) -> String {
         .replace("\\134", "\\")
 }
 
-pub async fn run(
-    args: MountArgs,
-    bucket: &str,
-    store: Arc<dyn ObjectStore>,
-    index: TocIndex,
-    quiet: bool,
-) -> Result<()> {
+pub async fn run(args: MountArgs, bucket: &str, stack: LocalStack, quiet: bool) -> Result<()> {
+    let (store, index) = (stack.store.clone(), stack.index.clone());
     let session = SessionPath::parse(&args.session)?;
     let mountpoint = check_mountpoint(&args.mountpoint, args.allow_non_empty)?;
     sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
@@ -151,7 +163,7 @@ pub async fn run(
     let overlays = overlay_root(args.overlay_dir.clone())?.join(bucket);
     sessionfs_core::overlay::reserve::set_file(overlays.join(RESERVE_FILE));
     let overlay = overlays.join(session.as_str());
-    if !args.create && !overlay.join(JOURNAL).exists() {
+    if !args.create && !args.offline && !overlay.join(JOURNAL).exists() {
         let key = session.object_key();
         if let Err(StoreError::NotFound { .. }) = store.head(&key).await {
             return Err(crate::inspect::not_found(
@@ -168,6 +180,15 @@ pub async fn run(
     if args.daemon {
         return daemonise(&overlay, &mountpoint, quiet).await;
     }
+    // Taken before mounting, so a port in use fails the command cleanly.
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
     let spec = MountSpec {
         store,
         index: Some(index),
@@ -175,19 +196,23 @@ pub async fn run(
         overlay,
         subdir: args.subdir,
         read_only: args.read_only,
+        offline: if args.offline {
+            Offline::Always
+        } else {
+            Offline::WhenUnreachable
+        },
         allow_other: args.allow_other,
         threads: args.threads as usize,
     };
-    let config = mount::config(&spec);
     let rt = tokio::runtime::Handle::current();
     let mp = mountpoint.clone();
-    let read_only = spec.read_only;
     let store = spec.store.clone();
     // Opening reads the TOC and the journal; mounting waits for the kernel.
     let (fuse_session, live) = tokio::task::spawn_blocking(move || {
         let fs = mount::open(&spec, &rt)?;
         let live = fs.live().clone();
         let root = fs.root();
+        let config = mount::config(&spec, live.read_only());
         let session = mount::mount(fs, &mp, &config)?;
         // Changes that do not come through the mount (a move onto another
         // writer's object) reach the kernel's caches through the notifier.
@@ -197,8 +222,18 @@ pub async fn run(
         anyhow::Ok((session, live))
     })
     .await??;
+    let read_only = live.read_only();
     if !quiet {
-        eprintln!("mounted {} at {}", session.as_str(), mountpoint.display());
+        let offline = if read_only && !args.read_only {
+            " (read-only, offline: the store cannot be reached; see the log)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "mounted {} at {}{offline}",
+            session.as_str(),
+            mountpoint.display()
+        );
     }
     let one = live.clone();
     let writeback = WriteBack::new(
@@ -212,8 +247,30 @@ pub async fn run(
             )
         }),
     );
-    let looping = tokio::spawn(writeback.clone().run());
+    // --offline: nothing asks the store, not even whether a newer object exists.
+    let looping = tokio::spawn({
+        let writeback = writeback.clone();
+        async move {
+            if !args.offline {
+                writeback.run().await
+            }
+        }
+    });
+    let metrics = metrics.map(|listener| {
+        let (stack, live) = (Arc::new(stack), live.clone());
+        let gauges = move || {
+            let pending = live.has_pending_changes().unwrap_or(false);
+            stack.gauges(1, u64::from(pending))
+        };
+        tokio::spawn(sessionfs_api::metrics::serve_alone(
+            listener,
+            Arc::new(gauges),
+        ))
+    });
     let served = serve_until_stopped(fuse_session, &mountpoint, quiet).await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     looping.abort();
     let _ = looping.await;
     // Unmounted: what is pending goes to the store before the process ends.
@@ -231,7 +288,6 @@ pub const STOP_FLUSH: Duration = Duration::from_secs(60);
 
 /// A mount running on its own thread.
 pub struct Running {
-    unmounter: fuser::SessionUnmounter,
     /// Completes when the kernel lets go of the mount.
     pub ended: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
     mountpoint: PathBuf,
@@ -239,10 +295,9 @@ pub struct Running {
 
 /// Starts serving `fuse_session` on its own thread.
 pub fn spawn<FS: fuser::Filesystem + Send + 'static>(
-    mut fuse_session: fuser::Session<FS>,
+    fuse_session: fuser::Session<FS>,
     mountpoint: &Path,
 ) -> Result<Running> {
-    let unmounter = fuse_session.unmount_callable();
     let (done_tx, ended) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("fuse-session".into())
@@ -250,7 +305,6 @@ pub fn spawn<FS: fuser::Filesystem + Send + 'static>(
             let _ = done_tx.send(fuse_session.run());
         })?;
     Ok(Running {
-        unmounter,
         ended,
         mountpoint: mountpoint.to_owned(),
     })
@@ -258,9 +312,9 @@ pub fn spawn<FS: fuser::Filesystem + Send + 'static>(
 
 impl Running {
     /// Unmounts (lazily when busy) and waits for the session thread.
-    pub async fn stop(mut self, quiet: bool) -> Result<()> {
+    pub async fn stop(self, quiet: bool) -> Result<()> {
         // The session thread ends once the kernel lets go of the mount.
-        if let Err(e) = self.unmounter.unmount() {
+        if let Err(e) = umount(&self.mountpoint, false) {
             tracing::warn!("unmount failed ({e}); detaching lazily");
             lazy_unmount(&self.mountpoint)?;
         }
@@ -312,7 +366,8 @@ async fn daemonise(overlay: &Path, mountpoint: &Path, quiet: bool) -> Result<()>
         .open(&log_path)?;
     // What earlier runs wrote stays in the log, but not in this run's answer.
     let start = log.metadata().map_or(0, |m| m.len());
-    let args: Vec<String> = std::env::args()
+    let args: Vec<std::ffi::OsString> = crate::command_line()
+        .into_iter()
         .skip(1)
         .filter(|a| a != "--daemon")
         .collect();

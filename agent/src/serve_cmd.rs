@@ -14,19 +14,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sessionfs_api::{ApiConfig, AppState, BuildInfo};
-use sessionfs_core::cache::blocks::{BlockCache, BLOCK_SIZE};
 use sessionfs_core::overlay::registry::{Registry, RegistrySpec};
-use sessionfs_core::store::cached::CachedStore;
-use sessionfs_core::store::metered::MeteredStore;
-use sessionfs_core::store::ObjectStore;
-use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_fuse::mount;
 use sessionfs_fuse::multi::{MultiFs, RootSpec};
 
+use crate::local_stack::LocalStack;
 use crate::mount_cmd::{
     check_mountpoint, overlay_root, spawn, stop_signal, RESERVE_FILE, STOP_FLUSH,
 };
-use crate::store_args::StoreArgs;
 use crate::writeback_loop::{Policy, WriteBack};
 
 /// How long requests in flight may take to finish after a stop signal.
@@ -64,7 +59,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
     pub overlay_dir: Option<PathBuf>,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, default_value_t = 4, value_parser = crate::arg_ranges::threads)]
     pub threads: u64,
     /// Largest body of a file PUT, in bytes (413 above).
     #[arg(long, env = "SESSIONFS_MAX_FILE_BYTES", default_value_t = 100 << 20)]
@@ -89,12 +84,12 @@ pub struct ServeArgs {
     /// Seconds after its last request that a session not mounted here is
     /// closed (journal synced and unlocked, tree out of memory).
     #[arg(long, env = "SESSIONFS_IDLE_CLOSE_SECS", default_value_t = 300, value_name = "SECS",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = crate::arg_ranges::seconds)]
     pub idle_close_secs: u64,
     /// Seconds one read of the object may take, retries included, before
     /// it fails (EIO in a mount, 5xx in the API) and the log says why.
     #[arg(long, env = "SESSIONFS_READ_TIMEOUT_SECS", default_value_t = 30, value_name = "SECS",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = crate::arg_ranges::seconds)]
     pub read_timeout_secs: u64,
     #[command(flatten)]
     pub writeback: Policy,
@@ -127,32 +122,17 @@ fn build_info() -> BuildInfo {
     }
 }
 
-pub struct Local {
-    pub cache_dir: PathBuf,
-    pub cache_mib: u64,
-}
-
-pub async fn serve(
-    args: ServeArgs,
-    store_args: &StoreArgs,
-    local: Local,
-    quiet: bool,
-) -> Result<()> {
-    let bucket = store_args.bucket.clone();
+pub async fn serve(args: ServeArgs, bucket: &str, stack: LocalStack, quiet: bool) -> Result<()> {
+    let bucket = bucket.to_owned();
     sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
         args.read_timeout_secs,
     ));
-    let index = TocIndex::open(&local.cache_dir.join("index.db"))?;
-    let cache = Arc::new(
-        BlockCache::open(
-            &local.cache_dir.join("blocks"),
-            local.cache_mib << 20,
-            BLOCK_SIZE,
-        )
-        .with_context(|| format!("opening the block cache in {}", local.cache_dir.display()))?,
-    );
-    let metered = Arc::new(MeteredStore::new(store_args.config()?.open().await?));
-    let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(metered.clone(), cache.clone()));
+    let LocalStack {
+        store,
+        index,
+        cache,
+        metered,
+    } = stack;
     let store_for_writeback = store.clone();
     let overlays = overlay_root(args.overlay_dir.clone())?.join(&bucket);
     sessionfs_core::overlay::reserve::set_file(overlays.join(RESERVE_FILE));
@@ -172,6 +152,14 @@ pub async fn serve(
     let token = std::env::var("SESSIONFS_API_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
+    if token.is_none() && !args.bind.is_loopback() {
+        // Logged even when quiet: it is about who can reach every session.
+        tracing::warn!(
+            "the API listens on {} without SESSIONFS_API_TOKEN: anyone who can reach this \
+             port can read, change and delete every session; set a token, or --bind 127.0.0.1",
+            args.bind
+        );
+    }
     let config = ApiConfig {
         container_id: container_id(),
         token,

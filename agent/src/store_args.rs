@@ -71,14 +71,21 @@ pub struct StoreArgs {
 
     /// Attempts per S3 request, the first included, with jittered exponential backoff.
     #[arg(long, env = "SESSIONFS_S3_MAX_ATTEMPTS", default_value_t = 5,
-          value_parser = clap::value_parser!(u32).range(1..=20), global = true)]
+          value_parser = crate::arg_ranges::attempts, global = true)]
     pub s3_max_attempts: u32,
 
     /// Seconds to wait for an S3 connection, then for a response to start.
     #[arg(long, env = "SESSIONFS_S3_TIMEOUT", value_name = "SECS", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
+          value_parser = crate::arg_ranges::store_timeout, global = true)]
     pub s3_timeout: u64,
+
+    /// `--quiet`, which also silences the note on the local store chosen by default.
+    #[arg(skip)]
+    pub quiet: bool,
 }
+
+/// The note on a local store nobody asked for is said once per process.
+static LOCAL_DEFAULT_SAID: std::sync::Once = std::sync::Once::new();
 
 impl StoreArgs {
     pub fn config(&self) -> Result<StoreConfig> {
@@ -98,6 +105,18 @@ impl StoreArgs {
                 "cannot tell where the local store lives: set SESSIONFS_STORE_DIR or --store-dir",
             )?,
         };
+        // A newcomer who forgot the S3 settings would otherwise see only
+        // "not found" for sessions that live in S3.
+        if self.store.is_none() && kind == StoreKind::Local && !self.quiet {
+            LOCAL_DEFAULT_SAID.call_once(|| {
+                eprintln!(
+                    "sessionfs: no S3 endpoint set (SESSIONFS_S3_ENDPOINT or MINIO_ENDPOINT): using \
+                     the local store in {}; pass --store local (SESSIONFS_STORE=local) to choose \
+                     it and silence this",
+                    local_dir.display()
+                );
+            });
+        }
         Ok(StoreConfig {
             kind,
             bucket: self.bucket.clone(),

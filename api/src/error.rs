@@ -41,6 +41,9 @@ pub enum ApiError {
     DownloadFailed(String),
     #[error("no space left for the session's changes on this server: {0}")]
     InsufficientStorage(String),
+    /// The object store is down or stalling; retry later.
+    #[error("the object store is unavailable: {0}")]
+    StoreUnavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::UploadFailed(_) => "upload_failed",
             ApiError::DownloadFailed(_) => "download_failed",
             ApiError::InsufficientStorage(_) => "insufficient_storage",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -84,6 +88,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UploadFailed(_) | ApiError::DownloadFailed(_) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -91,12 +96,18 @@ impl ApiError {
     }
 
     /// A store or overlay failure while serving bytes out.
-    pub fn download(e: impl std::fmt::Display) -> ApiError {
+    pub fn download(e: impl Failure) -> ApiError {
+        if e.store_unavailable() {
+            return ApiError::StoreUnavailable(e.to_string());
+        }
         ApiError::DownloadFailed(e.to_string())
     }
 
     /// A store or overlay failure while taking bytes in.
-    pub fn upload(e: impl std::fmt::Display) -> ApiError {
+    pub fn upload(e: impl Failure) -> ApiError {
+        if e.store_unavailable() {
+            return ApiError::StoreUnavailable(e.to_string());
+        }
         ApiError::UploadFailed(e.to_string())
     }
 
@@ -123,8 +134,33 @@ impl ApiError {
             OverlayError::ReadOnly => ApiError::ReadOnly,
             OverlayError::InUse(_) => ApiError::Conflict(e.to_string()),
             e if e.no_space() => ApiError::InsufficientStorage(e.to_string()),
+            e if e.store_unavailable() => ApiError::StoreUnavailable(e.to_string()),
             e => fail(e),
         }
+    }
+}
+
+/// A failure that may be the object store being down (503, retry later)
+/// rather than a fault of the request or of this server.
+pub trait Failure: std::fmt::Display {
+    fn store_unavailable(&self) -> bool;
+}
+
+impl Failure for std::io::Error {
+    fn store_unavailable(&self) -> bool {
+        false
+    }
+}
+
+impl Failure for StoreError {
+    fn store_unavailable(&self) -> bool {
+        self.is_unavailable()
+    }
+}
+
+impl Failure for OverlayError {
+    fn store_unavailable(&self) -> bool {
+        OverlayError::store_unavailable(self)
     }
 }
 
@@ -140,6 +176,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(StoreError::NotFound { key, .. }) => {
                 ApiError::SessionNotFound(key)
             }
+            e if e.store_unavailable() => ApiError::StoreUnavailable(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
     }
@@ -147,6 +184,10 @@ impl From<RegistryError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        if e.is_unavailable() {
+            ApiError::StoreUnavailable(e.to_string())
+        } else {
+            ApiError::Internal(e.to_string())
+        }
     }
 }

@@ -107,6 +107,10 @@ impl AppState {
         )
             .into_response();
         match &e {
+            ApiError::StoreUnavailable(_) => {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
             ApiError::Unauthorized => {
                 r.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -160,6 +164,7 @@ struct RouteLabel(&'static str);
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/openapi.json", get(openapi_doc))
         .route("/metrics", get(metrics_text))
         .fallback(dispatch)
@@ -184,7 +189,8 @@ async fn around(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Re
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let mut resp = if path != "/health" && !authorized(&st, &req) {
+    let open = path == "/health" || path == "/ready";
+    let mut resp = if !open && !authorized(&st, &req) {
         with_label(st.error(ApiError::Unauthorized), "unauthorized")
     } else {
         next.run(req).await
@@ -196,6 +202,7 @@ async fn around(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Re
         Some(l) => l.0,
         None => match path.as_str() {
             "/health" => "/health",
+            "/ready" => "/ready",
             "/metrics" => "/metrics",
             "/openapi.json" => "/openapi.json",
             _ => "unmatched",
@@ -247,6 +254,38 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
             "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         }),
     )
+}
+
+/// How long `/ready` waits for the store before calling it down.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Ready when the store answers a one-key listing of the bucket: what a load
+/// balancer or an orchestrator asks before sending traffic. `/health` says
+/// only that the process answers.
+async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    let probe = st
+        .registry
+        .store()
+        .list(sessionfs_core::store::ListRequest {
+            prefix: String::new(),
+            delimiter: Some("/".into()),
+            continuation: None,
+            max_keys: 1,
+        });
+    let why = match tokio::time::timeout(READY_TIMEOUT, probe).await {
+        Ok(Ok(_)) => {
+            return st.json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "status": "ready",
+                    "store": st.registry.store().describe(),
+                }),
+            )
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {READY_TIMEOUT:?}"),
+    };
+    st.error(ApiError::StoreUnavailable(why))
 }
 
 async fn openapi_doc() -> Response {

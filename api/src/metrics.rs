@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -190,4 +191,29 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `/metrics` alone, for a process that serves no API (a standalone
+/// mount's `--metrics-addr`): the same families, the HTTP ones empty.
+pub async fn serve_alone(
+    listener: tokio::net::TcpListener,
+    gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
+) -> std::io::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = metrics.render(&gauges());
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
 }

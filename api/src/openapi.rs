@@ -51,6 +51,7 @@ pub fn document() -> Value {
     let base = json!({
         "401": error_response("unauthorized: a bearer token is configured and was not given"),
         "500": error_response("the store or the overlay failed"),
+        "503": error_response("store_unavailable: the object store is down or stalling (Retry-After says when to try again)"),
     });
     let with = |ok: Value| merged(ok, base.clone());
     let with_path = |ok: Value| {
@@ -79,7 +80,7 @@ pub fn document() -> Value {
         "info": {
             "title": "sessionfs storage worker",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Sessions as tar.gz objects in S3-compatible storage, with file-level access. Every response carries `X-Container-ID`. When SESSIONFS_API_TOKEN is set, every route but /health needs `Authorization: Bearer <token>`."
+            "description": "Sessions as tar.gz objects in S3-compatible storage, with file-level access. Every response carries `X-Container-ID`. When SESSIONFS_API_TOKEN is set, every route but /health and /ready needs `Authorization: Bearer <token>`."
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -91,7 +92,8 @@ pub fn document() -> Value {
                             "invalid_session_path", "invalid_file_path", "invalid_request", "invalid_tarball",
                             "session_not_found", "file_not_found", "not_found", "method_not_allowed",
                             "payload_too_large", "range_not_satisfiable", "conflict", "read_only",
-                            "unauthorized", "upload_failed", "download_failed", "insufficient_storage", "internal_error"]},
+                            "unauthorized", "upload_failed", "download_failed", "insufficient_storage", "store_unavailable",
+                            "internal_error"]},
                         "message": {"type": "string"},
                         "containerId": {"type": "string"}
                     }
@@ -107,6 +109,14 @@ pub fn document() -> Value {
                             "commitSha": {"type": "string"}, "timestamp": {"type": "string"}, "version": {"type": "string"}}},
                         "containerId": {"type": "string"},
                         "timestamp": {"type": "string", "format": "date-time"}
+                    }
+                },
+                "Ready": {
+                    "type": "object", "required": ["status", "store", "containerId"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ready"]},
+                        "store": {"type": "string"},
+                        "containerId": {"type": "string"}
                     }
                 },
                 "Session": {
@@ -182,6 +192,9 @@ pub fn document() -> Value {
         "paths": {
             "/health": {"get": {"summary": "Health and build information", "security": [],
                 "responses": {"200": json_response("healthy", "Health")}}},
+            "/ready": {"get": {"summary": "Whether the object store answers (for load balancers and orchestrators)", "security": [],
+                "responses": {"200": json_response("the store answers", "Ready"),
+                    "503": error_response("store_unavailable: the store did not answer a listing within 5 s")}}},
             "/openapi.json": {"get": {"summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.0", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
@@ -197,7 +210,8 @@ pub fn document() -> Value {
                 "get": {"summary": "Session metadata", "responses": with_path(json!({
                     "200": json_response("the session", "Session"), "404": error_response("session_not_found")}))},
                 "head": {"summary": "Whether the session exists", "responses": {
-                    "200": {"description": "it exists"}, "404": {"description": "it does not"}, "400": {"description": "invalid session path"}}},
+                    "200": {"description": "it exists"}, "404": {"description": "it does not"}, "400": {"description": "invalid session path"},
+                    "503": {"description": "the store is unavailable"}}},
                 "delete": {"summary": "Delete the session (object and local changes)", "responses": with_write(json!({
                     "200": json_response("deleted", "Deleted"), "404": error_response("session_not_found"),
                     "409": error_response("conflict: the session is mounted here")}))}
@@ -239,7 +253,8 @@ pub fn document() -> Value {
                         "404": error_response("session_not_found or file_not_found"),
                         "416": error_response("range_not_satisfiable")}))},
                 "head": {"summary": "Whether the file exists, with its headers", "responses": {
-                    "200": {"description": "it exists"}, "404": {"description": "it does not"}, "400": {"description": "invalid path"}}},
+                    "200": {"description": "it exists"}, "404": {"description": "it does not"}, "400": {"description": "invalid path"},
+                    "503": {"description": "the store is unavailable"}}},
                 "put": {"summary": "Create or replace a file (creates the session and directories)",
                     "requestBody": {"required": true, "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
                     "responses": with_bytes(json!({

@@ -62,6 +62,7 @@ pub async fn bench(scale: f64) -> Result<()> {
         session: session.clone(),
         overlay: work.path().join("overlay"),
         read_only: false,
+        offline: sessionfs_core::overlay::open::Offline::Never,
     };
     let rt = tokio::runtime::Handle::current();
     let live = tokio::task::spawn_blocking(move || open(&spec, &rt)).await??;

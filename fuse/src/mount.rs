@@ -4,13 +4,16 @@
 //! the journal, crash repair, the version check); this adds the mount's own
 //! choices (a subdirectory as the root, read-only) and the kernel options.
 
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
 use sessionfs_core::overlay::namespace::{Namespace, ROOT};
 use sessionfs_core::overlay::node::NodeKind;
-use sessionfs_core::overlay::open::{self, OpenError, OpenSpec};
+use sessionfs_core::overlay::open::{self, Offline, OpenError, OpenSpec};
 use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::store::ObjectStore;
@@ -27,6 +30,9 @@ pub struct MountSpec {
     /// Mount this directory of the session instead of its root.
     pub subdir: Option<String>,
     pub read_only: bool,
+    /// Whether the mount may serve this host's cached version when the
+    /// store cannot be reached (read-only then).
+    pub offline: Offline,
     pub allow_other: bool,
     pub threads: usize,
 }
@@ -80,6 +86,7 @@ pub fn open(spec: &MountSpec, rt: &tokio::runtime::Handle) -> Result<SessionFs, 
             session: spec.session.clone(),
             overlay: spec.overlay.clone(),
             read_only: spec.read_only,
+            offline: spec.offline,
         },
         rt,
     )?;
@@ -108,10 +115,12 @@ fn subdir_root(ns: &mut Namespace, sub: &str, read_only: bool) -> Result<u64, Mo
 }
 
 /// The kernel-side options of a session's mount.
-pub fn config(spec: &MountSpec) -> Config {
+/// `read_only` is the opened session's: an offline mount is read-only
+/// even when the spec is not.
+pub fn config(spec: &MountSpec, read_only: bool) -> Config {
     kernel_config(
         format!("sessionfs:{}", spec.session.as_str()),
-        spec.read_only,
+        read_only,
         spec.allow_other,
         spec.threads,
     )
@@ -141,14 +150,77 @@ pub fn kernel_config(fsname: String, read_only: bool, allow_other: bool, threads
     config
 }
 
+/// The filesystem type the kernel lists (`/proc/mounts`, `df -T`, `findmnt -t`).
+pub const FS_TYPE: &str = "fuse.sessionfs";
+
 /// Mounts `fs` at `mountpoint`; returns once the kernel has answered INIT.
 pub fn mount<FS: fuser::Filesystem>(
     fs: FS,
     mountpoint: &Path,
     config: &Config,
 ) -> Result<fuser::Session<FS>, MountError> {
-    fuser::Session::new(fs, mountpoint, config).map_err(|source| MountError::Mount {
+    let failed = |source| MountError::Mount {
         path: mountpoint.display().to_string(),
         source,
-    })
+    };
+    match mount_typed(mountpoint, config).map_err(failed)? {
+        Some(dev) => fuser::Session::from_fd(fs, dev, config.acl, config.clone()).map_err(failed),
+        // Not allowed to call mount(2): fusermount3 mounts, and takes the
+        // type from the `subtype` option itself.
+        None => fuser::Session::new(fs, mountpoint, config).map_err(failed),
+    }
+}
+
+/// mount(2) with the type [`FS_TYPE`]: fuser's own mount calls every
+/// filesystem plain `fuse`, which hides what a mount is from `findmnt -t`,
+/// fstab tooling and operators. `None` where this process may not mount
+/// (not root); the caller then leaves it to fusermount3.
+fn mount_typed(mountpoint: &Path, config: &Config) -> std::io::Result<Option<OwnedFd>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")?;
+    let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid and getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid}",
+        dev.as_raw_fd()
+    );
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let mut source = "sessionfs".to_owned();
+    for option in &config.mount_options {
+        match option {
+            MountOption::DefaultPermissions => data.push_str(",default_permissions"),
+            MountOption::RO => flags |= libc::MS_RDONLY,
+            MountOption::FSName(name) => source = name.clone(),
+            _ => {}
+        }
+    }
+    if config.acl == SessionACL::All {
+        data.push_str(",allow_other");
+    }
+    let c = |s: &str| CString::new(s).map_err(std::io::Error::other);
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let (source, fstype, data) = (c(&source)?, c(FS_TYPE)?, c(&data)?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(dev.into()));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EPERM) => Ok(None),
+        _ => Err(e),
+    }
 }

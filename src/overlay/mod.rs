@@ -97,6 +97,12 @@ impl OverlayError {
         }
     }
 
+    /// The object store did not answer in time (or at all); the operation
+    /// may work once it is back.
+    pub fn store_unavailable(&self) -> bool {
+        matches!(self, OverlayError::Tarball(crate::tarball::TarballError::Store(e)) if e.is_unavailable())
+    }
+
     /// Failures of sessionfs itself or its storage (logged), as opposed to
     /// answers about the tree (ENOENT, EEXIST, …) that callers expect.
     pub fn is_unexpected(&self) -> bool {

@@ -32,6 +32,21 @@ pub struct OpenSpec {
     /// This session's overlay directory.
     pub overlay: PathBuf,
     pub read_only: bool,
+    /// Whether the session may open from this host's cached TOC when the
+    /// store cannot be reached.
+    pub offline: Offline,
+}
+
+/// Opening a session without the store: read-only, on the version whose
+/// TOC the local index kept, its bytes from the block cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offline {
+    /// The store must answer (the API, write-back tools).
+    Never,
+    /// Fall back to the cached version when the store is unreachable.
+    WhenUnreachable,
+    /// Never ask the store (`mount --offline`).
+    Always,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +62,15 @@ pub enum OpenError {
         overlay: String,
         journal: String,
         stored: String,
+    },
+    #[error(
+        "no cached version of session {session} to serve offline, and the store cannot be \
+         reached"
+    )]
+    Unreachable {
+        session: String,
+        #[source]
+        cause: StoreError,
     },
 }
 
@@ -78,21 +102,51 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
             }),
         _ => None,
     };
-    let reader = match rt.block_on(SessionReader::open(
-        spec.store.clone(),
-        &key,
-        spec.index.as_ref(),
-    )) {
+    let opened = match spec.offline {
+        Offline::Always => Err(TarballError::Store(StoreError::Transient {
+            op: "open",
+            key: key.clone(),
+            message: "--offline: the store is not asked".into(),
+        })),
+        _ => rt.block_on(SessionReader::open(
+            spec.store.clone(),
+            &key,
+            spec.index.as_ref(),
+        )),
+    };
+    let mut offline = false;
+    let reader = match opened {
         Ok(r) => Some(Arc::new(r)),
         Err(TarballError::Store(StoreError::NotFound { .. })) => None,
+        Err(TarballError::Store(e)) if e.is_unavailable() && spec.offline != Offline::Never => {
+            let Some(r) = offline_reader(spec, &key, rt)? else {
+                return Err(OpenError::Unreachable {
+                    session: spec.session.to_string(),
+                    cause: e,
+                });
+            };
+            tracing::warn!(
+                "session {}: the store cannot be reached ({e}); serving it read-only from \
+                 this host's cache, as of version {} (files whose blocks are not cached fail \
+                 with EIO)",
+                spec.session,
+                r.meta().etag
+            );
+            offline = true;
+            Some(Arc::new(r))
+        }
         Err(e) => return Err(OverlayError::from(e).into()),
     };
     let mut reader = reader;
     let mut etag = reader.as_ref().map(|r| r.meta().etag.clone());
     let journal_path = spec.overlay.join(JOURNAL);
     if journal_path.exists() {
-        let stored = reader.as_ref().map(|r| r.meta());
-        recover_writeback(&journal_path, spec, stored, rt)?;
+        // Offline, whether an interrupted write-back completed cannot be
+        // known; the next open with the store finishes the recovery.
+        if !offline {
+            let stored = reader.as_ref().map(|r| r.meta());
+            recover_writeback(&journal_path, spec, stored, rt)?;
+        }
         match check_version(&journal_path, &spec.overlay, etag.as_deref()) {
             // Changes pending against a version another writer replaced:
             // the session opens on that version (its TOC from the local
@@ -177,8 +231,26 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
         ns,
         content,
         spec.overlay.join(WAL),
-        spec.read_only,
+        spec.read_only || offline,
     ))
+}
+
+/// The version of the session this host last opened, from the local index.
+fn offline_reader(
+    spec: &OpenSpec,
+    key: &str,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<SessionReader>, OpenError> {
+    let Some(index) = &spec.index else {
+        return Ok(None);
+    };
+    rt.block_on(async {
+        let Some(etag) = index.latest(&spec.store.describe(), key).await? else {
+            return Ok(None);
+        };
+        SessionReader::from_index(spec.store.clone(), key, &etag, index).await
+    })
+    .map_err(|e| OpenError::Overlay(e.into()))
 }
 
 /// A write-back a crash interrupted: if the stored object carries its id,

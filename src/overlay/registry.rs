@@ -53,6 +53,19 @@ pub enum RegistryError {
     Overlay(#[from] OverlayError),
 }
 
+impl RegistryError {
+    /// The object store did not answer; the same request may work later.
+    pub fn store_unavailable(&self) -> bool {
+        match self {
+            RegistryError::Store(e) => e.is_unavailable(),
+            RegistryError::Overlay(e) | RegistryError::Open(OpenError::Overlay(e)) => {
+                e.store_unavailable()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// What the API reports of a session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SessionInfo {
@@ -316,6 +329,7 @@ impl Registry {
             session: name.clone(),
             overlay: self.overlay(name),
             read_only: self.spec.read_only,
+            offline: crate::overlay::open::Offline::Never,
         };
         let live = Arc::new(open::open(&spec, &self.rt)?);
         self.open

@@ -64,12 +64,27 @@ impl Inner {
         metas.insert((meta.key.clone(), meta.etag.clone()), meta.clone());
     }
 
-    async fn meta(&self, key: &str, etag: &str) -> Result<ObjectMeta> {
+    /// The version's meta: remembered, else from `size` (the caller's TOC
+    /// knows it; blocks are keyed by the ETag, so a wrong version is never
+    /// served), else a HEAD.
+    async fn meta(&self, key: &str, etag: &str, size: Option<u64>) -> Result<ObjectMeta> {
         let known = {
             let metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
             metas.get(&(key.to_owned(), etag.to_owned())).cloned()
         };
         if let Some(meta) = known {
+            return Ok(meta);
+        }
+        if let Some(size) = size {
+            let meta = ObjectMeta {
+                key: key.to_owned(),
+                size,
+                etag: etag.to_owned(),
+                last_modified: std::time::UNIX_EPOCH,
+                content_type: None,
+                metadata: Default::default(),
+            };
+            self.remember(&meta);
             return Ok(meta);
         }
         let meta = self.store.head(key).await?;
@@ -178,7 +193,7 @@ impl ObjectStore for CachedStore {
         let (Some(range), Some(etag)) = (opts.range, opts.if_match.clone()) else {
             return self.inner.store.get(key, opts).await;
         };
-        let meta = self.inner.meta(key, &etag).await?;
+        let meta = self.inner.meta(key, &etag, opts.size).await?;
         let Some(wanted) = range.resolve(meta.size) else {
             return Err(StoreError::invalid_range(
                 "get",

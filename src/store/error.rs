@@ -119,6 +119,12 @@ impl StoreError {
         )
     }
 
+    /// The store did not answer usefully (down, stalling, 5xx, throttling
+    /// beyond the retries): the same request may work once it is back.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Transient { .. })
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
     }

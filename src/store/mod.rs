@@ -135,6 +135,11 @@ pub struct GetOptions {
     /// Fail with [`StoreError::PreconditionFailed`] unless the object still has this
     /// ETag: a reader that pinned a version never mixes bytes of two versions.
     pub if_match: Option<String>,
+    /// The size of the `if_match` version, when the caller knows it (its TOC
+    /// says so): a cache in front of the store can then answer from its
+    /// blocks without asking the store, also for a version the store no
+    /// longer holds or while the store is unreachable. Stores ignore it.
+    pub size: Option<u64>,
 }
 
 impl GetOptions {
@@ -142,11 +147,17 @@ impl GetOptions {
         GetOptions {
             range: Some(range),
             if_match: None,
+            size: None,
         }
     }
 
     pub fn if_match(mut self, etag: impl Into<String>) -> Self {
         self.if_match = Some(etag.into());
+        self
+    }
+
+    pub fn of_size(mut self, size: u64) -> Self {
+        self.size = Some(size);
         self
     }
 }

@@ -116,6 +116,22 @@ impl TocIndex {
         .await
     }
 
+    /// The version of `key` whose TOC is kept here (the one last opened;
+    /// [`TocIndex::put`] keeps one per key): what an offline mount serves
+    /// when the store cannot be reached.
+    pub async fn latest(&self, store: &str, key: &str) -> Result<Option<String>, TarballError> {
+        let (store, key) = (store.to_owned(), key.to_owned());
+        self.with_conn(move |c| {
+            c.query_row(
+                "SELECT etag FROM tocs WHERE store = ?1 AND key = ?2 LIMIT 1",
+                params![store, key],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
     /// The index of a foreign object's version, if one was built.
     pub async fn get_foreign(
         &self,

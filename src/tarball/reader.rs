@@ -389,7 +389,8 @@ impl SessionReader {
             .get(
                 &self.key,
                 GetOptions::range(ByteRange::Bounded { start, end })
-                    .if_match(self.meta.etag.clone()),
+                    .if_match(self.meta.etag.clone())
+                    .of_size(self.meta.size),
             )
             .await
             .map_err(changed_or)?;

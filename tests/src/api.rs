@@ -45,7 +45,13 @@ impl Site {
             .command()
             .env("SESSIONFS_LOG", "info")
             .envs(env.iter().copied())
-            .args(["serve", "--port", "0", "--bind", "127.0.0.1"])
+            .args(["serve", "--port", "0"])
+            // Loopback unless the test binds elsewhere itself.
+            .args(if extra.contains(&"--bind") {
+                &[][..]
+            } else {
+                &["--bind", "127.0.0.1"][..]
+            })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))

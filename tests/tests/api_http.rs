@@ -840,15 +840,21 @@ async fn routes_methods_and_the_token() {
         ],
     );
     let c = http();
-    // /health needs no token; everything else does.
-    assert_eq!(
-        c.get(format!("{}/health", server.url))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
+    // /health and /ready need no token (probes); everything else does.
+    for open in ["/health", "/ready"] {
+        let r = c.get(format!("{}{open}", server.url)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{open}");
+    }
+    // A token, or loopback only: no warning. Neither: a warning at start.
+    assert!(!server.log_text().contains("without SESSIONFS_API_TOKEN"));
+    let open = site.serve_api(&["--bind", "0.0.0.0"], &[]);
+    let log = open.log_text();
+    assert!(
+        log.contains("listens on 0.0.0.0 without SESSIONFS_API_TOKEN")
+            && log.contains("--bind 127.0.0.1"),
+        "{log}"
     );
+    assert_eq!(open.stop().code(), Some(0));
     for path in [
         API.to_owned(),
         format!("{API}/x/files"),
@@ -1144,6 +1150,7 @@ async fn the_openapi_document_validates_and_every_route_answers_as_described() {
     let t_file = format!("{API}/{{sessionPath}}/files/{{filePath}}");
     let steps: Vec<(&str, String, String)> = vec![
         ("get", "/health".into(), "/health".into()),
+        ("get", "/ready".into(), "/ready".into()),
         ("get", "/openapi.json".into(), "/openapi.json".into()),
         ("get", "/metrics".into(), "/metrics".into()),
         (
@@ -1286,10 +1293,13 @@ async fn the_openapi_document_validates_and_every_route_answers_as_described() {
     assert!(checked >= 15, "{checked} operations checked");
 }
 
-/// Store failures are the contract's `upload_failed` / `download_failed`
-/// (500), never a hang or a half answer; a read-only server says `read_only`.
+/// A store outage: every route that needs the store answers 503
+/// `store_unavailable` with `Retry-After` (never a hang, a half answer or a
+/// 500), `/ready` says 503 while `/health` says 200, and the same server
+/// answers again once the store is back, without a restart. A read-only
+/// server says `read_only`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn store_failures_and_read_only_have_their_codes() {
+async fn a_store_outage_is_503_store_unavailable_until_it_ends() {
     let vars = sessionfs_tests::s3_env();
     let get = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let upstream: std::net::SocketAddr = format!(
@@ -1328,15 +1338,32 @@ async fn store_failures_and_read_only_have_their_codes() {
             .body(tgz.clone())
             .send()
     };
-    let (st, v) = json(upload().await.unwrap()).await;
-    assert_error(st, &v, 500, "upload_failed");
-    let (st, v) = call(c.get(format!("{}{API}/{s}/download", server.url))).await;
-    assert_error(st, &v, 500, "download_failed");
-    let (st, v) = call(c.get(format!("{}{API}/{s}/files/workspace/a.txt", server.url))).await;
-    assert_error(st, &v, 500, "internal_error");
+    let r = upload().await.unwrap();
+    assert_eq!(
+        r.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    let (st, v) = json(r).await;
+    assert_error(st, &v, 503, "store_unavailable");
+    for path in [
+        format!("{API}/{s}/download"),
+        format!("{API}/{s}/files/workspace/a.txt"),
+        format!("{API}/{s}/files"),
+        format!("{API}/{s}"),
+        API.to_owned(),
+        "/ready".to_owned(),
+    ] {
+        let (st, v) = call(c.get(format!("{}{path}", server.url))).await;
+        assert_error(st, &v, 503, "store_unavailable");
+    }
+    let (st, v) = call(c.get(format!("{}/health", server.url))).await;
+    assert_eq!(st, 200, "{v}");
 
-    // The store back: the session is whole.
+    // The store back: the same server is ready and the session is whole.
     proxy.plan(&[], Fault::Forward);
+    let (st, v) = call(c.get(format!("{}/ready", server.url))).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "ready");
     let got = text(format!("{}{API}/{s}/files/workspace/a.txt", server.url)).await;
     assert_eq!(got, "a");
 

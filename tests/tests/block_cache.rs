@@ -298,6 +298,10 @@ fn two_processes_sharing_one_cache_directory_read_correctly() {
     // 40 MiB of incompressible bytes against a 16 MiB cache.
     let data = pattern(40 << 20, 77);
     std::fs::write(tree.join("big.bin"), &data).unwrap();
+    // Read last, by a process that did not fill the cache: it must count the
+    // blocks it finds there, or the directory grows to both files' worth.
+    let other = pattern(12 << 20, 78);
+    std::fs::write(tree.join("other.bin"), &other).unwrap();
     let vars = [
         ("SESSIONFS_STORE", "local".to_owned()),
         (
@@ -357,6 +361,24 @@ fn two_processes_sharing_one_cache_directory_read_correctly() {
         );
         assert!(used >= 8 << 20, "round {round}: only {used} bytes cached");
     }
+    let out = sfs()
+        .args(["cat", "shared", "workspace/other.bin"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == other[..],
+        "the later process read wrong bytes"
+    );
+    let used = dir_bytes(&dir.path().join("cache"));
+    assert!(
+        used <= 17 << 20,
+        "{used} bytes in a cache of 16 MiB after a later process read another file"
+    );
 }
 
 /// Bytes of the regular files under `dir`.

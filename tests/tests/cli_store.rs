@@ -164,10 +164,28 @@ fn store_check_passes_on_the_local_store() {
 }
 
 #[test]
-fn the_local_store_is_the_default_without_s3_settings() {
+fn the_local_store_is_the_default_without_s3_settings_and_says_so_once() {
+    let note = "no S3 endpoint set";
     let out = sessionfs(&["store", "check"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("local:"), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(said.matches(note).count(), 1, "{said}");
+    assert!(said.contains("using the local store in"), "{said}");
+    // Chosen on purpose, or asked to be quiet: no note.
+    for args in [
+        &["--store", "local", "store", "check"][..],
+        &["-q", "store", "check"],
+    ] {
+        let out = sessionfs(args, &[]);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        assert!(!text(&out).contains(note), "{args:?}: {}", text(&out));
+    }
+    // A missing session under the default names the store it looked in.
+    let out = sessionfs(&["ls", "acme__web__main"], &[]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(said.matches(note).count(), 1, "{said}");
 }
 
 #[test]

@@ -62,6 +62,17 @@ fn the_object_is_listed_and_read_through_the_mount() {
     let a = sessionfs_tests::trees::snapshot(&src);
     let b = sessionfs_tests::trees::snapshot(&m.path);
     sessionfs_tests::trees::assert_same_tree(&a, &b, "mount");
+    // The kernel lists it as what it is (`findmnt -t fuse.sessionfs`, `df -T`).
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*m.path.to_string_lossy()))
+        .expect("the mount in mountinfo");
+    let after = line.split(" - ").nth(1).unwrap_or_default();
+    assert!(
+        after.starts_with(&format!("fuse.sessionfs sessionfs:{SESSION} ")),
+        "{line}"
+    );
 }
 
 #[test]

@@ -257,6 +257,52 @@ async fn an_api_put_reaches_the_object_in_s3() {
     assert_eq!(server.stop().code(), Some(0));
 }
 
+/// A standalone mount serves `/metrics` with `--metrics-addr`: its cache,
+/// its store traffic and its write-backs, as the API's `/metrics` does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_serves_its_metrics_when_asked() {
+    let site = Site::s3();
+    let session = session_name("metrics");
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("workspace")).unwrap();
+    std::fs::write(src.path().join("workspace/a.txt"), pattern(3 << 20, 5)).unwrap();
+    site.push(src.path(), &session);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let m = site.mount(
+        &session,
+        &["--metrics-addr", &addr, "--writeback-quiet-ms", "600000"],
+    );
+    assert!(std::fs::read(m.join("workspace/a.txt")).unwrap() == pattern(3 << 20, 5));
+    std::fs::write(m.join("workspace/b.txt"), "new\n").unwrap();
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let url = format!("http://{addr}/metrics");
+    let before = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&before, "sessionfs_open_sessions"), 1);
+    assert_eq!(
+        metric(&before, "sessionfs_sessions_with_pending_changes"),
+        1
+    );
+    assert!(metric(&before, "sessionfs_store_received_bytes_total") >= 3 << 20);
+    assert!(metric(&before, "sessionfs_cache_bytes") >= 3 << 20);
+    assert_eq!(metric(&before, "sessionfs_writebacks_total"), 0);
+    site.run(&["flush", &m.path.display().to_string()]);
+    let after = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&after, "sessionfs_writebacks_total"), 1);
+    assert_eq!(metric(&after, "sessionfs_sessions_with_pending_changes"), 0);
+    assert!(metric(&after, "sessionfs_store_sent_bytes_total") > 0);
+    m.stop();
+}
+
 /// `flush SESSION` and `status SESSION` reach the server holding the
 /// session (through its control socket): the flush returns once the change
 /// is in S3, long before the server's own quiet period ends.
@@ -754,6 +800,7 @@ fn two_hundred_write_backs_keep_the_object_within_ten_percent_of_a_fresh_pack() 
             session,
             overlay: dir.path().join("overlay"),
             read_only: false,
+            offline: sessionfs_core::overlay::open::Offline::Never,
         },
         rt.handle(),
     )

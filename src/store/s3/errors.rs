@@ -42,10 +42,19 @@ where
             if mentions_missing_credentials(&detail) {
                 missing_credentials(&detail)
             } else {
+                // The SDK's wrappers ("dispatch failure: io error: client
+                // error (Connect): …") say nothing an operator can act on;
+                // the innermost cause does.
+                let message = match &err {
+                    SdkError::DispatchFailure(_) => {
+                        format!("cannot connect to the store: {}", innermost(&err))
+                    }
+                    _ => detail,
+                };
                 StoreError::Transient {
                     op: ctx.op,
                     key: ctx.key.to_owned(),
-                    message: detail,
+                    message,
                 }
             }
         }
@@ -61,6 +70,17 @@ where
             }
         }
     }
+}
+
+/// The last source of an error: the cause itself.
+fn innermost(err: &dyn std::error::Error) -> String {
+    let mut last = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    last
 }
 
 /// An error and its sources, as one line of plain text.
