@@ -72,6 +72,7 @@ pub struct LsStyle {
     pub human: bool,
     /// One JSON array of every field, for scripts.
     pub json: bool,
+    pub time_style: crate::local_time::TimeStyle,
 }
 
 pub async fn ls(reader: &SessionReader, path: Option<&str>, style: LsStyle) -> Result<()> {
@@ -187,6 +188,7 @@ fn ls_to(
             serde_json::to_string_pretty(&list).map_err(std::io::Error::other)?
         );
     }
+    let now = std::time::SystemTime::now();
     for e in entries {
         if !style.long {
             writeln!(out, "{}", escape_controls(&e.p))?;
@@ -202,9 +204,7 @@ fn ls_to(
         } else {
             e.s.to_string()
         };
-        // "2026-12-01 08:25" (UTC), from the RFC 3339 form.
-        let when = humantime::format_rfc3339_seconds(mtime(e)).to_string();
-        let when = format!("{} {}", &when[..10], when.get(11..16).unwrap_or(""));
+        let when = crate::local_time::format(mtime(e), style.time_style, now);
         writeln!(
             out,
             "{} {:>5} {:>5} {:>10} {when} {}{target}",

@@ -11,6 +11,7 @@ mod control;
 mod control_socket;
 mod inspect;
 mod local_stack;
+mod local_time;
 mod mount_cmd;
 mod mount_options;
 mod serve_cmd;
@@ -155,9 +156,13 @@ enum Command {
         session: String,
         /// A directory (lists its entries) or a file (lists itself).
         path: Option<String>,
-        /// Type and mode, owner, size and modification time (UTC).
+        /// Type and mode, owner, size and modification time (local time, as `ls -l`).
         #[arg(short, long)]
         long: bool,
+        /// How -l prints times: `locale` (`Dec  1 10:42`, GNU's default),
+        /// `iso`, `long-iso` (`2026-12-01 10:42`) or `full-iso`.
+        #[arg(long, value_enum, default_value_t, value_name = "STYLE")]
+        time_style: local_time::TimeStyle,
         /// Sizes in K, M, G (with -l).
         #[arg(short = 'h', long)]
         human_readable: bool,
@@ -405,6 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             long,
             human_readable,
             json,
+            time_style,
             ..
         } => {
             let session = SessionPath::parse(&session)?;
@@ -414,6 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 long,
                 human: human_readable,
                 json,
+                time_style,
             };
             return inspect::ls(&reader, path.as_deref(), style).await;
         }
@@ -530,12 +537,30 @@ fn local_state_dir(cache_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// `$VAR/sub`, or `~/home_rel/sub` when the XDG variable is unset or empty.
+/// `$VAR/sub`, or `~/home_rel/sub` when the XDG variable is unset or empty;
+/// for root without a home (mount(8) runs its helpers without `HOME`, as
+/// do many units), the system's own places: `/var/cache` for the cache,
+/// `/var/lib` for state and data.
 pub fn xdg_dir(var: &str, home_rel: &str, sub: &str) -> Option<PathBuf> {
     std::env::var_os(var)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(home_rel)))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| PathBuf::from(h).join(home_rel))
+        })
+        .or_else(|| {
+            // SAFETY: geteuid cannot fail and touches no memory.
+            let root = unsafe { libc::geteuid() } == 0;
+            root.then(|| {
+                PathBuf::from(if var == "XDG_CACHE_HOME" {
+                    "/var/cache"
+                } else {
+                    "/var/lib"
+                })
+            })
+        })
         .map(|d| d.join(sub))
 }
 

@@ -99,11 +99,13 @@ impl StoreArgs {
             None if endpoint.is_some() => StoreKind::S3,
             None => StoreKind::Local,
         };
-        let local_dir = match &self.store_dir {
-            Some(dir) => dir.clone(),
-            None => default_store_dir().context(
+        let local_dir = match (&self.store_dir, kind) {
+            (Some(dir), _) => dir.clone(),
+            (None, StoreKind::Local) => default_store_dir().context(
                 "cannot tell where the local store lives: set SESSIONFS_STORE_DIR or --store-dir",
             )?,
+            // Not used by an S3 store.
+            (None, StoreKind::S3) => default_store_dir().unwrap_or_default(),
         };
         // A newcomer who forgot the S3 settings would otherwise see only
         // "not found" for sessions that live in S3.

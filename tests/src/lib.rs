@@ -9,6 +9,7 @@
 pub mod api;
 pub mod extract;
 pub mod fault_proxy;
+pub mod json_schema;
 pub mod mount;
 pub mod trees;
 
