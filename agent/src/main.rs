@@ -44,9 +44,6 @@ use store_args::StoreArgs;
     propagate_version = true
 )]
 struct Cli {
-    #[command(flatten)]
-    store: StoreArgs,
-
     /// Log filter (e.g. `info`, `sessionfs_core=debug`).
     #[arg(
         long,
@@ -132,6 +129,8 @@ enum Command {
         /// `tarBytes`, `objectBytes`, `segments`, `etag`).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Download a session and extract it into a directory.
     #[command(after_long_help = "Example:\n  sessionfs pull acme__web__main ./restored")]
@@ -144,6 +143,8 @@ enum Command {
         /// `objectBytes`, `etag`).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// List the files of a session (reads only its index).
     // `-h` is `ls -h` here, as in ls; help stays on `--help`.
@@ -173,6 +174,8 @@ enum Command {
         /// `gid`, `mtime` in RFC 3339 with nanoseconds, `target`).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Print one file of a session (reads only the segments holding it).
     #[command(after_long_help = "Example:\n  sessionfs cat acme__web__main workspace/README.md")]
@@ -181,6 +184,8 @@ enum Command {
         session: String,
         /// The file's path in the session, e.g. `workspace/src/main.rs`.
         path: String,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// List the sessions of the bucket (path, size, last modified), and the
     /// changes each has pending in an overlay on this host.
@@ -197,6 +202,8 @@ enum Command {
         /// Where overlays live (as given to `mount` or `serve`).
         #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
         overlay_dir: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Write back pending changes now; returns once they are stored.
     Flush {
@@ -208,6 +215,8 @@ enum Command {
         /// Where overlays live (as given to `mount` or `serve`).
         #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
         overlay_dir: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Write-back state: pending changes, the last write-back, the last
     /// error, conflicts (of a mount), or what a session's overlay holds.
@@ -220,6 +229,8 @@ enum Command {
         /// Where overlays live (as given to `mount` or `serve`).
         #[arg(long, env = "SESSIONFS_OVERLAY_DIR", value_name = "DIR")]
         overlay_dir: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// (not built yet) List the stored versions of a session.
     Versions(Pending),
@@ -227,11 +238,37 @@ enum Command {
     Restore(Pending),
 }
 
+impl Command {
+    /// The store flags of a command that uses the store.
+    fn store_mut(&mut self) -> Option<&mut StoreArgs> {
+        match self {
+            Command::Store(StoreCommand::Check { store })
+            | Command::Push { store, .. }
+            | Command::Pull { store, .. }
+            | Command::Ls { store, .. }
+            | Command::Cat { store, .. }
+            | Command::Sessions { store, .. }
+            | Command::Flush { store, .. }
+            | Command::Status { store, .. }
+            | Command::Mount(mount_cmd::MountArgs { store, .. })
+            | Command::Serve(serve_cmd::ServeArgs { store, .. }) => Some(store),
+            Command::Umount { .. }
+            | Command::Pack { .. }
+            | Command::Sync(_)
+            | Command::Versions(_)
+            | Command::Restore(_) => None,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum StoreCommand {
     /// Verify the configured store end to end: credentials, bucket, and a
     /// conditional put / get / delete round trip.
-    Check,
+    Check {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// A subcommand whose issue has not landed yet: it takes any arguments and
@@ -269,7 +306,9 @@ fn main() -> ExitCode {
         _ => argv,
     };
     let _ = COMMAND_LINE.set(argv);
-    cli.store.quiet = cli.quiet;
+    if let Some(store) = cli.command.store_mut() {
+        store.quiet = cli.quiet;
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
         Ok(f) => f,
         Err(e) => {
@@ -300,12 +339,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = cli.store.clone();
+    let store = cli.command.store_mut().map(|s| s.clone());
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let mut said = describe(&e);
-            if let Some(hint) = unreachable_hint(&e, &store) {
+            if let Some(hint) = store.and_then(|s| unreachable_hint(&e, &s)) {
                 said.push_str(&hint);
             }
             eprintln!(
@@ -369,8 +408,8 @@ fn describe(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let name = match cli.command {
-        Command::Store(StoreCommand::Check) => {
-            return store_check::run(&cli.store.config()?).await;
+        Command::Store(StoreCommand::Check { store }) => {
+            return store_check::run(&store.config()?).await;
         }
         Command::Pack { dir, output } => {
             let stats = transfer::pack(&dir, &output, cli.quiet).await?;
@@ -391,17 +430,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             session,
             force,
             json,
+            store,
         } => {
             let session = SessionPath::parse(&session)?;
             if !force {
-                transfer::refuse_pending(&cli.store.bucket, &session)?;
+                transfer::refuse_pending(&store.bucket, &session)?;
             }
-            let store = cli.store.config()?.open().await?;
+            let store = store.config()?.open().await?;
             return transfer::push(store, &dir, &session, cli.quiet, json).await;
         }
-        Command::Pull { session, dir, json } => {
+        Command::Pull {
+            session,
+            dir,
+            json,
+            store,
+        } => {
             let session = SessionPath::parse(&session)?;
-            let store = cli.store.config()?.open().await?;
+            let store = store.config()?.open().await?;
             return transfer::pull(store, &session, &dir, cli.quiet, json).await;
         }
         Command::Ls {
@@ -411,10 +456,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             human_readable,
             json,
             time_style,
+            store,
             ..
         } => {
             let session = SessionPath::parse(&session)?;
-            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            let (store, index) = cached_store(&store, cli.cache_dir, cli.cache_size).await?;
             let reader = inspect::open(store, &session, &index).await?;
             let style = inspect::LsStyle {
                 long,
@@ -428,22 +474,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             prefix,
             json,
             overlay_dir,
+            store,
         } => {
-            let overlays = mount_cmd::overlay_root(overlay_dir)?.join(&cli.store.bucket);
-            let (store, _) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            let overlays = mount_cmd::overlay_root(overlay_dir)?.join(&store.bucket);
+            let (store, _) = cached_store(&store, cli.cache_dir, cli.cache_size).await?;
             return sessions_cmd::run(store, &overlays, prefix.as_deref(), json).await;
         }
-        Command::Cat { session, path } => {
+        Command::Cat {
+            session,
+            path,
+            store,
+        } => {
             let session = SessionPath::parse(&session)?;
-            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            let (store, index) = cached_store(&store, cli.cache_dir, cli.cache_size).await?;
             let reader = inspect::open(store, &session, &index).await?;
             return inspect::cat(&reader, &path).await;
         }
         Command::Mount(args) => {
             let stack =
-                LocalStack::open(&cli.store, local_state_dir(cli.cache_dir)?, cli.cache_size)
+                LocalStack::open(&args.store, local_state_dir(cli.cache_dir)?, cli.cache_size)
                     .await?;
-            return mount_cmd::run(args, &cli.store.bucket, stack, cli.quiet).await;
+            return mount_cmd::run(args, stack, cli.quiet).await;
         }
         Command::Umount { mountpoint, lazy } => {
             // Pending changes go to the store before the mount goes away.
@@ -452,9 +503,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let stack =
-                LocalStack::open(&cli.store, local_state_dir(cli.cache_dir)?, cli.cache_size)
+                LocalStack::open(&args.store, local_state_dir(cli.cache_dir)?, cli.cache_size)
                     .await?;
-            return serve_cmd::serve(args, &cli.store.bucket, stack, cli.quiet).await;
+            return serve_cmd::serve(args, stack, cli.quiet).await;
         }
         Command::Sync(_) => "sync",
         Command::Flush { target, .. } if std::path::Path::new(&target).exists() => {
@@ -463,10 +514,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Flush {
             target,
             overlay_dir,
+            store,
         } => {
             let session = SessionPath::parse(&target)?;
-            let overlay = control::overlay_of(overlay_dir, &cli.store.bucket, &session)?;
-            let (store, index) = cached_store(&cli.store, cli.cache_dir, cli.cache_size).await?;
+            let overlay = control::overlay_of(overlay_dir, &store.bucket, &session)?;
+            let (store, index) = cached_store(&store, cli.cache_dir, cli.cache_size).await?;
             return control::flush_session(session, overlay, store, index, cli.quiet).await;
         }
         Command::Status { target, json, .. } if std::path::Path::new(&target).exists() => {
@@ -476,9 +528,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             json,
             overlay_dir,
+            store,
         } => {
             let session = SessionPath::parse(&target)?;
-            let overlay = control::overlay_of(overlay_dir, &cli.store.bucket, &session)?;
+            let overlay = control::overlay_of(overlay_dir, &store.bucket, &session)?;
             return control::status_session(&session, &overlay, json);
         }
         Command::Versions(_) => "versions",

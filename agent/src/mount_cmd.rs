@@ -79,6 +79,8 @@ pub struct MountArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub writeback: Policy,
+    #[command(flatten)]
+    pub store: crate::store_args::StoreArgs,
 }
 
 /// The overlays' journal reserve, beside the sessions' overlay directories
@@ -152,7 +154,8 @@ fn unescape_mount_path(p: &str) -> String {
         .replace("\\134", "\\")
 }
 
-pub async fn run(args: MountArgs, bucket: &str, stack: LocalStack, quiet: bool) -> Result<()> {
+pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> {
+    let bucket = args.store.bucket.clone();
     let (store, index) = (stack.store.clone(), stack.index.clone());
     let session = SessionPath::parse(&args.session)?;
     let mountpoint = check_mountpoint(&args.mountpoint, args.allow_non_empty)?;

@@ -93,6 +93,8 @@ pub struct ServeArgs {
     pub read_timeout_secs: u64,
     #[command(flatten)]
     pub writeback: Policy,
+    #[command(flatten)]
+    pub store: crate::store_args::StoreArgs,
 }
 
 /// `X-Container-ID`: `CONTAINER_ID`, else the host name.
@@ -122,8 +124,8 @@ fn build_info() -> BuildInfo {
     }
 }
 
-pub async fn serve(args: ServeArgs, bucket: &str, stack: LocalStack, quiet: bool) -> Result<()> {
-    let bucket = bucket.to_owned();
+pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()> {
+    let bucket = args.store.bucket.clone();
     sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
         args.read_timeout_secs,
     ));

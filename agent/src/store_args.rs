@@ -16,38 +16,38 @@ use sessionfs_core::store::{StoreConfig, StoreKind};
 pub struct StoreArgs {
     /// Which store holds the sessions: `local` (a directory, the default) or
     /// `s3`. Defaults to `s3` when an S3 endpoint is configured.
-    #[arg(long, env = "SESSIONFS_STORE", value_parser = ["local", "s3"], global = true)]
+    #[arg(long, env = "SESSIONFS_STORE", value_parser = ["local", "s3"])]
     pub store: Option<String>,
 
     /// Directory of the local store.
     /// [default: $XDG_DATA_HOME/sessionfs/store or ~/.local/share/sessionfs/store]
-    #[arg(long, env = "SESSIONFS_STORE_DIR", value_name = "DIR", global = true)]
+    #[arg(long, env = "SESSIONFS_STORE_DIR", value_name = "DIR")]
     pub store_dir: Option<PathBuf>,
 
     /// Bucket holding `{sessionPath}/session.tar.gz` objects.
-    #[arg(long, env = "MINIO_BUCKET", default_value = "sessions", global = true)]
+    #[arg(long, env = "MINIO_BUCKET", default_value = "sessions")]
     pub bucket: String,
 
     /// Full S3 endpoint URL (e.g. `https://ACCOUNT.r2.cloudflarestorage.com`);
     /// overrides MINIO_ENDPOINT. Without either, AWS_ENDPOINT_URL or AWS itself.
-    #[arg(long, env = "SESSIONFS_S3_ENDPOINT", value_name = "URL", global = true)]
+    #[arg(long, env = "SESSIONFS_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
 
     /// MinIO/S3 host name, as the storage worker configures it.
-    #[arg(long, env = "MINIO_ENDPOINT", value_name = "HOST", global = true)]
+    #[arg(long, env = "MINIO_ENDPOINT", value_name = "HOST")]
     pub minio_endpoint: Option<String>,
 
     /// Port for MINIO_ENDPOINT [default: 9000].
-    #[arg(long, env = "MINIO_PORT", value_name = "PORT", global = true)]
+    #[arg(long, env = "MINIO_PORT", value_name = "PORT")]
     pub minio_port: Option<u16>,
 
     /// Use https for MINIO_ENDPOINT.
     #[arg(long, env = "MINIO_USE_SSL", value_parser = BoolishValueParser::new(),
-          action = ArgAction::Set, default_value = "false", global = true)]
+          action = ArgAction::Set, default_value = "false")]
     pub minio_use_ssl: bool,
 
     /// S3 access key; without it the standard AWS chain (AWS_ACCESS_KEY_ID, profiles, …).
-    #[arg(long, env = "MINIO_ROOT_USER", value_name = "KEY", global = true)]
+    #[arg(long, env = "MINIO_ROOT_USER", value_name = "KEY")]
     pub s3_access_key: Option<String>,
 
     /// S3 secret key.
@@ -55,28 +55,22 @@ pub struct StoreArgs {
         long,
         env = "MINIO_ROOT_PASSWORD",
         value_name = "SECRET",
-        hide_env_values = true,
-        global = true
+        hide_env_values = true
     )]
     pub s3_secret_key: Option<String>,
 
     /// S3 region; `auto` for R2. [default: the AWS chain's, else us-east-1]
-    #[arg(
-        long,
-        env = "SESSIONFS_S3_REGION",
-        value_name = "REGION",
-        global = true
-    )]
+    #[arg(long, env = "SESSIONFS_S3_REGION", value_name = "REGION")]
     pub s3_region: Option<String>,
 
     /// Attempts per S3 request, the first included, with jittered exponential backoff.
     #[arg(long, env = "SESSIONFS_S3_MAX_ATTEMPTS", default_value_t = 5,
-          value_parser = crate::arg_ranges::attempts, global = true)]
+          value_parser = crate::arg_ranges::attempts)]
     pub s3_max_attempts: u32,
 
     /// Seconds to wait for an S3 connection, then for a response to start.
     #[arg(long, env = "SESSIONFS_S3_TIMEOUT", value_name = "SECS", default_value_t = 60,
-          value_parser = crate::arg_ranges::store_timeout, global = true)]
+          value_parser = crate::arg_ranges::store_timeout)]
     pub s3_timeout: u64,
 
     /// `--quiet`, which also silences the note on the local store chosen by default.

@@ -174,7 +174,7 @@ fn the_local_store_is_the_default_without_s3_settings_and_says_so_once() {
     assert!(said.contains("using the local store in"), "{said}");
     // Chosen on purpose, or asked to be quiet: no note.
     for args in [
-        &["--store", "local", "store", "check"][..],
+        &["store", "check", "--store", "local"][..],
         &["-q", "store", "check"],
     ] {
         let out = sessionfs(args, &[]);
@@ -190,18 +190,18 @@ fn the_local_store_is_the_default_without_s3_settings_and_says_so_once() {
 
 #[test]
 fn bad_arguments_are_refused_with_a_clear_error() {
-    let out = sessionfs(&["--minio-port", "not-a-port", "store", "check"], &[]);
+    let out = sessionfs(&["store", "check", "--minio-port", "not-a-port"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("not-a-port"), "{}", text(&out));
 
-    let out = sessionfs(&["--store", "ftp", "store", "check"], &[]);
+    let out = sessionfs(&["store", "check", "--store", "ftp"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 
-    let out = sessionfs(&["--bucket", "Bad_Bucket", "store", "check"], &[]);
+    let out = sessionfs(&["store", "check", "--bucket", "Bad_Bucket"], &[]);
     assert!(!out.status.success());
     assert!(text(&out).contains("invalid bucket name"), "{}", text(&out));
 
-    let out = sessionfs(&["--s3-max-attempts", "0", "store", "check"], &[]);
+    let out = sessionfs(&["store", "check", "--s3-max-attempts", "0"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 
     let out = sessionfs(&["no-such-command"], &[]);
@@ -256,10 +256,22 @@ fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
             .unwrap();
         assert!(line.contains("(not built yet)"), "{line}");
     }
-    assert!(
-        help.contains("\nObject store (flags or environment):\n"),
-        "{help}"
-    );
+    // Store flags only where a command uses the store, under their heading.
+    assert!(!help.contains("--bucket"), "{help}");
+    for (cmd, uses_store) in [
+        (&["ls", "--help"][..], true),
+        (&["mount", "--help"], true),
+        (&["store", "check", "--help"], true),
+        (&["pack", "--help"], false),
+        (&["umount", "--help"], false),
+    ] {
+        let help = text(&sessionfs(cmd, &[]));
+        assert_eq!(
+            help.contains("\nObject store (flags or environment):\n") && help.contains("--bucket"),
+            uses_store,
+            "{cmd:?}:\n{help}"
+        );
+    }
     // --version names the commit it was built from.
     let version = text(&sessionfs(&["--version"], &[]));
     let commit = version

@@ -116,10 +116,9 @@ async fn a_writer_killed_mid_upload_leaves_the_old_object_whole_and_its_leftover
     }
     let push = |from: &std::path::Path| {
         let mut c = std::process::Command::new(sessionfs_tests::sessionfs_bin());
-        c.args(["--quiet", "--store", "local", "--store-dir"])
+        c.args(["--quiet", "push", "--store", "local", "--store-dir"])
             .arg(&store_dir)
             .env("SESSIONFS_CACHE_DIR", dir.path().join("cache"))
-            .arg("push")
             .arg(from)
             .args(["crash", "--force"]);
         c

@@ -311,9 +311,9 @@ async fn pull_never_writes_outside_the_destination() {
             .unwrap();
         let dest = f.dir.path().join("deep/dest").join(how);
         let out = Command::new(sessionfs_bin())
-            .args(["--quiet", "--store", "local", "--store-dir"])
+            .args(["--quiet", "pull", "--store", "local", "--store-dir"])
             .arg(f.dir.path().join("store"))
-            .args(["pull", &session])
+            .arg(&session)
             .arg(&dest)
             .output()
             .unwrap();
