@@ -55,7 +55,9 @@ start() {
 {"identities":[{"name":"sessionfs","credentials":[{"accessKey":"$KEY","secretKey":"$SECRET"}],
   "actions":["Admin","Read","List","Tagging","Write"]}]}
 EOF
-  # Every listener on loopback; no telemetry; small volumes so many buckets fit on the disk.
+  # Every listener on loopback; no telemetry; small volumes so many buckets fit on the disk;
+  # replaced and deleted objects reclaimed every 2 minutes, so a long suite's garbage never
+  # fills a small disk.
   # -s3.config makes it enforce SigV4 (without it any key is accepted); logs and local sockets stay in STATE_DIR.
   nohup "$TOOLS_DIR/venv/bin/weed" -logdir="$STATE_DIR" mini -dir="$STATE_DIR/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -s3.port="$PORT" -s3.config="$STATE_DIR/s3.json" \
@@ -63,6 +65,7 @@ EOF
     -s3.allowDeleteBucketNotEmpty=false \
     -master.telemetry=false -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
     -volume.max=1000 -master.volumeSizeLimitMB=64 \
+    -master.vacuumIntervalSeconds=120 -master.garbageThreshold=0.2 \
     > "$STATE_DIR/weed.log" 2>&1 &
   echo $! > "$STATE_DIR/weed.pid"
   for _ in $(seq 1 120); do

@@ -7,6 +7,8 @@ use sessionfs_core::overlay::registry::RegistryError;
 use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::store::StoreError;
 
+use crate::schema::ErrorCode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("invalid session path: {0}")]
@@ -49,26 +51,26 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::InvalidSessionPath(_) => "invalid_session_path",
-            ApiError::InvalidFilePath(_) => "invalid_file_path",
-            ApiError::SessionNotFound(_) => "session_not_found",
-            ApiError::FileNotFound { .. } => "file_not_found",
-            ApiError::InvalidRequest(_) => "invalid_request",
-            ApiError::InvalidTarball(_) => "invalid_tarball",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
-            ApiError::RangeNotSatisfiable(..) => "range_not_satisfiable",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::ReadOnly => "read_only",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::NoRoute(_) => "not_found",
-            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::UploadFailed(_) => "upload_failed",
-            ApiError::DownloadFailed(_) => "download_failed",
-            ApiError::InsufficientStorage(_) => "insufficient_storage",
-            ApiError::StoreUnavailable(_) => "store_unavailable",
-            ApiError::Internal(_) => "internal_error",
+            ApiError::InvalidSessionPath(_) => ErrorCode::InvalidSessionPath,
+            ApiError::InvalidFilePath(_) => ErrorCode::InvalidFilePath,
+            ApiError::SessionNotFound(_) => ErrorCode::SessionNotFound,
+            ApiError::FileNotFound { .. } => ErrorCode::FileNotFound,
+            ApiError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            ApiError::InvalidTarball(_) => ErrorCode::InvalidTarball,
+            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ApiError::RangeNotSatisfiable(..) => ErrorCode::RangeNotSatisfiable,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
+            ApiError::ReadOnly => ErrorCode::ReadOnly,
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::NoRoute(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed { .. } => ErrorCode::MethodNotAllowed,
+            ApiError::UploadFailed(_) => ErrorCode::UploadFailed,
+            ApiError::DownloadFailed(_) => ErrorCode::DownloadFailed,
+            ApiError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
+            ApiError::StoreUnavailable(_) => ErrorCode::StoreUnavailable,
+            ApiError::Internal(_) => ErrorCode::InternalError,
         }
     }
 

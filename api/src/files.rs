@@ -21,7 +21,8 @@ use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
 
 use crate::error::ApiError;
-use crate::{blocking, AppState};
+use crate::openapi::{FileParam, SessionParam};
+use crate::{blocking, schema, AppState};
 
 /// Bytes read per step of a streamed answer.
 const CHUNK: u64 = 1 << 20;
@@ -62,16 +63,34 @@ fn on_session<T>(
     }
 }
 
+#[utoipa::path(get, operation_id = "listFiles", path = "/api/storage-worker/sessions/{sessionPath}/files",
+    summary = "List the session's regular files",
+    params(SessionParam),
+    responses((status = 200, description = "the files", body = schema::FileList),
+        (status = 400, description = "invalid_session_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 404, description = "session_not_found", body = schema::ErrorBody),
+        (status = 409, description = "conflict: another process on this host holds the session", body = schema::ErrorBody),
+        (status = 500, description = "internal_error", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn list(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
     let live = open(st, s).await?;
     let files = blocking(move || Ok(live.list_files())).await?;
-    let out: Vec<_> = files
-        .iter()
-        .map(|f| serde_json::json!({ "path": f.path, "size": f.size }))
+    let files: Vec<_> = files
+        .into_iter()
+        .map(|f| schema::FileEntry {
+            path: f.path,
+            size: f.size,
+        })
         .collect();
-    Ok(st.json(
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({ "sessionPath": s.as_str(), "count": out.len(), "files": out }),
+        &schema::FileList {
+            session_path: s.to_string(),
+            count: files.len(),
+            files,
+            container_id: st.container(),
+        },
     ))
 }
 
@@ -156,6 +175,21 @@ fn range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ApiError>
     Ok(Some((start, end)))
 }
 
+#[utoipa::path(method(get, head), operation_id = "readFile", path = "/api/storage-worker/sessions/{sessionPath}/files/{filePath}",
+    summary = "Read a file (a single Range is honoured); HEAD: its headers only",
+    params(SessionParam, FileParam,
+        ("Range" = Option<String>, Header, description = "one range, e.g. bytes=0-99"),
+        ("If-None-Match" = Option<String>, Header, description = "an ETag from an earlier answer")),
+    responses((status = 200, description = "the bytes, Content-Type from the name", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "the range asked for"),
+        (status = 304, description = "If-None-Match matched"),
+        (status = 400, description = "invalid_session_path or invalid_file_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 404, description = "session_not_found or file_not_found", body = schema::ErrorBody),
+        (status = 409, description = "conflict: a directory at the path, or the session held elsewhere", body = schema::ErrorBody),
+        (status = 416, description = "range_not_satisfiable", body = schema::ErrorBody),
+        (status = 500, description = "download_failed", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn read(
     st: &AppState,
     s: &SessionPath,
@@ -277,6 +311,19 @@ pub async fn read(
     Ok(r)
 }
 
+#[utoipa::path(put, operation_id = "writeFile", path = "/api/storage-worker/sessions/{sessionPath}/files/{filePath}",
+    summary = "Create or replace a file (creates the session and directories)",
+    params(SessionParam, FileParam),
+    request_body(description = "the file's bytes", content((Vec<u8> = "*/*"))),
+    responses((status = 200, description = "written", body = schema::FileWritten),
+        (status = 400, description = "invalid_session_path or invalid_file_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 403, description = "read_only", body = schema::ErrorBody),
+        (status = 409, description = "conflict: a directory is in the way", body = schema::ErrorBody),
+        (status = 413, description = "payload_too_large", body = schema::ErrorBody),
+        (status = 500, description = "upload_failed", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody),
+        (status = 507, description = "insufficient_storage", body = schema::ErrorBody)))]
 pub async fn write(
     st: &AppState,
     s: &SessionPath,
@@ -299,17 +346,29 @@ pub async fn write(
         )
     })
     .await?;
-    Ok(st.json(
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({
-            "success": true,
-            "sessionPath": s.as_str(),
-            "filePath": path,
-            "size": size,
-        }),
+        &schema::FileWritten {
+            success: true,
+            session_path: s.to_string(),
+            file_path: path.to_owned(),
+            size,
+            container_id: st.container(),
+        },
     ))
 }
 
+#[utoipa::path(delete, operation_id = "deleteFile", path = "/api/storage-worker/sessions/{sessionPath}/files/{filePath}",
+    summary = "Delete a file",
+    params(SessionParam, FileParam),
+    responses((status = 200, description = "deleted", body = schema::FileDeleted),
+        (status = 400, description = "invalid_session_path or invalid_file_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 403, description = "read_only", body = schema::ErrorBody),
+        (status = 404, description = "session_not_found or file_not_found", body = schema::ErrorBody),
+        (status = 409, description = "conflict: a directory at the path, or the session held elsewhere", body = schema::ErrorBody),
+        (status = 500, description = "upload_failed", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn delete(st: &AppState, s: &SessionPath, path: &str) -> Result<Response, ApiError> {
     if st.registry.read_only() {
         return Err(ApiError::ReadOnly);
@@ -328,9 +387,14 @@ pub async fn delete(st: &AppState, s: &SessionPath, path: &str) -> Result<Respon
         )
     })
     .await?;
-    Ok(st.json(
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({ "success": true, "sessionPath": s.as_str(), "filePath": path }),
+        &schema::FileDeleted {
+            success: true,
+            session_path: s.to_string(),
+            file_path: path.to_owned(),
+            container_id: st.container(),
+        },
     ))
 }
 

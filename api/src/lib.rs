@@ -20,6 +20,7 @@ pub mod files;
 pub mod metrics;
 pub mod openapi;
 pub mod paths;
+pub mod schema;
 pub mod sessions;
 
 use std::future::Future;
@@ -97,15 +98,12 @@ impl AppState {
         if e.status().is_server_error() {
             tracing::error!("{e}");
         }
-        let mut r = (
-            e.status(),
-            axum::Json(serde_json::json!({
-                "error": e.code(),
-                "message": printable(&e.to_string()),
-                "containerId": self.config.container_id,
-            })),
-        )
-            .into_response();
+        let body = schema::ErrorBody {
+            error: e.code(),
+            message: printable(&e.to_string()),
+            container_id: self.container(),
+        };
+        let mut r = (e.status(), axum::Json(body)).into_response();
         match &e {
             ApiError::StoreUnavailable(_) => {
                 r.headers_mut()
@@ -127,6 +125,19 @@ impl AppState {
             _ => {}
         }
         r
+    }
+
+    /// One of the documented answers (`schema.rs`).
+    pub fn reply<T: serde::Serialize>(&self, status: StatusCode, body: &T) -> Response {
+        match serde_json::to_value(body) {
+            Ok(v) => self.json(status, v),
+            Err(e) => self.error(ApiError::Internal(format!("encoding the answer: {e}"))),
+        }
+    }
+
+    /// This server's `containerId`.
+    pub fn container(&self) -> String {
+        self.config.container_id.clone()
     }
 
     /// A JSON answer with `containerId` added.
@@ -160,13 +171,19 @@ fn printable(m: &str) -> String {
 #[derive(Clone, Copy)]
 struct RouteLabel(&'static str);
 
+/// The routes of the router itself (the storage-worker ones are
+/// [`paths::Route`]s, dispatched by the fallback); all answer GET, and so
+/// (axum) HEAD.
+pub const FIXED_ROUTES: [&str; 4] = ["/health", "/ready", "/openapi.json", "/metrics"];
+
 /// The whole API.
 pub fn router(state: Arc<AppState>) -> Router {
+    let [health_at, ready_at, openapi_at, metrics_at] = FIXED_ROUTES;
     Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/openapi.json", get(openapi_doc))
-        .route("/metrics", get(metrics_text))
+        .route(health_at, get(health))
+        .route(ready_at, get(ready))
+        .route(openapi_at, get(openapi_doc))
+        .route(metrics_at, get(metrics_text))
         .fallback(dispatch)
         .layer(axum::middleware::from_fn_with_state(state.clone(), around))
         .with_state(state)
@@ -237,22 +254,25 @@ fn with_label(mut r: Response, label: &'static str) -> Response {
     r
 }
 
+#[utoipa::path(method(get, head), path = "/health", summary = "Health and build information", security(()),
+    responses((status = 200, description = "the process answers", body = schema::Health)))]
 async fn health(State(st): State<Arc<AppState>>) -> Response {
     let b = &st.config.build;
-    st.json(
+    st.reply(
         StatusCode::OK,
-        serde_json::json!({
-            "status": "ok",
-            "service": "storage-worker",
-            "implementation": "sessionfs",
-            "version": b.version,
-            "build": {
-                "commitSha": b.commit,
-                "timestamp": b.built_at,
-                "version": b.version,
+        &schema::Health {
+            status: "ok".into(),
+            service: "storage-worker".into(),
+            implementation: "sessionfs".into(),
+            version: b.version.into(),
+            build: schema::Build {
+                commit_sha: b.commit.clone(),
+                timestamp: b.built_at.clone(),
+                version: b.version.into(),
             },
-            "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        }),
+            container_id: st.container(),
+            timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        },
     )
 }
 
@@ -262,6 +282,10 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Ready when the store answers a one-key listing of the bucket: what a load
 /// balancer or an orchestrator asks before sending traffic. `/health` says
 /// only that the process answers.
+#[utoipa::path(method(get, head), path = "/ready", summary = "Whether the object store answers (for load balancers and orchestrators)",
+    security(()),
+    responses((status = 200, description = "the store answers", body = schema::Ready),
+        (status = 503, description = "store_unavailable: the store did not answer a listing within 5 s", body = schema::ErrorBody)))]
 async fn ready(State(st): State<Arc<AppState>>) -> Response {
     let probe = st
         .registry
@@ -274,12 +298,13 @@ async fn ready(State(st): State<Arc<AppState>>) -> Response {
         });
     let why = match tokio::time::timeout(READY_TIMEOUT, probe).await {
         Ok(Ok(_)) => {
-            return st.json(
+            return st.reply(
                 StatusCode::OK,
-                serde_json::json!({
-                    "status": "ready",
-                    "store": st.registry.store().describe(),
-                }),
+                &schema::Ready {
+                    status: "ready".into(),
+                    store: st.registry.store().describe(),
+                    container_id: st.container(),
+                },
             )
         }
         Ok(Err(e)) => e.to_string(),
@@ -288,10 +313,16 @@ async fn ready(State(st): State<Arc<AppState>>) -> Response {
     st.error(ApiError::StoreUnavailable(why))
 }
 
+#[utoipa::path(method(get, head), path = "/openapi.json", summary = "This document",
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody)))]
 async fn openapi_doc() -> Response {
     axum::Json(openapi::document()).into_response()
 }
 
+#[utoipa::path(method(get, head), path = "/metrics", summary = "Prometheus metrics",
+    responses((status = 200, description = "text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody)))]
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
     let cache = st.cache.as_ref().map(|c| c.stats()).unwrap_or_default();
     let store = st
@@ -350,13 +381,7 @@ async fn dispatch(State(st): State<Arc<AppState>>, req: Request) -> Response {
         (Route::File(s, p), &Method::DELETE) => files::delete(&st, &s, &p).await,
         (route, _) => Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
-            allow: match route {
-                Route::Sessions | Route::Files(_) => "GET",
-                Route::BulkDelete | Route::Upload(_) => "POST",
-                Route::Session(_) => "GET, HEAD, DELETE",
-                Route::Download(_) => "GET, HEAD",
-                Route::File(..) => "GET, HEAD, PUT, DELETE",
-            },
+            allow: route.allowed(),
         }),
     };
     let resp = match result {

@@ -32,6 +32,34 @@ pub enum Route {
 }
 
 impl Route {
+    /// The methods the route answers (the `Allow` of a 405); the OpenAPI
+    /// document lists exactly these (a unit test in `openapi.rs` checks).
+    pub fn allowed(&self) -> &'static str {
+        match self {
+            Route::Sessions | Route::Files(_) => "GET",
+            Route::BulkDelete => "POST",
+            Route::Upload(_) => "POST, PUT",
+            Route::Session(_) => "GET, HEAD, DELETE",
+            Route::Download(_) => "GET, HEAD",
+            Route::File(..) => "GET, HEAD, PUT, DELETE",
+        }
+    }
+
+    /// One route of each kind.
+    #[cfg(test)]
+    pub fn one_of_each() -> Vec<Route> {
+        let s = || SessionPath::parse("o__r__b").unwrap();
+        vec![
+            Route::Sessions,
+            Route::BulkDelete,
+            Route::Session(s()),
+            Route::Upload(s()),
+            Route::Download(s()),
+            Route::Files(s()),
+            Route::File(s(), "workspace/a".into()),
+        ]
+    }
+
     /// The route's template, the label of its metrics.
     pub fn template(&self) -> &'static str {
         match self {

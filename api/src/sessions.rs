@@ -35,49 +35,87 @@ use sessionfs_core::tarball::TarballError;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ApiError;
-use crate::{blocking, AppState};
+use crate::openapi::SessionParam;
+use crate::{blocking, schema, AppState};
 
 /// Most session paths one bulk delete takes.
 const MAX_BULK: usize = 1000;
 /// Largest JSON body of a bulk delete.
 const MAX_JSON: u64 = 1 << 20;
 
-fn iso(t: Option<SystemTime>) -> serde_json::Value {
-    t.map_or(serde_json::Value::Null, |t| {
-        humantime::format_rfc3339_millis(t).to_string().into()
-    })
+fn iso(t: Option<SystemTime>) -> Option<String> {
+    t.map(|t| humantime::format_rfc3339_millis(t).to_string())
 }
 
-fn describe_json(i: &SessionInfo) -> serde_json::Value {
-    serde_json::json!({
-        "sessionPath": i.name,
-        "createdAt": iso(i.created),
-        "lastModified": iso(i.last_modified),
-        "size": i.size,
-        "etag": i.etag,
-        "pendingChanges": i.pending_changes,
-        "lastWriteBack": i.writeback.as_ref().and_then(|w| w.last.as_ref()).map(|r| r.to_json()),
-        "lastWriteBackError": i.writeback.as_ref().and_then(|w| w.last_error.clone()),
-        "writeBackConflicts": i.writeback.as_ref().map_or(0, |w| w.conflicts),
-    })
+fn describe_json(i: &SessionInfo) -> schema::Session {
+    let wb = i.writeback.as_ref();
+    schema::Session {
+        session_path: i.name.clone(),
+        created_at: iso(i.created),
+        last_modified: iso(i.last_modified),
+        size: i.size,
+        etag: i.etag.clone(),
+        pending_changes: i.pending_changes,
+        last_write_back: wb.and_then(|w| w.last.as_ref()).map(|r| schema::WriteBack {
+            at: humantime::format_rfc3339_millis(r.at).to_string(),
+            etag: r.etag.clone(),
+            full: r.full,
+            changes: r.changes,
+            object_size: r.object_size,
+            uploaded_bytes: r.uploaded,
+            copied_bytes: r.copied,
+            requests: r.requests,
+            seconds: r.seconds,
+        }),
+        last_write_back_error: wb.and_then(|w| w.last_error.clone()),
+        write_back_conflicts: wb.map_or(0, |w| w.conflicts),
+        container_id: None,
+    }
 }
 
+#[utoipa::path(get, operation_id = "listSessions", path = "/api/storage-worker/sessions", summary = "List all sessions",
+    responses((status = 200, description = "the sessions", body = schema::SessionList),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 500, description = "internal_error", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn list(st: &AppState) -> Result<Response, ApiError> {
     let sessions = st.registry.list().await?;
-    let out: Vec<_> = sessions.iter().map(describe_json).collect();
-    Ok(st.json(
+    let sessions: Vec<_> = sessions.iter().map(describe_json).collect();
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({ "count": out.len(), "sessions": out }),
+        &schema::SessionList {
+            count: sessions.len(),
+            sessions,
+            container_id: st.container(),
+        },
     ))
 }
 
+#[utoipa::path(get, operation_id = "getSession", path = "/api/storage-worker/sessions/{sessionPath}", summary = "Session metadata",
+    params(SessionParam),
+    responses((status = 200, description = "the session", body = schema::Session),
+        (status = 400, description = "invalid_session_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 404, description = "session_not_found", body = schema::ErrorBody),
+        (status = 409, description = "conflict: another process on this host holds the session", body = schema::ErrorBody),
+        (status = 500, description = "internal_error", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn describe(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
     match st.registry.info(s).await? {
-        Some(info) => Ok(st.json(StatusCode::OK, describe_json(&info))),
+        Some(info) => {
+            let mut one = describe_json(&info);
+            one.container_id = Some(st.container());
+            Ok(st.reply(StatusCode::OK, &one))
+        }
         None => Err(ApiError::SessionNotFound(s.to_string())),
     }
 }
 
+#[utoipa::path(head, operation_id = "sessionExists", path = "/api/storage-worker/sessions/{sessionPath}", summary = "Whether the session exists",
+    params(SessionParam),
+    responses((status = 200, description = "it exists"), (status = 400, description = "invalid session path"),
+        (status = 401, description = "unauthorized"), (status = 404, description = "it does not"),
+        (status = 503, description = "the store is unavailable")))]
 pub async fn exists(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
     if st.registry.exists(s).await? {
         Ok(Response::new(Body::empty()))
@@ -94,29 +132,51 @@ fn writable(st: &AppState) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(delete, operation_id = "deleteSession", path = "/api/storage-worker/sessions/{sessionPath}",
+    summary = "Delete the session (object and local changes)",
+    params(SessionParam),
+    responses((status = 200, description = "deleted", body = schema::Deleted),
+        (status = 400, description = "invalid_session_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 403, description = "read_only", body = schema::ErrorBody),
+        (status = 404, description = "session_not_found", body = schema::ErrorBody),
+        (status = 409, description = "conflict: the session is mounted here", body = schema::ErrorBody),
+        (status = 500, description = "internal_error", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn delete(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
     writable(st)?;
     let (registry, name) = (st.registry.clone(), s.clone());
     if !blocking(move || registry.delete(&name).map_err(ApiError::from)).await? {
         return Err(ApiError::SessionNotFound(s.to_string()));
     }
-    Ok(st.json(
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({ "sessionPath": s.as_str(), "deleted": true }),
+        &schema::Deleted {
+            session_path: s.to_string(),
+            deleted: true,
+            container_id: st.container(),
+        },
     ))
 }
 
 /// `{"sessionPaths": [...]}` → one result per path, in order.
+#[utoipa::path(post, operation_id = "bulkDeleteSessions", path = "/api/storage-worker/sessions/bulk-delete", summary = "Delete several sessions",
+    request_body = schema::BulkDeleteRequest,
+    responses((status = 200, description = "one result per path", body = schema::BulkDeleted),
+        (status = 400, description = "invalid_request", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 403, description = "read_only", body = schema::ErrorBody),
+        (status = 413, description = "payload_too_large", body = schema::ErrorBody),
+        (status = 500, description = "internal_error", body = schema::ErrorBody)))]
 pub async fn bulk_delete(st: &AppState, req: Request) -> Result<Response, ApiError> {
     writable(st)?;
     let body = crate::read_body(req.into_body(), MAX_JSON).await?;
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidRequest(format!("the body is not JSON: {e}")))?;
-    let Some(paths) = v.get("sessionPaths").and_then(|p| p.as_array()) else {
-        return Err(ApiError::InvalidRequest(
-            "sessionPaths must be an array".into(),
-        ));
-    };
+    let asked: schema::BulkDeleteRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "the body is not {{\"sessionPaths\": [strings]}}: {e}"
+        ))
+    })?;
+    let paths = asked.session_paths;
     if paths.len() > MAX_BULK {
         return Err(ApiError::InvalidRequest(format!(
             "at most {MAX_BULK} session paths per request"
@@ -124,12 +184,8 @@ pub async fn bulk_delete(st: &AppState, req: Request) -> Result<Response, ApiErr
     }
     let mut results = Vec::with_capacity(paths.len());
     let mut deleted = 0;
-    for p in paths {
-        let Some(raw) = p.as_str() else {
-            return Err(ApiError::InvalidRequest(
-                "sessionPaths must hold strings".into(),
-            ));
-        };
+    for raw in &paths {
+        let raw = raw.as_str();
         let outcome = match SessionPath::parse(raw) {
             Err(e) => Err(ApiError::InvalidSessionPath(e.reason.to_string())),
             Ok(s) => {
@@ -144,23 +200,29 @@ pub async fn bulk_delete(st: &AppState, req: Request) -> Result<Response, ApiErr
         results.push(match outcome {
             Ok(()) => {
                 deleted += 1;
-                serde_json::json!({ "sessionPath": raw, "deleted": true })
+                schema::BulkResult {
+                    session_path: raw.to_owned(),
+                    deleted: true,
+                    error: None,
+                    message: None,
+                }
             }
-            Err(e) => serde_json::json!({
-                "sessionPath": raw,
-                "deleted": false,
-                "error": e.code(),
-                "message": e.to_string(),
-            }),
+            Err(e) => schema::BulkResult {
+                session_path: raw.to_owned(),
+                deleted: false,
+                error: Some(e.code()),
+                message: Some(e.to_string()),
+            },
         });
     }
-    Ok(st.json(
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({
-            "deletedCount": deleted,
-            "sessionPaths": paths,
-            "results": results,
-        }),
+        &schema::BulkDeleted {
+            deleted_count: deleted,
+            session_paths: paths,
+            results,
+            container_id: st.container(),
+        },
     ))
 }
 
@@ -184,6 +246,21 @@ where
     Ok(n)
 }
 
+#[utoipa::path(method(post, put), operation_id = "uploadSession", path = "/api/storage-worker/sessions/{sessionPath}/upload",
+    summary = "Replace the session with a tar.gz (raw body or multipart field `tarball`)",
+    params(SessionParam),
+    request_body(description = "a tar.gz", content(
+        (Vec<u8> = "application/gzip"), (Vec<u8> = "application/octet-stream"),
+        (UploadForm = "multipart/form-data"))),
+    responses((status = 200, description = "stored", body = schema::Uploaded),
+        (status = 400, description = "invalid_session_path, invalid_request or invalid_tarball", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 403, description = "read_only", body = schema::ErrorBody),
+        (status = 409, description = "conflict: the session is mounted here", body = schema::ErrorBody),
+        (status = 413, description = "payload_too_large: the body or its inflated size is over the limit", body = schema::ErrorBody),
+        (status = 500, description = "upload_failed", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody),
+        (status = 507, description = "insufficient_storage", body = schema::ErrorBody)))]
 pub async fn upload(st: &AppState, s: &SessionPath, req: Request) -> Result<Response, ApiError> {
     writable(st)?;
     if st.registry.get(s).is_some_and(|l| l.is_watched()) {
@@ -254,16 +331,17 @@ pub async fn upload(st: &AppState, s: &SessionPath, req: Request) -> Result<Resp
             .map_err(ApiError::upload)
     })
     .await?;
-    Ok(st.json(
+    Ok(st.reply(
         StatusCode::OK,
-        serde_json::json!({
-            "sessionPath": s.as_str(),
-            "uploaded": true,
-            "size": size,
-            "etag": etag,
-            "entries": entries,
-            "format": format,
-        }),
+        &schema::Uploaded {
+            session_path: s.to_string(),
+            uploaded: true,
+            size,
+            etag,
+            entries,
+            format,
+            container_id: st.container(),
+        },
     ))
 }
 
@@ -272,7 +350,7 @@ pub async fn upload(st: &AppState, s: &SessionPath, req: Request) -> Result<Resp
 fn check_tarball(
     path: &std::path::Path,
     max_tar_size: u64,
-) -> Result<(usize, &'static str), ApiError> {
+) -> Result<(usize, schema::UploadFormat), ApiError> {
     let file = std::fs::File::open(path).map_err(ApiError::upload)?;
     let limits = Limits {
         max_tar_size,
@@ -323,10 +401,25 @@ fn check_tarball(
         .any(|e| e.p.starts_with(sessionfs_core::tarball::toc::RESERVED_DIR));
     Ok((
         index.entries.len(),
-        if native { "sessionfs" } else { "foreign" },
+        if native {
+            schema::UploadFormat::Sessionfs
+        } else {
+            schema::UploadFormat::Foreign
+        },
     ))
 }
 
+#[utoipa::path(method(get, head), operation_id = "downloadSession", path = "/api/storage-worker/sessions/{sessionPath}/download",
+    summary = "The session as tar.gz, with changes not yet written back; HEAD: its headers only",
+    params(SessionParam),
+    responses((status = 200, description = "the tarball", content_type = "application/gzip", body = Vec<u8>,
+            headers(("ETag" = String), ("Content-Length" = u64), ("Content-Disposition" = String))),
+        (status = 400, description = "invalid_session_path", body = schema::ErrorBody),
+        (status = 401, description = "unauthorized", body = schema::ErrorBody),
+        (status = 404, description = "session_not_found", body = schema::ErrorBody),
+        (status = 409, description = "conflict: another process on this host holds the session", body = schema::ErrorBody),
+        (status = 500, description = "download_failed", body = schema::ErrorBody),
+        (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn download(
     st: &AppState,
     s: &SessionPath,
@@ -461,4 +554,12 @@ fn tarball_response(s: &SessionPath, size: u64, etag: &str, body: Body) -> Respo
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     r
+}
+
+/// The multipart form of an upload.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    #[schema(format = Binary, value_type = String)]
+    tarball: Vec<u8>,
 }
