@@ -85,6 +85,9 @@ enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
     /// Serve the storage-worker HTTP API and, with --mount-root, mount every session.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs serve --port 3000\n  SESSIONFS_API_TOKEN=… sessionfs serve --bind 0.0.0.0\n  sessionfs serve --mount-root /srv/sessions --allow-other"
+    )]
     Serve(serve_cmd::ServeArgs),
     /// Mount one session as a read-write directory.
     #[command(
@@ -104,6 +107,7 @@ enum Command {
     /// (not built yet) Keep a plain local directory in sync with a session (hosts without FUSE).
     Sync(Pending),
     /// Pack a directory into a seekable session tarball file.
+    #[command(after_long_help = "Example:\n  sessionfs pack ./checkout -o session.tar.gz")]
     Pack {
         /// The directory to pack (its contents become the session's root).
         dir: PathBuf,
@@ -206,6 +210,9 @@ enum Command {
         store: StoreArgs,
     },
     /// Write back pending changes now; returns once they are stored.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs flush /workspace\n  sessionfs flush acme__web__main"
+    )]
     Flush {
         /// A mount point (`sessionfs mount`, or a session's directory under
         /// `serve --mount-root`), or a session path: the process holding
@@ -220,6 +227,9 @@ enum Command {
     },
     /// Write-back state: pending changes, the last write-back, the last
     /// error, conflicts (of a mount), or what a session's overlay holds.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs status /workspace\n  sessionfs status acme__web__main --json"
+    )]
     Status {
         /// A mount point, or a session path.
         target: String,
@@ -265,6 +275,9 @@ impl Command {
 enum StoreCommand {
     /// Verify the configured store end to end: credentials, bucket, and a
     /// conditional put / get / delete round trip.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs store check\n  sessionfs store check --s3-endpoint https://s3.example.com --bucket sessions"
+    )]
     Check {
         #[command(flatten)]
         store: StoreArgs,

@@ -256,6 +256,30 @@ fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
             .unwrap();
         assert!(line.contains("(not built yet)"), "{line}");
     }
+    // Every built subcommand's long help ends with examples.
+    for cmd in [
+        &["store", "check"][..],
+        &["pack"],
+        &["push"],
+        &["pull"],
+        &["ls"],
+        &["cat"],
+        &["sessions"],
+        &["mount"],
+        &["umount"],
+        &["serve"],
+        &["flush"],
+        &["status"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let help = text(&sessionfs(&args, &[]));
+        assert!(help.contains("\nExample"), "{cmd:?}:\n{help}");
+        assert!(
+            help.contains(&format!("  sessionfs {}", cmd.join(" "))),
+            "{cmd:?}:\n{help}"
+        );
+    }
     // Store flags only where a command uses the store, under their heading.
     assert!(!help.contains("--bucket"), "{help}");
     for (cmd, uses_store) in [
