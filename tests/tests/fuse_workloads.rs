@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -194,13 +194,26 @@ const OBJECT_FILES: u64 = 300;
 fn write_until_failure(dir: &Path, acked: &Mutex<Vec<(String, Vec<u8>)>>) {
     for i in 0u64.. {
         let name = format!("f{i:05}");
-        let data = sessionfs_tests::pattern(1 + (i as usize * 7919) % (200 << 10), i).to_vec();
+        // A quarter of the object files patched in place: 64 bytes in the
+        // middle, every other byte is what the copy-up fetched.
+        let patch = i % 4 == 3 && i < OBJECT_FILES;
+        let data = if patch {
+            let mut d = sessionfs_tests::pattern(3000 + i as usize * 13, 1_000_000 + i).to_vec();
+            d[100..164].copy_from_slice(&sessionfs_tests::pattern(64, i));
+            d
+        } else {
+            sessionfs_tests::pattern(1 + (i as usize * 7919) % (200 << 10), i).to_vec()
+        };
         let result = (|| {
-            // A third replaced (create + truncate), a third rewritten in
-            // place over what was there (a copy-up of an object file, then a
-            // truncation to the new length), a third saved as editors do
-            // (temp + rename).
-            if i % 3 == 0 {
+            // The rest replaced (create + truncate), rewritten in place over
+            // what was there (a copy-up of an object file, then a truncation
+            // to the new length), or saved as editors do (temp + rename).
+            if patch {
+                let mut f = OpenOptions::new().write(true).open(dir.join(&name))?;
+                f.seek(std::io::SeekFrom::Start(100))?;
+                f.write_all(&data[100..164])?;
+                f.sync_all()?;
+            } else if i % 3 == 0 {
                 let mut f = File::create(dir.join(&name))?;
                 f.write_all(&data)?;
                 f.sync_all()?;
