@@ -20,7 +20,7 @@ use sessionfs_core::session::SessionPath;
 
 use crate::units::human_bytes;
 use sessionfs_core::store::upload::put_file;
-use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions};
+use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions, StoreError};
 use sessionfs_core::tarball::reader::decode_toc;
 use sessionfs_core::tarball::toc::{
     Kind, Locator, DIGEST_KEY, LOCATOR_LEN, MAX_TOC_RAW, RESERVED_DIR, TOC_PATH,
@@ -128,7 +128,18 @@ pub async fn pull(
     json: bool,
 ) -> Result<()> {
     let key = session.object_key();
-    let mut stream = store.get_stream(&key, GetOptions::default()).await?;
+    let mut stream = match store.get_stream(&key, GetOptions::default()).await {
+        Ok(s) => s,
+        Err(StoreError::NotFound { .. }) => {
+            return Err(crate::inspect::not_found(
+                store.as_ref(),
+                session,
+                "list them with `sessionfs sessions`",
+            )
+            .await)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (size, etag) = (stream.meta.size, stream.meta.etag.clone());
     let bar = if quiet || json {
         ProgressBar::hidden()

@@ -123,6 +123,22 @@ fn store_mistakes_name_the_store_and_say_what_to_do() {
             "sessionfs sessions",
         ],
     );
+    // The same for pull, which creates no destination.
+    let dest = home.path().join("dest");
+    let out = sessionfs(
+        home.path(),
+        &["pull", &s, &dest.display().to_string()],
+        &vars,
+    );
+    refused(
+        &out,
+        1,
+        &[
+            &format!("session {s} not found in s3://"),
+            "sessionfs sessions",
+        ],
+    );
+    assert!(!dest.exists(), "a refused pull made its destination");
     assert!(
         !home.path().join(".local/state/sessionfs/overlays").exists(),
         "a refused command made overlays"
