@@ -86,6 +86,24 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "building"
 cargo build --workspace --all-targets --quiet
 
+log "systemd-analyze verify (units, with this build's binary)"
+verify_units() {
+  local dir; dir="$(mktemp -d)"
+  for unit in systemd/*.service; do
+    sed "s#/usr/local/bin/sessionfs#$PWD/target/debug/sessionfs#" "$unit" > "$dir/$(basename "$unit")"
+  done
+  # It exits 0 on warnings too: anything it says is a failure.
+  local said
+  said="$(cd "$dir" && systemd-analyze verify ./sessionfs-api.service ./sessionfs-root.service \
+    ./sessionfs-mount@owner__repo__main.service 2>&1)"
+  rm -rf "$dir"
+  if [ -n "$said" ]; then
+    printf '%s\n' "$said" >&2
+    return 1
+  fi
+}
+verify_units
+
 log "fuzzing"
 scripts/fuzz.sh
 

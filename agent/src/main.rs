@@ -14,6 +14,7 @@ mod local_stack;
 mod local_time;
 mod mount_cmd;
 mod mount_options;
+mod sd_notify;
 mod serve_cmd;
 mod sessions_cmd;
 mod store_args;

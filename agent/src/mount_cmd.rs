@@ -20,6 +20,7 @@ use sessionfs_core::store::StoreError;
 use sessionfs_fuse::mount::{self, MountSpec};
 
 use crate::local_stack::LocalStack;
+use crate::sd_notify;
 use crate::writeback_loop::{Policy, WriteBack};
 
 #[derive(clap::Args, Debug)]
@@ -270,7 +271,7 @@ pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> 
             Arc::new(gauges),
         ))
     });
-    let served = serve_until_stopped(fuse_session, &mountpoint, quiet).await;
+    let served = serve_until_stopped(fuse_session, &mountpoint, quiet, &live).await;
     if let Some(m) = metrics {
         m.abort();
     }
@@ -344,10 +345,25 @@ async fn serve_until_stopped<FS: fuser::Filesystem + Send + 'static>(
     fuse_session: fuser::Session<FS>,
     mountpoint: &Path,
     quiet: bool,
+    live: &Arc<sessionfs_core::overlay::live::LiveSession>,
 ) -> Result<()> {
     let mut running = spawn(fuse_session, mountpoint)?;
+    // The kernel's requests are being answered from here on.
+    let one = [live.clone()];
+    sd_notify::ready(&format!(
+        "mounted at {}; {}",
+        mountpoint.display(),
+        sd_notify::sessions_status(&one)
+    ));
+    // Both go on until the process exits: through the write-back at the
+    // stop too, which the watchdog must not take for a hang.
+    sd_notify::spawn_status(move || sd_notify::sessions_status(&one));
+    sd_notify::spawn_watchdog();
     tokio::select! {
-        r = stop_signal() => r?,
+        r = stop_signal() => {
+            sd_notify::stopping("unmounting, then writing back pending changes");
+            r?
+        }
         r = &mut running.ended => {
             r.context("the FUSE session thread died")??;
             if !quiet {

@@ -22,6 +22,7 @@ use crate::local_stack::LocalStack;
 use crate::mount_cmd::{
     check_mountpoint, overlay_root, spawn, stop_signal, RESERVE_FILE, STOP_FLUSH,
 };
+use crate::sd_notify;
 use crate::writeback_loop::{Policy, WriteBack};
 
 /// How long requests in flight may take to finish after a stop signal.
@@ -260,6 +261,21 @@ pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()
     if !quiet {
         eprintln!("storage-worker API of {bucket} on http://{addr}");
     }
+    // The listener is bound and served, and the mount root (if any) is
+    // answered by its own thread: ready.
+    let where_ = match &args.mount_root {
+        Some(root) => format!(" and the sessions at {}", root.display()),
+        None => String::new(),
+    };
+    sd_notify::ready(&format!(
+        "API on http://{addr}{where_}; {}",
+        sd_notify::sessions_status(&registry.open_sessions())
+    ));
+    {
+        let registry = registry.clone();
+        sd_notify::spawn_status(move || sd_notify::sessions_status(&registry.open_sessions()));
+    }
+    sd_notify::spawn_watchdog();
     let mount_ended = async {
         match &mut running {
             Some(r) => {
@@ -270,7 +286,10 @@ pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()
     };
     let mut server_done = false;
     tokio::select! {
-        r = stop_signal() => r?,
+        r = stop_signal() => {
+            sd_notify::stopping("finishing requests, unmounting, then writing back pending changes");
+            r?
+        }
         r = &mut server => {
             server_done = true;
             r.context("the HTTP server task failed")?.context("the HTTP server failed")?;
