@@ -16,7 +16,7 @@ install_system_packages() {
   local missing=()
   # fuse3 for the mounts; bsdtar, node and python3 read our objects in the compatibility tests;
   # pigz makes foreign tarballs.
-  for pkg in fuse3 libfuse3-dev pkg-config libarchive-tools nodejs python3 pigz; do
+  for pkg in fuse3 libfuse3-dev pkg-config libarchive-tools nodejs python3 pigz man-db; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

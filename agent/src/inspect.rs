@@ -56,7 +56,7 @@ pub async fn not_found(
 }
 
 /// A reader that went away (`| head`) ends the output, not the command.
-fn quiet_pipe(r: std::io::Result<()>) -> Result<()> {
+pub fn quiet_pipe(r: std::io::Result<()>) -> Result<()> {
     match r {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),

@@ -243,6 +243,17 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Print a shell's completion script for sessionfs.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs completions bash > /etc/bash_completion.d/sessionfs\n  sessionfs completions zsh > \"${fpath[1]}/_sessionfs\"\n  sessionfs completions fish > ~/.config/fish/completions/sessionfs.fish"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), made from the same definitions as --help.
+    #[command(after_long_help = "Example:\n  sessionfs manpage > /usr/share/man/man1/sessionfs.1")]
+    Manpage,
     /// (not built yet) List the stored versions of a session.
     Versions(Pending),
     /// (not built yet) Make an earlier version of a session the current one.
@@ -264,6 +275,8 @@ impl Command {
             | Command::Mount(mount_cmd::MountArgs { store, .. })
             | Command::Serve(serve_cmd::ServeArgs { store, .. }) => Some(store),
             Command::Umount { .. }
+            | Command::Completions { .. }
+            | Command::Manpage
             | Command::Pack { .. }
             | Command::Sync(_)
             | Command::Versions(_)
@@ -547,6 +560,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let session = SessionPath::parse(&target)?;
             let overlay = control::overlay_of(overlay_dir, &store.bucket, &session)?;
             return control::status_session(&session, &overlay, json);
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sessionfs", &mut out);
+            return inspect::quiet_pipe(std::io::Write::write_all(&mut std::io::stdout(), &out));
+        }
+        Command::Manpage => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            return inspect::quiet_pipe(std::io::Write::write_all(&mut std::io::stdout(), &out));
         }
         Command::Versions(_) => "versions",
         Command::Restore(_) => "restore",

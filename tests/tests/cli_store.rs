@@ -331,3 +331,66 @@ fn help_lists_every_subcommand_and_the_pending_ones_say_so() {
         text(&out)
     );
 }
+
+/// Completions and the manual page come from the same definitions as
+/// `--help`: every subcommand is in them, and the shells and man(1) read
+/// them without a complaint.
+#[test]
+fn completions_and_the_manual_page_cover_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let bash = sessionfs(&["completions", "bash"], &[]);
+    assert!(bash.status.success(), "{}", text(&bash));
+    let script = dir.path().join("sessionfs.bash");
+    std::fs::write(&script, &bash.stdout).unwrap();
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    let script = String::from_utf8_lossy(&bash.stdout);
+    for word in [
+        "mount",
+        "sessions",
+        "--allow-non-empty",
+        "--time-style",
+        "--offline",
+    ] {
+        assert!(
+            script.contains(word),
+            "{word} missing from the bash completions"
+        );
+    }
+    for shell in ["zsh", "fish"] {
+        let out = sessionfs(&["completions", shell], &[]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("sessionfs"));
+    }
+    let out = sessionfs(&["completions", "tcsh"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let page = sessionfs(&["manpage"], &[]);
+    assert!(page.status.success(), "{}", text(&page));
+    let file = dir.path().join("sessionfs.1");
+    std::fs::write(&file, &page.stdout).unwrap();
+    let shown = Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(&file)
+        .env("MANWIDTH", "100")
+        .env("MANPAGER", "cat")
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", text(&shown));
+    assert!(
+        shown.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for word in ["SYNOPSIS", "mount", "serve", "sessions", "completions"] {
+        assert!(
+            shown.contains(word),
+            "{word} missing from the page:\n{shown}"
+        );
+    }
+}
