@@ -42,6 +42,15 @@ pub fn attempts(s: &str) -> Result<u32, String> {
     within(s, 1, 20, " attempts").map(|n| n as u32)
 }
 
+/// Permission bits in octal, as chmod takes them (`644`, `0755`).
+pub fn octal_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim();
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode (like 644 or 0755)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +73,7 @@ mod tests {
         assert_eq!(attempts("20"), Ok(20));
         assert_eq!(seconds("x").unwrap_err(), "\"x\" is not a whole number");
         assert_eq!(seconds("-1").unwrap_err(), "\"-1\" is not a whole number");
+        assert_eq!(octal_mode("0755"), Ok(0o755));
+        assert!(octal_mode("9").is_err() && octal_mode("17777").is_err());
     }
 }

@@ -68,6 +68,26 @@ pub struct MountArgs {
     #[arg(long, env = "SESSIONFS_READ_TIMEOUT_SECS", default_value_t = 30, value_name = "SECS",
           value_parser = crate::arg_ranges::seconds)]
     pub read_timeout_secs: u64,
+    /// Show every file and directory as owned by this user (a container's
+    /// user, say); the stored owners are kept and written back unchanged, and
+    /// new files take their directory's stored owner.
+    #[arg(long, value_name = "UID", help_heading = "Owners as shown")]
+    pub uid: Option<u32>,
+    /// Show every file and directory as of this group (see --uid).
+    #[arg(long, value_name = "GID", help_heading = "Owners as shown")]
+    pub gid: Option<u32>,
+    /// Show every file with these permission bits (octal, e.g. 644).
+    #[arg(long, value_name = "MODE", value_parser = crate::arg_ranges::octal_mode,
+          help_heading = "Owners as shown")]
+    pub file_mode: Option<u32>,
+    /// Show every directory with these permission bits (octal, e.g. 755).
+    #[arg(long, value_name = "MODE", value_parser = crate::arg_ranges::octal_mode,
+          help_heading = "Owners as shown")]
+    pub dir_mode: Option<u32>,
+    /// Clear these permission bits from every mode shown (octal, e.g. 022).
+    #[arg(long, value_name = "MASK", value_parser = crate::arg_ranges::octal_mode,
+          help_heading = "Owners as shown")]
+    pub umask: Option<u32>,
     /// Mount options as mount(8) and fstab give them, e.g.
     /// `-o ro,allow_other,subdir=workspace,cache_size=1024`: each stands for
     /// the flag of that meaning (README, "Mount options"); unknown ones are
@@ -207,6 +227,13 @@ pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> 
         },
         allow_other: args.allow_other,
         threads: args.threads as usize,
+        view: sessionfs_fuse::attr::View {
+            uid: args.uid,
+            gid: args.gid,
+            file_mode: args.file_mode,
+            dir_mode: args.dir_mode,
+            umask: args.umask.unwrap_or(0),
+        },
     };
     let rt = tokio::runtime::Handle::current();
     let mp = mountpoint.clone();

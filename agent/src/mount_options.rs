@@ -69,6 +69,11 @@ const KNOWN: &[Known] = &[
     flag("no_writeback", "--no-writeback"),
     valued("metrics_addr", "--metrics-addr"),
     valued("log", "--log"),
+    valued("uid", "--uid"),
+    valued("gid", "--gid"),
+    valued("umask", "--umask"),
+    valued("file_mode", "--file-mode"),
+    valued("dir_mode", "--dir-mode"),
     // mount(8) and systemd's own, and what every sessionfs mount does anyway.
     ignored("defaults"),
     ignored("auto"),
@@ -98,9 +103,6 @@ const KNOWN: &[Known] = &[
 fn refused(name: &str) -> Option<&'static str> {
     match name {
         "suid" | "dev" => Some("sessionfs mounts are always nosuid,nodev"),
-        "uid" | "gid" | "umask" | "file_mode" | "dir_mode" => {
-            Some("owner mapping is not supported yet: files show the owners stored in the session")
-        }
         "allow_root" => Some("use allow_other"),
         _ => None,
     }

@@ -43,3 +43,47 @@ pub fn attr(node: &Node) -> FileAttr {
         flags: 0,
     }
 }
+
+/// How a mount shows owners and modes (`--uid`, `--gid`, `--file-mode`,
+/// `--dir-mode`, `--umask`): for a container whose user is not the one the
+/// session was packed by. Only the view changes: the stored owners and modes
+/// stay as they are and are written back unchanged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Permission bits every non-directory shows.
+    pub file_mode: Option<u32>,
+    /// Permission bits every directory shows.
+    pub dir_mode: Option<u32>,
+    /// Bits cleared from every shown mode.
+    pub umask: u32,
+}
+
+impl View {
+    /// Whether owners are shown as someone else: new inodes then take the
+    /// stored owner of their directory, and chown cannot give them another.
+    pub fn maps_owners(&self) -> bool {
+        self.uid.is_some() || self.gid.is_some()
+    }
+
+    pub fn apply(&self, a: &mut FileAttr) {
+        if let Some(uid) = self.uid {
+            a.uid = uid;
+        }
+        if let Some(gid) = self.gid {
+            a.gid = gid;
+        }
+        let mode = if a.kind == FileType::Directory {
+            self.dir_mode
+        } else if a.kind == FileType::Symlink {
+            None
+        } else {
+            self.file_mode
+        };
+        if let Some(mode) = mode {
+            a.perm = (mode & 0o7777) as u16;
+        }
+        a.perm &= !(self.umask & 0o7777) as u16;
+    }
+}

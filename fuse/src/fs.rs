@@ -80,6 +80,7 @@ pub struct SessionFs {
     /// Under `serve --mount-root` each session has a slot: the high bits of
     /// its kernel inode numbers. 0 for a session mounted on its own.
     slot: u64,
+    view: crate::attr::View,
 }
 
 /// Kernel inode numbers under a mount root: `slot << SLOT_SHIFT | inode`.
@@ -125,7 +126,14 @@ impl SessionFs {
             next_fh: AtomicU64::new(1),
             root,
             slot: 0,
+            view: crate::attr::View::default(),
         }
+    }
+
+    /// Owners and modes shown as `view` says.
+    pub fn with_view(mut self, view: crate::attr::View) -> SessionFs {
+        self.view = view;
+        self
     }
 
     /// The session's inode that is the mount's root.
@@ -152,6 +160,7 @@ impl SessionFs {
     fn attr(&self, node: &Node) -> FileAttr {
         let mut a = crate::attr::attr(node);
         a.ino = self.kernel(node.ino);
+        self.view.apply(&mut a);
         a
     }
 
@@ -190,6 +199,11 @@ impl SessionFs {
         let ns = self.live.ns.lock();
         let p = ns.get(parent)?;
         let setgid = p.perm & libc::S_ISGID != 0;
+        if self.view.maps_owners() {
+            // The caller is shown as the owner; what is stored stays the
+            // session's own: the directory's.
+            return Ok((p.uid, p.gid, setgid));
+        }
         Ok((req.uid(), if setgid { p.gid } else { req.gid() }, setgid))
     }
 
@@ -437,6 +451,19 @@ impl Filesystem for SessionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // Shown owners are not stored ones: a chown to the shown owner
+        // changes nothing; to anyone else it is refused.
+        let (uid, gid) = if self.view.maps_owners() {
+            let other_uid = uid.is_some_and(|u| Some(u) != self.view.uid);
+            let other_gid = gid.is_some_and(|g| Some(g) != self.view.gid);
+            if other_uid || other_gid {
+                reply.error(Errno::EPERM);
+                return;
+            }
+            (None, None)
+        } else {
+            (uid, gid)
+        };
         let set = SetAttr {
             perm: mode,
             uid,

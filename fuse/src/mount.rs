@@ -35,6 +35,8 @@ pub struct MountSpec {
     pub offline: Offline,
     pub allow_other: bool,
     pub threads: usize,
+    /// Owners and modes as the mount shows them.
+    pub view: crate::attr::View,
 }
 
 /// Why a mount could not start, in words for the operator.
@@ -94,7 +96,7 @@ pub fn open(spec: &MountSpec, rt: &tokio::runtime::Handle) -> Result<SessionFs, 
         None | Some("") => ROOT,
         Some(sub) => subdir_root(&mut live.ns.lock(), sub, spec.read_only)?,
     };
-    Ok(SessionFs::new(Arc::new(live), root))
+    Ok(SessionFs::new(Arc::new(live), root).with_view(spec.view))
 }
 
 fn subdir_root(ns: &mut Namespace, sub: &str, read_only: bool) -> Result<u64, MountError> {

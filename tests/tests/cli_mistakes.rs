@@ -199,8 +199,10 @@ fn mount_mistakes_are_refused_and_create_nothing() {
     // mount(8)'s -o: each option is a flag; unknown ones are named.
     let out = sessionfs(home.path(), &["mount", &s, &m, "-o", "ro,bogus"], &vars);
     refused(&out, 2, &["unknown mount option \"bogus\"", "subdir="]);
-    let out = sessionfs(home.path(), &["mount", &s, &m, "-o", "uid=1000"], &vars);
-    refused(&out, 2, &["\"uid\" is not supported"]);
+    let out = sessionfs(home.path(), &["mount", &s, &m, "-o", "suid"], &vars);
+    refused(&out, 2, &["\"suid\" is not supported", "nosuid"]);
+    let out = sessionfs(home.path(), &["mount", &s, &m, "-o", "umask=999"], &vars);
+    refused(&out, 2, &["not an octal mode"]);
     let out = sessionfs(home.path(), &["mount", &s, &m, "-o", "cache_size=3"], &vars);
     refused(&out, 2, &["at least 16 MiB"]);
     assert!(!is_mounted(&mnt));

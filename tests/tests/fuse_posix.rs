@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 
 use sessionfs_tests::mount::Site;
 use sessionfs_tests::trees::make_fixture;
@@ -685,4 +686,93 @@ fn sessions_lists_the_store_and_the_changes_pending_here() {
         "{table}"
     );
     m.stop();
+}
+
+/// A container's user (uid 1000) edits a session packed by root: refused
+/// on the stored owners, allowed with `--uid 1000 --gid 1000`; the
+/// write-back keeps the stored owners (root's), also for what it created.
+#[test]
+fn a_mount_shows_owners_as_asked_and_writes_back_the_stored_ones() {
+    let site = Site::local();
+    let src = site.dir.path().join("src");
+    fs::create_dir_all(src.join("workspace")).unwrap();
+    fs::write(src.join("workspace/a.txt"), b"root's\n").unwrap();
+    site.push(&src, "tests__owners__main");
+    // uid 1000 must reach the mount points inside the test's directory.
+    fs::set_permissions(site.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let as_1000 = |script: &str| {
+        Command::new("setpriv")
+            .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+            .args(["sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    // On the stored owners, uid 1000 may only read.
+    let m = site.mount("tests__owners__main", &["--allow-other"]);
+    let a = m.join("workspace/a.txt").display().to_string();
+    let out = as_1000(&format!("echo more >> {a}"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.stop();
+
+    let m = site.mount(
+        "tests__owners__main",
+        &[
+            "--allow-other",
+            "--uid",
+            "1000",
+            "--gid",
+            "1000",
+            "--umask",
+            "002",
+        ],
+    );
+    let w = m.join("workspace");
+    let md = fs::metadata(w.join("a.txt")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1000, 1000));
+    let script = format!(
+        "set -e; cd {}; echo more >> a.txt; echo new > new.txt; mkdir d; echo in > d/f; \
+         chmod 600 new.txt; chown 1000:1000 a.txt; ! chown 0 a.txt 2>/dev/null",
+        w.display()
+    );
+    let out = as_1000(&script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(w.join("a.txt")).unwrap(), b"root's\nmore\n");
+    site.run(&["flush", &m.path.display().to_string()]);
+    m.stop();
+
+    // The object: root's owners everywhere, the new modes, the new bytes.
+    let listed: serde_json::Value =
+        serde_json::from_slice(&site.run(&["ls", "--json", "tests__owners__main", "workspace"]))
+            .unwrap();
+    let by_path = |p: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == p)
+            .unwrap_or_else(|| panic!("{p} not in {listed:#}"))
+            .clone()
+    };
+    for p in ["workspace/a.txt", "workspace/new.txt", "workspace/d"] {
+        let e = by_path(p);
+        assert_eq!(
+            (e["uid"].as_u64(), e["gid"].as_u64()),
+            (Some(0), Some(0)),
+            "{e}"
+        );
+    }
+    assert_eq!(by_path("workspace/new.txt")["mode"], "0600");
+    assert_eq!(
+        site.run(&["cat", "tests__owners__main", "workspace/d/f"]),
+        b"in\n"
+    );
 }
