@@ -276,9 +276,13 @@ mod tests {
         );
         assert!(to_flags("bogus", false).unwrap_err().contains("\"bogus\""));
         assert!(to_flags("bogus", true).unwrap().is_empty());
-        assert!(to_flags("uid=1000", true)
+        assert!(to_flags("suid", true)
             .unwrap_err()
             .contains("not supported"));
+        assert_eq!(
+            to_flags("uid=1000,umask=022", false).unwrap(),
+            ["--uid", "1000", "--umask", "022"]
+        );
         assert!(to_flags("subdir", false)
             .unwrap_err()
             .contains("needs a value"));
