@@ -12,6 +12,7 @@ mod control_socket;
 mod inspect;
 mod local_stack;
 mod local_time;
+mod logging;
 mod mount_cmd;
 mod mount_options;
 mod sd_notify;
@@ -45,15 +46,10 @@ use store_args::StoreArgs;
     propagate_version = true
 )]
 struct Cli {
-    /// Log filter (e.g. `info`, `sessionfs_core=debug`).
-    #[arg(
-        long,
-        env = "SESSIONFS_LOG",
-        default_value = "warn,fuser=error",
-        global = true,
-        help_heading = "Output"
-    )]
-    log: String,
+    /// Log filter (e.g. `info`, `sessionfs_core=debug`); without it
+    /// `RUST_LOG`, else `warn,fuser=error`.
+    #[arg(long, env = "SESSIONFS_LOG", global = true, help_heading = "Output")]
+    log: Option<String>,
 
     /// Directory of local state: the index of session TOCs and the block cache.
     /// [default: $XDG_CACHE_HOME/sessionfs or ~/.cache/sessionfs]
@@ -336,24 +332,18 @@ fn main() -> ExitCode {
     if let Some(store) = cli.command.store_mut() {
         store.quiet = cli.quiet;
     }
-    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+    let (log, from) = logging::filter_text(cli.log.take());
+    let filter = match tracing_subscriber::EnvFilter::try_new(&log) {
         Ok(f) => f,
         Err(e) => {
             eprintln!(
-                "sessionfs: --log {:?} is not a log filter ({e}); examples: `warn`, `info`, \
-                 `info,sessionfs_core=debug`",
-                cli.log
+                "sessionfs: {from} {log:?} is not a log filter ({e}); examples: `warn`, `info`, \
+                 `info,sessionfs_core=debug`"
             );
             return ExitCode::from(2);
         }
     };
-    // No colour codes, and names from objects never reach the terminal
-    // raw: every line's control characters are escaped.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(|| EscapingStderr)
-        .init();
+    logging::init(filter);
 
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -577,21 +567,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(_) => "restore",
     };
     anyhow::bail!("`sessionfs {name}` is not implemented yet")
-}
-
-/// Standard error for log lines, their control characters escaped.
-struct EscapingStderr;
-
-impl std::io::Write for EscapingStderr {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let escaped = sessionfs_core::text::escape_log_line(buf);
-        std::io::stderr().lock().write_all(&escaped)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
-    }
 }
 
 /// Lifts the soft limit of open descriptors to the hard one: a mount holds

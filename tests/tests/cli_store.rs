@@ -394,3 +394,68 @@ fn completions_and_the_manual_page_cover_every_subcommand() {
         );
     }
 }
+
+/// Log lines: `RUST_LOG` is honoured when `--log` is not given; with stderr
+/// being the journal's stream, each line carries its level as a syslog
+/// priority and no timestamp; never colour codes.
+#[test]
+fn logs_honour_rust_log_and_speak_journald_priorities() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |vars: &[(&str, &str)], journal: bool| -> String {
+        let log = dir.path().join(format!("log-{}", rand::random::<u32>()));
+        let file = std::fs::File::create(&log).unwrap();
+        let stream = {
+            use std::os::unix::fs::MetadataExt;
+            let md = file.metadata().unwrap();
+            format!("{}:{}", md.dev(), md.ino())
+        };
+        let home = tempfile::tempdir().unwrap();
+        let mut child = Command::new(sessionfs_bin())
+            .args(["serve", "--port", "0", "--bind", "0.0.0.0", "--store", "local"])
+            .arg("--store-dir")
+            .arg(dir.path().join("store"))
+            .env_clear()
+            .env("HOME", home.path())
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(vars.iter().copied())
+            .envs(journal.then_some(("JOURNAL_STREAM", stream.as_str())))
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        // The token warning is logged before the listening line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("storage-worker API of") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = sessionfs_tests::terminate(&mut child, std::time::Duration::from_secs(30));
+        std::fs::read_to_string(&log).unwrap()
+    };
+    // Default (warn): the warning, not the info line.
+    let text = run(&[], false);
+    assert!(text.contains(" WARN ") && !text.contains(" INFO "), "{text}");
+    // RUST_LOG=info, no --log: the info line too.
+    let text = run(&[("RUST_LOG", "info")], false);
+    assert!(text.contains(" INFO ") && text.contains("listening on"), "{text}");
+    // SESSIONFS_LOG wins over RUST_LOG.
+    let text = run(&[("RUST_LOG", "info"), ("SESSIONFS_LOG", "warn")], false);
+    assert!(!text.contains("listening on"), "{text}");
+    // Into the journal: priorities, no timestamps.
+    let text = run(&[("RUST_LOG", "info")], true);
+    let warn = text
+        .lines()
+        .find(|l| l.contains("without SESSIONFS_API_TOKEN"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(warn.starts_with("<4>sessionfs::serve_cmd: "), "{warn}");
+    let info = text
+        .lines()
+        .find(|l| l.contains("listening on"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(info.starts_with("<6>"), "{info}");
+    assert!(!text.contains('\u{1b}'), "colour codes: {text:?}");
+}
