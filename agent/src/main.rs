@@ -7,6 +7,7 @@
 //! the work lives in the library crates.
 
 mod arg_ranges;
+mod config_file;
 mod control;
 mod control_socket;
 mod inspect;
@@ -46,6 +47,18 @@ use store_args::StoreArgs;
     propagate_version = true
 )]
 struct Cli {
+    /// The configuration file (TOML; `sessionfs config` lists its keys).
+    /// [default: /etc/sessionfs/config.toml, then
+    /// $XDG_CONFIG_HOME/sessionfs/config.toml]
+    #[arg(
+        long,
+        env = "SESSIONFS_CONFIG",
+        value_name = "FILE",
+        global = true,
+        help_heading = "Configuration"
+    )]
+    config: Option<PathBuf>,
+
     /// Log filter (e.g. `info`, `sessionfs_core=debug`); without it
     /// `RUST_LOG`, else `warn,fuser=error`.
     #[arg(long, env = "SESSIONFS_LOG", global = true, help_heading = "Output")]
@@ -239,6 +252,17 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Print the effective configuration: every key, its value and where it
+    /// came from (flag defaults, the environment, a configuration file);
+    /// secrets masked.
+    #[command(
+        after_long_help = "Examples:\n  sessionfs config\n  sessionfs --config ./sessionfs.toml config --json"
+    )]
+    Config {
+        /// As JSON: `[{key, env, value, source}]`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell's completion script for sessionfs.
     #[command(
         after_long_help = "Examples:\n  sessionfs completions bash > /etc/bash_completion.d/sessionfs\n  sessionfs completions zsh > \"${fpath[1]}/_sessionfs\"\n  sessionfs completions fish > ~/.config/fish/completions/sessionfs.fish"
@@ -271,6 +295,7 @@ impl Command {
             | Command::Mount(mount_cmd::MountArgs { store, .. })
             | Command::Serve(serve_cmd::ServeArgs { store, .. }) => Some(store),
             Command::Umount { .. }
+            | Command::Config { .. }
             | Command::Completions { .. }
             | Command::Manpage
             | Command::Pack { .. }
@@ -314,6 +339,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let applied = {
+        use clap::CommandFactory;
+        match config_file::apply(&argv, &Cli::command()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("sessionfs: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let _ = APPLIED.set(applied);
     let mut cli = Cli::parse_from(&argv);
     let argv = match &cli.command {
         Command::Mount(m) if !m.options.is_empty() => match mount_options::expand(&argv) {
@@ -393,6 +429,9 @@ fn unreachable_hint(e: &anyhow::Error, store: &StoreArgs) -> Option<String> {
          MINIO_PORT; `sessionfs store check` tests it)"
     ))
 }
+
+/// What the configuration files set.
+static APPLIED: std::sync::OnceLock<config_file::Applied> = std::sync::OnceLock::new();
 
 /// The command line as understood: after the mount(8) helper's arguments
 /// and `-o` options became flags (what `--daemon` runs again).
@@ -550,6 +589,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let session = SessionPath::parse(&target)?;
             let overlay = control::overlay_of(overlay_dir, &store.bucket, &session)?;
             return control::status_session(&session, &overlay, json);
+        }
+        Command::Config { json } => {
+            use clap::CommandFactory;
+            let applied = APPLIED
+                .get()
+                .ok_or_else(|| anyhow::anyhow!("no configuration read"))?;
+            return inspect::quiet_pipe(config_file::show(&Cli::command(), applied, json));
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;

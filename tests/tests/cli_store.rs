@@ -411,7 +411,9 @@ fn logs_honour_rust_log_and_speak_journald_priorities() {
         };
         let home = tempfile::tempdir().unwrap();
         let mut child = Command::new(sessionfs_bin())
-            .args(["serve", "--port", "0", "--bind", "0.0.0.0", "--store", "local"])
+            .args([
+                "serve", "--port", "0", "--bind", "0.0.0.0", "--store", "local",
+            ])
             .arg("--store-dir")
             .arg(dir.path().join("store"))
             .env_clear()
@@ -438,10 +440,16 @@ fn logs_honour_rust_log_and_speak_journald_priorities() {
     };
     // Default (warn): the warning, not the info line.
     let text = run(&[], false);
-    assert!(text.contains(" WARN ") && !text.contains(" INFO "), "{text}");
+    assert!(
+        text.contains(" WARN ") && !text.contains(" INFO "),
+        "{text}"
+    );
     // RUST_LOG=info, no --log: the info line too.
     let text = run(&[("RUST_LOG", "info")], false);
-    assert!(text.contains(" INFO ") && text.contains("listening on"), "{text}");
+    assert!(
+        text.contains(" INFO ") && text.contains("listening on"),
+        "{text}"
+    );
     // SESSIONFS_LOG wins over RUST_LOG.
     let text = run(&[("RUST_LOG", "info"), ("SESSIONFS_LOG", "warn")], false);
     assert!(!text.contains("listening on"), "{text}");
