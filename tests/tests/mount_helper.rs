@@ -128,8 +128,8 @@ fn mount_8_and_fstab_mount_a_session_with_options() {
     );
     assert!(!is_mounted(&mnt));
 
-    // An fstab line (read-write, with systemd's options), mounted by its
-    // mount point.
+    // An fstab line (read-write, with systemd's options), mounted by
+    // `mount -a` of a test fstab.
     let rw = site.dir.path().join("rw");
     std::fs::create_dir_all(&rw).unwrap();
     let fstab = site.dir.path().join("fstab");
@@ -141,7 +141,7 @@ fn mount_8_and_fstab_mount_a_session_with_options() {
         ),
     )
     .unwrap();
-    run(mount().arg("--fstab").arg(&fstab).arg(&rw));
+    run(mount().arg("-a").arg("-T").arg(&fstab));
     assert_eq!(mount_type(&rw).as_deref(), Some("fuse.sessionfs"));
     std::fs::write(rw.join("from-fstab.txt"), "written\n").unwrap();
     run(site
