@@ -40,18 +40,11 @@ impl LocalStack {
 
     /// What `/metrics` reports of the cache and the store.
     pub fn gauges(&self, open_sessions: u64, pending: u64) -> sessionfs_api::metrics::Gauges {
-        let cache = self.cache.stats();
-        let store = self.metered.snapshot();
-        sessionfs_api::metrics::Gauges {
-            cache_hits: cache.hits,
-            cache_misses: cache.misses,
-            cache_evicted: cache.evicted,
-            cache_bytes: cache.bytes,
-            store_requests: store.requests,
-            store_bytes_in: store.bytes_in,
-            store_bytes_out: store.bytes_out,
+        sessionfs_api::metrics::Gauges::of(
+            self.cache.stats(),
+            self.metered.snapshot(),
             open_sessions,
-            sessions_with_pending_changes: pending,
-        }
+            pending,
+        )
     }
 }

@@ -335,17 +335,7 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
         .iter()
         .filter(|s| s.has_pending_changes().unwrap_or(false))
         .count();
-    let g = Gauges {
-        cache_hits: cache.hits,
-        cache_misses: cache.misses,
-        cache_evicted: cache.evicted,
-        cache_bytes: cache.bytes,
-        store_requests: store.requests,
-        store_bytes_in: store.bytes_in,
-        store_bytes_out: store.bytes_out,
-        open_sessions: open.len() as u64,
-        sessions_with_pending_changes: pending as u64,
-    };
+    let g = Gauges::of(cache, store, open.len() as u64, pending as u64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(&g),

@@ -43,6 +43,28 @@ pub struct Gauges {
     pub sessions_with_pending_changes: u64,
 }
 
+impl Gauges {
+    /// The cache's and the store's figures, and the sessions'.
+    pub fn of(
+        cache: sessionfs_core::cache::blocks::CacheStats,
+        store: sessionfs_core::store::metered::Snapshot,
+        open_sessions: u64,
+        sessions_with_pending_changes: u64,
+    ) -> Gauges {
+        Gauges {
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            cache_evicted: cache.evicted,
+            cache_bytes: cache.bytes,
+            store_requests: store.requests,
+            store_bytes_in: store.bytes_in,
+            store_bytes_out: store.bytes_out,
+            open_sessions,
+            sessions_with_pending_changes,
+        }
+    }
+}
+
 impl Metrics {
     pub fn record(&self, route: &'static str, method: &str, status: u16, took: Duration) {
         *self

@@ -76,14 +76,7 @@ impl Inner {
             return Ok(meta);
         }
         if let Some(size) = size {
-            let meta = ObjectMeta {
-                key: key.to_owned(),
-                size,
-                etag: etag.to_owned(),
-                last_modified: std::time::UNIX_EPOCH,
-                content_type: None,
-                metadata: Default::default(),
-            };
+            let meta = ObjectMeta::known(key, etag, size);
             self.remember(&meta);
             return Ok(meta);
         }

@@ -118,6 +118,21 @@ pub struct ObjectMeta {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl ObjectMeta {
+    /// A version known from its TOC rather than from the store (the local
+    /// index, a cache): key, ETag and size, nothing else.
+    pub fn known(key: &str, etag: &str, size: u64) -> ObjectMeta {
+        ObjectMeta {
+            key: key.to_owned(),
+            size,
+            etag: etag.to_owned(),
+            last_modified: std::time::UNIX_EPOCH,
+            content_type: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
 /// One object in a listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectSummary {

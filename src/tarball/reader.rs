@@ -168,14 +168,7 @@ impl SessionReader {
             return Ok(None);
         };
         let toc = decode_cached(&cached, size)?;
-        let meta = ObjectMeta {
-            key: key.to_owned(),
-            size,
-            etag: etag.to_owned(),
-            last_modified: std::time::UNIX_EPOCH,
-            content_type: None,
-            metadata: Default::default(),
-        };
+        let meta = ObjectMeta::known(key, etag, size);
         Ok(Some(SessionReader::new(
             store,
             key,
