@@ -72,7 +72,7 @@ fn collect(cmd: &clap::Command, found: &mut BTreeMap<String, Key>) {
 pub type FromFiles = BTreeMap<String, (String, PathBuf)>;
 
 /// What [`apply`] did.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Applied {
     /// Variables the files set (the environment did not have them).
     pub set: FromFiles,
@@ -106,6 +106,21 @@ fn files(argv: &[OsString]) -> Vec<(PathBuf, bool)> {
 /// Reads the files and sets, for each value they hold, its environment
 /// variable unless the environment has it. Call before any thread starts.
 pub fn apply(argv: &[OsString], cmd: &clap::Command) -> Result<Applied, String> {
+    let from_files = read(argv, cmd)?;
+    let mut applied = Applied::default();
+    for (env, (value, path)) in from_files {
+        if std::env::var_os(&env).is_none() {
+            std::env::set_var(&env, &value);
+            applied.set.insert(env, (value, path));
+        } else {
+            applied.overridden.insert(env, (value, path));
+        }
+    }
+    Ok(applied)
+}
+
+/// What the files hold now, without touching the environment.
+pub fn read(argv: &[OsString], cmd: &clap::Command) -> Result<FromFiles, String> {
     let keys = keys(cmd);
     let mut from_files = FromFiles::new();
     for (path, named) in files(argv) {
@@ -119,16 +134,7 @@ pub fn apply(argv: &[OsString], cmd: &clap::Command) -> Result<Applied, String> 
             from_files.insert(env, (value, path.clone()));
         }
     }
-    let mut applied = Applied::default();
-    for (env, (value, path)) in from_files {
-        if std::env::var_os(&env).is_none() {
-            std::env::set_var(&env, &value);
-            applied.set.insert(env, (value, path));
-        } else {
-            applied.overridden.insert(env, (value, path));
-        }
-    }
-    Ok(applied)
+    Ok(from_files)
 }
 
 /// `sessionfs config`: every key, its effective value and where it came

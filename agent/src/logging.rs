@@ -11,7 +11,10 @@
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 pub const DEFAULT_FILTER: &str = "warn,fuser=error";
 
@@ -26,17 +29,34 @@ pub fn filter_text(flag: Option<String>) -> (String, &'static str) {
     }
 }
 
+/// The filter in force, replaceable while running (a configuration reload).
+static FILTER: std::sync::OnceLock<reload::Handle<EnvFilter, Registry>> =
+    std::sync::OnceLock::new();
+
 /// Installs the subscriber for the whole process.
-pub fn init(filter: tracing_subscriber::EnvFilter) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+pub fn init(filter: EnvFilter) {
+    let (filter, handle) = reload::Layer::new(filter);
+    let _ = FILTER.set(handle);
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(|| EscapingStderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal() {
-        builder.event_format(Journald).init();
+        registry.with(lines.event_format(Journald)).init();
     } else {
-        builder.init();
+        registry.with(lines).init();
     }
+}
+
+/// Replaces the filter in force.
+pub fn set_filter(text: &str) -> Result<(), String> {
+    let filter =
+        EnvFilter::try_new(text).map_err(|e| format!("{text:?} is not a log filter ({e})"))?;
+    FILTER
+        .get()
+        .ok_or("logging is not set up")?
+        .reload(filter)
+        .map_err(|e| e.to_string())
 }
 
 /// systemd sets `JOURNAL_STREAM=DEV:INODE` for a service whose stderr is

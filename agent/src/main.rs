@@ -16,6 +16,7 @@ mod local_time;
 mod logging;
 mod mount_cmd;
 mod mount_options;
+mod reload;
 mod sd_notify;
 mod serve_cmd;
 mod sessions_cmd;
@@ -46,7 +47,7 @@ use store_args::StoreArgs;
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SESSIONFS_GIT_COMMIT"), ", built ", env!("SESSIONFS_BUILD_TIME"), ")"),
     propagate_version = true
 )]
-struct Cli {
+pub struct Cli {
     /// The configuration file (TOML; `sessionfs config` lists its keys).
     /// [default: /etc/sessionfs/config.toml, then
     /// $XDG_CONFIG_HOME/sessionfs/config.toml]
@@ -431,7 +432,7 @@ fn unreachable_hint(e: &anyhow::Error, store: &StoreArgs) -> Option<String> {
 }
 
 /// What the configuration files set.
-static APPLIED: std::sync::OnceLock<config_file::Applied> = std::sync::OnceLock::new();
+pub static APPLIED: std::sync::OnceLock<config_file::Applied> = std::sync::OnceLock::new();
 
 /// The command line as understood: after the mount(8) helper's arguments
 /// and `-o` options became flags (what `--daemon` runs again).

@@ -254,6 +254,15 @@ pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> 
     })
     .await??;
     let read_only = live.read_only();
+    // One line per mount, also when quiet: what is served, from which version.
+    tracing::info!(
+        session = %session,
+        "mounted at {}: object version {}, {}{}",
+        mountpoint.display(),
+        live.reader().map_or("(none yet)".to_owned(), |r| r.meta().etag.clone()),
+        if read_only { "read-only" } else { "read-write" },
+        if read_only && !args.read_only { ", offline" } else { "" }
+    );
     if !quiet {
         let offline = if read_only && !args.read_only {
             " (read-only, offline: the store cannot be reached; see the log)"
@@ -278,6 +287,7 @@ pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> 
             )
         }),
     );
+    tokio::spawn(crate::reload::on_sighup(writeback.clone()));
     // --offline: nothing asks the store, not even whether a newer object exists.
     let looping = tokio::spawn({
         let writeback = writeback.clone();

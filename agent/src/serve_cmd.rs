@@ -227,6 +227,7 @@ pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()
         )
     };
     let looping = tokio::spawn(writeback.clone().run());
+    tokio::spawn(crate::reload::on_sighup(writeback.clone()));
     let keep_pending = writeback.enabled();
     let idle = Duration::from_secs(args.idle_close_secs);
     let closer = {

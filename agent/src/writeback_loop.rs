@@ -63,7 +63,8 @@ pub type OnGone = Arc<dyn Fn(&LiveSession) + Send + Sync>;
 pub struct WriteBack {
     sessions: Sessions,
     store: Arc<dyn ObjectStore>,
-    policy: Policy,
+    /// Shared with every clone: a reload changes the timings of the loop.
+    policy: Arc<std::sync::RwLock<Policy>>,
     opts: WriteBackOptions,
     on_gone: OnGone,
 }
@@ -91,27 +92,42 @@ impl WriteBack {
         WriteBack {
             sessions,
             store,
-            policy,
+            policy: Arc::new(std::sync::RwLock::new(policy)),
             opts: WriteBackOptions::default(),
             on_gone,
         }
     }
 
+    pub fn policy(&self) -> Policy {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// New timings (a configuration reload), used from the next round on.
+    pub fn set_timings(&self, quiet_ms: u64, max_lag_ms: u64, follow_ms: u64) {
+        let mut p = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        p.quiet_ms = quiet_ms;
+        p.max_lag_ms = max_lag_ms;
+        p.follow_ms = follow_ms;
+    }
+
     pub fn enabled(&self) -> bool {
-        !self.policy.no_writeback
+        !self.policy().no_writeback
     }
 
     /// Runs until the task is aborted: follows newer objects, writes back.
     pub async fn run(self) {
-        let quiet = Duration::from_millis(self.policy.quiet_ms);
-        let max_lag = Duration::from_millis(self.policy.max_lag_ms);
-        let follow =
-            (self.policy.follow_ms > 0).then(|| Duration::from_millis(self.policy.follow_ms));
         let mut tracks: HashMap<String, Track> = HashMap::new();
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let policy = self.policy();
+            let quiet = Duration::from_millis(policy.quiet_ms);
+            let max_lag = Duration::from_millis(policy.max_lag_ms);
+            let follow = (policy.follow_ms > 0).then(|| Duration::from_millis(policy.follow_ms));
             let sessions = (self.sessions)();
             tracks.retain(|name, _| sessions.iter().any(|s| s.name.as_str() == name));
             for s in sessions {

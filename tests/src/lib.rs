@@ -173,3 +173,16 @@ pub fn sessionfs_bin() -> &'static Path {
         target.join("debug").join("sessionfs")
     })
 }
+
+/// Serialises the tests that put a file at `/sbin/mount.fuse.sessionfs`
+/// (the mount(8) helper test and the package test); held until dropped.
+pub fn sbin_lock() -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("sessionfs-tests-sbin.lock"))
+        .expect("the lock file");
+    f.lock().expect("locking");
+    f
+}

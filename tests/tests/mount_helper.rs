@@ -68,6 +68,7 @@ fn umount(mnt: &Path) {
 
 #[test]
 fn mount_8_and_fstab_mount_a_session_with_options() {
+    let _sbin = sessionfs_tests::sbin_lock();
     let _helper = HelperLink::install();
     let site = Site::s3();
     let session = format!("tests__helper{:08x}__main", rand::random::<u32>());

@@ -23,6 +23,7 @@ struct Unit {
     pre: Vec<String>,
     start: String,
     stop_post: Vec<String>,
+    reload: Option<String>,
 }
 
 fn load(name: &str) -> Unit {
@@ -35,6 +36,7 @@ fn load(name: &str) -> Unit {
         pre: Vec::new(),
         start: String::new(),
         stop_post: Vec::new(),
+        reload: None,
     };
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((key, value)) = line.split_once('=') else {
@@ -48,6 +50,7 @@ fn load(name: &str) -> Unit {
             "ExecStartPre" => unit.pre.push(value.to_owned()),
             "ExecStart" => unit.start = value.to_owned(),
             "ExecStopPost" => unit.stop_post.push(value.to_owned()),
+            "ExecReload" => unit.reload = Some(value.to_owned()),
             _ => {}
         }
     }
@@ -88,6 +91,16 @@ struct Started {
 /// Runs the unit's start lines; returns once the process is started (not
 /// ready: the caller waits for `READY=1`).
 fn start(site: &Site, name: &str, instance: &str) -> (Unit, Started) {
+    start_with(site, name, instance, |_| {})
+}
+
+/// [`start`], with `tweak` changing the environment the unit gets.
+fn start_with(
+    site: &Site,
+    name: &str,
+    instance: &str,
+    tweak: impl FnOnce(&mut BTreeMap<String, String>),
+) -> (Unit, Started) {
     let unit = load(name);
     let dir = site.dir.path();
     // What EnvironmentFile=/etc/sessionfs/env holds on a host: the store,
@@ -120,6 +133,7 @@ fn start(site: &Site, name: &str, instance: &str) -> (Unit, Started) {
         .unwrap();
     vars.insert("NOTIFY_SOCKET".into(), socket.display().to_string());
     vars.insert("WATCHDOG_USEC".into(), "400000".into());
+    tweak(&mut vars);
     for pre in &unit.pre {
         let argv = expand(pre, instance, &vars);
         let status = Command::new(&argv[0]).args(&argv[1..]).status().unwrap();
@@ -299,4 +313,70 @@ fn the_api_unit_is_ready_once_it_answers_and_writes_back_at_its_stop() {
         stored(&site, &session, "workspace/d.txt"),
         "pending at the stop\n"
     );
+}
+
+/// `systemctl reload` (ExecReload sends SIGHUP): `RELOADING=1`, the
+/// configuration file read again, `READY=1`; a shorter quiet period from the
+/// file takes effect at once, a key that needs a restart is said so.
+#[test]
+fn a_reload_reads_the_configuration_file_again() {
+    let site = Site::s3();
+    let session = format!("tests__reload{:08x}__main", rand::random::<u32>());
+    pushed_session(&site, &session);
+    let config = site.dir.path().join("config.toml");
+    std::fs::write(&config, "writeback_quiet_ms = 600000\nlog = \"warn\"\n").unwrap();
+    let (unit, mut run) = start_with(&site, "sessionfs-mount@.service", &session, |vars| {
+        vars.remove("SESSIONFS_LOG");
+        vars.insert("SESSIONFS_CONFIG".into(), config.display().to_string());
+    });
+    run.wait_for("READY=1");
+    let mnt = site.dir.path().join("srv").join(&session);
+    std::fs::write(mnt.join("workspace/r.txt"), "after the reload\n").unwrap();
+    std::fs::write(
+        &config,
+        "writeback_quiet_ms = 200\nlog = \"info\"\ncache_size = 64\n",
+    )
+    .unwrap();
+    // What ExecReload= runs.
+    let reload = unit.reload.clone().expect("the unit has ExecReload=");
+    let argv: Vec<String> = reload
+        .replace("$MAINPID", &run.child.id().to_string())
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let status = Command::new(&argv[0]).args(&argv[1..]).status().unwrap();
+    assert!(status.success());
+    run.wait_for("RELOADING=1");
+    let said = run.wait_for("READY=1");
+    assert!(
+        said.last().unwrap().contains("writeback_quiet_ms 200"),
+        "{said:?}"
+    );
+    // Written back well before the old ten minutes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = site
+            .command()
+            .args(["cat", &session, "workspace/r.txt"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            assert_eq!(out.stdout, b"after the reload\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not written back after the reload"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(&run.log).unwrap();
+    assert!(
+        log.contains("SESSIONFS_CACHE_SIZE changed in") && log.contains("next start"),
+        "{log}"
+    );
+    // The new filter is in force: the write-back's info line is there.
+    assert!(log.contains("INFO"), "{log}");
+    let status = run.stop(&unit, &session);
+    assert!(status.success(), "{status}");
 }
