@@ -118,6 +118,21 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
     text
 }
 
+/// Runs `cmd` and returns its standard output alone; panics with both
+/// outputs if it fails.
+pub fn stdout_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: could not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A local store in a fresh temporary directory (removed when the guard drops).
 pub fn local_store() -> (tempfile::TempDir, Arc<dyn ObjectStore>) {
     let dir = tempfile::tempdir().expect("temporary directory");

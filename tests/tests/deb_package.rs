@@ -7,18 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use sessionfs_tests::sessionfs_bin;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use sessionfs_tests::{sessionfs_bin, stdout_ok as run};
 
 #[test]
 fn the_package_installs_works_and_removes_cleanly() {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sessionfs_tests::mount::{is_mounted, Site};
-use sessionfs_tests::sessionfs_bin;
+use sessionfs_tests::{sessionfs_bin, stdout_ok as run};
 
 const HELPER: &str = "/sbin/mount.fuse.sessionfs";
 
@@ -44,17 +44,6 @@ fn mount_type(mnt: &Path) -> Option<String> {
         .and_then(|l| l.split(" - ").nth(1))
         .and_then(|rest| rest.split(' ').next())
         .map(str::to_owned)
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn umount(mnt: &Path) {
