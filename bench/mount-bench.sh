@@ -74,7 +74,7 @@ for i in range(n):
     total += len(data)
 print(f"{n} files, {total / 2**20:.0f} MiB", file=sys.stderr)
 PY
-(cd "$tree/workspace" && git init -q -b main . && git add -A && \
+(cd "$tree/workspace" && git init -q -b main . && git config gc.auto 0 && git add -A && \
   GIT_AUTHOR_NAME=b GIT_AUTHOR_EMAIL=b@b GIT_COMMITTER_NAME=b GIT_COMMITTER_EMAIL=b@b git commit -q -m tree)
 files=$(find "$tree/workspace" -type f -not -path '*/.git/*' | wc -l)
 bytes=$(du -sb "$tree" | cut -f1)

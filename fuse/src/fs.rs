@@ -41,14 +41,22 @@ pub fn watcher(notifier: Arc<OnceLock<Notifier>>, slot: u64, root: u64) -> Watch
     Arc::new(move |changes: &[Invalidation]| {
         let Some(n) = notifier.get() else { return };
         let kernel = |ino: u64| INodeNo((slot << SLOT_SHIFT) | swap(ino, root));
+        let mut dirs = std::collections::HashSet::new();
         for change in changes {
             // ENOENT means the kernel had nothing cached: nothing to do.
             let _ = match change {
                 Invalidation::Inode(ino) => n.inval_inode(kernel(*ino), 0, 0),
                 Invalidation::Entry { parent, name } => {
+                    dirs.insert(*parent);
                     n.inval_entry(kernel(*parent), OsStr::new(name))
                 }
             };
+        }
+        // The kernel drops a cached listing with an entry only when it had
+        // that name cached; a name it never looked up needs the directory's
+        // pages (its listing) dropped.
+        for dir in dirs {
+            let _ = n.inval_inode(kernel(dir), 0, 0);
         }
     })
 }
@@ -57,10 +65,14 @@ pub fn watcher(notifier: Arc<OnceLock<Notifier>>, slot: u64, root: u64) -> Watch
 /// `user.sessionfs.flush`, `user.sessionfs.status`.
 pub const CONTROL_XATTR: &str = "user.sessionfs.";
 
-/// How long the kernel may trust names and attributes. Every change comes
-/// through this process (the API invalidates through the notifier), so the
-/// TTL can be long; it bounds staleness after an out-of-band edit.
-const TTL: Duration = Duration::from_secs(10);
+/// How long the kernel may trust names, attributes and directory listings.
+/// Every change comes through this process: the kernel sees the effects of
+/// its own requests, and what the API or a followed object changes is
+/// invalidated through the notifier ([`watcher`]). So the kernel keeps all
+/// of it for long, and a warm `find`, `stat` or `git status` never reaches
+/// this process; the TTL only bounds how long an edit made behind
+/// sessionfs's back (in the overlay directory by hand) stays unseen.
+const TTL: Duration = Duration::from_secs(3600);
 /// Longest symlink target accepted.
 const PATH_MAX: usize = 4096;
 
@@ -379,6 +391,28 @@ impl SessionFs {
     }
 }
 
+/// The answer to a lookup of a missing name: inode 0 tells the kernel to
+/// cache the name as missing for the entry TTL.
+fn negative() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: std::time::UNIX_EPOCH,
+        mtime: std::time::UNIX_EPOCH,
+        ctime: std::time::UNIX_EPOCH,
+        crtime: std::time::UNIX_EPOCH,
+        kind: fuser::FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn swap(ino: u64, root: u64) -> u64 {
     if ino == 1 {
         root
@@ -421,6 +455,10 @@ impl Filesystem for SessionFs {
         let r = name_str(name).and_then(|n| self.live.ns.lock().lookup(parent, n).cloned());
         match r {
             Ok(node) => self.entry(&node, reply),
+            // A name that is not there is cached as such (builds and git
+            // probe many); creating it through the kernel or invalidating it
+            // ends that.
+            Err(OverlayError::NotFound) => reply.entry(&TTL, &negative(), Generation(0)),
             Err(OverlayError::BadName) => reply.error(Errno::ENOENT),
             Err(e) => reply.error(err(e)),
         }
@@ -669,9 +707,16 @@ impl Filesystem for SessionFs {
             });
             return;
         }
+        // Only this process changes the bytes: the page cache stays valid.
+        // A handle that cannot write has nothing to flush at close (locks
+        // are the kernel's), so close costs one request less.
+        let open_flags = if open_writes(flags.0) {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
+        };
         match self.open_handle(ino, flags.0) {
-            // Only this process changes the bytes: the page cache stays valid.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => reply.opened(FileHandle(fh), open_flags),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -773,7 +818,12 @@ impl Filesystem for SessionFs {
             Ok(list) => {
                 let fh = self.fh();
                 self.dirs.lock().insert(fh, list);
-                reply.opened(FileHandle(fh), FopenFlags::empty())
+                // The kernel keeps the listing across opens: its own
+                // changes to the directory drop it, and so do invalidations.
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                )
             }
             Err(e) => reply.error(err(e)),
         }

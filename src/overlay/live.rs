@@ -331,7 +331,13 @@ impl LiveSession {
                 // An empty file: nothing to fetch. The journal learns it is
                 // local at the next flush; a crash before that is repaired at
                 // mount from the overlay file itself.
-                self.content.local(ino)?.set_len(0)?;
+                // Truncated only when a crash left bytes there: ext4 flushes
+                // a file truncated to 0 at its close, which a new file
+                // (the common case) must not pay.
+                let f = self.content.local(ino)?;
+                if f.metadata()?.len() > 0 {
+                    f.set_len(0)?;
+                }
                 self.ns.lock().mark_local(ino);
             }
         }

@@ -9,6 +9,8 @@
 //!   file by fetching only the segments that hold it, verifying each.
 //! - [`foreign`] indexes tarballs other tools wrote in one streaming pass,
 //!   with [`zran`] access points, so they read lazily too.
+//! - [`segments`] fetches, checks and inflates segments for the readers of
+//!   one version, in parallel and ahead of sequential reads.
 //! - [`repack`] plans a write-back that keeps an old object's unchanged
 //!   segments where they are.
 //! - [`path`] decides which entry names are safe.
@@ -19,6 +21,7 @@ pub mod index;
 pub mod path;
 pub mod reader;
 pub mod repack;
+pub mod segments;
 pub mod sparse;
 pub mod tar_header;
 pub mod toc;

@@ -25,44 +25,16 @@ use super::foreign::{self, ForeignIndex, Format, Limits};
 use super::index::{IndexedToc, TocIndex};
 use super::sparse::{self, Piece};
 use super::toc::{
-    object_digest, Entry, Kind, Locator, Segment, Toc, DIGEST_KEY, EOA_LEN, LOCATOR_FROM_END,
+    object_digest, Entry, Kind, Locator, Toc, DIGEST_KEY, EOA_LEN, LOCATOR_FROM_END,
     LOCATOR_LEN,
 };
 use super::zran::{inflate_from_point, AccessPoint};
+use super::segments::{changed_or, fetch_pinned, Segments};
 use super::TarballError;
-use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore, StoreError};
+use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore};
 
 /// Bytes fetched from the end of an object at open.
 pub const SUFFIX_LEN: u64 = 256 * 1024;
-/// Inflated segments kept in memory per reader, so reads that walk through a
-/// segment in small pieces inflate it once.
-pub const DECODED_BUDGET: u64 = 64 << 20;
-
-/// Recently inflated segments, least recently used first out, under a byte bound.
-struct Decoded {
-    lru: lru::LruCache<usize, Bytes>,
-    bytes: u64,
-}
-
-impl Decoded {
-    fn get(&mut self, index: usize) -> Option<Bytes> {
-        self.lru.get(&index).cloned()
-    }
-
-    fn put(&mut self, index: usize, raw: Bytes) {
-        self.bytes += raw.len() as u64;
-        if let Some(old) = self.lru.put(index, raw) {
-            self.bytes -= old.len() as u64;
-        }
-        while self.bytes > DECODED_BUDGET {
-            match self.lru.pop_lru() {
-                Some((_, old)) => self.bytes -= old.len() as u64,
-                None => break,
-            }
-        }
-    }
-}
-
 /// How tar bytes are found in the object.
 enum Layout {
     /// Written by sessionfs: the TOC's segments.
@@ -80,7 +52,8 @@ pub struct SessionReader {
     meta: ObjectMeta,
     layout: Layout,
     toc: Toc,
-    decoded: std::sync::Mutex<Decoded>,
+    /// Inflated segments, shared with the readahead tasks (native objects).
+    segments: Arc<Segments>,
     by_path: HashMap<String, usize>,
     children: HashMap<String, Vec<usize>>,
 }
@@ -226,16 +199,20 @@ impl SessionReader {
             let parent = e.p.rsplit_once('/').map_or("", |(parent, _)| parent);
             children.entry(parent.to_owned()).or_default().push(i);
         }
+        let segments = Arc::new(Segments::new(
+            store.clone(),
+            key,
+            &meta.etag,
+            meta.size,
+            toc.segments.clone(),
+        ));
         SessionReader {
+            segments,
             store,
             key: key.to_owned(),
             meta,
             layout,
             toc,
-            decoded: std::sync::Mutex::new(Decoded {
-                lru: lru::LruCache::unbounded(),
-                bytes: 0,
-            }),
             by_path,
             children,
         }
@@ -296,7 +273,11 @@ impl SessionReader {
         }
         let Some(map) = &entry.sp else {
             return self
-                .read_tar(entry.data_offset + offset, entry.data_offset + end)
+                .read_tar(
+                    entry.data_offset + offset,
+                    entry.data_offset + end,
+                    entry.data_offset + entry.s,
+                )
                 .await;
         };
         let pieces = sparse::pieces(map, entry.data_offset, offset, end);
@@ -312,7 +293,8 @@ impl SessionReader {
             return Ok(Bytes::from(vec![0u8; (end - offset) as usize]));
         };
         let base = first.0;
-        let data = self.read_tar(base, last.1).await?;
+        // No readahead past the pieces asked for: sparse files are rare.
+        let data = self.read_tar(base, last.1, last.1).await?;
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for piece in pieces {
             match piece {
@@ -329,10 +311,10 @@ impl SessionReader {
         self.read(path, 0, u64::MAX).await
     }
 
-    /// Tar-stream bytes `start..end`.
-    async fn read_tar(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
+    /// Tar-stream bytes `start..end` of a file whose bytes end at `limit`.
+    async fn read_tar(&self, start: u64, end: u64, limit: u64) -> Result<Bytes, TarballError> {
         match &self.layout {
-            Layout::Native => self.read_segments(start, end).await,
+            Layout::Native => self.segments.read(start, end, limit).await,
             Layout::Foreign {
                 format: Format::Plain,
                 ..
@@ -377,107 +359,15 @@ impl SessionReader {
 
     /// Object bytes `start..end`, pinned to the version opened.
     async fn fetch(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
-        let got = self
-            .store
-            .get(
-                &self.key,
-                GetOptions::range(ByteRange::Bounded { start, end })
-                    .if_match(self.meta.etag.clone())
-                    .of_size(self.meta.size),
-            )
-            .await
-            .map_err(changed_or)?;
-        if got.body.len() as u64 != end - start {
-            return Err(TarballError::Corrupt(
-                "object shorter than its index says".into(),
-            ));
-        }
-        Ok(got.body)
-    }
-
-    /// Tar-stream bytes `start..end`, from the segments that hold them.
-    async fn read_segments(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
-        let segs = &self.toc.segments;
-        let first = segs.partition_point(|s| s.uo + s.ul <= start);
-        let last = segs.partition_point(|s| s.uo < end);
-        if first >= last {
-            return Err(TarballError::Corrupt(format!(
-                "no segment holds tar bytes {start}..{end}"
-            )));
-        }
-        let wanted = &segs[first..last];
-        let mut raws: Vec<Option<Bytes>> = {
-            let mut decoded = self.decoded.lock().unwrap_or_else(|p| p.into_inner());
-            (first..last).map(|i| decoded.get(i)).collect()
-        };
-        if let (Some(lo), Some(hi)) = (
-            raws.iter().position(Option::is_none),
-            raws.iter().rposition(Option::is_none),
-        ) {
-            // One GET for the span of segments not yet inflated.
-            let co_start = wanted[lo].co;
-            let co_end = wanted[hi].co + wanted[hi].cl;
-            let body = self.fetch(co_start, co_end).await?;
-            for i in lo..=hi {
-                if raws[i].is_some() {
-                    continue;
-                }
-                let seg = &wanted[i];
-                let compressed =
-                    body.slice((seg.co - co_start) as usize..(seg.co - co_start + seg.cl) as usize);
-                let (index, seg_owned) = (first + i, seg.clone());
-                let raw = tokio::task::spawn_blocking(move || {
-                    verify_segment(index, &seg_owned, &compressed)
-                })
-                .await
-                .map_err(|e| TarballError::Corrupt(format!("inflate worker failed: {e}")))??;
-                let raw = Bytes::from(raw);
-                self.decoded
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .put(first + i, raw.clone());
-                raws[i] = Some(raw);
-            }
-        }
-        let mut out = BytesMut::with_capacity((end - start) as usize);
-        for (seg, raw) in wanted.iter().zip(raws.iter().flatten()) {
-            let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
-            let to = (end - seg.uo).min(seg.ul) as usize;
-            out.extend_from_slice(&raw[from..to]);
-        }
-        Ok(out.freeze())
-    }
-}
-
-/// Inflates one segment, refusing it unless digest, length and CRC all match.
-pub fn verify_segment(
-    index: usize,
-    seg: &Segment,
-    compressed: &[u8],
-) -> Result<Vec<u8>, TarballError> {
-    let bad = |what: String| TarballError::BadSegment {
-        index,
-        start: seg.co,
-        end: seg.co + seg.cl,
-        what,
-    };
-    let digest = blake3::hash(compressed);
-    if super::tar_header::hex_encode(&digest.as_bytes()[..16]) != seg.d {
-        return Err(bad("digest mismatch".into()));
-    }
-    let raw = inflate_exact(compressed, seg.ul as usize).map_err(|e| bad(format!("{e:?}")))?;
-    if crc32fast::hash(&raw) != seg.crc {
-        return Err(bad("CRC mismatch".into()));
-    }
-    Ok(raw)
-}
-
-/// A read pinned to an ETag fails with a precondition error when the object
-/// was replaced since the open.
-fn changed_or(e: StoreError) -> TarballError {
-    match e {
-        StoreError::PreconditionFailed { .. } => TarballError::ObjectChanged,
-        e => TarballError::Store(e),
+        fetch_pinned(
+            self.store.as_ref(),
+            &self.key,
+            &self.meta.etag,
+            self.meta.size,
+            start,
+            end,
+        )
+        .await
     }
 }
 
