@@ -17,7 +17,7 @@ use super::node::{Data, NodeKind, Time};
 use super::OverlayError;
 use crate::tarball::reader::SessionReader;
 use crate::tarball::tar_header::hex_encode;
-use crate::tarball::toc::{Entry, Kind};
+use crate::tarball::toc::{Entry, Kind, StatData};
 use crate::tarball::tree::{Source, TreeEntry};
 use crate::tarball::writer::{pack_entries, PackOptions, PackStats};
 
@@ -101,6 +101,11 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
             ho: 0,
             data_offset: 0,
             sp: None,
+            sd: Some(StatData {
+                i: ino,
+                cs: n.ctime.s,
+                cn: n.ctime.ns,
+            }),
         };
         let mut source = None;
         let mut from = Origin::Meta;

@@ -160,6 +160,8 @@ impl Namespace {
         self.children.insert(ROOT, BTreeMap::new());
         let mut by_path: HashMap<&str, u64> = HashMap::new();
         let mut xattrs: Vec<(u64, String, Vec<u8>)> = Vec::new();
+        let recorded = recorded_inodes(entries);
+        self.next_ino = recorded.values().max().map_or(ROOT + 1, |max| max + 1);
         // Parents before children, whatever the tar order was; hard links last.
         let mut order: Vec<&Entry> = entries.iter().collect();
         order.sort_by_key(|e| (e.t == Kind::HardLink, e.p.matches('/').count()));
@@ -198,7 +200,10 @@ impl Namespace {
             let Some(kind) = NodeKind::of_entry(e.t) else {
                 continue;
             };
-            let ino = self.alloc();
+            let ino = match recorded.get(e.p.as_str()) {
+                Some(&ino) => ino,
+                None => self.alloc(),
+            };
             let node = Node::from_entry(ino, kind, parent, e, Some(&e.p));
             for (k, hex) in &e.x {
                 if let Some(v) = hex_decode(hex) {
@@ -237,6 +242,8 @@ impl Namespace {
     }
 
     fn alloc(&mut self) -> u64 {
+        // Recorded inode numbers (see `recorded_inodes`) all sit below
+        // `next_ino`, so a new inode never meets one.
         let ino = self.next_ino;
         self.next_ino += 1;
         ino
@@ -932,6 +939,34 @@ fn touched_dir(
     Ok(p)
 }
 
+/// The inode numbers entries recorded where they were packed, by path:
+/// kept as this namespace's own, so that a mount shows what `lstat` showed
+/// there (git's index then matches without reading a file). A number that
+/// two entries recorded (trees packed from several filesystems), the root's
+/// 1, or one too large for a mount's slot bits is not kept: that entry gets
+/// a new number, as every entry of an object without them does.
+fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for e in entries {
+        if let Some(sd) = e.sd.filter(|_| e.t != Kind::HardLink) {
+            *seen.entry(sd.i).or_default() += 1;
+        }
+    }
+    entries
+        .iter()
+        .filter(|e| e.t != Kind::HardLink)
+        .filter_map(|e| {
+            let i = e.sd?.i;
+            let usable = i > ROOT && i < MAX_RECORDED_INO && seen.get(&i) == Some(&1);
+            usable.then_some((e.p.as_str(), i))
+        })
+        .collect()
+}
+
+/// Recorded inode numbers at or above this are not kept: kernel inode
+/// numbers carry a mount root's session slot above them.
+const MAX_RECORDED_INO: u64 = 1 << 39;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,6 +987,8 @@ mod tests {
             ho: 0,
             data_offset: 0,
             sp: None,
+        sd: None,
+            sd: None,
         }
     }
 

@@ -159,6 +159,7 @@ impl Node {
         bytes_at: Option<&str>,
     ) -> Node {
         let mtime = Time { s: e.mt, ns: e.mn };
+        let ctime = e.sd.map_or(mtime, |sd| Time { s: sd.cs, ns: sd.cn });
         Node {
             ino,
             kind,
@@ -170,7 +171,7 @@ impl Node {
             size: if kind == NodeKind::File { e.s } else { 0 },
             atime: mtime,
             mtime,
-            ctime: mtime,
+            ctime,
             target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
             data: match bytes_at {
                 Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),

@@ -239,6 +239,7 @@ fn describe<R: Read>(
         ho: entry.raw_header_position(),
         data_offset,
         sp,
+        sd: None,
         p,
     }))
 }
@@ -282,6 +283,7 @@ fn add_missing_parents(entries: &mut Vec<Entry>) {
             ho: 0,
             data_offset: 0,
             sp: None,
+            sd: None,
         });
     }
 }

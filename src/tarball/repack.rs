@@ -295,6 +295,8 @@ mod tests {
             ho,
             data_offset: ho + 512,
             sp: None,
+        sd: None,
+            sd: None,
         }
     }
 

@@ -133,6 +133,23 @@ pub struct Entry {
     /// stored back to back from `data_offset`; the rest reads as zeros.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sp: Option<super::sparse::SparseMap>,
+    /// The inode number and ctime the entry had where it was packed (a
+    /// pushed directory, a mount's write-back). A mount shows them again,
+    /// so that what tools recorded of the tree there (git's index) still
+    /// matches `lstat` here. Not in the tar headers; no effect on bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sd: Option<StatData>,
+}
+
+/// What `lstat` said of an entry where it was packed, beyond its headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatData {
+    /// Inode number.
+    pub i: u64,
+    /// ctime, seconds since the epoch.
+    pub cs: i64,
+    /// ctime, nanoseconds.
+    pub cn: u32,
 }
 
 /// The table of contents.

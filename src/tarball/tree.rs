@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::tar_header::hex_encode;
-use super::toc::{Entry, Kind, RESERVED_DIR};
+use super::toc::{Entry, Kind, StatData, RESERVED_DIR};
 use super::TarballError;
 
 /// An entry and, for regular files, where its bytes come from.
@@ -100,6 +100,11 @@ fn walk_dir(
             ho: 0,
             data_offset: 0,
             sp: None,
+            sd: Some(StatData {
+                i: md.ino(),
+                cs: md.ctime(),
+                cn: u32::try_from(md.ctime_nsec()).unwrap_or(0),
+            }),
         };
         let mut source = None;
         if ft.is_dir() {

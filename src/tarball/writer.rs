@@ -200,6 +200,7 @@ pub fn pack_after<W: Write + Send>(
         ho: tar_data_end,
         data_offset: tar_data_end + 512,
         sp: None,
+        sd: None,
     })?;
     let tar_size = tar_data_end + 512 + toc_entry_len + EOA_LEN as u64;
     let mut head = toc_header;
