@@ -31,7 +31,7 @@ use crate::store::{ByteRange, GetOptions, ObjectStore, StoreError};
 /// Inflated bytes kept per object version.
 pub const DECODED_BUDGET: u64 = 64 << 20;
 /// Inflated bytes loaded ahead of a sequential reader.
-pub const AHEAD_BYTES: u64 = 16 << 20;
+pub const AHEAD_BYTES: u64 = 32 << 20;
 
 pub struct Segments {
     store: Arc<dyn ObjectStore>,
@@ -210,9 +210,9 @@ impl Segments {
 
     /// Claims the segments after `from` that hold bytes before `limit`, up
     /// to [`AHEAD_BYTES`], skipping those already loaded or in flight. The
-    /// window is topped up only once half of it is missing (or the file
-    /// ends in it), so a long read costs a GET per half window, not one per
-    /// segment.
+    /// window is topped up once a quarter of it is missing (or the file
+    /// ends in it): a GET per quarter window rather than one per segment,
+    /// and the next GET under way while the last one's segments inflate.
     fn claim_ahead(self: &Arc<Self>, st: &mut State, from: usize, limit: u64) -> Option<Claim> {
         let mut wanted = Vec::new();
         let (mut window, mut missing) = (0, 0);
@@ -231,7 +231,7 @@ impl Segments {
                 missing += seg.ul;
             }
         }
-        let worth = missing > 0 && (file_ends || 2 * missing >= AHEAD_BYTES);
+        let worth = missing > 0 && (file_ends || 4 * missing >= AHEAD_BYTES);
         worth.then(|| self.claim(st, wanted))
     }
 

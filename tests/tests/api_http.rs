@@ -970,6 +970,9 @@ async fn writes_through_the_api_and_the_mount_see_each_other() {
         v
     };
     assert_eq!(names(&m.join(&s).join("workspace")), ["shared.txt"]);
+    // The kernel caches a name found missing too.
+    let new = m.join(&s).join("workspace/new.txt");
+    assert!(!new.exists());
     let r = c
         .put(format!("{url}{API}/{s}/files/workspace/shared.txt"))
         .body("from the API, longer than before")
@@ -991,6 +994,7 @@ async fn writes_through_the_api_and_the_mount_see_each_other() {
         names(&m.join(&s).join("workspace")),
         ["new.txt", "shared.txt"]
     );
+    assert_eq!(fs::read(&new).unwrap(), b"new");
 
     // A write in the mount is what GET answers.
     fs::write(
