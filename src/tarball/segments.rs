@@ -30,6 +30,9 @@ use crate::store::{ByteRange, GetOptions, ObjectStore, StoreError};
 
 /// Inflated bytes kept per object version.
 pub const DECODED_BUDGET: u64 = 64 << 20;
+/// Most segments fetched by one GET: a window's first segments arrive (and
+/// inflate) while the GETs of the rest are still under way.
+const RUN_SEGMENTS: usize = 4;
 /// Inflated bytes loaded ahead of a sequential reader.
 pub const AHEAD_BYTES: u64 = 32 << 20;
 
@@ -67,19 +70,37 @@ impl State {
     }
 }
 
-/// Segments this reader has claimed to load. Dropping it (done or failed)
-/// takes them out of the in-flight map, which wakes whoever waits.
+/// Segments this reader has claimed to load. Each is published on its own
+/// as soon as it is inflated (see [`Claim::publish`]); dropping the claim
+/// takes what is left (failed loads) out of the in-flight map. Either way
+/// the segment's sender is dropped, which wakes whoever waits for it.
 struct Claim {
     segments: Arc<Segments>,
     indices: Vec<usize>,
-    _done: Vec<watch::Sender<()>>,
+    done: Mutex<HashMap<usize, watch::Sender<()>>>,
+}
+
+impl Claim {
+    /// Puts a loaded segment in the LRU, then wakes its waiters.
+    fn publish(&self, i: usize, raw: Bytes) {
+        {
+            let mut st = self.segments.lock();
+            st.put(i, raw);
+            st.inflight.remove(&i);
+        }
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
+    }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        let left: Vec<usize> = {
+            let done = self.done.get_mut().unwrap_or_else(|p| p.into_inner());
+            done.drain().map(|(i, _)| i).collect()
+        };
         let mut st = self.segments.lock();
-        for i in &self.indices {
-            st.inflight.remove(i);
+        for i in left {
+            st.inflight.remove(&i);
         }
     }
 }
@@ -195,16 +216,16 @@ impl Segments {
     }
 
     fn claim(self: &Arc<Self>, st: &mut State, indices: Vec<usize>) -> Claim {
-        let mut done = Vec::with_capacity(indices.len());
+        let mut done = HashMap::with_capacity(indices.len());
         for &i in &indices {
             let (tx, rx) = watch::channel(());
             st.inflight.insert(i, rx);
-            done.push(tx);
+            done.insert(i, tx);
         }
         Claim {
             segments: self.clone(),
             indices,
-            _done: done,
+            done: Mutex::new(done),
         }
     }
 
@@ -235,13 +256,16 @@ impl Segments {
         worth.then(|| self.claim(st, wanted))
     }
 
-    /// Loads the claimed segments: one GET per run of adjacent ones, every
-    /// segment inflated on the blocking pool at once, each kept in the LRU.
+    /// Loads the claimed segments: one GET per run of up to [`RUN_SEGMENTS`]
+    /// adjacent ones, all under way at once, every segment inflated on the
+    /// blocking pool as soon as its GET is done and published at once (a
+    /// reader waiting for the first segment of a window does not wait for
+    /// the whole window).
     async fn load(&self, claim: &Claim) -> Result<Vec<(usize, Bytes)>, TarballError> {
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for &i in &claim.indices {
             match runs.last_mut() {
-                Some((_, hi)) if *hi + 1 == i => *hi = i,
+                Some((lo, hi)) if *hi + 1 == i && i - *lo < RUN_SEGMENTS => *hi = i,
                 _ => runs.push((i, i)),
             }
         }
@@ -258,21 +282,18 @@ impl Segments {
                     })
                     .await
                     .map_err(|e| TarballError::Corrupt(format!("inflate worker failed: {e}")))??;
-                    Ok::<_, TarballError>((i, Bytes::from(raw)))
+                    let raw = Bytes::from(raw);
+                    claim.publish(i, raw.clone());
+                    Ok::<_, TarballError>((i, raw))
                 }
             });
             futures::future::try_join_all(inflates).await
         });
-        let loaded: Vec<(usize, Bytes)> = futures::future::try_join_all(fetches)
+        Ok(futures::future::try_join_all(fetches)
             .await?
             .into_iter()
             .flatten()
-            .collect();
-        let mut st = self.lock();
-        for (i, raw) in &loaded {
-            st.put(*i, raw.clone());
-        }
-        Ok(loaded)
+            .collect())
     }
 
     /// Object bytes `start..end`, pinned to the version opened.
