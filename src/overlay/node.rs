@@ -159,7 +159,10 @@ impl Node {
         bytes_at: Option<&str>,
     ) -> Node {
         let mtime = Time { s: e.mt, ns: e.mn };
-        let ctime = e.sd.map_or(mtime, |sd| Time { s: sd.cs, ns: sd.cn });
+        let ctime = e.sd.map_or(mtime, |sd| Time {
+            s: sd.cs,
+            ns: sd.cn,
+        });
         Node {
             ino,
             kind,

@@ -23,13 +23,12 @@ use futures::TryStreamExt;
 use super::deflate::{inflate_exact, zlib_decompress_exact, GZIP_TRAILER_LEN, STORED_HEADER_LEN};
 use super::foreign::{self, ForeignIndex, Format, Limits};
 use super::index::{IndexedToc, TocIndex};
+use super::segments::{changed_or, fetch_pinned, Segments};
 use super::sparse::{self, Piece};
 use super::toc::{
-    object_digest, Entry, Kind, Locator, Toc, DIGEST_KEY, EOA_LEN, LOCATOR_FROM_END,
-    LOCATOR_LEN,
+    object_digest, Entry, Kind, Locator, Toc, DIGEST_KEY, EOA_LEN, LOCATOR_FROM_END, LOCATOR_LEN,
 };
 use super::zran::{inflate_from_point, AccessPoint};
-use super::segments::{changed_or, fetch_pinned, Segments};
 use super::TarballError;
 use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore};
 

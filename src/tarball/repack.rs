@@ -295,7 +295,6 @@ mod tests {
             ho,
             data_offset: ho + 512,
             sp: None,
-        sd: None,
             sd: None,
         }
     }

@@ -30,9 +30,10 @@ use crate::store::{ByteRange, GetOptions, ObjectStore, StoreError};
 
 /// Inflated bytes kept per object version.
 pub const DECODED_BUDGET: u64 = 64 << 20;
-/// Most segments fetched by one GET: a window's first segments arrive (and
-/// inflate) while the GETs of the rest are still under way.
-const RUN_SEGMENTS: usize = 4;
+/// Most segments fetched by one GET (a whole 32 MiB window of 2 MiB
+/// segments). GETs of four segments, all at once, were not faster here
+/// (one run each: 0.64× single-threaded inflate against 0.78×).
+const RUN_SEGMENTS: usize = 16;
 /// Inflated bytes loaded ahead of a sequential reader.
 pub const AHEAD_BYTES: u64 = 32 << 20;
 
@@ -88,7 +89,10 @@ impl Claim {
             st.put(i, raw);
             st.inflight.remove(&i);
         }
-        self.done.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&i);
     }
 }
 
@@ -258,9 +262,8 @@ impl Segments {
 
     /// Loads the claimed segments: one GET per run of up to [`RUN_SEGMENTS`]
     /// adjacent ones, all under way at once, every segment inflated on the
-    /// blocking pool as soon as its GET is done and published at once (a
-    /// reader waiting for the first segment of a window does not wait for
-    /// the whole window).
+    /// blocking pool as soon as its GET is done and published as soon as it
+    /// is inflated.
     async fn load(&self, claim: &Claim) -> Result<Vec<(usize, Bytes)>, TarballError> {
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for &i in &claim.indices {
@@ -271,17 +274,20 @@ impl Segments {
         }
         let fetches = runs.iter().map(|&(lo, hi)| async move {
             let co_start = self.segs[lo].co;
-            let body = self.fetch(co_start, self.segs[hi].co + self.segs[hi].cl).await?;
+            let body = self
+                .fetch(co_start, self.segs[hi].co + self.segs[hi].cl)
+                .await?;
             let inflates = (lo..=hi).map(|i| {
                 let seg = self.segs[i].clone();
                 let at = (seg.co - co_start) as usize;
                 let compressed = body.slice(at..at + seg.cl as usize);
                 async move {
-                    let raw = tokio::task::spawn_blocking(move || {
-                        verify_segment(i, &seg, &compressed)
-                    })
-                    .await
-                    .map_err(|e| TarballError::Corrupt(format!("inflate worker failed: {e}")))??;
+                    let raw =
+                        tokio::task::spawn_blocking(move || verify_segment(i, &seg, &compressed))
+                            .await
+                            .map_err(|e| {
+                                TarballError::Corrupt(format!("inflate worker failed: {e}"))
+                            })??;
                     let raw = Bytes::from(raw);
                     claim.publish(i, raw.clone());
                     Ok::<_, TarballError>((i, raw))
@@ -298,7 +304,15 @@ impl Segments {
 
     /// Object bytes `start..end`, pinned to the version opened.
     async fn fetch(&self, start: u64, end: u64) -> Result<Bytes, TarballError> {
-        fetch_pinned(self.store.as_ref(), &self.key, &self.etag, self.size, start, end).await
+        fetch_pinned(
+            self.store.as_ref(),
+            &self.key,
+            &self.etag,
+            self.size,
+            start,
+            end,
+        )
+        .await
     }
 }
 

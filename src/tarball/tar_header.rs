@@ -171,7 +171,6 @@ mod tests {
             ho: 0,
             data_offset: 512,
             sp: None,
-        sd: None,
             sd: None,
         }
     }

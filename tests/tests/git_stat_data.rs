@@ -17,7 +17,14 @@ fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "gc.auto=0", "-c", "user.name=t", "-c", "user.email=t@t"])
+        .args([
+            "-c",
+            "gc.auto=0",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+        ])
         .args(args)
         .output()
         .unwrap();

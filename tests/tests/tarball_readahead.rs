@@ -135,7 +135,10 @@ async fn readers_racing_over_the_same_segments_fetch_each_once() {
     }
     for t in tasks {
         let files = t.await.unwrap();
-        assert!(files[0] == big && files[1] == next, "a reader got other bytes");
+        assert!(
+            files[0] == big && files[1] == next,
+            "a reader got other bytes"
+        );
     }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let bytes = metered.snapshot().bytes_in - opened.bytes_in;

@@ -468,7 +468,6 @@ mod tests {
             ho: 0,
             data_offset: 0,
             sp: None,
-        sd: None,
             sd: None,
         }
     }
