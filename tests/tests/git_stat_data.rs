@@ -12,28 +12,24 @@ use std::process::Command;
 use std::time::Instant;
 
 use sessionfs_tests::mount::Site;
+use sessionfs_tests::stdout_ok;
 
 fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "gc.auto=0",
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let identity = [
+        "-c",
+        "gc.auto=0",
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+    ];
+    stdout_ok(
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(identity)
+            .args(args),
+    )
 }
 
 /// Entries of the index whose stat data match `lstat` in `repo`, and all.

@@ -10,7 +10,7 @@ use sessionfs_core::store::metered::MeteredStore;
 use sessionfs_core::store::ObjectStore;
 use sessionfs_core::tarball::reader::SessionReader;
 use sessionfs_core::tarball::toc::Segment;
-use sessionfs_tests::{pattern, s3_env, s3_store, sessionfs_bin};
+use sessionfs_tests::{pattern, run_ok, s3_env, s3_store, sessionfs_bin};
 
 const MIB: usize = 1 << 20;
 
@@ -25,17 +25,13 @@ async fn pushed() -> (tempfile::TempDir, String, Vec<u8>, Vec<u8>) {
     std::fs::write(w.join("big.bin"), &big).unwrap();
     std::fs::write(w.join("next.bin"), &next).unwrap();
     let session = format!("ahead-{:016x}", rand::random::<u64>());
-    let out = Command::new(sessionfs_bin())
-        .args(["--quiet", "push"])
-        .arg(dir.path().join("tree"))
-        .arg(&session)
-        .envs(s3_env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(sessionfs_bin())
+            .args(["--quiet", "push"])
+            .arg(dir.path().join("tree"))
+            .arg(&session)
+            .envs(s3_env()),
+        "push",
     );
     (dir, format!("{session}/session.tar.gz"), big, next)
 }
