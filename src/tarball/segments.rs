@@ -98,14 +98,15 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let left: Vec<usize> = {
-            let done = self.done.get_mut().unwrap_or_else(|p| p.into_inner());
-            done.drain().map(|(i, _)| i).collect()
-        };
+        let left = std::mem::take(self.done.get_mut().unwrap_or_else(|p| p.into_inner()));
+        // Out of the map first, then the senders dropped: a woken waiter
+        // that claims the segment again must not see its claim removed.
         let mut st = self.segments.lock();
-        for i in left {
-            st.inflight.remove(&i);
+        for i in left.keys() {
+            st.inflight.remove(i);
         }
+        drop(st);
+        drop(left);
     }
 }
 
