@@ -354,8 +354,6 @@ impl Journal {
 }
 
 /// One journal transaction; dropped without [`Tx::commit`] it rolls back.
-/// One transaction: committed by [`Tx::commit`], rolled back when dropped
-/// without it.
 pub struct Tx<'a> {
     tx: &'a Connection,
     open: bool,
