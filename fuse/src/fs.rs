@@ -29,7 +29,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 use sessionfs_core::overlay::live::{Invalidation, LiveSession, Watcher};
-use sessionfs_core::overlay::namespace::{Listing, RenameMode, SetAttr};
+use sessionfs_core::overlay::namespace::{RenameMode, SetAttr};
 use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 
@@ -81,18 +81,44 @@ struct Handle {
     append: bool,
     /// Written through since the journal last caught up.
     dirty: bool,
+    /// The namespace's snapshot count when this handle's writes were last
+    /// journaled as a change. The first write after a snapshot (and the
+    /// first of all) records one at once: `sessionfs flush` right after a
+    /// close must find it, and closes do not wait for the journal.
+    recorded: Option<u64>,
 }
 
 pub struct SessionFs {
     live: Arc<LiveSession>,
     handles: Arc<Mutex<HashMap<u64, Handle>>>,
-    dirs: Mutex<HashMap<u64, Listing>>,
+    /// Directory listings in cookie order, by directory, as the last
+    /// readdir from offset 0 found them (see [`Cookies`]).
+    listings: Mutex<HashMap<u64, Cookies>>,
     next_fh: AtomicU64,
     root: u64,
     /// Under `serve --mount-root` each session has a slot: the high bits of
     /// its kernel inode numbers. 0 for a session mounted on its own.
     slot: u64,
     view: crate::attr::View,
+}
+
+/// A directory's entries as readdir hands them out: `.` and `..` at
+/// offsets 1 and 2, then every name at an offset made from a hash of the
+/// name, in that order. Directories are not opened (see `opendir`), so no
+/// per-open snapshot pins the offsets; a name's offset never changes, so a
+/// listing resumed after entries came or went (`rm -rf` unlinks as it
+/// reads) neither repeats nor skips the entries that stayed.
+type Cookies = Arc<Vec<(u64, String, u64, NodeKind)>>;
+
+/// Listings kept for readdir calls that continue one (offset > 0).
+const LISTINGS_KEPT: usize = 256;
+
+fn cookie(name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    // Positive as an i64 offset, and clear of the two dots' 1 and 2.
+    (h.finish() >> 1).max(3)
 }
 
 /// Kernel inode numbers under a mount root: `slot << SLOT_SHIFT | inode`.
@@ -114,6 +140,14 @@ fn answer(reply: ReplyEmpty, r: Result<(), OverlayError>) {
     }
 }
 
+/// How every file handle is opened. Only this process changes the bytes,
+/// so the page cache stays valid (`KEEP_CACHE`). A close asks nothing of the
+/// daemon (`NOFLUSH`): writes reach the overlay file as they come, the first
+/// one records its change at once, and the release that follows the close
+/// journals the final size; a process killed before that release is caught
+/// up at remount from the overlay file itself. POSIX locks are the kernel's.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
 /// Whether an open with `flags` may change the file (and so copies it up).
 fn open_writes(flags: i32) -> bool {
     let acc = flags & libc::O_ACCMODE;
@@ -134,7 +168,7 @@ impl SessionFs {
         SessionFs {
             live,
             handles: Arc::new(Mutex::new(HashMap::new())),
-            dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             root,
             slot: 0,
@@ -261,6 +295,7 @@ impl SessionFs {
                 ino,
                 append: flags & libc::O_APPEND != 0,
                 dirty: false,
+                recorded: None,
             },
         );
         fh
@@ -272,11 +307,10 @@ impl SessionFs {
 
     fn do_write(&self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u32, OverlayError> {
         self.writable()?;
-        let append = {
-            let mut handles = self.handles.lock();
-            let h = handles.get_mut(&fh).ok_or(OverlayError::BadHandle)?;
-            h.dirty = true;
-            h.append
+        let (append, recorded) = {
+            let handles = self.handles.lock();
+            let h = handles.get(&fh).ok_or(OverlayError::BadHandle)?;
+            (h.append, h.recorded)
         };
         let mut ns = self.live.ns.lock();
         // A writable mapping may outlive its handle's mode: make sure.
@@ -291,6 +325,19 @@ impl SessionFs {
         let at = if append { ns.get(ino)?.size } else { offset };
         f.write_all_at(data, at)?;
         ns.note_write(ino, at + data.len() as u64);
+        let snapshots = ns.snapshots();
+        let record = recorded != Some(snapshots);
+        if record {
+            ns.flush(ino)?;
+        }
+        drop(ns);
+        if let Some(h) = self.handles.lock().get_mut(&fh) {
+            if record {
+                h.recorded = Some(snapshots);
+            } else {
+                h.dirty = true;
+            }
+        }
         Ok(data.len() as u32)
     }
 
@@ -378,6 +425,33 @@ impl SessionFs {
         drop(ns);
         self.free(freed);
         Ok(())
+    }
+
+    /// The listing of directory `dir` for a readdir from `offset`: read
+    /// afresh for a listing that starts, the kept one for one that goes on.
+    fn listing(&self, dir: u64, offset: u64) -> Result<Cookies, OverlayError> {
+        if offset != 0 {
+            if let Some(l) = self.listings.lock().get(&dir) {
+                return Ok(l.clone());
+            }
+        }
+        let list = self.live.ns.lock().list(dir)?;
+        let mut v: Vec<_> = list
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, ino, kind))| {
+                let c = if i < 2 { i as u64 + 1 } else { cookie(&name) };
+                (c, name, ino, kind)
+            })
+            .collect();
+        v.sort_unstable_by_key(|e| e.0);
+        let v = Arc::new(v);
+        let mut kept = self.listings.lock();
+        if kept.len() >= LISTINGS_KEPT {
+            kept.clear();
+        }
+        kept.insert(dir, v.clone());
+        Ok(v)
     }
 
     fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
@@ -693,7 +767,7 @@ impl Filesystem for SessionFs {
             let (live, handles) = (self.live.clone(), self.handles.clone());
             self.live.content.runtime().spawn_blocking(move || {
                 match live.ensure_local(ino, false) {
-                    Ok(()) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Ok(()) => reply.opened(FileHandle(fh), OPEN_FLAGS),
                     Err(e) => {
                         handles.lock().remove(&fh);
                         if let Ok(freed) = live.ns.lock().closed(ino) {
@@ -708,15 +782,8 @@ impl Filesystem for SessionFs {
             return;
         }
         // Only this process changes the bytes: the page cache stays valid.
-        // A handle that cannot write has nothing to flush at close (locks
-        // are the kernel's), so close costs one request less.
-        let open_flags = if open_writes(flags.0) {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
-        };
         match self.open_handle(ino, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), open_flags),
+            Ok(fh) => reply.opened(FileHandle(fh), OPEN_FLAGS),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -811,40 +878,38 @@ impl Filesystem for SessionFs {
         answer(reply, self.do_fsync(fh.0, self.inner(ino), datasync))
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ino = self.inner(ino);
-        // A snapshot: offsets stay meaningful while the directory changes.
-        match self.live.ns.lock().list(ino) {
-            Ok(list) => {
-                let fh = self.fh();
-                self.dirs.lock().insert(fh, list);
-                // The kernel keeps the listing across opens: its own
-                // changes to the directory drop it, and so do invalidations.
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-                )
-            }
-            Err(e) => reply.error(err(e)),
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // A session mounted on its own tells the kernel it has no opendir:
+        // directories are then opened without a request (nor a release),
+        // and their listings cached until a change drops them; readdir
+        // needs no handle (see [`Cookies`]). Under a mount root the root's
+        // own listing needs its opens, so directories answer as cached ones.
+        if self.slot == 0 {
+            return reply.error(Errno::ENOSYS);
         }
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+        )
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let dirs = self.dirs.lock();
-        let Some(list) = dirs.get(&fh.0) else {
-            return reply.error(Errno::EBADF);
+        let list = match self.listing(self.inner(ino), offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(err(e)),
         };
-        for (i, (name, ino, kind)) in list.iter().enumerate().skip(offset as usize) {
+        let start = list.partition_point(|e| e.0 <= offset);
+        for (cookie, name, ino, kind) in &list[start..] {
             if reply.add(
                 self.kernel(*ino),
-                i as u64 + 1,
+                *cookie,
                 crate::attr::file_type(*kind),
                 name,
             ) {
@@ -857,27 +922,21 @@ impl Filesystem for SessionFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let list = match self.dirs.lock().get(&fh.0) {
-            Some(l) => l.iter().skip(offset as usize).cloned().collect::<Vec<_>>(),
-            None => return reply.error(Errno::EBADF),
+        let list = match self.listing(self.inner(ino), offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(err(e)),
         };
+        let start = list.partition_point(|e| e.0 <= offset);
         let ns = self.live.ns.lock();
-        for (i, (name, ino, _)) in list.iter().enumerate() {
+        for (cookie, name, ino, _) in &list[start..] {
             let Ok(node) = ns.get(*ino) else { continue };
             let attr = self.attr(node);
-            if reply.add(
-                attr.ino,
-                offset + i as u64 + 1,
-                name,
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+            if reply.add(attr.ino, *cookie, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }
@@ -888,11 +947,10 @@ impl Filesystem for SessionFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.dirs.lock().remove(&fh.0);
         reply.ok()
     }
 
@@ -1038,7 +1096,7 @@ impl Filesystem for SessionFs {
                 &self.attr(&node),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                OPEN_FLAGS,
             ),
             Err(e) => reply.error(err(e)),
         }

@@ -211,7 +211,13 @@ impl Content {
 
     /// Fetches `len` bytes of `base` (the first `len`, for a truncating
     /// copy-up) into the overlay file of `ino`.
-    pub fn copy_up(&self, ino: u64, base: &str, len: u64) -> Result<(), OverlayError> {
+    pub fn copy_up(
+        &self,
+        ino: u64,
+        base: &str,
+        len: u64,
+        mtime: std::time::SystemTime,
+    ) -> Result<(), OverlayError> {
         let tmp = self.dir.join(format!("{ino}.copy"));
         let out = File::create(&tmp)?;
         let mut at = 0u64;
@@ -225,6 +231,9 @@ impl Content {
             at += bytes.len() as u64;
         }
         out.set_len(len)?;
+        // Not a write: the file keeps its modification time, which a
+        // remount compares with the journal's (see `Namespace::adopt_local`).
+        out.set_modified(mtime)?;
         out.sync_all()?;
         self.close(ino);
         std::fs::rename(&tmp, self.path(ino))?;

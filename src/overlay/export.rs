@@ -70,7 +70,8 @@ pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
 
 /// Captures the merged view in one step, under the namespace lock.
 pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
-    let ns = live.ns.lock();
+    let mut ns = live.ns.lock();
+    ns.snapshot_taken();
     let reader = live.reader();
     let seq = ns.journal().last_seq()?;
     let base_etag = ns.journal().meta("base_etag")?.unwrap_or_default();

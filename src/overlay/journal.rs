@@ -2,11 +2,16 @@
 //! xattrs, and the feed of changes not yet written back, in one SQLite
 //! database beside the overlay's data files.
 //!
-//! Every namespace operation is one transaction, committed before the reply
-//! goes to the kernel, so a killed mount process loses nothing that was
-//! answered: WAL commits reach the OS at once. `fsync` on any file of the
-//! mount additionally makes the journal durable against power loss with a
-//! full checkpoint (`synchronous=NORMAL` keeps the many small commits cheap).
+//! Every namespace operation is one transaction, durable against a killed
+//! process before the reply goes to the kernel. A small one (a create, an
+//! unlink, the size a close records) is one record appended to the redo log
+//! ([`redo`]); the log's records reach SQLite in batches, and always before
+//! anything reads the journal, so readers see every committed transaction.
+//! A large one (a tree loaded from a TOC, a write-back's bookkeeping) goes
+//! straight to SQLite. `fsync` on any file of the mount additionally makes
+//! the journal durable against power loss: the log's records are applied
+//! and a full checkpoint syncs the database (`synchronous=NORMAL` keeps the
+//! batches cheap), after which the log is cut back.
 //!
 //! The database holds the whole tree, not only what changed: a remount loads
 //! it as is (stable inode numbers, nothing re-derived from the object), and
@@ -17,8 +22,12 @@
 //! do in the namespace, and opening a journal on a disk that full gives it
 //! up first, so a remount works. The WAL is checkpointed every
 //! [`CHECKPOINT_PAGES`] pages and cut back to [`WAL_LIMIT`] after, so it
-//! stays within about 16 MiB however many operations a mount runs.
+//! stays within about 16 MiB however many operations a mount runs; the redo
+//! log is folded in and cut back once it passes [`LOG_LIMIT`].
 
+mod redo;
+
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -27,9 +36,31 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::node::{Data, Node, NodeKind, Time};
 use super::reserve;
 use super::OverlayError;
+use redo::{Op, Record, RedoLog};
 
 pub struct Journal {
     conn: Connection,
+    redo: RefCell<Redo>,
+}
+
+/// The redo log and its records not yet in SQLite.
+struct Redo {
+    log: RedoLog,
+    pending: Vec<Record>,
+    /// Inodes whose xattrs the pending records change: the kernel asks for
+    /// `security.capability` before every write, and for an inode not
+    /// among these SQLite answers without applying the log first.
+    xattr_inos: std::collections::HashSet<u64>,
+}
+
+impl Redo {
+    fn note(&mut self, ops: &[Op]) {
+        for op in ops {
+            if let Op::SetXattr(ino, ..) | Op::RemoveXattr(ino, _) | Op::DeleteNode(ino) = op {
+                self.xattr_inos.insert(*ino);
+            }
+        }
+    }
 }
 
 /// WAL pages between automatic checkpoints (16 MiB of 4 KiB pages). Each
@@ -38,6 +69,18 @@ pub struct Journal {
 const CHECKPOINT_PAGES: u32 = 4096;
 /// Size the WAL file is cut back to after a checkpoint.
 const WAL_LIMIT: i64 = 16 << 20;
+/// Redo log bytes after which it is folded into the database and cut back
+/// (a sync; about 20,000 creates).
+const LOG_LIMIT: u64 = 8 << 20;
+/// Logged transactions applied to SQLite together.
+const APPLY_BATCH: usize = 512;
+/// A transaction of more rows than this goes straight to SQLite.
+const DIRECT_OPS: usize = 256;
+/// The redo log beside a journal database.
+pub fn redo_path(journal: &Path) -> std::path::PathBuf {
+    journal.with_extension("redo")
+}
+
 /// One row of the change feed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -126,45 +169,153 @@ impl Journal {
         conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
         conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
         conn.execute_batch(SCHEMA)?;
+        let applied: Option<String> = conn
+            .query_row("SELECT v FROM meta WHERE k = 'log_applied'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let applied = match applied {
+            None => 0,
+            Some(v) => v
+                .parse()
+                .map_err(|_| OverlayError::Corrupt(format!("journal: log_applied is {v:?}")))?,
+        };
+        let (log, pending) = RedoLog::open(&redo_path(path), applied)?;
+        let journal = Journal {
+            conn,
+            redo: RefCell::new(Redo {
+                log,
+                pending,
+                xattr_inos: Default::default(),
+            }),
+        };
+        // What a crash left in the log is applied now, while the reserve is
+        // still given up if the disk is that full.
+        journal.caught_up()?;
         // On a nearly full disk the opening's own writes come first; the
         // next delete or sync takes the reserve back.
         if room >= 2 * reserve::RESERVE {
             reserve::take_back();
         }
-        Ok(Journal { conn })
+        Ok(journal)
     }
 
     pub fn meta(&self, k: &str) -> Result<Option<String>, OverlayError> {
+        self.caught_up()?;
         Ok(self
             .conn
             .query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0))
             .optional()?)
     }
 
-    /// Starts a transaction. The namespace mutex already serialises callers,
-    /// so the connection need not be borrowed mutably (which would keep the
-    /// namespace from reading its own state while it builds the change).
+    /// Starts a transaction: its rows are collected, and written at
+    /// [`Tx::commit`]. The namespace mutex serialises callers.
     pub fn begin(&self) -> Result<Tx<'_>, OverlayError> {
-        // BEGIN and COMMIT as cached statements: parsing them again for
-        // every one of the many small transactions costs more than the
-        // rows they carry.
-        self.conn.prepare_cached("BEGIN")?.execute([])?;
         Ok(Tx {
-            tx: &self.conn,
-            open: true,
+            journal: self,
+            ops: RefCell::new(Vec::new()),
         })
     }
 
-    /// Makes every committed transaction durable (WAL synced and folded in).
-    pub fn sync(&self) -> Result<(), OverlayError> {
-        let checkpoint = || {
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
-                .map_err(OverlayError::from)
+    fn commit_ops(&self, ops: Vec<Op>) -> Result<(), OverlayError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if ops.len() > DIRECT_OPS {
+            self.caught_up()?;
+            return self.apply(&[(None, ops)]);
+        }
+        let (batch, full) = {
+            let mut redo = self.redo.borrow_mut();
+            let number = redo.log.append(&ops)?;
+            redo.note(&ops);
+            redo.pending.push((number, ops));
+            (
+                redo.pending.len() >= APPLY_BATCH,
+                redo.log.len() > LOG_LIMIT,
+            )
         };
-        let r = match checkpoint() {
+        // The transaction is durable in the log: a failure from here on
+        // only leaves its rows to the next attempt.
+        if full {
+            if let Err(e) = self.sync() {
+                tracing::warn!("folding the journal's redo log in: {e}");
+            }
+        } else if batch {
+            if let Err(e) = self.caught_up() {
+                tracing::warn!("applying the journal's redo log: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the logged transactions not yet in SQLite.
+    fn caught_up(&self) -> Result<(), OverlayError> {
+        let pending = {
+            let mut redo = self.redo.borrow_mut();
+            redo.xattr_inos.clear();
+            std::mem::take(&mut redo.pending)
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<(Option<u64>, Vec<Op>)> =
+            pending.into_iter().map(|(n, ops)| (Some(n), ops)).collect();
+        let r = match self.apply(&records) {
+            Err(e) if e.no_space() && reserve::release() => self.apply(&records),
+            r => r,
+        };
+        if r.is_err() {
+            let mut redo = self.redo.borrow_mut();
+            let later = std::mem::take(&mut redo.pending);
+            for (_, ops) in &records {
+                redo.note(ops);
+            }
+            redo.pending = records
+                .into_iter()
+                .filter_map(|(n, ops)| Some((n?, ops)))
+                .chain(later)
+                .collect();
+        }
+        r
+    }
+
+    /// Transactions into SQLite as one, with the number of the last logged
+    /// one among them (`None` for one that was never logged).
+    fn apply(&self, records: &[(Option<u64>, Vec<Op>)]) -> Result<(), OverlayError> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (_, ops) in records {
+            for op in ops {
+                apply_op(&tx, op)?;
+            }
+        }
+        if let Some(last) = records.iter().rev().find_map(|(n, _)| *n) {
+            tx.prepare_cached(
+                "INSERT INTO meta(k, v) VALUES ('log_applied', ?1) \
+                 ON CONFLICT(k) DO UPDATE SET v = ?1",
+            )?
+            .execute([last.to_string()])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Makes every committed transaction durable: the redo log applied, the
+    /// WAL synced and folded into the database file; then the log is cut back.
+    pub fn sync(&self) -> Result<(), OverlayError> {
+        let fold = || -> Result<(), OverlayError> {
+            self.caught_up()?;
+            let busy: i64 = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(FULL)", [], |r| r.get(0))?;
+            if busy == 0 {
+                self.redo.borrow_mut().log.clear()?;
+            }
+            Ok(())
+        };
+        let r = match fold() {
             // An unmount on a full disk must still sync.
-            Err(e) if e.no_space() && reserve::release() => checkpoint(),
+            Err(e) if e.no_space() && reserve::release() => fold(),
             r => r,
         };
         reserve::take_back();
@@ -172,6 +323,7 @@ impl Journal {
     }
 
     pub fn load_nodes(&self) -> Result<Vec<Node>, OverlayError> {
+        self.caught_up()?;
         let mut stmt = self.conn.prepare(
             "SELECT ino, kind, perm, uid, gid, nlink, rdev, size, atime_s, atime_ns, \
              mtime_s, mtime_ns, ctime_s, ctime_ns, target, base, local, parent FROM nodes",
@@ -225,6 +377,7 @@ impl Journal {
     }
 
     pub fn load_dirents(&self) -> Result<Vec<(u64, String, u64)>, OverlayError> {
+        self.caught_up()?;
         let mut stmt = self.conn.prepare("SELECT parent, name, ino FROM dirents")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -236,14 +389,20 @@ impl Journal {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Applies the log first only when it holds xattr changes of `ino`.
+    fn xattrs_caught_up(&self, ino: u64) -> Result<(), OverlayError> {
+        if self.redo.borrow().xattr_inos.contains(&ino) {
+            self.caught_up()?;
+        }
+        Ok(())
+    }
+
     pub fn xattr(&self, ino: u64, name: &str) -> Result<Option<Vec<u8>>, OverlayError> {
+        self.xattrs_caught_up(ino)?;
         Ok(self
             .conn
-            .query_row(
-                "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
-                params![ino as i64, name],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?
+            .query_row(params![ino as i64, name], |r| r.get(0))
             .optional()?)
     }
 
@@ -251,6 +410,7 @@ impl Journal {
     pub fn all_xattrs(
         &self,
     ) -> Result<HashMap<u64, std::collections::BTreeMap<String, Vec<u8>>>, OverlayError> {
+        self.caught_up()?;
         let mut stmt = self.conn.prepare("SELECT ino, name, value FROM xattrs")?;
         let mut rows = stmt.query([])?;
         let mut out: HashMap<u64, std::collections::BTreeMap<String, Vec<u8>>> = HashMap::new();
@@ -262,6 +422,7 @@ impl Journal {
     }
 
     pub fn xattr_names(&self, ino: u64) -> Result<Vec<String>, OverlayError> {
+        self.xattrs_caught_up(ino)?;
         let mut stmt = self
             .conn
             .prepare("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
@@ -271,6 +432,7 @@ impl Journal {
 
     /// Changes after `seq`, oldest first.
     pub fn changes_since(&self, seq: i64) -> Result<Vec<Change>, OverlayError> {
+        self.caught_up()?;
         let mut stmt = self
             .conn
             .prepare("SELECT seq, op, ino, detail FROM changes WHERE seq > ?1 ORDER BY seq")?;
@@ -287,6 +449,7 @@ impl Journal {
 
     /// The newest change not yet written back (0 when none waits).
     pub fn last_seq(&self) -> Result<i64, OverlayError> {
+        self.caught_up()?;
         Ok(self
             .conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
@@ -296,6 +459,7 @@ impl Journal {
 
     /// How many changes wait to be written back.
     pub fn pending_count(&self) -> Result<u64, OverlayError> {
+        self.caught_up()?;
         Ok(self
             .conn
             .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get::<_, i64>(0))?
@@ -304,6 +468,7 @@ impl Journal {
 
     /// The inodes changed after `seq`.
     pub fn changed_since(&self, seq: i64) -> Result<std::collections::HashSet<u64>, OverlayError> {
+        self.caught_up()?;
         let mut stmt = self
             .conn
             .prepare("SELECT DISTINCT ino FROM changes WHERE seq > ?1")?;
@@ -328,6 +493,7 @@ impl Journal {
     /// there (their bytes are in the object too; the next write-back
     /// adopts them).
     pub fn recover_completed(&self, attempt: &Attempt, etag: &str) -> Result<(), OverlayError> {
+        self.caught_up()?;
         let tx = self.conn.unchecked_transaction()?;
         tx.execute(
             "UPDATE nodes SET base = (SELECT path FROM wb_remap WHERE wb_remap.ino = nodes.ino) \
@@ -347,51 +513,108 @@ impl Journal {
 
     /// Whether any change waits to be written back (one index probe).
     pub fn has_changes(&self) -> Result<bool, OverlayError> {
+        self.caught_up()?;
         Ok(self
             .conn
             .query_row("SELECT EXISTS (SELECT 1 FROM changes)", [], |r| r.get(0))?)
     }
 }
 
-/// One journal transaction; dropped without [`Tx::commit`] it rolls back.
+/// One journal transaction: its rows, written at [`Tx::commit`]; dropped
+/// without it, nothing is written.
 pub struct Tx<'a> {
-    tx: &'a Connection,
-    open: bool,
-}
-
-impl Drop for Tx<'_> {
-    fn drop(&mut self) {
-        if self.open {
-            if let Err(e) = self.tx.execute_batch("ROLLBACK") {
-                tracing::error!("rolling back a journal transaction: {e}");
-            }
-        }
-    }
+    journal: &'a Journal,
+    ops: RefCell<Vec<Op>>,
 }
 
 impl Tx<'_> {
-    pub fn commit(mut self) -> Result<(), OverlayError> {
-        self.tx.prepare_cached("COMMIT")?.execute([])?;
-        self.open = false;
+    fn push(&self, op: Op) -> Result<(), OverlayError> {
+        self.ops.borrow_mut().push(op);
         Ok(())
+    }
+
+    pub fn commit(self) -> Result<(), OverlayError> {
+        self.journal.commit_ops(self.ops.into_inner())
     }
 
     pub fn set_meta(&self, k: &str, v: &str) -> Result<(), OverlayError> {
-        self.tx.execute(
-            "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = ?2",
-            params![k, v],
-        )?;
-        Ok(())
+        self.push(Op::SetMeta(k.to_owned(), v.to_owned()))
     }
 
     pub fn put_node(&self, n: &Node) -> Result<(), OverlayError> {
-        let (base, local) = match &n.data {
-            Data::None => (None, false),
-            Data::Base(b) => (Some(b.as_str()), false),
-            Data::Local => (None, true),
-        };
-        self.tx
-            .prepare_cached(
+        self.push(Op::PutNode(n.clone()))
+    }
+
+    pub fn delete_node(&self, ino: u64) -> Result<(), OverlayError> {
+        self.push(Op::DeleteNode(ino))
+    }
+
+    pub fn put_dirent(&self, parent: u64, name: &str, ino: u64) -> Result<(), OverlayError> {
+        self.push(Op::PutDirent(parent, name.to_owned(), ino))
+    }
+
+    pub fn delete_dirent(&self, parent: u64, name: &str) -> Result<(), OverlayError> {
+        self.push(Op::DeleteDirent(parent, name.to_owned()))
+    }
+
+    pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8]) -> Result<(), OverlayError> {
+        self.push(Op::SetXattr(ino, name.to_owned(), value.to_vec()))
+    }
+
+    pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<(), OverlayError> {
+        self.push(Op::RemoveXattr(ino, name.to_owned()))
+    }
+
+    pub fn change(&self, op: &str, ino: u64, detail: &str) -> Result<(), OverlayError> {
+        self.push(Op::Change(op.to_owned(), ino, detail.to_owned()))
+    }
+
+    /// Records a write-back about to start, with the base paths it moves.
+    pub fn begin_attempt(
+        &self,
+        attempt: &Attempt,
+        remap: &[(u64, String)],
+    ) -> Result<(), OverlayError> {
+        self.push(Op::ClearAttempt)?;
+        for (ino, path) in remap {
+            self.push(Op::PutRemap(*ino, path.clone()))?;
+        }
+        self.set_attempt(Some(attempt))
+    }
+
+    /// Replaces (or, with `None`, clears) the write-back record.
+    pub fn set_attempt(&self, attempt: Option<&Attempt>) -> Result<(), OverlayError> {
+        match attempt {
+            Some(a) => {
+                let json = serde_json::to_string(a)
+                    .map_err(|e| OverlayError::Corrupt(format!("write-back record: {e}")))?;
+                self.set_meta("wb_attempt", &json)
+            }
+            None => self.push(Op::ClearAttempt),
+        }
+    }
+
+    /// The write-back of everything up to `seq` is confirmed: drop those rows.
+    pub fn confirm(&self, seq: i64) -> Result<(), OverlayError> {
+        self.push(Op::Confirm(seq))
+    }
+}
+
+fn apply_op(c: &Connection, op: &Op) -> Result<(), OverlayError> {
+    match op {
+        Op::SetMeta(k, v) => {
+            c.prepare_cached(
+                "INSERT INTO meta(k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = ?2",
+            )?
+            .execute(params![k, v])?;
+        }
+        Op::PutNode(n) => {
+            let (base, local) = match &n.data {
+                Data::None => (None, false),
+                Data::Base(b) => (Some(b.as_str()), false),
+                Data::Local => (None, true),
+            };
+            c.prepare_cached(
                 "INSERT OR REPLACE INTO nodes(ino, kind, perm, uid, gid, nlink, rdev, size, \
                  atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, target, base, local, parent) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
@@ -416,91 +639,50 @@ impl Tx<'_> {
                 local,
                 n.parent as i64
             ])?;
-        Ok(())
-    }
-
-    pub fn delete_node(&self, ino: u64) -> Result<(), OverlayError> {
-        self.tx
-            .execute("DELETE FROM nodes WHERE ino = ?1", [ino as i64])?;
-        self.tx
-            .execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
-        Ok(())
-    }
-
-    pub fn put_dirent(&self, parent: u64, name: &str, ino: u64) -> Result<(), OverlayError> {
-        self.tx
-            .prepare_cached(
+        }
+        Op::DeleteNode(ino) => {
+            c.prepare_cached("DELETE FROM nodes WHERE ino = ?1")?
+                .execute([*ino as i64])?;
+            c.prepare_cached("DELETE FROM xattrs WHERE ino = ?1")?
+                .execute([*ino as i64])?;
+        }
+        Op::PutDirent(parent, name, ino) => {
+            c.prepare_cached(
                 "INSERT OR REPLACE INTO dirents(parent, name, ino) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![parent as i64, name, ino as i64])?;
-        Ok(())
-    }
-
-    pub fn delete_dirent(&self, parent: u64, name: &str) -> Result<(), OverlayError> {
-        self.tx
-            .prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
-            .execute(params![parent as i64, name])?;
-        Ok(())
-    }
-
-    pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8]) -> Result<(), OverlayError> {
-        self.tx.execute(
-            "INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?1, ?2, ?3)",
-            params![ino as i64, name, value],
-        )?;
-        Ok(())
-    }
-
-    pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<bool, OverlayError> {
-        Ok(self.tx.execute(
-            "DELETE FROM xattrs WHERE ino = ?1 AND name = ?2",
-            params![ino as i64, name],
-        )? > 0)
-    }
-
-    pub fn change(&self, op: &str, ino: u64, detail: &str) -> Result<(), OverlayError> {
-        self.tx
-            .prepare_cached("INSERT INTO changes(op, ino, detail) VALUES (?1, ?2, ?3)")?
-            .execute(params![op, ino as i64, detail])?;
-        Ok(())
-    }
-
-    /// Records a write-back about to start, with the base paths it moves.
-    pub fn begin_attempt(
-        &self,
-        attempt: &Attempt,
-        remap: &[(u64, String)],
-    ) -> Result<(), OverlayError> {
-        self.tx.execute("DELETE FROM wb_remap", [])?;
-        for (ino, path) in remap {
-            self.tx
-                .prepare_cached("INSERT OR REPLACE INTO wb_remap(ino, path) VALUES (?1, ?2)")?
+            .execute(params![*parent as i64, name, *ino as i64])?;
+        }
+        Op::DeleteDirent(parent, name) => {
+            c.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?
+                .execute(params![*parent as i64, name])?;
+        }
+        Op::SetXattr(ino, name, value) => {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![*ino as i64, name, value])?;
+        }
+        Op::RemoveXattr(ino, name) => {
+            c.prepare_cached("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2")?
+                .execute(params![*ino as i64, name])?;
+        }
+        Op::Change(op, ino, detail) => {
+            c.prepare_cached("INSERT INTO changes(op, ino, detail) VALUES (?1, ?2, ?3)")?
+                .execute(params![op, *ino as i64, detail])?;
+        }
+        Op::ClearAttempt => {
+            c.prepare_cached("DELETE FROM meta WHERE k = 'wb_attempt'")?
+                .execute([])?;
+            c.prepare_cached("DELETE FROM wb_remap")?.execute([])?;
+        }
+        Op::PutRemap(ino, path) => {
+            c.prepare_cached("INSERT OR REPLACE INTO wb_remap(ino, path) VALUES (?1, ?2)")?
                 .execute(params![*ino as i64, path])?;
         }
-        self.set_attempt(Some(attempt))
-    }
-
-    /// Replaces (or, with `None`, clears) the write-back record.
-    pub fn set_attempt(&self, attempt: Option<&Attempt>) -> Result<(), OverlayError> {
-        match attempt {
-            Some(a) => {
-                let json = serde_json::to_string(a)
-                    .map_err(|e| OverlayError::Corrupt(format!("write-back record: {e}")))?;
-                self.set_meta("wb_attempt", &json)
-            }
-            None => {
-                self.tx
-                    .execute("DELETE FROM meta WHERE k = 'wb_attempt'", [])?;
-                self.tx.execute("DELETE FROM wb_remap", [])?;
-                Ok(())
-            }
+        Op::Confirm(seq) => {
+            c.prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
+                .execute([*seq])?;
         }
     }
-
-    /// The write-back of everything up to `seq` is confirmed: drop those rows.
-    pub fn confirm(&self, seq: i64) -> Result<(), OverlayError> {
-        self.tx
-            .execute("DELETE FROM changes WHERE seq <= ?1", [seq])?;
-        Ok(())
-    }
+    Ok(())
 }

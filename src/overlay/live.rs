@@ -45,8 +45,8 @@ pub struct LiveSession {
     pub name: SessionPath,
     pub ns: Mutex<Namespace>,
     pub content: Content,
-    /// The journal's write-ahead log.
-    wal: std::path::PathBuf,
+    /// The journal's database file.
+    journal: std::path::PathBuf,
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
     control: Mutex<Option<Control>>,
@@ -112,14 +112,14 @@ impl LiveSession {
         name: SessionPath,
         ns: Namespace,
         content: Content,
-        wal: std::path::PathBuf,
+        journal: std::path::PathBuf,
         read_only: bool,
     ) -> LiveSession {
         LiveSession {
             name,
             ns: Mutex::new(ns),
             content,
-            wal,
+            journal,
             read_only,
             watcher: Mutex::new(None),
             control: Mutex::new(None),
@@ -181,7 +181,7 @@ impl LiveSession {
 
     /// The session's overlay directory (where its journal is).
     pub fn overlay_dir(&self) -> &std::path::Path {
-        self.wal.parent().unwrap_or(std::path::Path::new("/"))
+        self.journal.parent().unwrap_or(std::path::Path::new("/"))
     }
 
     /// Registers the mount that must hear of changes made elsewhere.
@@ -284,11 +284,17 @@ impl LiveSession {
                 g.running = true;
                 let covers = g.asked;
                 drop(g);
-                // The journal's log is synced through a descriptor of its
+                // The journal's files are synced through descriptors of their
                 // own, so the namespace stays unlocked meanwhile: what SQLite
-                // committed is already in the file (it does not buffer), and
-                // a checkpoint syncs the database before it resets the log.
-                let r = self.content.sync_dir().and_then(|()| sync_file(&self.wal));
+                // committed and what the redo log took are already in the
+                // files (neither buffers), a checkpoint syncs the database
+                // before it resets the WAL, and the redo log is cut back only
+                // after one. The WAL holds transactions too large for the log.
+                let r = self
+                    .content
+                    .sync_dir()
+                    .and_then(|()| sync_file(&wal_path(&self.journal)))
+                    .and_then(|()| sync_file(&super::journal::redo_path(&self.journal)));
                 // Space freed on a full disk goes back to the reserve first.
                 super::reserve::take_back();
                 g = self.group.state.lock();
@@ -324,7 +330,7 @@ impl LiveSession {
             }
             Data::Base(path) => {
                 let len = if truncate { 0 } else { node.size };
-                self.content.copy_up(ino, path, len)?;
+                self.content.copy_up(ino, path, len, node.mtime.system())?;
                 self.ns.lock().set_data(ino, Data::Local, Some(len))?;
             }
             Data::None => {
@@ -338,6 +344,8 @@ impl LiveSession {
                 if f.metadata()?.len() > 0 {
                     f.set_len(0)?;
                 }
+                // Not a write either (see `Namespace::adopt_local`).
+                f.set_modified(node.mtime.system())?;
                 self.ns.lock().mark_local(ino);
             }
         }
@@ -555,6 +563,13 @@ impl LiveSession {
 }
 
 /// fsync of the file at `path`, if it exists.
+/// SQLite's write-ahead log beside its database.
+fn wal_path(journal: &std::path::Path) -> std::path::PathBuf {
+    let mut name = journal.as_os_str().to_owned();
+    name.push("-wal");
+    name.into()
+}
+
 fn sync_file(path: &std::path::Path) -> Result<(), OverlayError> {
     match std::fs::File::open(path) {
         Ok(f) => Ok(f.sync_data()?),

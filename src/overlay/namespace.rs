@@ -53,6 +53,9 @@ pub struct Namespace {
     children: HashMap<u64, BTreeMap<String, u64>>,
     next_ino: u64,
     open: HashMap<u64, u32>,
+    /// Counts the snapshots taken of the tree (write-backs): a file written
+    /// through a handle records a change again once one was taken since.
+    snapshots: u64,
 }
 
 /// Inodes whose overlay data can go: the caller removes their files.
@@ -98,6 +101,7 @@ impl Namespace {
             children: HashMap::new(),
             next_ino: ROOT + 1,
             open: HashMap::new(),
+            snapshots: 0,
         };
         if ns.journal.meta("initialised")?.is_none() {
             ns.init_from_toc(base_etag, entries)?;
@@ -849,11 +853,12 @@ impl Namespace {
 
     pub fn removexattr(&mut self, ino: u64, name: &str) -> Result<(), OverlayError> {
         let mut n = self.get(ino)?.clone();
-        n.ctime = Time::now();
-        let tx = self.journal.begin()?;
-        if !tx.remove_xattr(ino, name)? {
+        if self.journal.xattr(ino, name)?.is_none() {
             return Err(OverlayError::NoAttr);
         }
+        n.ctime = Time::now();
+        let tx = self.journal.begin()?;
+        tx.remove_xattr(ino, name)?;
         tx.put_node(&n)?;
         tx.change("xattr", ino, name)?;
         tx.commit()?;
@@ -911,13 +916,37 @@ impl Namespace {
 
     /// Adopts the size and mtime the overlay file has (writes that reached
     /// it after the journal last caught up, before a crash).
-    pub fn adopt_local(&mut self, ino: u64, size: u64, mtime: Time) {
-        if let Some(n) = self.nodes.get_mut(&ino) {
-            n.size = size;
-            if (mtime.s, mtime.ns) > (n.mtime.s, n.mtime.ns) {
-                n.mtime = mtime;
-            }
+    /// Takes the size and modification time of an overlay file written
+    /// after the journal last recorded its inode (a process killed with the
+    /// file open), and records them as a change. Every record of a write
+    /// sets the ctime after the write's own mtime, so an overlay file
+    /// modified later than the recorded ctime was written since; an mtime
+    /// set into the past (`touch -d`, `tar x`) is not one.
+    pub fn adopt_local(&mut self, ino: u64, size: u64, mtime: Time) -> Result<(), OverlayError> {
+        let Some(n) = self.nodes.get(&ino) else {
+            return Ok(());
+        };
+        let written = (mtime.s, mtime.ns) > (n.ctime.s, n.ctime.ns);
+        if !written && n.size == size {
+            return Ok(());
         }
+        let mut n = n.clone();
+        n.size = size;
+        if written {
+            n.mtime = mtime;
+            n.ctime = mtime;
+        }
+        self.save(n, "write")?;
+        Ok(())
+    }
+
+    /// A snapshot of the tree is being taken (see [`Namespace::snapshots`]).
+    pub fn snapshot_taken(&mut self) {
+        self.snapshots += 1;
+    }
+
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots
     }
 }
 

@@ -127,7 +127,7 @@ pub enum Data {
     Local,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub ino: u64,
     pub kind: NodeKind,

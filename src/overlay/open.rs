@@ -78,6 +78,8 @@ pub enum OpenError {
 pub const JOURNAL: &str = "journal.db";
 /// Its write-ahead log.
 const WAL: &str = "journal.db-wal";
+/// The journal's redo log ([`super::journal::redo_path`]).
+const REDO: &str = "journal.redo";
 
 /// Opens the session's object and overlay. Blocks on `rt`: call it from a
 /// thread that is not one of the runtime's.
@@ -223,14 +225,14 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
     for ino in ns.local_files() {
         if let Some(md) = content.stat(ino) {
             let mtime = md.modified().map(Time::from_system).unwrap_or_default();
-            ns.adopt_local(ino, md.len(), mtime);
+            ns.adopt_local(ino, md.len(), mtime)?;
         }
     }
     Ok(LiveSession::new(
         spec.session.clone(),
         ns,
         content,
-        spec.overlay.join(WAL),
+        journal_path,
         spec.read_only || offline,
     ))
 }
@@ -351,7 +353,7 @@ fn check_version(journal: &Path, overlay: &Path, etag: Option<&str>) -> Result<(
 
 /// Removes an overlay's journal and files (the directory itself stays).
 pub fn discard(overlay: &Path) {
-    for name in [JOURNAL, WAL, "journal.db-shm"] {
+    for name in [JOURNAL, WAL, "journal.db-shm", REDO] {
         let _ = std::fs::remove_file(overlay.join(name));
     }
     let _ = std::fs::remove_dir_all(overlay.join("data"));

@@ -278,6 +278,20 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
     // Written and closed but never fsynced: the kernel has the bytes, and
     // the overlay keeps what the kernel has when only the process dies.
     fs::write(m.join("unsynced"), b"closed, not fsynced").unwrap();
+    // Still open at the kill, written twice: the journal recorded the first
+    // write only; the second is found in the overlay file at remount.
+    let mut open_at_kill = File::create(m.join("open_at_kill")).unwrap();
+    open_at_kill.write_all(b"first write; ").unwrap();
+    open_at_kill
+        .write_all(b"second write, never closed")
+        .unwrap();
+    // A modification time set into the past, as `tar x` and `cp -p` do:
+    // the overlay file itself was written later, and must not win.
+    let aged = File::create(m.join("aged")).unwrap();
+    aged.set_len(3).unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    aged.set_modified(old).unwrap();
+    drop(aged);
 
     let acked = Arc::new(Mutex::new(Vec::new()));
     let writer = {
@@ -295,6 +309,7 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
     }
     let mountpoint = m.path.clone();
     m.kill9();
+    drop(open_at_kill);
     writer.join().unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(
@@ -309,6 +324,12 @@ fn kill_9_during_writes_loses_nothing_that_was_fsynced() {
         fs::read(m.join("unsynced")).unwrap(),
         b"closed, not fsynced"
     );
+    assert_eq!(
+        fs::read(m.join("open_at_kill")).unwrap(),
+        b"first write; second write, never closed"
+    );
+    let md = fs::metadata(m.join("aged")).unwrap();
+    assert_eq!((md.len(), md.modified().unwrap()), (3, old), "aged");
     for (file, data) in &acked {
         let got = fs::read(m.join("w").join(file))
             .unwrap_or_else(|e| panic!("{file} was fsynced before the kill but is gone: {e}"));

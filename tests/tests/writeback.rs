@@ -194,6 +194,47 @@ async fn a_mount_writes_back_what_changed_and_every_reader_extracts_it() {
     m.stop();
 }
 
+/// A close does not wait for the journal (files are opened with
+/// `FOPEN_NOFLUSH`), and a handle's writes are journaled as a change at the
+/// first write after each write-back: a file kept open and rewritten in
+/// place, flushed after every write, reaches the object every time; so does
+/// a write closed and flushed at once.
+#[test]
+fn a_flush_right_after_a_write_stores_it() {
+    let site = Site::s3();
+    let session = session_name("writeflush");
+    let src = site.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"round 00, pushed..").unwrap();
+    site.push(&src, &session);
+    let m = site.mount(&session, &["--writeback-quiet-ms", "600000"]);
+    let mnt = m.path.display().to_string();
+    let stored = || site.run(&["cat", &session, "f"]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    for round in 1..=6 {
+        let text = format!("round {round:02}, open....");
+        std::os::unix::fs::FileExt::write_all_at(&f, text.as_bytes(), 0).unwrap();
+        site.run(&["flush", &mnt]);
+        assert_eq!(stored(), text.as_bytes(), "round {round}, the file open");
+    }
+    drop(f);
+    for round in 7..=10 {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("f"))
+            .unwrap();
+        let text = format!("round {round:02}, closed..");
+        std::os::unix::fs::FileExt::write_all_at(&f, text.as_bytes(), 0).unwrap();
+        drop(f);
+        site.run(&["flush", &mnt]);
+        assert_eq!(stored(), text.as_bytes(), "round {round}, the file closed");
+    }
+    m.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_api_put_reaches_the_object_in_s3() {
     let site = Site::s3();
