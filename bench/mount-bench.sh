@@ -174,6 +174,27 @@ row "git status (first: refreshes the index)" "$s" "$l" \
   "$(ratio "$s" "$lstat_walk") × the mount's cold find + stat" "-"
 time_cmd s git_status "$mnt/workspace"; time_cmd l git_status "$local"
 row "git status (again)" "$s" "$l" "-" "-"
+
+# Write storms inside the mount, each beside the same on the local disk: a 1,950-file directory
+# (13 packages of the tree) copied and removed, and a 5,100-file repository (34 packages)
+# cloned from a local path (git's pack transport, no network).
+copy_pkgs() { mkdir -p "$2"; for p in $(seq -f 'pkg%03g' 0 12); do cp -r "$1/$p" "$2/"; done; }
+export -f copy_pkgs
+time_cmd s copy_pkgs "$mnt/workspace" "$mnt/workspace/copied"
+time_cmd l copy_pkgs "$local" "$work/copied"
+row "cp -r of a $(find "$work/copied" -type f | wc -l)-file directory" "$s" "$l" "-" "-"
+time_cmd s rm -rf "$mnt/workspace/copied"; time_cmd l rm -rf "$work/copied"
+row "rm -rf of that directory" "$s" "$l" "-" "-"
+repo="$work/repo5k"
+mkdir -p "$repo"
+for p in $(seq -f 'pkg%03g' 0 33); do cp -r "$local/$p" "$repo/"; done
+(cd "$repo" && git init -q -b main . && git add -A && \
+  GIT_AUTHOR_NAME=b GIT_AUTHOR_EMAIL=b@b GIT_COMMITTER_NAME=b GIT_COMMITTER_EMAIL=b@b git commit -q -m repo)
+clone() { git clone -q --no-local "$1" "$2"; }
+export -f clone
+time_cmd s clone "$repo" "$mnt/workspace/clone"; time_cmd l clone "$repo" "$work/clone"
+row "git clone of a $(git -C "$repo" ls-files | wc -l)-file repository" "$s" "$l" "-" "-"
+rm -rf "$mnt/workspace/clone" "$work/clone"
 echo
 echo "(ratio: sessionfs time / local directory time; ratarmount and archivemount are read-only, over a local tar.gz, no network)"
 "$bin" umount "$mnt" || umount -l "$mnt"

@@ -231,8 +231,20 @@ pub fn write_back(
     let object_size = meta.size;
     let reader = Arc::new(SessionReader::written(store.clone(), &key, meta, toc));
     let freed = adopt(live, &snap, &paths, &etag, reader)?;
-    for ino in freed {
-        live.content.remove(ino);
+    // The journal now points those files at the object: that must survive a
+    // power loss before their overlay copies go. Left in place on a failed
+    // sync, they are removed at the next open.
+    match if freed.is_empty() {
+        Ok(())
+    } else {
+        live.durable()
+    } {
+        Ok(()) => {
+            for ino in freed {
+                live.content.remove(ino);
+            }
+        }
+        Err(e) => tracing::warn!("syncing the journal after a write-back: {e}"),
     }
     let report = Report {
         etag,

@@ -195,6 +195,91 @@ fn renames_links_and_directories_follow_posix() {
     }
 }
 
+/// Directories are not opened (the mount has no opendir) and names keep
+/// their readdir offsets: a listing that goes on while entries are removed
+/// and added returns every entry that stayed exactly once, and seekdir
+/// back to a telldir position resumes there.
+#[test]
+fn a_listing_changed_while_it_is_read_repeats_and_skips_nothing() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &["--subdir", "workspace"]);
+    let d = m.join("big");
+    fs::create_dir(&d).unwrap();
+    let names: Vec<String> = (0..3000).map(|i| format!("entry-{i:05}")).collect();
+    for n in &names {
+        File::create(d.join(n)).unwrap();
+    }
+    // Warm: the kernel keeps this listing; the removals below drop it.
+    assert_eq!(fs::read_dir(&d).unwrap().count(), names.len());
+    let dir = cpath(&d);
+    // SAFETY: `dir` is a valid C string; the stream is closed below.
+    let stream = unsafe { libc::opendir(dir.as_ptr()) };
+    assert!(!stream.is_null());
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    let read_one = || -> Option<(String, i64)> {
+        // SAFETY: `stream` is open; the entry is read before the next call.
+        let e = unsafe { libc::readdir(stream) };
+        if e.is_null() {
+            return None;
+        }
+        // SAFETY: readdir returned an entry with a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        // SAFETY: as above.
+        let pos = unsafe { libc::telldir(stream) };
+        Some((name.to_string_lossy().into_owned(), pos))
+    };
+    let mut mark = None;
+    for i in 0..200 {
+        let (name, pos) = read_one().unwrap();
+        if i == 100 {
+            mark = Some((name.clone(), pos));
+        }
+        *seen.entry(name).or_default() += 1;
+    }
+    // Remove 1,000 names, some already read, most not; add 100 new ones.
+    let removed: std::collections::BTreeSet<String> = names.iter().step_by(3).cloned().collect();
+    for n in &removed {
+        fs::remove_file(d.join(n)).unwrap();
+    }
+    for i in 0..100 {
+        File::create(d.join(format!("added-{i:03}"))).unwrap();
+    }
+    // Another listing from the start meanwhile, of the changed directory.
+    assert_eq!(
+        fs::read_dir(&d).unwrap().count(),
+        names.len() - removed.len() + 100
+    );
+    while let Some((name, _)) = read_one() {
+        *seen.entry(name).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "listed twice: {twice:?}");
+    let missed: Vec<_> = names
+        .iter()
+        .filter(|n| !removed.contains(*n) && !seen.contains_key(*n))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} entries that stayed were skipped: {:?}",
+        missed.len(),
+        &missed[..missed.len().min(5)]
+    );
+    // seekdir to a telldir position: the listing goes on after that name.
+    let (name, pos) = mark.unwrap();
+    // SAFETY: `stream` is open and `pos` came from telldir on it.
+    unsafe { libc::seekdir(stream, pos) };
+    let after: Vec<String> = std::iter::from_fn(|| read_one().map(|(n, _)| n)).collect();
+    assert!(!after.contains(&name), "{name} again after seekdir past it");
+    assert!(
+        after.len() > 100,
+        "only {} entries after seekdir",
+        after.len()
+    );
+    // SAFETY: `stream` came from opendir and is closed once.
+    unsafe { libc::closedir(stream) };
+    m.stop();
+}
+
 #[test]
 fn attributes_xattrs_sync_and_locks_work() {
     let site = site_with_fixture();
