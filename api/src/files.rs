@@ -218,7 +218,9 @@ pub async fn read(
                     _ => 0,
                 };
                 let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
-                    live.read_version(&version, from, CHUNK).map_err(fail)?
+                    // No more than the file holds: a buffer is zeroed first.
+                    let n = CHUNK.min(node.size - from);
+                    live.read_version(&version, from, n).map_err(fail)?
                 } else {
                     Vec::new()
                 };

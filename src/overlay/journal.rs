@@ -30,6 +30,8 @@ mod redo;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -41,6 +43,18 @@ use redo::{Op, Record, RedoLog};
 pub struct Journal {
     conn: Connection,
     redo: RefCell<Redo>,
+    writes: Arc<Writes>,
+}
+
+/// Counts what reached each of the journal's files, so that a sync of
+/// their descriptors elsewhere ([`super::live::LiveSession::durable`]) can
+/// skip a file nothing was written to since its last sync.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// SQLite commits (into the WAL).
+    pub wal: AtomicU64,
+    /// Records appended to the redo log.
+    pub redo: AtomicU64,
 }
 
 /// The redo log and its records not yet in SQLite.
@@ -188,6 +202,7 @@ impl Journal {
                 pending,
                 xattr_inos: Default::default(),
             }),
+            writes: Arc::default(),
         };
         // What a crash left in the log is applied now, while the reserve is
         // still given up if the disk is that full.
@@ -228,6 +243,7 @@ impl Journal {
         let (batch, full) = {
             let mut redo = self.redo.borrow_mut();
             let number = redo.log.append(&ops)?;
+            self.writes.redo.fetch_add(1, Ordering::SeqCst);
             redo.note(&ops);
             redo.pending.push((number, ops));
             (
@@ -297,7 +313,13 @@ impl Journal {
             .execute([last.to_string()])?;
         }
         tx.commit()?;
+        self.writes.wal.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// What has been written to the journal's files (see [`Writes`]).
+    pub fn writes(&self) -> Arc<Writes> {
+        self.writes.clone()
     }
 
     /// Makes every committed transaction durable: the redo log applied, the
@@ -508,6 +530,7 @@ impl Journal {
             [etag],
         )?;
         tx.commit()?;
+        self.writes.wal.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 

@@ -13,11 +13,13 @@
 //! to it, after the namespace lock is released (the kernel may call back
 //! into the mount while it invalidates).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
 use super::content::Content;
+use super::journal::Writes;
 use super::namespace::{check_name, Namespace, SetAttr, ROOT};
 use super::node::{Data, Node, NodeKind, Time};
 use super::OverlayError;
@@ -47,6 +49,8 @@ pub struct LiveSession {
     pub content: Content,
     /// The journal's database file.
     journal: std::path::PathBuf,
+    /// What reached the journal's files (a sync skips one left alone).
+    journal_writes: Arc<Writes>,
     read_only: bool,
     watcher: Mutex<Option<Watcher>>,
     control: Mutex<Option<Control>>,
@@ -87,6 +91,8 @@ struct Rounds {
     /// Every caller up to this number is durable.
     done: u64,
     running: bool,
+    /// The journal's write counts the last sync covered.
+    synced: (u64, u64),
 }
 
 /// One version of a file's bytes, pinned (see [`LiveSession::open_version`]).
@@ -117,6 +123,7 @@ impl LiveSession {
     ) -> LiveSession {
         LiveSession {
             name,
+            journal_writes: ns.journal().writes(),
             ns: Mutex::new(ns),
             content,
             journal,
@@ -283,7 +290,13 @@ impl LiveSession {
             if !g.running {
                 g.running = true;
                 let covers = g.asked;
+                let synced = g.synced;
                 drop(g);
+                // Counted before the syncs: what is counted is in the files.
+                let writes = (
+                    self.journal_writes.wal.load(Ordering::SeqCst),
+                    self.journal_writes.redo.load(Ordering::SeqCst),
+                );
                 // The journal's files are synced through descriptors of their
                 // own, so the namespace stays unlocked meanwhile: what SQLite
                 // committed and what the redo log took are already in the
@@ -293,14 +306,25 @@ impl LiveSession {
                 let r = self
                     .content
                     .sync_dir()
-                    .and_then(|()| sync_file(&wal_path(&self.journal)))
-                    .and_then(|()| sync_file(&super::journal::redo_path(&self.journal)));
+                    .and_then(|()| {
+                        if writes.0 == synced.0 {
+                            return Ok(());
+                        }
+                        sync_file(&wal_path(&self.journal))
+                    })
+                    .and_then(|()| {
+                        if writes.1 == synced.1 {
+                            return Ok(());
+                        }
+                        sync_file(&super::journal::redo_path(&self.journal))
+                    });
                 // Space freed on a full disk goes back to the reserve first.
                 super::reserve::take_back();
                 g = self.group.state.lock();
                 g.running = false;
                 if r.is_ok() {
                     g.done = g.done.max(covers);
+                    g.synced = writes;
                 }
                 self.group.turn.notify_all();
                 r?;
