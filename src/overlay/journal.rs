@@ -38,7 +38,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::node::{Data, Node, NodeKind, Time};
 use super::reserve;
 use super::OverlayError;
-use redo::{Op, Record, RedoLog};
+pub use redo::Op;
+use redo::{Record, RedoLog};
 
 pub struct Journal {
     conn: Connection,
@@ -551,9 +552,9 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    fn push(&self, op: Op) -> Result<(), OverlayError> {
+    /// Adds one row change (the named methods below add the common ones).
+    pub fn push(&self, op: Op) {
         self.ops.borrow_mut().push(op);
-        Ok(())
     }
 
     pub fn commit(self) -> Result<(), OverlayError> {
@@ -561,35 +562,43 @@ impl Tx<'_> {
     }
 
     pub fn set_meta(&self, k: &str, v: &str) -> Result<(), OverlayError> {
-        self.push(Op::SetMeta(k.to_owned(), v.to_owned()))
+        self.push(Op::SetMeta(k.to_owned(), v.to_owned()));
+        Ok(())
     }
 
     pub fn put_node(&self, n: &Node) -> Result<(), OverlayError> {
-        self.push(Op::PutNode(n.clone()))
+        self.push(Op::PutNode(n.clone()));
+        Ok(())
     }
 
     pub fn delete_node(&self, ino: u64) -> Result<(), OverlayError> {
-        self.push(Op::DeleteNode(ino))
+        self.push(Op::DeleteNode(ino));
+        Ok(())
     }
 
     pub fn put_dirent(&self, parent: u64, name: &str, ino: u64) -> Result<(), OverlayError> {
-        self.push(Op::PutDirent(parent, name.to_owned(), ino))
+        self.push(Op::PutDirent(parent, name.to_owned(), ino));
+        Ok(())
     }
 
     pub fn delete_dirent(&self, parent: u64, name: &str) -> Result<(), OverlayError> {
-        self.push(Op::DeleteDirent(parent, name.to_owned()))
+        self.push(Op::DeleteDirent(parent, name.to_owned()));
+        Ok(())
     }
 
     pub fn set_xattr(&self, ino: u64, name: &str, value: &[u8]) -> Result<(), OverlayError> {
-        self.push(Op::SetXattr(ino, name.to_owned(), value.to_vec()))
+        self.push(Op::SetXattr(ino, name.to_owned(), value.to_vec()));
+        Ok(())
     }
 
     pub fn remove_xattr(&self, ino: u64, name: &str) -> Result<(), OverlayError> {
-        self.push(Op::RemoveXattr(ino, name.to_owned()))
+        self.push(Op::RemoveXattr(ino, name.to_owned()));
+        Ok(())
     }
 
     pub fn change(&self, op: &str, ino: u64, detail: &str) -> Result<(), OverlayError> {
-        self.push(Op::Change(op.to_owned(), ino, detail.to_owned()))
+        self.push(Op::Change(op.to_owned(), ino, detail.to_owned()));
+        Ok(())
     }
 
     /// Records a write-back about to start, with the base paths it moves.
@@ -598,9 +607,9 @@ impl Tx<'_> {
         attempt: &Attempt,
         remap: &[(u64, String)],
     ) -> Result<(), OverlayError> {
-        self.push(Op::ClearAttempt)?;
+        self.push(Op::ClearAttempt);
         for (ino, path) in remap {
-            self.push(Op::PutRemap(*ino, path.clone()))?;
+            self.push(Op::PutRemap(*ino, path.clone()));
         }
         self.set_attempt(Some(attempt))
     }
@@ -613,13 +622,17 @@ impl Tx<'_> {
                     .map_err(|e| OverlayError::Corrupt(format!("write-back record: {e}")))?;
                 self.set_meta("wb_attempt", &json)
             }
-            None => self.push(Op::ClearAttempt),
+            None => {
+                self.push(Op::ClearAttempt);
+                Ok(())
+            }
         }
     }
 
     /// The write-back of everything up to `seq` is confirmed: drop those rows.
     pub fn confirm(&self, seq: i64) -> Result<(), OverlayError> {
-        self.push(Op::Confirm(seq))
+        self.push(Op::Confirm(seq));
+        Ok(())
     }
 }
 

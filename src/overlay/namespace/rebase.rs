@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{Namespace, ROOT};
-use crate::overlay::journal::Tx;
+use crate::overlay::journal::Op;
 use crate::overlay::node::{Data, Node, NodeKind, Time};
 use crate::overlay::OverlayError;
 use crate::tarball::tar_header::hex_decode;
@@ -216,7 +216,7 @@ impl Namespace {
                         // The copy reads the stored object's bytes at `p`.
                         if self.put_remote(&mut ops, &at, r, p, &mut out)? {
                             if let Some(ino) = self.lookup_path(&at) {
-                                ops.push(Op::Change("conflict", ino, at.clone()));
+                                ops.push(Op::Change("conflict".into(), ino, at.clone()));
                             }
                             copy = Some(at);
                         }
@@ -233,8 +233,8 @@ impl Namespace {
         }
         let journaled = (|| {
             let tx = self.journal.begin()?;
-            for op in &ops {
-                op.apply(&tx)?;
+            for op in ops {
+                tx.push(op);
             }
             tx.set_meta("base_etag", etag)?;
             tx.commit()
@@ -418,31 +418,6 @@ impl Namespace {
         out.inodes.push(parent);
         out.inodes.push(ino);
         Ok(true)
-    }
-}
-
-/// One journal write of a rebase, applied once the tree is settled.
-enum Op {
-    PutNode(Node),
-    DeleteNode(u64),
-    PutDirent(u64, String, u64),
-    DeleteDirent(u64, String),
-    SetXattr(u64, String, Vec<u8>),
-    RemoveXattr(u64, String),
-    Change(&'static str, u64, String),
-}
-
-impl Op {
-    fn apply(&self, tx: &Tx<'_>) -> Result<(), OverlayError> {
-        match self {
-            Op::PutNode(n) => tx.put_node(n),
-            Op::DeleteNode(ino) => tx.delete_node(*ino),
-            Op::PutDirent(parent, name, ino) => tx.put_dirent(*parent, name, *ino),
-            Op::DeleteDirent(parent, name) => tx.delete_dirent(*parent, name),
-            Op::SetXattr(ino, name, v) => tx.set_xattr(*ino, name, v),
-            Op::RemoveXattr(ino, name) => tx.remove_xattr(*ino, name).map(|_| ()),
-            Op::Change(op, ino, detail) => tx.change(op, *ino, detail),
-        }
     }
 }
 
