@@ -454,6 +454,15 @@ impl SessionFs {
         Ok(v)
     }
 
+    /// A listing was handed out to its end: it need not be kept (a reader
+    /// that goes on after all gets one read afresh, at the same offsets).
+    fn listed(&self, dir: u64, list: &Cookies) {
+        let mut kept = self.listings.lock();
+        if kept.get(&dir).is_some_and(|k| Arc::ptr_eq(k, list)) {
+            kept.remove(&dir);
+        }
+    }
+
     fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
         if size == 0 {
             reply.size(data.len() as u32);
@@ -901,20 +910,26 @@ impl Filesystem for SessionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let list = match self.listing(self.inner(ino), offset) {
+        let dir = self.inner(ino);
+        let list = match self.listing(dir, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(err(e)),
         };
         let start = list.partition_point(|e| e.0 <= offset);
+        let mut full = false;
         for (cookie, name, ino, kind) in &list[start..] {
-            if reply.add(
+            full = reply.add(
                 self.kernel(*ino),
                 *cookie,
                 crate::attr::file_type(*kind),
                 name,
-            ) {
+            );
+            if full {
                 break;
             }
+        }
+        if !full {
+            self.listed(dir, &list);
         }
         reply.ok()
     }
@@ -927,18 +942,25 @@ impl Filesystem for SessionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let list = match self.listing(self.inner(ino), offset) {
+        let dir = self.inner(ino);
+        let list = match self.listing(dir, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(err(e)),
         };
         let start = list.partition_point(|e| e.0 <= offset);
+        let mut full = false;
         let ns = self.live.ns.lock();
         for (cookie, name, ino, _) in &list[start..] {
             let Ok(node) = ns.get(*ino) else { continue };
             let attr = self.attr(node);
-            if reply.add(attr.ino, *cookie, name, &TTL, &attr, Generation(0)) {
+            full = reply.add(attr.ino, *cookie, name, &TTL, &attr, Generation(0));
+            if full {
                 break;
             }
+        }
+        drop(ns);
+        if !full {
+            self.listed(dir, &list);
         }
         reply.ok()
     }
