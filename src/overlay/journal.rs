@@ -184,6 +184,10 @@ impl Journal {
         conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
         conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
         conn.execute_batch(SCHEMA)?;
+        // In WAL mode with EXCLUSIVE locking SQLite keeps its index in this
+        // process's memory and holds the file lock from the first read on:
+        // a second process (another mount of the overlay) gets SQLITE_BUSY,
+        // that is `InUse`, here, before it reads the redo log.
         let applied: Option<String> = conn
             .query_row("SELECT v FROM meta WHERE k = 'log_applied'", [], |r| {
                 r.get(0)

@@ -626,9 +626,24 @@ fn refused_mount(site: &Site, dir: &str) -> String {
 #[test]
 fn a_second_mount_of_the_same_overlay_is_refused() {
     let site = site_with_fixture();
-    let _m = site.mount(SESSION, &[]);
+    let m = site.mount(SESSION, &[]);
+    fs::write(m.join("workspace/pending"), b"kept in the overlay").unwrap();
     let said = refused_mount(&site, "second");
     assert!(said.contains("in use by another process"), "{said}");
+    // Also when the first mount opened an existing overlay and has written
+    // nothing to it yet.
+    let path = m.path.clone();
+    m.stop();
+    let m = site.mount_at(SESSION, &path, &["--no-writeback"]);
+    let said = refused_mount(&site, "second");
+    assert!(
+        said.contains("in use by another process"),
+        "after a remount: {said}"
+    );
+    assert_eq!(
+        fs::read(m.join("workspace/pending")).unwrap(),
+        b"kept in the overlay"
+    );
 }
 
 /// Names that are not UTF-8 are refused with EILSEQ (a session's tarball
