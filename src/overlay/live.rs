@@ -586,7 +586,6 @@ impl LiveSession {
     }
 }
 
-/// fsync of the file at `path`, if it exists.
 /// SQLite's write-ahead log beside its database.
 fn wal_path(journal: &std::path::Path) -> std::path::PathBuf {
     let mut name = journal.as_os_str().to_owned();
@@ -594,6 +593,7 @@ fn wal_path(journal: &std::path::Path) -> std::path::PathBuf {
     name.into()
 }
 
+/// fsync of the file at `path`, if it exists.
 fn sync_file(path: &std::path::Path) -> Result<(), OverlayError> {
     match std::fs::File::open(path) {
         Ok(f) => Ok(f.sync_data()?),

@@ -914,19 +914,19 @@ impl Namespace {
             .collect()
     }
 
-    /// Adopts the size and mtime the overlay file has (writes that reached
-    /// it after the journal last caught up, before a crash).
     /// Takes the size and modification time of an overlay file written
     /// after the journal last recorded its inode (a process killed with the
     /// file open), and records them as a change. Every record of a write
-    /// sets the ctime after the write's own mtime, so an overlay file
-    /// modified later than the recorded ctime was written since; an mtime
-    /// set into the past (`touch -d`, `tar x`) is not one.
+    /// sets the ctime after the write's own mtime, and copy-ups keep the
+    /// node's mtime, so an overlay file modified later than both recorded
+    /// times was written since; an mtime set into the past (`touch -d`,
+    /// `tar x`) is not one.
     pub fn adopt_local(&mut self, ino: u64, size: u64, mtime: Time) -> Result<(), OverlayError> {
         let Some(n) = self.nodes.get(&ino) else {
             return Ok(());
         };
-        let written = (mtime.s, mtime.ns) > (n.ctime.s, n.ctime.ns);
+        let recorded = (n.ctime.s, n.ctime.ns).max((n.mtime.s, n.mtime.ns));
+        let written = (mtime.s, mtime.ns) > recorded;
         if !written && n.size == size {
             return Ok(());
         }
