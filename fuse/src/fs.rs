@@ -427,12 +427,17 @@ impl SessionFs {
         Ok(())
     }
 
-    /// The listing of directory `dir` for a readdir from `offset`: read
-    /// afresh for a listing that starts, the kept one for one that goes on.
-    fn listing(&self, dir: u64, offset: u64) -> Result<Cookies, OverlayError> {
+    /// The listing of directory `dir` for a readdir from `offset`, with the
+    /// index of its first entry after `offset`: read afresh for a listing
+    /// that starts, the kept one for one that goes on.
+    fn listing(&self, dir: u64, offset: u64) -> Result<(Cookies, usize), OverlayError> {
+        let after = |l: Cookies| {
+            let start = l.partition_point(|e| e.0 <= offset);
+            (l, start)
+        };
         if offset != 0 {
             if let Some(l) = self.listings.lock().get(&dir) {
-                return Ok(l.clone());
+                return Ok(after(l.clone()));
             }
         }
         let list = self.live.ns.lock().list(dir)?;
@@ -451,7 +456,7 @@ impl SessionFs {
             kept.clear();
         }
         kept.insert(dir, v.clone());
-        Ok(v)
+        Ok(after(v))
     }
 
     /// A listing was handed out to its end: it need not be kept (a reader
@@ -911,11 +916,10 @@ impl Filesystem for SessionFs {
         mut reply: ReplyDirectory,
     ) {
         let dir = self.inner(ino);
-        let list = match self.listing(dir, offset) {
+        let (list, start) = match self.listing(dir, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(err(e)),
         };
-        let start = list.partition_point(|e| e.0 <= offset);
         let mut full = false;
         for (cookie, name, ino, kind) in &list[start..] {
             full = reply.add(
@@ -943,11 +947,10 @@ impl Filesystem for SessionFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let dir = self.inner(ino);
-        let list = match self.listing(dir, offset) {
+        let (list, start) = match self.listing(dir, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(err(e)),
         };
-        let start = list.partition_point(|e| e.0 <= offset);
         let mut full = false;
         let ns = self.live.ns.lock();
         for (cookie, name, ino, _) in &list[start..] {
