@@ -105,3 +105,40 @@ for op in GET PUT; do
 done
 # The file as stored after the PUTs is still the one sent.
 cmp <(curl -fsS "$api") "$work/body" && echo "after the run: the file reads back as sent"
+
+# A 200,000-entry session (whatever SECONDS): its file list, and a download after one PUT (the
+# merged view packed), each by a fresh server, beside the same from a local directory of the
+# tree (`find`, `tar czf`), with the server's peak resident memory.
+kill "$api_pid" 2>/dev/null; wait "$api_pid" 2>/dev/null || true
+big="$work/big"
+python3 - "$big" <<'PY'
+import os, sys
+for d in range(400):
+    p = os.path.join(sys.argv[1], "workspace", f"dir{d:03d}", f"sub{d % 7}")
+    os.makedirs(p, exist_ok=True)
+    for i in range(500):
+        with open(os.path.join(p, f"file{i:04d}.txt"), "w") as f:
+            f.write(f"{d} {i} hello\n" * 3)
+PY
+export SESSIONFS_STORE_DIR="$work/store" SESSIONFS_CACHE_DIR="$work/cache2" SESSIONFS_OVERLAY_DIR="$work/overlays2"
+"$bin" --quiet push "$big" bench__big__main
+SESSIONFS_LOG=warn "$bin" --quiet serve --bind 127.0.0.1 --port "$api_port" > "$work/api2.log" 2>&1 &
+api_pid=$!
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$api_port/health" >/dev/null 2>&1 && break; sleep 0.1; done
+bigapi="http://127.0.0.1:$api_port/api/storage-worker/sessions/bench__big__main"
+secs_of() { local t0 t1; t0=$(date +%s.%N); "$@" > /dev/null; t1=$(date +%s.%N); python3 -c "print(f'{$t1 - $t0:.2f}')"; }
+hwm() { awk '/VmHWM/ {printf "%.0f MB", $2 / 1000}' "/proc/$api_pid/status"; }
+s_list=$(secs_of curl -fsS -o "$work/list.json" "$bigapi/files")
+listed=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['count'])" "$work/list.json")
+l_list=$(secs_of find "$big" -type f -printf '%P %s\n')
+list_rss=$(hwm)
+curl -fsS -o /dev/null -X PUT --data-binary 'changed' "$bigapi/files/workspace/dir001/sub1/file0003.txt"
+s_dl=$(secs_of curl -fsS -o "$work/big.tar.gz" "$bigapi/download")
+l_dl=$(secs_of tar czf "$work/ref.tar.gz" -C "$big" .)
+dl_rss=$(hwm)
+entries=$(tar tzf "$work/big.tar.gz" | wc -l)
+echo
+echo "| 200,000-entry session | sessionfs | local directory | ratio | server peak RSS | bytes |"
+echo "| --- | --- | --- | --- | --- | --- |"
+echo "| list its files (first request: opens the session) | $s_list s ($listed files) | $l_list s (find) | $(python3 -c "print(f'{$s_list/$l_list:.2f}')") | $list_rss | $(stat -c %s "$work/list.json") B of JSON |"
+echo "| download after one PUT | $s_dl s ($entries entries) | $l_dl s (tar czf) | $(python3 -c "print(f'{$s_dl/$l_dl:.2f}')") | $dl_rss | $(stat -c %s "$work/big.tar.gz") B |"

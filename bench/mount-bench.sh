@@ -138,6 +138,9 @@ time_cmd s find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
 time_cmd r find_stat "$rat/workspace"; time_cmd a find_stat "$arch/workspace"
 row "find + stat of every file" "$s" "$l" "$(refs "$r" "$a")" "-"
 lstat_walk=$s
+time_cmd s find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
+time_cmd r find_stat "$rat/workspace"; time_cmd a find_stat "$arch/workspace"
+row "find + stat of every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "-"
 
 read_all() { find "$1" -path '*/.git' -prune -o -type f -print0 | xargs -0 -P 4 cat | wc -c; }
 export -f read_all
@@ -149,6 +152,20 @@ before=$(cache_bytes)
 time_cmd s read_all "$mnt/workspace"; time_cmd l read_all "$local"
 time_cmd r read_all "$rat/workspace"; time_cmd a read_all "$arch/workspace"
 row "read every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched"
+grep_all() { grep -r --exclude-dir=.git -c 'needle not in the tree' "$1" | wc -l; }
+export -f grep_all
+time_cmd s grep_all "$mnt/workspace"; time_cmd l grep_all "$local"
+time_cmd r grep_all "$rat/workspace"; time_cmd a grep_all "$arch/workspace"
+row "grep -r of every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "-"
+# Peak resident memory of each mount process once it has read every file.
+peak() {
+  if [ -n "$1" ] && [ -r "/proc/$1/status" ]; then awk '/VmHWM/ {printf "%.0f MB", $2 / 1000}' "/proc/$1/status"; else echo "-"; fi
+}
+sfs_pid=$(pgrep -f -- "mount $session $mnt" | head -1)
+rat_pid=$(pgrep -f -- "ratarmount $work/tree.tar.gz" | head -1)
+arch_pid=$(pgrep -f -- "archivemount -o readonly $work/tree.tar.gz" | head -1)
+printf '| %s | %s | %s | %s | %s | %s |\n' "mount process peak RSS after reading every file" \
+  "$(peak "$sfs_pid")" "-" "-" "$(peak "$rat_pid") / $(peak "$arch_pid")" "-"
 
 create_files() {
   mkdir -p "$1/created"

@@ -328,7 +328,40 @@ struct Pending {
     args: Vec<String>,
 }
 
+/// Keeps glibc's allocator from holding on to memory the process freed.
+///
+/// - glibc gives each thread that allocates under contention an arena of its
+///   own, up to eight per core, and an arena keeps what was freed in it: two
+///   are enough for the threads here.
+/// - Blocks larger than the mmap threshold are mapped for themselves and
+///   handed back when freed. glibc raises that threshold to the size of any
+///   such block freed, so the object bytes a read fetches (runs of several
+///   megabytes) then come from the arenas and leave holes there. A fixed
+///   4 MiB keeps them mapped; smaller blocks (2 MiB inflated segments, which
+///   are reused: `tarball/segments.rs`) stay in the arenas, where they are
+///   cheaper to get than fresh zeroed pages.
+///
+/// Together: a mount that read every file of a 45,000-file session peaked at
+/// 225 MB resident before, 90 MB after, as fast. `MALLOC_ARENA_MAX` and
+/// `MALLOC_MMAP_THRESHOLD_`, when set, still decide.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (var, param, value) in [
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 4 << 20),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: mallopt only changes allocator tuning; it runs first
+            // thing in main, before any other thread exists.
+            unsafe {
+                libc::mallopt(param, value);
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    tune_malloc();
     let argv: Vec<OsString> = std::env::args_os().collect();
     let argv = match mount_options::from_helper(&argv) {
         None => argv,

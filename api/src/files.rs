@@ -15,10 +15,12 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
-use sessionfs_core::overlay::live::LiveSession;
-use sessionfs_core::overlay::node::{Node, NodeKind};
+use sessionfs_core::overlay::live::{components, FileVersion, LiveSession};
+use sessionfs_core::overlay::node::{NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
+use sessionfs_core::tarball::reader::SessionReader;
+use sessionfs_core::tarball::toc::{Entry, Kind};
 
 use crate::error::ApiError;
 use crate::openapi::{FileParam, SessionParam};
@@ -74,15 +76,32 @@ fn on_session<T>(
         (status = 500, description = "internal_error", body = schema::ErrorBody),
         (status = 503, description = "store_unavailable", body = schema::ErrorBody)))]
 pub async fn list(st: &AppState, s: &SessionPath) -> Result<Response, ApiError> {
-    let live = open(st, s).await?;
-    let files = blocking(move || Ok(live.list_files())).await?;
-    let files: Vec<_> = files
-        .into_iter()
-        .map(|f| schema::FileEntry {
-            path: f.path,
-            size: f.size,
-        })
-        .collect();
+    let files = match st.registry.object_view(s).await? {
+        Some(reader) => {
+            blocking(move || {
+                Ok(reader
+                    .plain_files()
+                    .into_iter()
+                    .map(|(path, e)| schema::FileEntry {
+                        path: path.to_owned(),
+                        size: e.s,
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?
+        }
+        None => {
+            let live = open(st, s).await?;
+            blocking(move || Ok(live.list_files()))
+                .await?
+                .into_iter()
+                .map(|f| schema::FileEntry {
+                    path: f.path,
+                    size: f.size,
+                })
+                .collect()
+        }
+    };
     Ok(st.reply(
         StatusCode::OK,
         &schema::FileList {
@@ -129,11 +148,163 @@ pub fn content_type(path: &str) -> String {
     }
 }
 
-fn etag(n: &Node) -> String {
-    format!(
-        "\"{:x}-{:x}-{:x}.{:x}\"",
-        n.ino, n.size, n.mtime.s, n.mtime.ns
-    )
+fn etag(ino: u64, size: u64, mtime: Time) -> String {
+    format!("\"{ino:x}-{size:x}-{:x}.{:x}\"", mtime.s, mtime.ns)
+}
+
+/// Where the bytes of a file being answered come from.
+enum Source {
+    /// The open session: one pinned version of the file.
+    Live(Arc<LiveSession>, Arc<FileVersion>),
+    /// The session's object, read as it is ([`Registry::object_view`]),
+    /// and the path of the file entry there.
+    ///
+    /// [`Registry::object_view`]: sessionfs_core::overlay::registry::Registry::object_view
+    Object(Arc<SessionReader>, String),
+}
+
+impl Source {
+    /// Up to `n` bytes from `at` (fewer only at the file's end).
+    async fn read(&self, at: u64, n: u64) -> Result<bytes::Bytes, OverlayError> {
+        match self {
+            Source::Live(live, version) => {
+                let (live, version) = (live.clone(), version.clone());
+                tokio::task::spawn_blocking(move || live.read_version(&version, at, n))
+                    .await
+                    .map_err(|e| OverlayError::Io(std::io::Error::other(e)))?
+                    .map(bytes::Bytes::from)
+            }
+            Source::Object(reader, path) => Ok(reader.read(path, at, n).await?),
+        }
+    }
+}
+
+/// A file found for a read: what the headers say, the first chunk of the
+/// bytes asked for (from the start of the range), and where the rest is.
+struct Found {
+    kind: NodeKind,
+    size: u64,
+    mtime: Time,
+    tag: String,
+    first: bytes::Bytes,
+    source: Source,
+}
+
+/// The first byte a read answers: the start of its range, if it has one.
+fn first_byte(headers: &HeaderMap, size: u64) -> u64 {
+    match range(headers, size) {
+        Ok(Some((a, _))) => a,
+        _ => 0,
+    }
+}
+
+/// The file at `path` in the open session, with its first chunk; one trip
+/// off the runtime.
+async fn find_live(
+    st: &AppState,
+    s: &SessionPath,
+    path: &str,
+    want_bytes: bool,
+    headers: &HeaderMap,
+) -> Result<Found, ApiError> {
+    let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
+    let asked = headers.clone();
+    blocking(move || {
+        on_session(
+            &registry,
+            &name,
+            false,
+            |live| {
+                let fail = |e| (e, live.clone());
+                let _in = live.enter().map_err(fail)?;
+                let (node, version) = live.open_version(&p).map_err(|e| fail(not_found(e)))?;
+                let from = first_byte(&asked, node.size);
+                let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
+                    // No more than the file holds: a buffer is zeroed first.
+                    let n = CHUNK.min(node.size - from);
+                    live.read_version(&version, from, n).map_err(fail)?
+                } else {
+                    Vec::new()
+                };
+                Ok(Found {
+                    kind: node.kind,
+                    size: node.size,
+                    mtime: node.mtime,
+                    tag: etag(node.ino, node.size, node.mtime),
+                    first: first.into(),
+                    source: Source::Live(live.clone(), Arc::new(version)),
+                })
+            },
+            |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::download),
+        )
+    })
+    .await
+}
+
+/// The file at `path` of a session read as its object is: resolved as the
+/// open session would (the same checks, the same answers; a plain tree
+/// shows every entry with its recorded inode number), the first chunk read
+/// on the runtime without a trip to the blocking pool.
+async fn find_in_object(
+    reader: Arc<SessionReader>,
+    s: &SessionPath,
+    path: &str,
+    want_bytes: bool,
+    headers: &HeaderMap,
+) -> Result<Found, ApiError> {
+    let fail = |e: OverlayError| ApiError::from_overlay(e, s.as_str(), path, ApiError::download);
+    let entry = object_entry(&reader, path).map_err(|e| fail(not_found(e)))?;
+    if entry.t != Kind::File {
+        return Err(ApiError::FileNotFound {
+            session: s.to_string(),
+            path: path.to_owned(),
+        });
+    }
+    let size = entry.s;
+    let mtime = Time {
+        s: entry.mt,
+        ns: entry.mn,
+    };
+    let ino = entry.sd.map_or(0, |sd| sd.i);
+    let from = first_byte(headers, size);
+    let source = Source::Object(reader.clone(), path.to_owned());
+    let first = if want_bytes && from < size {
+        source
+            .read(from, CHUNK.min(size - from))
+            .await
+            .map_err(fail)?
+    } else {
+        bytes::Bytes::new()
+    };
+    Ok(Found {
+        kind: NodeKind::File,
+        size,
+        mtime,
+        tag: etag(ino, size, mtime),
+        first,
+        source,
+    })
+}
+
+/// The entry a path names in a plain-tree object, hard links followed.
+fn object_entry<'r>(reader: &'r SessionReader, path: &str) -> Result<&'r Entry, OverlayError> {
+    let parts = components(path)?;
+    let mut end = 0;
+    for part in &parts[..parts.len() - 1] {
+        end += part.len();
+        match reader.stat(&path[..end]) {
+            Some(e) if e.t == Kind::Dir => {}
+            Some(_) => return Err(OverlayError::NotDir),
+            None => return Err(OverlayError::NotFound),
+        }
+        end += 1;
+    }
+    let entry = reader.stat(path).ok_or(OverlayError::NotFound)?;
+    match (entry.t, entry.lt.as_deref()) {
+        (Kind::HardLink, Some(target)) => reader.stat(target).ok_or(OverlayError::NotFound),
+        (Kind::HardLink, None) => Err(OverlayError::NotFound),
+        _ => Ok(entry),
+    }
 }
 
 /// A single `bytes=` range of a file of `size` bytes; `None` means the
@@ -197,46 +368,31 @@ pub async fn read(
     method: &Method,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    // One trip off the runtime opens the session, resolves the path to one
-    // version of the file and reads its first chunk: the common case of an
-    // editor fetching a source file is answered from it, and a store that
-    // fails is a 5xx before any header went out.
-    let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
+    // One step resolves the path to one version of the file and reads its
+    // first chunk: the common case of an editor fetching a source file is
+    // answered from it, and a store that fails is a 5xx before any header
+    // went out. A session not open here whose object is a plain tree is
+    // read from the object as it is; any other through the open session.
     let want_bytes = method == Method::GET;
-    let asked = headers.clone();
-    let (live, node, version, first) = blocking(move || {
-        on_session(
-            &registry,
-            &name,
-            false,
-            |live| {
-                let fail = |e| (e, live.clone());
-                let _in = live.enter().map_err(fail)?;
-                let (node, version) = live.open_version(&p).map_err(|e| fail(not_found(e)))?;
-                let from = match range(&asked, node.size) {
-                    Ok(Some((a, _))) => a,
-                    _ => 0,
-                };
-                let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
-                    // No more than the file holds: a buffer is zeroed first.
-                    let n = CHUNK.min(node.size - from);
-                    live.read_version(&version, from, n).map_err(fail)?
-                } else {
-                    Vec::new()
-                };
-                Ok((live.clone(), node, version, first))
-            },
-            |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::download),
-        )
-    })
-    .await?;
-    if node.kind != NodeKind::File {
+    let found = match st.registry.object_view(s).await? {
+        Some(reader) => find_in_object(reader, s, path, want_bytes, headers).await?,
+        None => find_live(st, s, path, want_bytes, headers).await?,
+    };
+    let Found {
+        kind,
+        size,
+        mtime,
+        tag,
+        first,
+        source,
+    } = found;
+    if kind != NodeKind::File {
         return Err(ApiError::FileNotFound {
             session: s.to_string(),
             path: path.to_owned(),
         });
     }
-    let tag = etag(&node);
+
     let mut r = Response::new(Body::empty());
     let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&content_type(path)) {
@@ -247,7 +403,7 @@ pub async fn read(
     }
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(node.mtime.system())) {
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(mtime.system())) {
         h.insert(header::LAST_MODIFIED, v);
     }
     let unchanged = headers
@@ -258,15 +414,15 @@ pub async fn read(
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         return Ok(r);
     }
-    let (start, end) = match range(headers, node.size)? {
+    let (start, end) = match range(headers, size)? {
         Some((a, b)) => {
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{}/{}", b - 1, node.size)) {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{}/{}", b - 1, size)) {
                 r.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             (a, b)
         }
-        None => (0, node.size),
+        None => (0, size),
     };
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
@@ -289,24 +445,23 @@ pub async fn read(
         *r.body_mut() = Body::from(first);
         return Ok(r);
     }
-    let version = Arc::new(version);
-    let head = futures::stream::once(async move { Ok(bytes::Bytes::from(first)) });
+    let source = Arc::new(source);
+    let head = futures::stream::once(async move { Ok(first) });
     let rest = futures::stream::try_unfold(next, move |at| {
-        let (live, version) = (live.clone(), version.clone());
+        let source = source.clone();
         async move {
             if at >= end {
                 return Ok(None);
             }
-            let n = CHUNK.min(end - at);
-            let bytes = tokio::task::spawn_blocking(move || live.read_version(&version, at, n))
+            let bytes = source
+                .read(at, CHUNK.min(end - at))
                 .await
-                .map_err(std::io::Error::other)?
                 .map_err(std::io::Error::other)?;
             if bytes.is_empty() {
                 return Err(std::io::Error::other("the file shrank while it was read"));
             }
             let next = at + bytes.len() as u64;
-            Ok(Some((bytes::Bytes::from(bytes), next)))
+            Ok(Some((bytes, next)))
         }
     });
     *r.body_mut() = Body::from_stream(futures::StreamExt::chain(head, rest));

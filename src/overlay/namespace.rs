@@ -14,10 +14,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use crate::tarball::plain::usable_recorded_ino;
 use crate::tarball::tar_header::hex_decode;
 use crate::tarball::toc::{Entry, Kind};
 
-use super::journal::{Journal, Tx};
+use super::journal::{Journal, Op, Tx};
 use super::node::{Data, Node, NodeKind, Time};
 use super::OverlayError;
 
@@ -168,7 +169,7 @@ impl Namespace {
         self.next_ino = recorded.values().max().map_or(ROOT + 1, |max| max + 1);
         // Parents before children, whatever the tar order was; hard links last.
         let mut order: Vec<&Entry> = entries.iter().collect();
-        order.sort_by_key(|e| (e.t == Kind::HardLink, e.p.matches('/').count()));
+        order.sort_by_cached_key(|e| (e.t == Kind::HardLink, e.p.matches('/').count()));
         for e in order {
             let (parent_path, name) = match e.p.rsplit_once('/') {
                 Some((p, n)) => (Some(p), n),
@@ -227,22 +228,33 @@ impl Namespace {
             self.nodes.insert(ino, node);
             by_path.insert(&e.p, ino);
         }
-        let tx = self.journal.begin()?;
-        for n in self.nodes.values() {
-            tx.put_node(n)?;
-        }
-        for (parent, names) in &self.children {
-            for (name, ino) in names {
-                tx.put_dirent(*parent, name, *ino)?;
-            }
-        }
-        for (ino, k, v) in &xattrs {
-            tx.set_xattr(*ino, k, v)?;
-        }
-        tx.set_meta("initialised", "1")?;
-        tx.set_meta("base_etag", base_etag.unwrap_or(""))?;
-        tx.commit()?;
-        Ok(())
+        // In key order, so that SQLite appends to its B-trees rather than
+        // splitting pages all over them.
+        let mut inos: Vec<u64> = self.nodes.keys().copied().collect();
+        inos.sort_unstable();
+        let mut parents: Vec<u64> = self.children.keys().copied().collect();
+        parents.sort_unstable();
+        let nodes = inos
+            .iter()
+            .filter_map(|ino| self.nodes.get(ino))
+            .map(|n| Op::PutNode(n.clone()));
+        let dirents = parents
+            .iter()
+            .filter_map(|parent| Some((*parent, self.children.get(parent)?)))
+            .flat_map(|(parent, names)| {
+                names
+                    .iter()
+                    .map(move |(name, &ino)| Op::PutDirent(parent, name.clone(), ino))
+            });
+        let xattrs = xattrs
+            .into_iter()
+            .map(|(ino, k, v)| Op::SetXattr(ino, k, v));
+        let meta = [
+            Op::SetMeta("initialised".into(), "1".into()),
+            Op::SetMeta("base_etag".into(), base_etag.unwrap_or("").into()),
+        ];
+        self.journal
+            .bulk(nodes.chain(dirents).chain(xattrs).chain(meta))
     }
 
     fn alloc(&mut self) -> u64 {
@@ -986,15 +998,11 @@ fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
         .filter(|e| e.t != Kind::HardLink)
         .filter_map(|e| {
             let i = e.sd?.i;
-            let usable = i > ROOT && i < MAX_RECORDED_INO && seen.get(&i) == Some(&1);
+            let usable = usable_recorded_ino(i) && seen.get(&i) == Some(&1);
             usable.then_some((e.p.as_str(), i))
         })
         .collect()
 }
-
-/// Recorded inode numbers at or above this are not kept: kernel inode
-/// numbers carry a mount root's session slot above them.
-const MAX_RECORDED_INO: u64 = 1 << 39;
 
 #[cfg(test)]
 mod tests {

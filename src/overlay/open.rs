@@ -84,6 +84,17 @@ const REDO: &str = "journal.redo";
 /// Opens the session's object and overlay. Blocks on `rt`: call it from a
 /// thread that is not one of the runtime's.
 pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession, OpenError> {
+    open_with(spec, rt, None)
+}
+
+/// [`open`], on `object` when it is given: the session's object, opened
+/// already (a session read as its object until now), so the store is not
+/// asked for it again.
+pub fn open_with(
+    spec: &OpenSpec,
+    rt: &tokio::runtime::Handle,
+    object: Option<Arc<SessionReader>>,
+) -> Result<LiveSession, OpenError> {
     std::fs::create_dir_all(&spec.overlay).map_err(OverlayError::from)?;
     let key = spec.session.object_key();
     // The version pending changes were made against, from the local index,
@@ -104,42 +115,48 @@ pub fn open(spec: &OpenSpec, rt: &tokio::runtime::Handle) -> Result<LiveSession,
             }),
         _ => None,
     };
-    let opened = match spec.offline {
-        Offline::Always => Err(TarballError::Store(StoreError::Transient {
-            op: "open",
-            key: key.clone(),
-            message: "--offline: the store is not asked".into(),
-        })),
-        _ => rt.block_on(SessionReader::open(
-            spec.store.clone(),
-            &key,
-            spec.index.as_ref(),
-        )),
-    };
     let mut offline = false;
-    let reader = match opened {
-        Ok(r) => Some(Arc::new(r)),
-        Err(TarballError::Store(StoreError::NotFound { .. })) => None,
-        Err(TarballError::Store(e)) if e.is_unavailable() && spec.offline != Offline::Never => {
-            let Some(r) = offline_reader(spec, &key, rt)? else {
-                return Err(OpenError::Unreachable {
-                    session: spec.session.to_string(),
-                    cause: e,
-                });
+    let mut reader = match object {
+        Some(r) => Some(r),
+        None => {
+            let opened = match spec.offline {
+                Offline::Always => Err(TarballError::Store(StoreError::Transient {
+                    op: "open",
+                    key: key.clone(),
+                    message: "--offline: the store is not asked".into(),
+                })),
+                _ => rt.block_on(SessionReader::open(
+                    spec.store.clone(),
+                    &key,
+                    spec.index.as_ref(),
+                )),
             };
-            tracing::warn!(
-                "session {}: the store cannot be reached ({e}); serving it read-only from \
-                 this host's cache, as of version {} (files whose blocks are not cached fail \
-                 with EIO)",
-                spec.session,
-                r.meta().etag
-            );
-            offline = true;
-            Some(Arc::new(r))
+            match opened {
+                Ok(r) => Some(Arc::new(r)),
+                Err(TarballError::Store(StoreError::NotFound { .. })) => None,
+                Err(TarballError::Store(e))
+                    if e.is_unavailable() && spec.offline != Offline::Never =>
+                {
+                    let Some(r) = offline_reader(spec, &key, rt)? else {
+                        return Err(OpenError::Unreachable {
+                            session: spec.session.to_string(),
+                            cause: e,
+                        });
+                    };
+                    tracing::warn!(
+                        "session {}: the store cannot be reached ({e}); serving it read-only from \
+                         this host's cache, as of version {} (files whose blocks are not cached fail \
+                         with EIO)",
+                        spec.session,
+                        r.meta().etag
+                    );
+                    offline = true;
+                    Some(Arc::new(r))
+                }
+                Err(e) => return Err(OverlayError::from(e).into()),
+            }
         }
-        Err(e) => return Err(OverlayError::from(e).into()),
     };
-    let mut reader = reader;
     let mut etag = reader.as_ref().map(|r| r.meta().etag.clone());
     let journal_path = spec.overlay.join(JOURNAL);
     if journal_path.exists() {

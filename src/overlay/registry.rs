@@ -23,6 +23,8 @@ use super::OverlayError;
 use crate::session::{SessionPath, OBJECT_NAME};
 use crate::store::{ObjectStore, StoreError};
 use crate::tarball::index::TocIndex;
+use crate::tarball::reader::SessionReader;
+use crate::tarball::TarballError;
 
 /// How long a listing of the bucket is reused.
 const LIST_TTL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -66,6 +68,17 @@ impl RegistryError {
     }
 }
 
+/// Most sessions kept open as object views at once (each holds its TOC).
+const MAX_VIEWS: usize = 8;
+
+/// A session read straight from its object.
+struct View {
+    reader: Arc<SessionReader>,
+    /// When the store last said this is still the session's object.
+    checked: Instant,
+    used: Instant,
+}
+
 /// What the API reports of a session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SessionInfo {
@@ -86,6 +99,10 @@ pub struct Registry {
     spec: RegistrySpec,
     rt: tokio::runtime::Handle,
     open: Mutex<BTreeMap<String, Arc<LiveSession>>>,
+    /// Sessions read as their objects are (see [`Registry::object_view`]).
+    views: Mutex<HashMap<String, View>>,
+    /// Counts discards and deletions: a view opened across one is not kept.
+    discards: std::sync::atomic::AtomicU64,
     /// One lock per session being opened, so it is opened once.
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     listed: Mutex<Option<(Instant, BTreeSet<String>)>>,
@@ -97,6 +114,8 @@ impl Registry {
             spec,
             rt,
             open: Mutex::new(BTreeMap::new()),
+            views: Mutex::new(HashMap::new()),
+            discards: Default::default(),
             opening: Mutex::new(HashMap::new()),
             listed: Mutex::new(None),
         }
@@ -286,6 +305,120 @@ impl Registry {
         stored != opened && !s.has_pending_changes().unwrap_or(true)
     }
 
+    /// The session's object, to read as it is, when this host holds no
+    /// overlay of the session and the object is a plain tree (what a mount
+    /// would show, entry for entry: [`SessionReader::is_plain_tree`]).
+    /// Reads then need no journal and no tree in memory, and leave nothing
+    /// on disk. `None`: open the session ([`Registry::open`]) instead.
+    ///
+    /// A view is kept for the next requests, checked against the store (one
+    /// HEAD) at most every `recheck`, and dropped when the session is
+    /// opened here, replaced or deleted. A session written to here opens
+    /// then, and every later read goes through it.
+    pub async fn object_view(
+        &self,
+        name: &SessionPath,
+    ) -> Result<Option<Arc<SessionReader>>, RegistryError> {
+        if self.is_local(name) {
+            return Ok(None);
+        }
+        let cached = self
+            .views
+            .lock()
+            .get(name.as_str())
+            .map(|v| (v.reader.clone(), v.checked.elapsed() < self.spec.recheck));
+        let key = name.object_key();
+        if let Some((reader, fresh)) = cached {
+            let current = fresh
+                || match self.spec.store.head(&key).await {
+                    Ok(m) => m.etag == reader.meta().etag,
+                    Err(StoreError::NotFound { .. }) => false,
+                    Err(e) => return Err(e.into()),
+                };
+            if current {
+                if let Some(v) = self.views.lock().get_mut(name.as_str()) {
+                    v.used = Instant::now();
+                    if !fresh {
+                        v.checked = v.used;
+                    }
+                }
+                return Ok(Some(reader));
+            }
+            self.views.lock().remove(name.as_str());
+        }
+        let discards = self.discards.load(std::sync::atomic::Ordering::SeqCst);
+        let reader = match SessionReader::open(
+            self.spec.store.clone(),
+            &key,
+            self.spec.index.as_ref(),
+        )
+        .await
+        {
+            Ok(r) => Arc::new(r),
+            Err(TarballError::Store(StoreError::NotFound { .. })) => {
+                return Err(RegistryError::NotFound(name.as_str().to_owned()))
+            }
+            Err(e) => return Err(OverlayError::from(e).into()),
+        };
+        if !reader.is_plain_tree() {
+            return Ok(None);
+        }
+        let mut views = self.views.lock();
+        // Kept only if nothing opened, replaced or deleted the session
+        // meanwhile; this request may still read it (it overlapped that).
+        if discards == self.discards.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.is_local(name)
+        {
+            if views.len() >= MAX_VIEWS {
+                let oldest = views
+                    .iter()
+                    .min_by_key(|(_, v)| v.used)
+                    .map(|(n, _)| n.clone());
+                if let Some(n) = oldest {
+                    views.remove(&n);
+                }
+            }
+            let now = Instant::now();
+            views.insert(
+                name.as_str().to_owned(),
+                View {
+                    reader: reader.clone(),
+                    checked: now,
+                    used: now,
+                },
+            );
+        }
+        Ok(Some(reader))
+    }
+
+    /// The session's object view, to open the session on: when it was
+    /// checked against the store lately, or the store cannot say (down),
+    /// and this host holds no overlay of the session. `None` when the store
+    /// holds another version, or none.
+    fn view_for_open(&self, name: &SessionPath) -> Option<Arc<SessionReader>> {
+        if self.has_overlay(name) {
+            return None;
+        }
+        let (reader, fresh) = {
+            let views = self.views.lock();
+            let v = views.get(name.as_str())?;
+            (v.reader.clone(), v.checked.elapsed() < self.spec.recheck)
+        };
+        let usable = fresh
+            || match self.rt.block_on(self.spec.store.head(&name.object_key())) {
+                Ok(m) => m.etag == reader.meta().etag,
+                Err(e) => e.is_unavailable(),
+            };
+        usable.then_some(reader)
+    }
+
+    /// Drops the session's object view: it is opened, replaced or deleted.
+    fn drop_view(&self, name: &SessionPath) {
+        self.discards
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.views.lock().remove(name.as_str());
+    }
+
     /// The lock that orders opening and discarding one session.
     fn gate(&self, name: &SessionPath) -> Arc<Mutex<()>> {
         self.opening
@@ -320,7 +453,13 @@ impl Registry {
             }
             self.open.lock().remove(name.as_str());
         }
-        if !create && !self.rt.block_on(self.exists(name))? {
+        // A session read as its object until now opens on that object
+        // without asking the store again when the store cannot answer: a
+        // first write then works while the store is down, as it would have
+        // had a read opened the session. (A version replaced meanwhile is
+        // caught up with by the write-back, as for any open session.)
+        let view = self.view_for_open(name);
+        if !create && view.is_none() && !self.rt.block_on(self.exists(name))? {
             return Err(RegistryError::NotFound(name.as_str().to_owned()));
         }
         let spec = OpenSpec {
@@ -331,7 +470,8 @@ impl Registry {
             read_only: self.spec.read_only,
             offline: crate::overlay::open::Offline::Never,
         };
-        let live = Arc::new(open::open(&spec, &self.rt)?);
+        self.drop_view(name);
+        let live = Arc::new(open::open_with(&spec, &self.rt, view)?);
         self.open
             .lock()
             .insert(name.as_str().to_owned(), live.clone());
@@ -353,6 +493,7 @@ impl Registry {
     /// [`Registry::discard`], the gate held: operations in flight on the
     /// open session finish first, later ones find it retired.
     fn discard_locked(&self, name: &SessionPath) -> Result<(), RegistryError> {
+        self.drop_view(name);
         let live = self.get(name);
         if let Some(s) = &live {
             if s.is_watched() {
@@ -378,6 +519,7 @@ impl Registry {
     /// sessions whose changes still wait for a write-back stay open (the
     /// write-back works on open sessions). Returns how many.
     pub fn close_idle(&self, idle: std::time::Duration, keep_pending: bool) -> usize {
+        self.views.lock().retain(|_, v| v.used.elapsed() < idle);
         let closing: Vec<Arc<LiveSession>> = {
             let mut open = self.open.lock();
             let names: Vec<String> = open
@@ -418,6 +560,7 @@ impl Registry {
             }
             s.retire();
         }
+        self.drop_view(name);
         if let Err(e) = self.rt.block_on(self.spec.store.delete(&name.object_key())) {
             if let Some(s) = &live {
                 s.unretire();

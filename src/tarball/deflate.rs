@@ -83,8 +83,20 @@ pub enum InflateError {
 /// Inflates a raw deflate span that must produce exactly `expected` bytes.
 /// Never allocates more than `expected` (plus one byte to detect excess).
 pub fn inflate_exact(compressed: &[u8], expected: usize) -> Result<Vec<u8>, InflateError> {
+    inflate_exact_into(compressed, expected, Vec::new())
+}
+
+/// [`inflate_exact`] into `out`'s memory (its bytes are dropped): a
+/// buffer used before, so inflating segment after segment does not free
+/// and allocate megabytes each time.
+pub fn inflate_exact_into(
+    compressed: &[u8],
+    expected: usize,
+    mut out: Vec<u8>,
+) -> Result<Vec<u8>, InflateError> {
     let mut d = Decompress::new(false);
-    let mut out = Vec::with_capacity(expected + 1);
+    out.clear();
+    out.reserve_exact(expected + 1);
     let mut input = compressed;
     loop {
         let before_in = d.total_in();
@@ -194,6 +206,15 @@ mod tests {
             Err(InflateError::TooShort { .. })
         ));
         assert!(inflate_exact(b"\xff\xff\xff garbage", 10).is_err());
+        // Into a used buffer: its old bytes go, its room is used, the bound holds.
+        let used = vec![9u8; 3 << 20];
+        let at = used.as_ptr();
+        let got = inflate_exact_into(&c, zeros.len(), used).unwrap();
+        assert_eq!((got == zeros, got.as_ptr()), (true, at));
+        assert_eq!(
+            inflate_exact_into(&c, 1000, vec![1u8; 4 << 20]),
+            Err(InflateError::TooLong)
+        );
         let z = zlib_compress(&zeros);
         assert_eq!(zlib_decompress_exact(&z, zeros.len()).unwrap(), zeros);
         assert_eq!(zlib_decompress_exact(&z, 10), Err(InflateError::TooLong));

@@ -13,12 +13,15 @@
 //!   one version, in parallel and ahead of sequential reads.
 //! - [`repack`] plans a write-back that keeps an old object's unchanged
 //!   segments where they are.
-//! - [`path`] decides which entry names are safe.
+//! - [`path`] decides which entry names are safe; [`by_path`] finds entries
+//!   by path; [`plain`] tells a TOC a mount shows entry for entry.
 
+pub mod by_path;
 pub mod deflate;
 pub mod foreign;
 pub mod index;
 pub mod path;
+pub mod plain;
 pub mod reader;
 pub mod repack;
 pub mod segments;

@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 
 use futures::TryStreamExt;
 
+use super::by_path::ByPath;
 use super::deflate::{inflate_exact, zlib_decompress_exact, GZIP_TRAILER_LEN, STORED_HEADER_LEN};
 use super::foreign::{self, ForeignIndex, Format, Limits};
 use super::index::{IndexedToc, TocIndex};
@@ -53,8 +54,10 @@ pub struct SessionReader {
     toc: Toc,
     /// Inflated segments, shared with the readahead tasks (native objects).
     segments: Arc<Segments>,
-    by_path: HashMap<String, usize>,
+    by_path: ByPath,
     children: HashMap<String, Vec<usize>>,
+    /// Whether the TOC is a plain tree ([`super::plain`]), found once.
+    plain: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for SessionReader {
@@ -191,12 +194,16 @@ impl SessionReader {
         layout: Layout,
         toc: Toc,
     ) -> SessionReader {
-        let mut by_path = HashMap::with_capacity(toc.entries.len());
+        let by_path = ByPath::new(&toc.entries);
         let mut children: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, e) in toc.entries.iter().enumerate() {
-            by_path.insert(e.p.clone(), i);
             let parent = e.p.rsplit_once('/').map_or("", |(parent, _)| parent);
-            children.entry(parent.to_owned()).or_default().push(i);
+            match children.get_mut(parent) {
+                Some(ids) => ids.push(i),
+                None => {
+                    children.insert(parent.to_owned(), vec![i]);
+                }
+            }
         }
         let segments = Arc::new(Segments::new(
             store.clone(),
@@ -214,6 +221,7 @@ impl SessionReader {
             toc,
             by_path,
             children,
+            plain: std::sync::OnceLock::new(),
         }
     }
 
@@ -232,8 +240,38 @@ impl SessionReader {
 
     pub fn stat(&self, path: &str) -> Option<&Entry> {
         self.by_path
-            .get(path.trim_matches('/'))
-            .map(|&i| &self.toc.entries[i])
+            .get(&self.toc.entries, path.trim_matches('/'))
+            .and_then(|i| self.toc.entries.get(i))
+    }
+
+    /// Whether a mount would show this object entry for entry, with the
+    /// recorded inode numbers ([`super::plain`]): then it can be served as
+    /// it is. Objects other tools wrote never are (they record no inodes).
+    pub fn is_plain_tree(&self) -> bool {
+        *self.plain.get_or_init(|| {
+            matches!(self.layout, Layout::Native)
+                && super::plain::is_plain(&self.toc.entries, &self.by_path)
+        })
+    }
+
+    /// The regular files of a plain tree (hard links too), with their
+    /// sizes, in the order a walk of the tree by name meets them.
+    pub fn plain_files(&self) -> Vec<(&str, &Entry)> {
+        let mut files: Vec<(&str, &Entry)> = self
+            .toc
+            .entries
+            .iter()
+            .filter_map(|e| match e.t {
+                Kind::File => Some((e.p.as_str(), e)),
+                Kind::HardLink => {
+                    let target = self.stat(e.lt.as_deref()?)?;
+                    (target.t == Kind::File).then_some((e.p.as_str(), target))
+                }
+                _ => None,
+            })
+            .collect();
+        files.sort_unstable_by(|a, b| walk_order(a.0, b.0));
+        files
     }
 
     /// The entries directly inside directory `path` (`""` is the root).
@@ -376,6 +414,19 @@ fn decode_cached(cached: &IndexedToc, object_size: u64) -> Result<Toc, TarballEr
 }
 
 /// Checks and parses the compressed TOC.
+/// Paths compared component by component, as a walk of the tree by name
+/// meets them: `a/b` before `a-c` (no name holds a NUL).
+fn walk_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn byte(c: u8) -> u8 {
+        if c == b'/' {
+            0
+        } else {
+            c
+        }
+    }
+    a.bytes().map(byte).cmp(b.bytes().map(byte))
+}
+
 pub fn decode_toc(locator: &Locator, toc_bytes: &[u8]) -> Result<Toc, TarballError> {
     if crc32fast::hash(toc_bytes) != locator.toc_crc {
         return Err(TarballError::Corrupt(

@@ -1554,3 +1554,148 @@ async fn every_answered_put_survives_kill_9_of_the_server() {
     }
     assert_eq!(server.stop().code(), Some(0));
 }
+
+/// The ETag and the bytes of a file as the API reads it.
+async fn etag_and_bytes(url: &str) -> (String, bytes::Bytes) {
+    let r = http().get(url).send().await.expect("send");
+    assert_eq!(r.status(), 200, "{url}");
+    let tag = r.headers()["etag"].to_str().unwrap().to_owned();
+    (tag, r.bytes().await.expect("body"))
+}
+
+/// The paths and sizes a listing answers.
+async fn listed(url: &str) -> Vec<(String, u64)> {
+    let (st, v) = call(http().get(url)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["count"], v["files"].as_array().unwrap().len());
+    v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_owned(),
+                f["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_not_written_here_is_read_from_its_object_as_the_session_shows_it() {
+    let site = Site::s3();
+    let s = session("view");
+    let tree = site.dir.path().join("tree");
+    let w = tree.join("workspace");
+    fs::create_dir_all(w.join("a")).unwrap();
+    fs::create_dir_all(w.join("dir")).unwrap();
+    fs::write(w.join("a/b.txt"), "b").unwrap();
+    fs::write(w.join("a-c.txt"), "comes after a/b.txt").unwrap();
+    let big = pattern(3 << 20, 7);
+    fs::write(w.join("big.bin"), &big).unwrap();
+    fs::write(w.join("empty.txt"), "").unwrap();
+    fs::hard_link(w.join("a/b.txt"), w.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink("a/b.txt", w.join("sym")).unwrap();
+    site.push(&tree, &s);
+    let server = serve(&site, &[]);
+    let overlay = site.overlay(&s, &sessionfs_tests::s3_bucket());
+    let files_url = format!("{}{API}/{s}/files", server.url);
+    let file = |p: &str| format!("{files_url}/workspace/{p}");
+
+    // Listed in the order of a walk by name, hard links too, symlinks not.
+    let before = listed(&files_url).await;
+    let want: Vec<(String, u64)> = [
+        ("a/b.txt", 1),
+        ("a-c.txt", 19),
+        ("big.bin", 3 << 20),
+        ("empty.txt", 0),
+        ("link.txt", 1),
+    ]
+    .iter()
+    .map(|(p, n)| (format!("workspace/{p}"), *n))
+    .collect();
+    assert_eq!(before, want);
+    let mut seen = Vec::new();
+    for (p, _) in &want {
+        seen.push(etag_and_bytes(&format!("{files_url}/{p}")).await);
+    }
+    assert_eq!(seen[2].1, big, "a file of three chunks streams whole");
+    assert_eq!(
+        seen[4], seen[0],
+        "a hard link is its target: bytes and ETag"
+    );
+    let r = http()
+        .get(file("big.bin"))
+        .header("range", "bytes=1048570-1048580")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), big.slice(1048570..1048581));
+    let r = http().head(file("big.bin")).send().await.unwrap();
+    assert_eq!(
+        r.headers()["content-length"],
+        (3u64 << 20).to_string().as_str()
+    );
+    for missing in ["dir", "sym", "a", "a-c.txt/x", "nothing", "a/nothing"] {
+        let (st, v) = call(http().get(file(missing))).await;
+        assert_error(st, &v, 404, "file_not_found");
+    }
+    assert!(
+        !overlay.exists(),
+        "reads of a session not written here leave no overlay"
+    );
+
+    // A write opens the session here; every file reads and lists as before,
+    // with the same validators.
+    let (st, v) = call(http().put(file("new.txt")).body("new")).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(overlay.exists());
+    let mut want_after = want.clone();
+    want_after.push(("workspace/new.txt".into(), 3));
+    assert_eq!(listed(&files_url).await, want_after);
+    for ((p, _), (tag, bytes)) in want.iter().zip(&seen) {
+        let url = format!("{files_url}/{p}");
+        assert_eq!(
+            &etag_and_bytes(&url).await,
+            &(tag.clone(), bytes.clone()),
+            "{p}"
+        );
+        let r = http()
+            .get(&url)
+            .header("if-none-match", tag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304, "{p}");
+    }
+    for missing in ["dir", "sym", "a", "a-c.txt/x", "nothing", "a/nothing"] {
+        let (st, v) = call(http().get(file(missing))).await;
+        assert_error(st, &v, 404, "file_not_found");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_read_from_its_object_follows_replacements_and_deletions() {
+    let site = Site::s3();
+    let s = session("viewnew");
+    let tree = site.dir.path().join("tree");
+    fs::create_dir_all(tree.join("workspace")).unwrap();
+    fs::write(tree.join("workspace/f.txt"), "version 1").unwrap();
+    site.push(&tree, &s);
+    let server = serve(&site, &["--recheck-ms", "100"]);
+    let url = format!("{}{API}/{s}/files/workspace/f.txt", server.url);
+    assert_eq!(text(&url).await, "version 1");
+    // Another writer replaces the object: seen once the recheck is due.
+    fs::write(tree.join("workspace/f.txt"), "version 2, longer").unwrap();
+    site.push(&tree, &s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(text(&url).await, "version 2, longer");
+    // Deleted through the API: gone at once.
+    let (st, _) = call(http().delete(format!("{}{API}/{s}", server.url))).await;
+    assert_eq!(st, 200);
+    let (st, v) = call(http().get(&url)).await;
+    assert_error(st, &v, 404, "session_not_found");
+    let (st, v) = call(http().get(format!("{}{API}/{s}/files", server.url))).await;
+    assert_error(st, &v, 404, "session_not_found");
+}
