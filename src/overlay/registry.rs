@@ -329,16 +329,22 @@ impl Registry {
             .map(|v| (v.reader.clone(), v.checked.elapsed() < self.spec.recheck));
         let key = name.object_key();
         if let Some((reader, fresh)) = cached {
-            let current = fresh
-                || match self.spec.store.head(&key).await {
-                    Ok(m) => m.etag == reader.meta().etag,
-                    Err(StoreError::NotFound { .. }) => false,
+            // A store that cannot answer keeps the view served, as an open
+            // session goes on being served through an outage.
+            let (current, confirmed) = if fresh {
+                (true, false)
+            } else {
+                match self.spec.store.head(&key).await {
+                    Ok(m) => (m.etag == reader.meta().etag, true),
+                    Err(StoreError::NotFound { .. }) => (false, true),
+                    Err(e) if e.is_unavailable() => (true, false),
                     Err(e) => return Err(e.into()),
-                };
+                }
+            };
             if current {
                 if let Some(v) = self.views.lock().get_mut(name.as_str()) {
                     v.used = Instant::now();
-                    if !fresh {
+                    if confirmed {
                         v.checked = v.used;
                     }
                 }
