@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in release mode against a real S3 server on 127.0.0.1, each figure
 # printed beside a reference measured in the same run.
-#   usage: scripts/bench.sh [SCALE] [tarball|writeback|mount|api|all]
+#   usage: scripts/bench.sh [SCALE] [tarball|writeback|roots|mount|api|all]
 # SCALE 1.0 ≈ 1 GiB of source-like files for the tarball benchmark and 700 MB in
 # 45,000 files for the mount benchmark; 0.1 for a quick look. The mount benchmark
 # needs root (it drops the page cache and mounts ratarmount and archivemount). The API
@@ -19,6 +19,9 @@ if [ "$which" = all ] || [ "$which" = tarball ]; then
 fi
 if [ "$which" = all ] || [ "$which" = writeback ]; then
   target/release/sessionfs-bench "$scale" writeback
+fi
+if [ "$which" = all ] || [ "$which" = roots ]; then
+  target/release/sessionfs-bench "$scale" roots
 fi
 if [ "$which" = all ] || [ "$which" = mount ]; then
   bench/mount-bench.sh "$(pwd)/target/release/sessionfs" "$scale"

@@ -14,10 +14,11 @@
 //! The store is the S3 server from the environment (`scripts/bench.sh` starts
 //! one) or, without it, a local store.
 //!
-//! usage: sessionfs-bench [SCALE] [tarball|writeback]   (default 1.0
+//! usage: sessionfs-bench [SCALE] [tarball|writeback|roots]   (default 1.0
 //! tarball; 0.1 for a quick run). `writeback` runs the write-back
-//! benchmark ([`writeback`]) instead.
+//! benchmark ([`writeback`]) instead, `roots` the root listing ([`roots`]).
 
+mod roots;
 mod writeback;
 
 use std::io::{BufWriter, Read, Write};
@@ -194,7 +195,8 @@ async fn main() -> Result<()> {
     match std::env::args().nth(2).as_deref() {
         None | Some("tarball") => {}
         Some("writeback") => return writeback::bench(scale).await,
-        Some(other) => bail!("unknown benchmark {other:?}: tarball or writeback"),
+        Some("roots") => return roots::bench(scale).await,
+        Some(other) => bail!("unknown benchmark {other:?}: tarball, writeback or roots"),
     }
     let work = tempfile::tempdir()?;
     let tree = work.path().join("tree");

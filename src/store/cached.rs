@@ -260,6 +260,10 @@ impl ObjectStore for CachedStore {
         self.inner.store.list(req).await
     }
 
+    async fn list_all(&self, prefix: &str, delimiter: Option<&str>) -> Result<ListPage> {
+        self.inner.store.list_all(prefix, delimiter).await
+    }
+
     async fn create_multipart(&self, key: &str, opts: PutOptions) -> Result<String> {
         self.inner.store.create_multipart(key, opts).await
     }

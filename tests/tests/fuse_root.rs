@@ -110,3 +110,39 @@ fn every_session_of_the_bucket_is_a_directory_of_the_root() {
         "ls of a removed session says why: {said}"
     );
 }
+
+#[test]
+fn a_root_of_more_sessions_than_one_listing_page_lists_each_once() {
+    // More sessions than one page of a listing (1,000): the root is listed
+    // by common prefix and read by the kernel in many readdir calls.
+    let site = sessionfs_tests::mount::Site::local();
+    let src = site.dir.path().join("src");
+    fs::create_dir_all(src.join("workspace")).unwrap();
+    fs::write(src.join("workspace/a.txt"), b"one of many").unwrap();
+    site.push(&src, "many__s0000__main");
+    let bucket = site.dir.path().join("store/sessions");
+    let object = bucket.join("many__s0000__main/session.tar.gz");
+    let mut expected = vec!["many__s0000__main".to_owned()];
+    for i in 1..1200 {
+        let name = format!("many__s{i:04}__main");
+        fs::create_dir_all(bucket.join(&name)).unwrap();
+        fs::copy(&object, bucket.join(&name).join("session.tar.gz")).unwrap();
+        expected.push(name);
+    }
+    // A directory holding no object is no session.
+    fs::create_dir_all(bucket.join("empty__left__behind")).unwrap();
+
+    let m = site.serve_root(&[]);
+    let mut listed: Vec<String> = fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed.len(), expected.len());
+    assert_eq!(listed, expected);
+    assert_eq!(
+        fs::read(m.join("many__s1150__main").join("workspace/a.txt")).unwrap(),
+        b"one of many"
+    );
+    assert!(!m.join("empty__left__behind").exists());
+}

@@ -51,6 +51,21 @@ pub(super) fn list(root: &Path, req: &ListRequest) -> Result<ListPage> {
         0 => MAX_LIST_KEYS,
         n => n.min(MAX_LIST_KEYS),
     };
+    list_up_to(root, req, max)
+}
+
+/// The whole listing in one page, from one walk: what `list_all` needs,
+/// where pages would walk the tree once each.
+pub(super) fn list_whole(root: &Path, prefix: &str, delimiter: Option<&str>) -> Result<ListPage> {
+    let req = ListRequest {
+        prefix: prefix.to_owned(),
+        delimiter: delimiter.map(str::to_owned),
+        ..ListRequest::default()
+    };
+    list_up_to(root, &req, usize::MAX)
+}
+
+fn list_up_to(root: &Path, req: &ListRequest, max: usize) -> Result<ListPage> {
     let resume = Resume::parse(req.continuation.as_deref())?;
     let delimiter = req.delimiter.as_deref().filter(|d| !d.is_empty());
     let prefix = req.prefix.as_str();
@@ -70,7 +85,14 @@ pub(super) fn list(root: &Path, req: &ListRequest) -> Result<ListPage> {
     }
 
     let mut files = Vec::new();
-    collect_files(root, &start, prefix, &mut files);
+    if delimiter == Some("/") && (prefix.is_empty() || prefix.ends_with('/')) {
+        // Every directory below is one common prefix: read this directory
+        // only, not the tree (a bucket of 100,000 sessions is 100,000
+        // directories).
+        collect_level(root, &start, &mut files);
+    } else {
+        collect_files(root, &start, prefix, &mut files);
+    }
     files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
 
     let mut page = ListPage::default();
@@ -116,6 +138,43 @@ pub(super) fn list(root: &Path, req: &ListRequest) -> Result<ListPage> {
         emitted += 1;
     }
     Ok(page)
+}
+
+/// The regular files of `dir`, and for each directory below it that holds a
+/// file somewhere, its key with a trailing `/` (which the delimiter rolls up
+/// into that common prefix). `dir` is the prefix's own directory, so every
+/// key here starts with the prefix.
+fn collect_level(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        let Some(key) = path_key(root, &path) else {
+            continue;
+        };
+        if kind.is_file() {
+            out.push((key, path));
+        } else if kind.is_dir() && holds_a_file(&path) {
+            out.push((format!("{key}/"), path));
+        }
+    }
+}
+
+/// Whether a regular file lies anywhere below `dir` (a directory left empty
+/// by a crash between a delete and its pruning lists nothing, as on S3).
+fn holds_a_file(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| match e.file_type() {
+        Ok(k) if k.is_file() => true,
+        Ok(k) if k.is_dir() => holds_a_file(&e.path()),
+        _ => false,
+    })
 }
 
 /// Every regular file below `dir` whose key starts with `prefix`. Symbolic

@@ -490,6 +490,14 @@ impl ObjectStore for LocalStore {
             .await
     }
 
+    async fn list_all(&self, prefix: &str, delimiter: Option<&str>) -> Result<ListPage> {
+        let (p, d) = (prefix.to_owned(), delimiter.map(str::to_owned));
+        self.blocking("list", prefix, move |s| {
+            list::list_whole(&s.root, &p, d.as_deref())
+        })
+        .await
+    }
+
     async fn create_multipart(&self, key: &str, opts: PutOptions) -> Result<String> {
         validate_metadata(key, &opts.metadata)?;
         let k = key.to_owned();
