@@ -226,6 +226,10 @@ pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()
             }),
         )
     };
+    registry.set_on_open({
+        let writeback = writeback.clone();
+        Arc::new(move |s| writeback.register_control(s))
+    });
     let looping = tokio::spawn(writeback.clone().run());
     tokio::spawn(crate::reload::on_sighup(writeback.clone()));
     let keep_pending = writeback.enabled();

@@ -67,6 +67,7 @@ pub struct WriteBack {
     policy: Arc<std::sync::RwLock<Policy>>,
     opts: WriteBackOptions,
     on_gone: OnGone,
+    rt: tokio::runtime::Handle,
 }
 
 /// How often the change feeds are looked at.
@@ -95,6 +96,7 @@ impl WriteBack {
             policy: Arc::new(std::sync::RwLock::new(policy)),
             opts: WriteBackOptions::default(),
             on_gone,
+            rt: tokio::runtime::Handle::current(),
         }
     }
 
@@ -183,16 +185,20 @@ impl WriteBack {
         }
     }
 
-    /// Lets `sessionfs flush` and `sessionfs status` reach this loop through
-    /// the session (a mount answers them on its root).
-    fn register_control(&self, s: &Arc<LiveSession>) {
+    /// Lets `sessionfs flush` and `sessionfs status` (and an API download)
+    /// reach this loop through the session (a mount answers them on its
+    /// root). Any thread may call it.
+    pub fn register_control(&self, s: &Arc<LiveSession>) {
         // No list of sessions inside: the session would hold itself.
         let me = WriteBack {
             sessions: Arc::new(Vec::new),
             ..self.clone()
         };
         let weak = Arc::downgrade(s);
-        let rt = tokio::runtime::Handle::current();
+        let rt = self.rt.clone();
+        // The socket's task is spawned on the loop's runtime whatever the
+        // calling thread (a FUSE thread opening a session under a mount root).
+        let _on_runtime = self.rt.enter();
         s.set_control_once(move || {
             // Dropped with the hook, and so with the session.
             let listening = crate::control_socket::listen(s);

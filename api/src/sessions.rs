@@ -8,10 +8,13 @@
 //! upload leaves the store as it was. Any standard tar.gz is accepted;
 //! one sessionfs did not write is indexed when first read.
 //!
-//! A download streams the stored object as is, unless the session has
-//! changes here not yet written back: then the merged view is packed into
-//! a spool file first, so the answer has a length and an ETag and a failure
-//! is an error status, never a truncated tarball.
+//! A download streams the stored object as is. Changes here not yet
+//! written back are written back first (the session's write-back loop,
+//! asked through its control hook), and the object that makes is streamed.
+//! Where that cannot be done (write-back off, the store unreachable, a
+//! conflict) the merged view is packed into a spool file, so the answer
+//! still has a length and an ETag and a failure is an error status, never
+//! a truncated tarball.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -433,10 +436,23 @@ pub async fn download(
     } else {
         None
     };
-    let pending = match &live {
+    let mut pending = match &live {
         Some(l) => l.has_pending_changes().map_err(ApiError::download)?,
         None => false,
     };
+    if let (true, Some(l)) = (pending && method == Method::GET, &live) {
+        // Write the changes back now and send the object they make: one
+        // incremental pack instead of a second whole one here (and two
+        // trees in memory at once), and the answer is the stored object,
+        // ETag and all. Where that cannot be done (write-back off, store
+        // unreachable, a conflict), the merged view is packed below.
+        let l = l.clone();
+        pending = blocking(move || {
+            let flushed = matches!(l.control("flush"), Some(Ok(_)));
+            Ok(!flushed || l.has_pending_changes().unwrap_or(true))
+        })
+        .await?;
+    }
     if !pending {
         match st
             .registry

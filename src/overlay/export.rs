@@ -18,7 +18,7 @@ use super::OverlayError;
 use crate::tarball::reader::SessionReader;
 use crate::tarball::tar_header::hex_encode;
 use crate::tarball::toc::{Entry, Kind, StatData};
-use crate::tarball::tree::{Source, TreeEntry};
+use crate::tarball::tree::{Opener, Source, TreeEntry};
 use crate::tarball::writer::{pack_entries, PackOptions, PackStats};
 
 /// Bytes read from the object per request while packing.
@@ -43,8 +43,12 @@ pub struct Snapshot {
 pub enum Origin {
     /// No data of its own: directories, links, devices, empty files.
     Meta,
-    /// Unchanged bytes of the base object's file at `path`.
-    Base { ino: u64, path: String },
+    /// Unchanged bytes of the base object's file at `moved_from`, or at
+    /// the entry's own path when `None` (most files: not renamed since).
+    Base {
+        ino: u64,
+        moved_from: Option<String>,
+    },
     /// The overlay file of `ino`, as it was at the snapshot.
     Local { ino: u64, size: u64, mtime: Time },
     /// Zeros (a file grown by truncate, never written).
@@ -57,7 +61,7 @@ impl Snapshot {
     pub fn same_bytes(&self, i: usize) -> bool {
         match &self.origin[i] {
             Origin::Meta => true,
-            Origin::Base { path, .. } => *path == self.tree[i].entry.p,
+            Origin::Base { moved_from, .. } => moved_from.is_none(),
             _ => false,
         }
     }
@@ -75,11 +79,34 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
     let reader = live.reader();
     let seq = ns.journal().last_seq()?;
     let base_etag = ns.journal().meta("base_etag")?.unwrap_or_default();
-    let mut out = Vec::new();
-    let mut origin = Vec::new();
+    let walk = ns.walk(ROOT);
+    // Sized once: doubling a vector of 200,000 entries leaves up to half of
+    // it unused, and the snapshot is the largest thing a write-back holds.
+    let mut out = Vec::with_capacity(walk.len());
+    let mut origin = Vec::with_capacity(walk.len());
     let mut first_path = std::collections::HashMap::new();
     let xattrs = ns.journal().all_xattrs()?;
-    for (path, ino) in ns.walk(ROOT) {
+    // Unchanged files are read from the object when the packer reaches
+    // them; their base path is the entry's own unless moved since.
+    let moved: Arc<parking_lot::Mutex<std::collections::HashMap<u64, String>>> = Arc::default();
+    let opener: Option<Opener> = reader.clone().map(|reader| {
+        let (moved, rt) = (moved.clone(), live.content.runtime().clone());
+        let open: Opener = Arc::new(move |entry: &Entry| {
+            let ino = entry.sd.map(|sd| sd.i);
+            let path = ino
+                .and_then(|i| moved.lock().get(&i).cloned())
+                .unwrap_or_else(|| entry.p.clone());
+            Ok(Box::new(BaseReader {
+                reader: reader.clone(),
+                path,
+                at: 0,
+                size: entry.s,
+                rt: rt.clone(),
+            }) as Box<dyn Read + Send>)
+        });
+        open
+    });
+    for (path, ino) in walk {
         let n = ns.get(ino)?;
         let x = xattrs
             .get(&ino)
@@ -145,7 +172,7 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
                         },
                         Data::Base(base) => Origin::Base {
                             ino,
-                            path: base.clone(),
+                            moved_from: (*base != path).then(|| base.clone()),
                         },
                         Data::None => Origin::Zeros { ino },
                     };
@@ -153,16 +180,13 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
                         _ if n.size == 0 => None,
                         Data::Local => Some(Source::File(live.content.path_of(ino))),
                         Data::Base(base) => {
-                            let reader = reader.clone().ok_or_else(|| {
+                            let open = opener.clone().ok_or_else(|| {
                                 OverlayError::Corrupt(format!("{path}: no session object"))
                             })?;
-                            Some(Source::Stream(Box::new(BaseReader {
-                                reader,
-                                path: base.clone(),
-                                at: 0,
-                                size: n.size,
-                                rt: live.content.runtime().clone(),
-                            })))
+                            if *base != path {
+                                moved.lock().insert(ino, base.clone());
+                            }
+                            Some(Source::Open(open))
                         }
                         Data::None => {
                             Some(Source::Stream(Box::new(std::io::repeat(0).take(n.size))))

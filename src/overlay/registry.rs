@@ -106,7 +106,12 @@ pub struct Registry {
     /// One lock per session being opened, so it is opened once.
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     listed: Mutex<Option<(Instant, BTreeSet<String>)>>,
+    on_open: Mutex<Option<OnOpen>>,
 }
+
+/// Told of each session as it opens (the write-back loop attaches itself,
+/// so a session can be flushed from its first moment).
+pub type OnOpen = Arc<dyn Fn(&Arc<LiveSession>) + Send + Sync>;
 
 impl Registry {
     pub fn new(spec: RegistrySpec, rt: tokio::runtime::Handle) -> Registry {
@@ -118,7 +123,13 @@ impl Registry {
             discards: Default::default(),
             opening: Mutex::new(HashMap::new()),
             listed: Mutex::new(None),
+            on_open: Mutex::new(None),
         }
+    }
+
+    /// Calls `f` with every session opened from now on.
+    pub fn set_on_open(&self, f: OnOpen) {
+        *self.on_open.lock() = Some(f);
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -505,6 +516,10 @@ impl Registry {
             .insert(name.as_str().to_owned(), live.clone());
         if let Some((_, names)) = &mut *self.listed.lock() {
             names.insert(name.as_str().to_owned());
+        }
+        let on_open = self.on_open.lock().clone();
+        if let Some(f) = on_open {
+            f(&live);
         }
         Ok(live)
     }

@@ -186,12 +186,28 @@ pub fn write_back(
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let remap: Vec<(u64, String)> = snap
+    // What the session must point at the new object once the tree has gone
+    // into the pack: files whose bytes come from the overlay, and unchanged
+    // files moved since the base object (read from their old path until
+    // then). The others read the new object at the path they read now.
+    let moving: Vec<(usize, String)> = snap
         .tree
         .iter()
         .zip(&snap.origin)
-        .filter_map(|(t, o)| match o {
-            Origin::Base { ino, path } if *path != t.entry.p => Some((*ino, t.entry.p.clone())),
+        .enumerate()
+        .filter_map(|(i, (t, o))| match o {
+            Origin::Base {
+                moved_from: Some(_),
+                ..
+            } => Some((i, t.entry.p.clone())),
+            Origin::Local { .. } => Some((i, t.entry.p.clone())),
+            _ => None,
+        })
+        .collect();
+    let remap: Vec<(u64, String)> = moving
+        .iter()
+        .filter_map(|(i, p)| match &snap.origin[*i] {
+            Origin::Base { ino, .. } => Some((*ino, p.clone())),
             _ => None,
         })
         .collect();
@@ -202,7 +218,6 @@ pub fn write_back(
         tx.commit()?;
     }
     let rt = live.content.runtime().clone();
-    let paths: Vec<String> = snap.tree.iter().map(|t| t.entry.p.clone()).collect();
     let result = pack_and_upload(live, store, opts, &mut snap, attempt, &rt);
     let outcome = match result {
         Ok(done) => done,
@@ -230,7 +245,7 @@ pub fn write_back(
     let etag = meta.etag.clone();
     let object_size = meta.size;
     let reader = Arc::new(SessionReader::written(store.clone(), &key, meta, toc));
-    let freed = adopt(live, &snap, &paths, &etag, reader)?;
+    let freed = adopt(live, &snap, &moving, &etag, reader)?;
     // The journal now points those files at the object: that must survive a
     // power loss before their overlay copies go. Left in place on a failed
     // sync, they are removed at the next open.
@@ -471,9 +486,8 @@ fn incremental_plan(snap: &Snapshot, opts: &WriteBackOptions) -> Option<Plan> {
         );
         return None;
     }
-    let entries: Vec<_> = snap.tree.iter().map(|t| t.entry.clone()).collect();
-    let same: Vec<bool> = (0..entries.len()).map(|i| snap.same_bytes(i)).collect();
-    let plan = repack::plan(toc, &entries, &same)?;
+    let same: Vec<bool> = (0..snap.tree.len()).map(|i| snap.same_bytes(i)).collect();
+    let plan = repack::plan(toc, &snap.tree, &same)?;
     // Enough requests left for the uploaded parts too.
     let copy_parts: u64 = plan
         .copies
@@ -672,7 +686,7 @@ async fn read_old(
 fn adopt(
     live: &LiveSession,
     snap: &Snapshot,
-    paths: &[String],
+    moving: &[(usize, String)],
     etag: &str,
     reader: Arc<SessionReader>,
 ) -> Result<Vec<u64>, OverlayError> {
@@ -681,8 +695,8 @@ fn adopt(
     let changed = ns.journal().changed_since(snap.seq)?;
     let mut data = Vec::new();
     let mut freed = Vec::new();
-    for (path, origin) in paths.iter().zip(&snap.origin) {
-        match origin {
+    for (i, path) in moving {
+        match &snap.origin[*i] {
             Origin::Base { ino, .. } => {
                 // Wherever the file is now, its bytes are at `path` in the new object.
                 if let Ok(n) = ns.get(*ino) {

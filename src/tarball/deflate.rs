@@ -124,6 +124,46 @@ pub fn inflate_exact_into(
 }
 
 /// zlib-compresses a small buffer (the table of contents).
+/// Compresses what is written to it as [`zlib_compress`] would, counting
+/// the bytes written: a TOC is serialised into it, never held whole (200,000
+/// entries are about 67 MB of JSON).
+pub struct ZlibSink {
+    inner: flate2::write::ZlibEncoder<Vec<u8>>,
+    written: u64,
+}
+
+impl ZlibSink {
+    pub fn new() -> ZlibSink {
+        ZlibSink {
+            inner: flate2::write::ZlibEncoder::new(Vec::new(), Compression::new(9)),
+            written: 0,
+        }
+    }
+
+    /// The compressed bytes, and how many bytes were written.
+    pub fn finish(self) -> std::io::Result<(Vec<u8>, u64)> {
+        Ok((self.inner.finish()?, self.written))
+    }
+}
+
+impl Default for ZlibSink {
+    fn default() -> Self {
+        ZlibSink::new()
+    }
+}
+
+impl std::io::Write for ZlibSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 pub fn zlib_compress(data: &[u8]) -> Vec<u8> {
     let mut c = Compress::new(Compression::new(9), true);
     let mut out = Vec::with_capacity(data.len() / 4 + 128);

@@ -90,7 +90,7 @@ fn entry_end(e: &Entry) -> u64 {
 /// native object `old`. `same_bytes[i]` says that new entry `i` has no data
 /// or exactly the data of the old entry at its path. Returns `None` when
 /// nothing worth copying survives (the caller packs in full).
-pub fn plan(old: &Toc, new: &[Entry], same_bytes: &[bool]) -> Option<Plan> {
+pub fn plan<E: AsRef<Entry>>(old: &Toc, new: &[E], same_bytes: &[bool]) -> Option<Plan> {
     let segs = &old.segments;
     if segs.is_empty() {
         return None;
@@ -103,7 +103,7 @@ pub fn plan(old: &Toc, new: &[Entry], same_bytes: &[bool]) -> Option<Plan> {
         .collect();
     // For each old entry, the new entry that may keep it.
     let mut keeper: Vec<Option<usize>> = vec![None; old.entries.len()];
-    for (j, e) in new.iter().enumerate() {
+    for (j, e) in new.iter().map(AsRef::as_ref).enumerate() {
         if let Some(&i) = old_by_path.get(e.p.as_str()) {
             if same_bytes[j] && same_header(&old.entries[i], e) {
                 keeper[i] = Some(j);

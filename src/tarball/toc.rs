@@ -141,6 +141,12 @@ pub struct Entry {
     pub sd: Option<StatData>,
 }
 
+impl AsRef<Entry> for Entry {
+    fn as_ref(&self) -> &Entry {
+        self
+    }
+}
+
 /// What `lstat` said of an entry where it was packed, beyond its headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatData {

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use super::deflate::{compress_segment, gzip_trailer, stored_blocks, zlib_compress, GZIP_HEADER};
+use super::deflate::{compress_segment, gzip_trailer, stored_blocks, ZlibSink, GZIP_HEADER};
 use super::tar_header;
 use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, FORMAT_VERSION, TOC_PATH};
 use super::tree::{walk, Source, TreeEntry};
@@ -172,7 +172,11 @@ pub fn pack_after<W: Write + Send>(
         entries: mut toc_entries,
     } = prefix;
     segments.extend(new_segments);
-    toc_entries.extend(new_entries);
+    if toc_entries.is_empty() {
+        toc_entries = new_entries;
+    } else {
+        toc_entries.extend(new_entries);
+    }
     let tar_data_end = segments.last().map_or(0, |s| s.uo + s.ul);
     toc_entries.shrink_to_fit();
 
@@ -182,8 +186,13 @@ pub fn pack_after<W: Write + Send>(
         segments,
         entries: toc_entries,
     };
-    let raw_toc = serde_json::to_vec(&toc).map_err(|e| TarballError::Corrupt(e.to_string()))?;
-    let toc_bytes = zlib_compress(&raw_toc);
+    let mut sink = std::io::BufWriter::with_capacity(64 << 10, ZlibSink::new());
+    serde_json::to_writer(&mut sink, &toc).map_err(|e| TarballError::Corrupt(e.to_string()))?;
+    let (toc_bytes, toc_raw_len) = sink
+        .into_inner()
+        .map_err(|e| TarballError::write(e.into_error()))?
+        .finish()
+        .map_err(TarballError::write)?;
     let toc_entry_len = Locator::toc_entry_len(toc_bytes.len() as u64);
     let toc_header = tar_header::encode(&Entry {
         p: TOC_PATH.to_owned(),
@@ -215,7 +224,7 @@ pub fn pack_after<W: Write + Send>(
         toc_offset: co,
         toc_tar_offset: tar_data_end,
         toc_len: toc_bytes.len() as u64,
-        toc_raw_len: raw_toc.len() as u64,
+        toc_raw_len,
         tar_size,
         object_size,
         toc_crc: crc32fast::hash(&toc_bytes),
@@ -264,10 +273,13 @@ fn lay_out(
         index: 0,
         pos: uo_start,
     };
-    let mut out = Vec::with_capacity(entries.len());
+    // The entries are laid out where they are, and become the TOC's in the
+    // same allocation: a tree of 200,000 entries is never held twice.
+    let mut entries = entries;
     let mut file_bytes = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
-    for TreeEntry { mut entry, source } in entries {
+    for TreeEntry { entry, source } in entries.iter_mut() {
+        let source = source.take();
         // An entry that would not fit in the segment starts a new one, and
         // one that spans segments has them to itself (see below), so that
         // an entry shares a segment only with entries wholly inside it: a
@@ -280,19 +292,20 @@ fn lay_out(
         }
         let first_segment = cut.index;
         entry.ho = cut.pos;
-        let header = tar_header::encode(&entry)?;
+        let header = tar_header::encode(entry)?;
         cut.push(&header);
         entry.data_offset = cut.pos;
         if let Some(source) = source {
             let label = match &source {
                 Source::File(path) => path.clone(),
-                Source::Stream(_) => PathBuf::from(&entry.p),
+                Source::Stream(_) | Source::Open(_) => PathBuf::from(&entry.p),
             };
             let mut file: Box<dyn Read + Send> = match source {
                 Source::File(path) => {
                     Box::new(File::open(&path).map_err(|e| TarballError::io(&path, e))?)
                 }
                 Source::Stream(r) => r,
+                Source::Open(open) => open(entry).map_err(|e| TarballError::io(&label, e))?,
             };
             let mut left = entry.s;
             while left > 0 {
@@ -326,12 +339,11 @@ fn lay_out(
         if cut.index != first_segment && !cut.current.is_empty() {
             cut.cut()?;
         }
-        out.push(entry);
     }
     if !cut.current.is_empty() {
         cut.cut()?;
     }
-    Ok(out)
+    Ok(entries.into_iter().map(|t| t.entry).collect())
 }
 
 struct Cutter {

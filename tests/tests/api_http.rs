@@ -449,7 +449,8 @@ async fn sessions_upload_download_list_and_delete() {
         .starts_with(&format!("attachment; filename=\"{s}.tar.gz\"")));
     assert_eq!(r.bytes().await.unwrap(), tgz2);
 
-    // A change not yet written back is in the download (the merged view).
+    // A change not yet written back is in the download: written back
+    // first, the download is the stored object.
     c.put(format!("{}{API}/{s}/files/workspace/new.txt", server.url))
         .body("pending change")
         .send()
@@ -475,7 +476,13 @@ async fn sessions_upload_download_list_and_delete() {
     );
     assert!(listing.contains("workspace/b.txt 3 b'bee'"), "{listing}");
     let (_, v) = call(c.get(format!("{}{API}/{s}", server.url))).await;
-    assert_eq!(v["pendingChanges"], true);
+    assert_eq!(v["pendingChanges"], false);
+    let stored = s3_store()
+        .await
+        .get(&format!("{s}/session.tar.gz"), Default::default())
+        .await
+        .unwrap();
+    assert!(stored.body == body, "the download is the object written back");
 
     // The object replaced in the store by someone else (another server, a
     // push): without changes pending here, the next request reads the new one.
@@ -1516,6 +1523,43 @@ async fn an_encoded_slash_separates_file_names_and_a_raw_one_is_no_session_path(
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_error(status, &v, 400, "invalid_session_path");
     }
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+/// With write-back off, a download still holds the changes made here: the
+/// merged view is packed for it, and the stored object stays as it was.
+#[tokio::test]
+async fn a_download_without_write_back_packs_the_changes_in() {
+    let site = Site::s3();
+    let s = session("dlnowb");
+    let server = serve(&site, &["--no-writeback"]);
+    let c = http();
+    for (name, body) in [("a.txt", "first"), ("b.txt", "second")] {
+        let r = c
+            .put(format!("{}{API}/{s}/files/workspace/{name}", server.url))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = c
+        .get(format!("{}{API}/{s}/download", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    let listing = python_stream_listing(&body, site.dir.path());
+    assert!(listing.contains("workspace/a.txt 5 b'first'"), "{listing}");
+    assert!(listing.contains("workspace/b.txt 6 b'second'"), "{listing}");
+    let (_, v) = call(c.get(format!("{}{API}/{s}", server.url))).await;
+    assert_eq!(v["pendingChanges"], true);
+    let stored = s3_store()
+        .await
+        .head(&format!("{s}/session.tar.gz"))
+        .await;
+    assert!(stored.is_err_and(|e| e.is_not_found()), "nothing was stored");
     assert_eq!(server.stop().code(), Some(0));
 }
 
