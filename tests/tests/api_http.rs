@@ -482,7 +482,10 @@ async fn sessions_upload_download_list_and_delete() {
         .get(&format!("{s}/session.tar.gz"), Default::default())
         .await
         .unwrap();
-    assert!(stored.body == body, "the download is the object written back");
+    assert!(
+        stored.body == body,
+        "the download is the object written back"
+    );
 
     // The object replaced in the store by someone else (another server, a
     // push): without changes pending here, the next request reads the new one.
@@ -1555,11 +1558,11 @@ async fn a_download_without_write_back_packs_the_changes_in() {
     assert!(listing.contains("workspace/b.txt 6 b'second'"), "{listing}");
     let (_, v) = call(c.get(format!("{}{API}/{s}", server.url))).await;
     assert_eq!(v["pendingChanges"], true);
-    let stored = s3_store()
-        .await
-        .head(&format!("{s}/session.tar.gz"))
-        .await;
-    assert!(stored.is_err_and(|e| e.is_not_found()), "nothing was stored");
+    let stored = s3_store().await.head(&format!("{s}/session.tar.gz")).await;
+    assert!(
+        stored.is_err_and(|e| e.is_not_found()),
+        "nothing was stored"
+    );
     assert_eq!(server.stop().code(), Some(0));
 }
 
