@@ -1746,3 +1746,82 @@ async fn a_session_read_from_its_object_follows_replacements_and_deletions() {
     let (st, v) = call(http().get(format!("{}{API}/{s}/files", server.url))).await;
     assert_error(st, &v, 404, "session_not_found");
 }
+
+/// A session read from its object goes on being read through a store
+/// outage, as an open session is; a write during it opens the session on
+/// that object, and the write is written back once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_read_from_its_object_is_served_through_a_store_outage() {
+    let vars = sessionfs_tests::s3_env();
+    let get = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let upstream: std::net::SocketAddr = format!(
+        "{}:{}",
+        get("MINIO_ENDPOINT").unwrap(),
+        get("MINIO_PORT").unwrap()
+    )
+    .parse()
+    .unwrap();
+    let proxy = FaultProxy::start(upstream).await;
+    let mut site = Site::s3();
+    site.env.retain(|(k, _)| k != "MINIO_PORT");
+    site.env
+        .push(("MINIO_PORT".into(), proxy.addr.port().to_string()));
+    site.env
+        .push(("SESSIONFS_S3_MAX_ATTEMPTS".into(), "2".into()));
+    let s = session("viewoutage");
+    let tree = site.dir.path().join("tree");
+    fs::create_dir_all(tree.join("workspace")).unwrap();
+    fs::write(tree.join("workspace/f.txt"), "from the object").unwrap();
+    site.push(&tree, &s);
+    let server = serve(
+        &site,
+        &["--recheck-ms", "100", "--writeback-quiet-ms", "200"],
+    );
+    let file = |name: &str| format!("{}{API}/{s}/files/workspace/{name}", server.url);
+    assert_eq!(text(file("f.txt")).await, "from the object");
+    assert!(
+        !site.overlay(&s, "sessions").exists(),
+        "read from its object, not opened"
+    );
+
+    proxy.plan(&[], Fault::ServiceUnavailable);
+    proxy.cut_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(text(file("f.txt")).await, "from the object");
+    assert_eq!(
+        listed(&format!("{}{API}/{s}/files", server.url)).await,
+        [("workspace/f.txt".to_owned(), 15)]
+    );
+    let r = http()
+        .put(file("new.txt"))
+        .body("written in the outage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a write while the store is down");
+    assert_eq!(text(file("new.txt")).await, "written in the outage");
+
+    proxy.plan(&[], Fault::Forward);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = s3_store()
+            .await
+            .get(&format!("{s}/session.tar.gz"), Default::default())
+            .await
+            .unwrap();
+        let listing = python_stream_listing(&stored.body, site.dir.path());
+        if listing.contains("workspace/new.txt 21 b'written in the outage'") {
+            assert!(
+                listing.contains("workspace/f.txt 15 b'from the object'"),
+                "{listing}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not written back after the outage: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(server.stop().code(), Some(0));
+}
