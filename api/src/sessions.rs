@@ -440,12 +440,13 @@ pub async fn download(
         Some(l) => l.has_pending_changes().map_err(ApiError::download)?,
         None => false,
     };
-    if let (true, Some(l)) = (pending && method == Method::GET, &live) {
+    if let (true, Some(l)) = (pending, &live) {
         // Write the changes back now and send the object they make: one
         // incremental pack instead of a second whole one here (and two
         // trees in memory at once), and the answer is the stored object,
-        // ETag and all. Where that cannot be done (write-back off, store
-        // unreachable, a conflict), the merged view is packed below.
+        // ETag and all (a HEAD too, so that it tells the ETag the GET
+        // after it answers). Where that cannot be done (write-back off,
+        // store unreachable, a conflict), the merged view is packed below.
         let l = l.clone();
         pending = blocking(move || {
             let flushed = matches!(l.control("flush"), Some(Ok(_)));

@@ -1,8 +1,8 @@
 //! The root-listing benchmark of issue "Speed": a bucket of 100,000 sessions
 //! (at scale 1.0) listed by `ls` of a `serve --mount-root` mount, with the
 //! first `ls` of a fresh server, beside a plain ListObjectsV2 walk of the
-//! same bucket one page after another (what listing cost before the key
-//! space was listed in parallel spans) and beside `ls` of a local directory
+//! same bucket one page after another (how the root was listed before it
+//! was listed by common prefix) and beside `ls` of a local directory
 //! holding as many directories.
 //!
 //! Session names are lopsided, as in a real bucket: a few owners hold most
@@ -58,6 +58,7 @@ pub async fn bench(scale: f64) -> Result<()> {
     let t = Instant::now();
     let mut pages = 0;
     let mut listed = 0;
+    let mut key_bytes = 0;
     let mut continuation = None;
     loop {
         let page = store
@@ -68,6 +69,7 @@ pub async fn bench(scale: f64) -> Result<()> {
             .await?;
         pages += 1;
         listed += page.objects.len();
+        key_bytes += page.objects.iter().map(|o| o.key.len()).sum::<usize>();
         match page.next {
             Some(n) => continuation = Some(n),
             None => break,
@@ -88,10 +90,15 @@ pub async fn bench(scale: f64) -> Result<()> {
     // sessionfs: the first `ls` of a fresh mount root, then a second.
     let root = work.path().join("root");
     std::fs::create_dir_all(&root)?;
-    let mut server = serve(work.path(), &root, &bucket_name)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = serve(work.path(), &root, &bucket_name, port)?;
     let first = ls(&root);
+    let requests = store_requests(port);
     let second = ls(&root);
     stop(&mut server, &root);
+    let requests = requests?;
     let ((first_n, first_t), (second_n, second_t)) = (first?, second?);
     if first_n != count || second_n != count {
         bail!("ls of the mount root showed {first_n} and {second_n} sessions, not {count}");
@@ -104,12 +111,18 @@ pub async fn bench(scale: f64) -> Result<()> {
             t.as_secs_f64() / reference.as_secs_f64()
         )
     };
+    // Listing bodies are not metered; the names they carry are.
+    let prefix_bytes: usize = names.iter().map(|n| n.len() + 1).sum();
     line(
         "first `ls` of the mount root",
         first_t,
         sequential,
         "ListObjectsV2 page after page",
-        format!("reference {pages} pages in a row"),
+        format!(
+            "sessionfs {requests} store requests (its metrics), {:.1} MiB of names; reference {pages} pages, {:.1} MiB of keys",
+            prefix_bytes as f64 / (1024.0 * 1024.0),
+            key_bytes as f64 / (1024.0 * 1024.0)
+        ),
     );
     line(
         "`ls` of the mount root again",
@@ -212,8 +225,24 @@ fn ls(dir: &Path) -> Result<(usize, Duration)> {
     ))
 }
 
+/// Requests the server has made to the store, as its `/metrics` count them.
+fn store_requests(port: u16) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-fsS", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("sessionfs_store_requests_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .context("sessionfs_store_requests_total not in the server's metrics")
+}
+
 /// `sessionfs serve --mount-root` on this bucket, once mounted.
-fn serve(work: &Path, root: &Path, bucket: &str) -> Result<Child> {
+fn serve(work: &Path, root: &Path, bucket: &str, port: u16) -> Result<Child> {
     let bin = std::env::current_exe()?
         .parent()
         .context("bench binary has no directory")?
@@ -230,7 +259,7 @@ fn serve(work: &Path, root: &Path, bucket: &str) -> Result<Child> {
             "--bind",
             "127.0.0.1",
             "--port",
-            "0",
+            &port.to_string(),
             "--mount-root",
         ])
         .arg(root)
