@@ -1354,13 +1354,9 @@ async fn the_openapi_document_validates_and_every_route_answers_as_described() {
     assert!(checked >= 15, "{checked} operations checked");
 }
 
-/// A store outage: every route that needs the store answers 503
-/// `store_unavailable` with `Retry-After` (never a hang, a half answer or a
-/// 500), `/ready` says 503 while `/health` says 200, and the same server
-/// answers again once the store is back, without a restart. A read-only
-/// server says `read_only`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_outage_is_503_store_unavailable_until_it_ends() {
+/// A site whose servers reach the S3 server only through a fault proxy
+/// (forwarding until told otherwise), retrying a failed request once.
+async fn behind_a_fault_proxy() -> (FaultProxy, Site) {
     let vars = sessionfs_tests::s3_env();
     let get = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let upstream: std::net::SocketAddr = format!(
@@ -1377,6 +1373,17 @@ async fn a_store_outage_is_503_store_unavailable_until_it_ends() {
         .push(("MINIO_PORT".into(), proxy.addr.port().to_string()));
     site.env
         .push(("SESSIONFS_S3_MAX_ATTEMPTS".into(), "2".into()));
+    (proxy, site)
+}
+
+/// A store outage: every route that needs the store answers 503
+/// `store_unavailable` with `Retry-After` (never a hang, a half answer or a
+/// 500), `/ready` says 503 while `/health` says 200, and the same server
+/// answers again once the store is back, without a restart. A read-only
+/// server says `read_only`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_503_store_unavailable_until_it_ends() {
+    let (proxy, site) = behind_a_fault_proxy().await;
     // The session is stored directly; the server sees the store only
     // through the proxy, failing from its first connection (the proxy's
     // plan applies per connection, and clients keep theirs open).
@@ -1752,22 +1759,7 @@ async fn a_session_read_from_its_object_follows_replacements_and_deletions() {
 /// that object, and the write is written back once the store answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_read_from_its_object_is_served_through_a_store_outage() {
-    let vars = sessionfs_tests::s3_env();
-    let get = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let upstream: std::net::SocketAddr = format!(
-        "{}:{}",
-        get("MINIO_ENDPOINT").unwrap(),
-        get("MINIO_PORT").unwrap()
-    )
-    .parse()
-    .unwrap();
-    let proxy = FaultProxy::start(upstream).await;
-    let mut site = Site::s3();
-    site.env.retain(|(k, _)| k != "MINIO_PORT");
-    site.env
-        .push(("MINIO_PORT".into(), proxy.addr.port().to_string()));
-    site.env
-        .push(("SESSIONFS_S3_MAX_ATTEMPTS".into(), "2".into()));
+    let (proxy, site) = behind_a_fault_proxy().await;
     let s = session("viewoutage");
     let tree = site.dir.path().join("tree");
     fs::create_dir_all(tree.join("workspace")).unwrap();

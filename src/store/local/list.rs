@@ -145,23 +145,31 @@ fn list_up_to(root: &Path, req: &ListRequest, max: usize) -> Result<ListPage> {
 /// into that common prefix). `dir` is the prefix's own directory, so every
 /// key here starts with the prefix.
 fn collect_level(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(kind) = entry.file_type() else {
-            continue;
-        };
-        let path = entry.path();
-        let Some(key) = path_key(root, &path) else {
-            continue;
-        };
+    for (key, path, kind) in keyed_entries(root, dir) {
         if kind.is_file() {
             out.push((key, path));
         } else if kind.is_dir() && holds_a_file(&path) {
             out.push((format!("{key}/"), path));
         }
     }
+}
+
+/// The entries of `dir` with their keys and kinds; an unreadable directory
+/// (deleted during the walk) has none.
+fn keyed_entries<'a>(
+    root: &'a Path,
+    dir: &Path,
+) -> impl Iterator<Item = (String, PathBuf, fs::FileType)> + 'a {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |entry| {
+            let kind = entry.file_type().ok()?;
+            let path = entry.path();
+            let key = path_key(root, &path)?;
+            Some((key, path, kind))
+        })
 }
 
 /// Whether a regular file lies anywhere below `dir` (a directory left empty
@@ -181,17 +189,7 @@ fn holds_a_file(dir: &Path) -> bool {
 /// links are not followed: the store never writes them, and following one
 /// could lead outside the store.
 fn collect_files(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(kind) = entry.file_type() else {
-            continue;
-        };
-        let path = entry.path();
-        let Some(key) = path_key(root, &path) else {
-            continue;
-        };
+    for (key, path, kind) in keyed_entries(root, dir) {
         if kind.is_dir() {
             // Descend only where keys below can still match the prefix.
             let as_prefix = format!("{key}/");
