@@ -4,8 +4,9 @@
 //!
 //! Requests work on the process's [`Registry`]: a file written here lands in
 //! the session's overlay, exactly as a write in a mount does, and a mount
-//! of the session is told to drop what its kernel cached. A download packs
-//! the merged view when the session has changes not yet written back.
+//! of the session is told to drop what its kernel cached. A download of a
+//! session with changes not yet written back writes them back first (or,
+//! where it cannot, packs the merged view).
 //!
 //! - [`paths`]: the storage-worker routes, parsed and checked from the raw path.
 //! - [`sessions`]: list, describe, delete, upload, download.

@@ -430,7 +430,7 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let registry = st.registry.clone();
     let name = s.clone();
-    // Changes here not yet written back: the merged view, packed.
+    // Changes here may not be written back yet: the session, if held here.
     let live = if registry.is_local(s) {
         Some(blocking(move || registry.open(&name, false).map_err(ApiError::from)).await?)
     } else {
