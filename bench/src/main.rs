@@ -310,11 +310,12 @@ async fn main() -> Result<()> {
             ms(whole_t),
             cold_t.as_secs_f64() / whole_t.as_secs_f64(),
             format!(
-                "{} requests, {:.2} MiB (whole: {:.1} MiB); open took {} requests",
-                cold.requests - opened.requests,
-                (cold.bytes_in - opened.bytes_in) as f64 / MIB,
+                "{} requests, {:.2} MiB with the open ({} requests, {:.2} MiB; whole: {:.1} MiB)",
+                cold.requests,
+                cold.bytes_in as f64 / MIB,
+                opened.requests,
+                opened.bytes_in as f64 / MIB,
                 whole.body.len() as f64 / MIB,
-                opened.requests
             ),
         );
         row(

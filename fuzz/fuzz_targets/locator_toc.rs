@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let field =
         |i: usize| u64::from_le_bytes(head[16 + 8 * i..24 + 8 * i].try_into().unwrap_or_default());
     let locator = Locator {
+        version: u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()) % 3,
         toc_offset: field(0),
         toc_tar_offset: field(1) & !511,
         toc_len: toc.len() as u64,

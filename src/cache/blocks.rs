@@ -35,12 +35,26 @@ const HEADER_LEN: usize = 4 + 4 + 4 + 16;
 pub type BlockId = [u8; 16];
 
 pub fn block_id(store: &str, key: &str, etag: &str, block: u64) -> BlockId {
+    id_of(store, key, etag, block, "")
+}
+
+/// Which fragment: the bytes of one small read that starts in block
+/// `block`, kept while the whole block is not (see
+/// [`crate::store::cached`]). The file holds the fragment's object offset
+/// (8 bytes, little-endian) and then its bytes.
+pub fn fragment_id(store: &str, key: &str, etag: &str, block: u64) -> BlockId {
+    id_of(store, key, etag, block, "fragment")
+}
+
+fn id_of(store: &str, key: &str, etag: &str, block: u64, kind: &str) -> BlockId {
     let mut h = blake3::Hasher::new();
     for part in [store, key, etag] {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
     h.update(&block.to_le_bytes());
+    // Nothing for whole blocks, so their ids (and caches on disk) stay as they were.
+    h.update(kind.as_bytes());
     let mut id = [0u8; 16];
     id.copy_from_slice(&h.finalize().as_bytes()[..16]);
     id
@@ -215,6 +229,11 @@ impl BlockCache {
             self.account(*id, (raw.len() - HEADER_LEN) as u64);
         }
         Some(Bytes::from(raw).slice(HEADER_LEN..))
+    }
+
+    /// Whether the block is on disk (it may still fail its check when read).
+    pub fn holds(&self, id: &BlockId) -> bool {
+        self.path(id).exists()
     }
 
     /// Stores a block (atomically: temporary file, then rename).

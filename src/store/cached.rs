@@ -2,11 +2,13 @@
 //! cache ([`crate::cache::blocks`]) and fetches only the blocks it lacks:
 //! adjacent missing blocks in one GET, each block once however many readers
 //! want it. A read that continues where the previous one of the same object
-//! ended starts a background readahead of the next blocks.
+//! ended starts a background readahead of the next blocks. A small read
+//! that does not, of blocks not cached, fetches only its own bytes (kept as
+//! a fragment; see [`Inner::fragment`]).
 //!
 //! Only reads that name both a byte range and an ETag (`If-Match`) are cached:
 //! the ETag is what makes cached bytes valid forever. Everything else passes
-//! through.
+//! through, and so do reads marked [`GetOptions::once`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +21,7 @@ use super::{
     ListPage, ListRequest, ObjectMeta, ObjectStore, Precondition, PutOptions, PutResult, Result,
     StoreError,
 };
-use crate::cache::blocks::{block_id, BlockCache, BlockId};
+use crate::cache::blocks::{block_id, fragment_id, BlockCache, BlockId};
 
 /// Blocks read ahead once reads are sequential.
 pub const READAHEAD_BLOCKS: u64 = 4;
@@ -123,6 +125,82 @@ impl Inner {
         Ok(got.into_iter().flatten().collect())
     }
 
+    /// A read of at most one block's bytes that does not continue the
+    /// previous one, while its blocks are not cached, fetches only its own
+    /// bytes and keeps them as a fragment of the block it starts in: a cold
+    /// read of one small file then moves the segment that holds it, not the
+    /// one or two whole blocks around it. The fragment answers later reads
+    /// inside it. A read in the same block that it does not cover returns
+    /// `None`, and the caller fetches the whole blocks: at most two requests
+    /// per block, however many files in it are read.
+    async fn fragment(
+        &self,
+        key: &str,
+        etag: &str,
+        wanted: &std::ops::Range<u64>,
+        first: u64,
+        last: u64,
+    ) -> Result<Option<Bytes>> {
+        let bs = self.cache.block_size();
+        if wanted.end - wanted.start > bs
+            || (first..=last).all(|b| self.cache.holds(&block_id(&self.store_id, key, etag, b)))
+        {
+            return Ok(None);
+        }
+        let id = fragment_id(&self.store_id, key, etag, first);
+        let covered = |kept: Option<Bytes>| -> Option<Option<Bytes>> {
+            let kept = kept?;
+            let start = u64::from_le_bytes(kept.get(..8)?.try_into().ok()?);
+            let bytes = kept.slice(8..);
+            let end = start + bytes.len() as u64;
+            Some((start <= wanted.start && wanted.end <= end).then(|| {
+                bytes.slice((wanted.start - start) as usize..(wanted.end - start) as usize)
+            }))
+        };
+        if let Some(answer) = covered(self.cache.read(&id)) {
+            return Ok(answer);
+        }
+        let lock = self.cache.flight(&id);
+        let guard = lock.lock_owned().await;
+        let result = match covered(self.cache.read(&id)) {
+            Some(answer) => Ok(answer),
+            None => {
+                self.cache.miss();
+                let fetched = self
+                    .store
+                    .get(
+                        key,
+                        GetOptions::range(ByteRange::Bounded {
+                            start: wanted.start,
+                            end: wanted.end,
+                        })
+                        .if_match(etag.to_owned()),
+                    )
+                    .await;
+                fetched.and_then(|fetched| {
+                    if fetched.body.len() as u64 != wanted.end - wanted.start {
+                        return Err(StoreError::Other {
+                            op: "get",
+                            key: key.to_owned(),
+                            message: "the store answered a range of another length".to_owned(),
+                        });
+                    }
+                    self.remember(&fetched.meta);
+                    let mut kept = BytesMut::with_capacity(8 + fetched.body.len());
+                    kept.extend_from_slice(&wanted.start.to_le_bytes());
+                    kept.extend_from_slice(&fetched.body);
+                    if let Err(e) = self.cache.write(&id, &kept) {
+                        tracing::warn!("block cache write failed (serving uncached): {e}");
+                    }
+                    Ok(Some(fetched.body))
+                })
+            }
+        };
+        drop(guard);
+        self.cache.land(&id);
+        result
+    }
+
     async fn fetch_missing(
         &self,
         key: &str,
@@ -183,7 +261,8 @@ impl ObjectStore for CachedStore {
     }
 
     async fn get(&self, key: &str, opts: GetOptions) -> Result<GetResult> {
-        let (Some(range), Some(etag)) = (opts.range, opts.if_match.clone()) else {
+        let (Some(range), Some(etag), false) = (opts.range, opts.if_match.clone(), opts.once)
+        else {
             return self.inner.store.get(key, opts).await;
         };
         let meta = self.inner.meta(key, &etag, opts.size).await?;
@@ -197,6 +276,28 @@ impl ObjectStore for CachedStore {
         };
         let bs = self.inner.cache.block_size();
         let (first, last) = (wanted.start / bs, (wanted.end - 1) / bs);
+        // Sequential: this read starts exactly where the previous one ended.
+        let sequential = {
+            let mut ends = self
+                .inner
+                .last_end
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            ends.insert(key.to_owned(), wanted.end) == Some(wanted.start)
+        };
+        if !sequential {
+            if let Some(body) = self
+                .inner
+                .fragment(key, &etag, &wanted, first, last)
+                .await?
+            {
+                return Ok(GetResult {
+                    meta,
+                    range: wanted,
+                    body,
+                });
+            }
+        }
         let blocks = self.inner.blocks(key, &etag, first, last).await?;
         let mut body = BytesMut::with_capacity((wanted.end - wanted.start) as usize);
         for (i, block) in blocks.iter().enumerate() {
@@ -214,15 +315,6 @@ impl ObjectStore for CachedStore {
                 message: "cached blocks are shorter than the object".to_owned(),
             });
         }
-        // Sequential: this read starts exactly where the previous one ended.
-        let sequential = {
-            let mut ends = self
-                .inner
-                .last_end
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            ends.insert(key.to_owned(), wanted.end) == Some(wanted.start)
-        };
         let last_block = (meta.size - 1) / bs;
         if sequential && last < last_block {
             let inner = Arc::clone(&self.inner);

@@ -155,15 +155,23 @@ pub struct GetOptions {
     /// blocks without asking the store, also for a version the store no
     /// longer holds or while the store is unreachable. Stores ignore it.
     pub size: Option<u64>,
+    /// Bytes the caller keeps elsewhere once read (a TOC goes to the local
+    /// index): a cache in front of the store passes the read through
+    /// instead of keeping the blocks around them. Stores ignore it.
+    pub once: bool,
 }
 
 impl GetOptions {
     pub fn range(range: ByteRange) -> Self {
         GetOptions {
             range: Some(range),
-            if_match: None,
-            size: None,
+            ..GetOptions::default()
         }
+    }
+
+    pub fn once(mut self) -> Self {
+        self.once = true;
+        self
     }
 
     pub fn if_match(mut self, etag: impl Into<String>) -> Self {

@@ -1,6 +1,7 @@
 //! The local index of session TOCs, in SQLite: keyed by store, key and ETag,
 //! so opening a session whose object has not changed costs one HEAD and no
-//! read of the object. WAL mode and a busy timeout let several processes share
+//! read of the object (and one never opened here costs no HEAD: see
+//! [`TocIndex::knows`]). WAL mode and a busy timeout let several processes share
 //! one database.
 
 use std::path::Path;
@@ -128,6 +129,22 @@ impl TocIndex {
                 |row| row.get(0),
             )
             .optional()
+        })
+        .await
+    }
+
+    /// Whether any version of `key` is indexed here, native or foreign: an
+    /// open then asks the store which version is current (one HEAD) before
+    /// reading anything; else it reads the object's tail straight away.
+    pub async fn knows(&self, store: &str, key: &str) -> Result<bool, TarballError> {
+        let (store, key) = (store.to_owned(), key.to_owned());
+        self.with_conn(move |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM tocs WHERE store = ?1 AND key = ?2)
+                     OR EXISTS (SELECT 1 FROM foreign_tocs WHERE store = ?1 AND key = ?2)",
+                params![store, key],
+                |row| row.get(0),
+            )
         })
         .await
     }

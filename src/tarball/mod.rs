@@ -3,7 +3,7 @@
 //! - [`writer`] packs a tree into one gzip member cut into independently
 //!   inflatable segments, with a table of contents ([`toc`]) and a locator at
 //!   the end ([`deflate`] holds the framing, [`tar_header`] the headers,
-//!   [`tree`] the directory walk).
+//!   [`tree`] the directory walk; [`toc_codec`] the TOC's stored form).
 //! - [`reader`] opens an object with one HEAD and one suffix GET (one HEAD
 //!   when the TOC is in the local [`index`]) and reads any byte range of any
 //!   file by fetching only the segments that hold it, verifying each.
@@ -28,6 +28,7 @@ pub mod segments;
 pub mod sparse;
 pub mod tar_header;
 pub mod toc;
+pub mod toc_codec;
 pub mod tree;
 pub mod writer;
 pub mod zran;

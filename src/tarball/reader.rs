@@ -1,10 +1,10 @@
 //! Reading a session object lazily.
 //!
-//! A sessionfs object (see [`super::writer`]) opens with one HEAD and one
-//! suffix GET of [`SUFFIX_LEN`] bytes, which
-//! holds the locator and, for all but the largest sessions, the whole TOC (a
-//! second GET fetches a larger TOC). With the TOC in the local index an open
-//! is one HEAD. A read fetches, in one ranged GET pinned to the ETag seen at
+//! A sessionfs object (see [`super::writer`]) opens with one suffix GET of
+//! [`SUFFIX_LEN`] bytes, which holds the locator and, for all but the
+//! largest sessions, the whole TOC (a second GET fetches a larger TOC). When
+//! the local index has some version of the key, the open starts with a HEAD
+//! instead, and with that version's TOC in the index it is that one HEAD. A read fetches, in one ranged GET pinned to the ETag seen at
 //! open, only the segments that hold the requested bytes, and checks each
 //! against its digest, length and CRC before using a byte of it.
 //!
@@ -31,7 +31,7 @@ use super::toc::{
 };
 use super::zran::{inflate_from_point, AccessPoint};
 use super::TarballError;
-use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore};
+use crate::store::{ByteRange, GetOptions, ObjectMeta, ObjectStore, StoreError};
 
 /// Bytes fetched from the end of an object at open.
 pub const SUFFIX_LEN: u64 = 256 * 1024;
@@ -77,9 +77,27 @@ impl SessionReader {
         key: &str,
         index: Option<&TocIndex>,
     ) -> Result<SessionReader, TarballError> {
-        let meta = store.head(key).await?;
         let store_id = store.describe();
-        if let Some(index) = index {
+        let known = match index {
+            Some(index) => index.knows(&store_id, key).await?,
+            None => false,
+        };
+        // A key never opened here: the suffix GET is the first request, and
+        // its answer says which version it read. An empty or tiny object
+        // refuses a suffix range on some stores; the HEAD below copes.
+        let tail = match known {
+            true => None,
+            false => match fetch_tail(store.as_ref(), key, None).await {
+                Ok(tail) => Some(tail),
+                Err(TarballError::Store(StoreError::InvalidRange { .. })) => None,
+                Err(e) => return Err(e),
+            },
+        };
+        let meta = match &tail {
+            Some(tail) => tail.meta.clone(),
+            None => store.head(key).await?,
+        };
+        if let (Some(index), true) = (index, known) {
             if let Some(cached) = index.get(&store_id, key, &meta.etag).await? {
                 // A damaged cache entry is not fatal: fall through and read the object.
                 match decode_cached(&cached, meta.size) {
@@ -95,7 +113,7 @@ impl SessionReader {
                 Err(e) => tracing::warn!(key, "ignoring a damaged cached index: {e}"),
             }
         }
-        match read_tail(store.as_ref(), key, &meta).await {
+        match read_tail(store.as_ref(), key, &meta, tail.map(|t| t.body)).await {
             Ok((locator, toc_bytes, toc)) => {
                 if let Some(index) = index {
                     let entry = IndexedToc {
@@ -435,7 +453,7 @@ pub fn decode_toc(locator: &Locator, toc_bytes: &[u8]) -> Result<Toc, TarballErr
     }
     let raw = zlib_decompress_exact(toc_bytes, locator.toc_raw_len as usize)
         .map_err(|e| TarballError::Corrupt(format!("table of contents: {e:?}")))?;
-    let toc: Toc = serde_json::from_slice(&raw)
+    let toc = super::toc_codec::read(&raw, locator.version)
         .map_err(|e| TarballError::Corrupt(format!("table of contents: {e}")))?;
     toc.validate(locator)?;
     Ok(toc)
@@ -458,24 +476,38 @@ async fn index_foreign(
         .map_err(|e| TarballError::Corrupt(format!("index worker failed: {e}")))?
 }
 
+/// The last [`SUFFIX_LEN`] bytes of the object (all of a smaller one), of
+/// the version `etag` or, without one, of whichever version is current.
+/// Read once: the TOC in them goes to the local index, not the block cache.
+async fn fetch_tail(
+    store: &dyn ObjectStore,
+    key: &str,
+    etag: Option<&str>,
+) -> Result<crate::store::GetResult, TarballError> {
+    let mut opts = GetOptions::range(ByteRange::Suffix(SUFFIX_LEN)).once();
+    opts.if_match = etag.map(str::to_owned);
+    Ok(store.get(key, opts).await.map_err(changed_or)?)
+}
+
 /// Reads and checks the tail of the object: locator, end of archive, TOC.
+/// `tail` is the object's last bytes when the caller already fetched them.
 async fn read_tail(
     store: &dyn ObjectStore,
     key: &str,
     meta: &ObjectMeta,
+    tail: Option<Bytes>,
 ) -> Result<(Locator, Vec<u8>, Toc), TarballError> {
     let size = meta.size;
     let final_block = (STORED_HEADER_LEN + LOCATOR_LEN + EOA_LEN) as u64;
     if size < final_block + GZIP_TRAILER_LEN as u64 + 10 {
         return Err(TarballError::NotSeekable);
     }
-    let pinned = |range| GetOptions::range(range).if_match(meta.etag.clone());
+    let pinned = |range| GetOptions::range(range).if_match(meta.etag.clone()).once();
     let suffix_len = SUFFIX_LEN.min(size);
-    let tail = store
-        .get(key, pinned(ByteRange::Suffix(suffix_len)))
-        .await
-        .map_err(changed_or)?
-        .body;
+    let tail = match tail {
+        Some(tail) => tail,
+        None => fetch_tail(store, key, Some(&meta.etag)).await?.body,
+    };
     if tail.len() as u64 != suffix_len {
         return Err(TarballError::Corrupt(
             "short read of the object's tail".into(),

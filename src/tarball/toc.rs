@@ -4,7 +4,8 @@
 //! the tar stream, its CRC32 and a BLAKE3 digest of its compressed bytes) and
 //! the entries (name, type, size, mode, owner, nanosecond mtime, link target,
 //! device numbers, xattrs, header and data offsets in the tar stream). It is
-//! zlib-compressed JSON stored as the data of the tar entry [`TOC_PATH`].
+//! zlib-compressed JSON stored as the data of the tar entry [`TOC_PATH`], in
+//! the form [`super::toc_codec`] writes and reads.
 //!
 //! The locator is the last [`LOCATOR_LEN`] bytes of that entry's data, which
 //! is padded so the locator ends on a tar block boundary. Together with the
@@ -29,7 +30,10 @@ pub const TOC_PATH: &str = ".sessionfs/toc";
 pub const RESERVED_DIR: &str = ".sessionfs";
 pub const LOCATOR_LEN: usize = 72;
 pub const LOCATOR_MAGIC: &[u8; 8] = b"SFSLOC\x00\x01";
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version written (see [`super::toc_codec`] for what each
+/// version stores); readers take any from
+/// [`super::toc_codec::OLDEST_VERSION`] on.
+pub const FORMAT_VERSION: u32 = super::toc_codec::VERSION;
 /// End-of-archive: two zero blocks.
 pub const EOA_LEN: usize = 1024;
 /// Bytes from the start of the locator to the end of the object.
@@ -169,6 +173,8 @@ pub struct Toc {
 /// Where the TOC is, and what the tail of the object must look like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Locator {
+    /// The format version of the TOC it points at.
+    pub version: u32,
     /// Object offset where the TOC region (stored blocks) starts.
     pub toc_offset: u64,
     /// Tar offset of the TOC entry's header.
@@ -189,7 +195,7 @@ impl Locator {
     pub fn encode(&self) -> [u8; LOCATOR_LEN] {
         let mut b = [0u8; LOCATOR_LEN];
         b[..8].copy_from_slice(LOCATOR_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         // 12..16: flags, none defined.
         let fields = [
             self.toc_offset,
@@ -222,9 +228,10 @@ impl Locator {
             return Err(corrupt("checksum mismatch"));
         }
         let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if version != FORMAT_VERSION {
+        if !(super::toc_codec::OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(TarballError::Unsupported(format!(
-                "session format version {version} (this sessionfs reads {FORMAT_VERSION})"
+                "session format version {version} (this sessionfs reads {} to {FORMAT_VERSION})",
+                super::toc_codec::OLDEST_VERSION
             )));
         }
         let field = |i: usize| {
@@ -233,6 +240,7 @@ impl Locator {
             u64::from_le_bytes(f)
         };
         let loc = Locator {
+            version,
             toc_offset: field(0),
             toc_tar_offset: field(1),
             toc_len: field(2),
@@ -279,8 +287,11 @@ impl Toc {
     /// safe and unique paths, hard links to earlier files.
     pub fn validate(&self, loc: &Locator) -> Result<(), TarballError> {
         let corrupt = |what: String| TarballError::Corrupt(format!("table of contents: {what}"));
-        if self.v != FORMAT_VERSION {
-            return Err(corrupt(format!("version {}", self.v)));
+        if self.v != loc.version {
+            return Err(corrupt(format!(
+                "version {}, its locator says {}",
+                self.v, loc.version
+            )));
         }
         let mut co = GZIP_HEADER.len() as u64;
         let mut uo = 0u64;
@@ -352,6 +363,7 @@ mod tests {
 
     fn locator(object_size: u64) -> Locator {
         Locator {
+            version: FORMAT_VERSION,
             toc_offset: 1000,
             toc_tar_offset: 4096,
             toc_len: 300,

@@ -187,7 +187,7 @@ pub fn pack_after<W: Write + Send>(
         entries: toc_entries,
     };
     let mut sink = std::io::BufWriter::with_capacity(64 << 10, ZlibSink::new());
-    serde_json::to_writer(&mut sink, &toc).map_err(|e| TarballError::Corrupt(e.to_string()))?;
+    super::toc_codec::write(&mut sink, &toc).map_err(|e| TarballError::Corrupt(e.to_string()))?;
     let (toc_bytes, toc_raw_len) = sink
         .into_inner()
         .map_err(|e| TarballError::write(e.into_error()))?
@@ -221,6 +221,7 @@ pub fn pack_after<W: Write + Send>(
     let final_block_len = 5 + super::toc::LOCATOR_LEN + EOA_LEN;
     let object_size = co + stored.len() as u64 + final_block_len as u64 + 8;
     let locator = Locator {
+        version: FORMAT_VERSION,
         toc_offset: co,
         toc_tar_offset: tar_data_end,
         toc_len: toc_bytes.len() as u64,
