@@ -486,7 +486,7 @@ async fn fetch_tail(
 ) -> Result<crate::store::GetResult, TarballError> {
     let mut opts = GetOptions::range(ByteRange::Suffix(SUFFIX_LEN)).once();
     opts.if_match = etag.map(str::to_owned);
-    Ok(store.get(key, opts).await.map_err(changed_or)?)
+    store.get(key, opts).await.map_err(changed_or)
 }
 
 /// Reads and checks the tail of the object: locator, end of archive, TOC.

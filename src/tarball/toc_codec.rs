@@ -130,7 +130,7 @@ fn is_zero_u64(n: &u64) -> bool {
 fn is_zero_i64(n: &i64) -> bool {
     *n == 0
 }
-fn is_empty_map(m: &Cow<'_, BTreeMap<String, String>>) -> bool {
+fn is_empty_map(m: &BTreeMap<String, String>) -> bool {
     m.is_empty()
 }
 
