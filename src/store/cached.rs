@@ -125,7 +125,7 @@ impl Inner {
         Ok(got.into_iter().flatten().collect())
     }
 
-    /// A read of at most one block's bytes that does not continue the
+    /// A read of less than one block's bytes that does not continue the
     /// previous one, while its blocks are not cached, fetches only its own
     /// bytes and keeps them as a fragment of the block it starts in: a cold
     /// read of one small file then moves the segment that holds it, not the
@@ -142,7 +142,7 @@ impl Inner {
         last: u64,
     ) -> Result<Option<Bytes>> {
         let bs = self.cache.block_size();
-        if wanted.end - wanted.start > bs
+        if wanted.end - wanted.start >= bs
             || (first..=last).all(|b| self.cache.holds(&block_id(&self.store_id, key, etag, b)))
         {
             return Ok(None);

@@ -1,7 +1,8 @@
 //! The block cache in front of the real S3 server, traffic counted beneath
 //! it: warm reads cost nothing, a restart keeps the cache, a damaged block is
 //! fetched again and never served, the byte budget holds under a read larger
-//! than the cache, concurrent readers of a block cause one fetch, and
+//! than the cache, concurrent readers of a block cause one fetch, a cold
+//! small read fetches only its bytes (a second in its block the block), and
 //! eviction under heavy concurrent use never breaks a reader.
 
 use std::sync::Arc;
@@ -104,7 +105,7 @@ async fn a_damaged_block_is_fetched_again_not_served() {
     let s = setup("cache-damage", (2 * MIB) as usize).await;
     let (metered, store) = cached(&s, 64 * MIB);
     store.head(&s.key).await.unwrap();
-    read(&store, &s, 0, 1000).await;
+    read(&store, &s, 0, MIB).await;
     let id = block_id(&s.s3.describe(), &s.key, &s.etag, 0);
     let path = store.cache().block_path(&id);
     let mut raw = std::fs::read(&path).unwrap();
@@ -114,6 +115,46 @@ async fn a_damaged_block_is_fetched_again_not_served() {
     assert_eq!(read(&store, &s, 4000, 6000).await, s.data.slice(4000..6000));
     assert_eq!(metered.snapshot().gets, before + 1, "refetched");
     assert_eq!(store.cache().stats().corrupt, 1);
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cold_small_read_fetches_its_bytes_and_a_second_one_the_block() {
+    let s = setup("cache-fragment", (3 * MIB) as usize).await;
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    let gets = || metered.snapshot();
+    assert_eq!(read(&store, &s, 5000, 9000).await, s.data.slice(5000..9000));
+    assert_eq!((gets().gets, gets().bytes_in), (1, 4000), "only its bytes");
+    // Inside the fragment: nothing fetched, also by a reader after a restart.
+    assert_eq!(read(&store, &s, 6000, 7000).await, s.data.slice(6000..7000));
+    let (metered2, restarted) = cached(&s, 64 * MIB);
+    assert_eq!(
+        read(&restarted, &s, 5000, 9000).await,
+        s.data.slice(5000..9000)
+    );
+    assert_eq!((gets().gets, metered2.snapshot().gets), (1, 0));
+    // Elsewhere in the block, not continuing the last read: the whole block.
+    assert_eq!(
+        read(&store, &s, 200_000, 201_000).await,
+        s.data.slice(200_000..201_000)
+    );
+    assert_eq!(gets().gets, 2);
+    assert_eq!(gets().bytes_in, 4000 + MIB);
+    // Which then answers every read in it.
+    assert_eq!(read(&store, &s, 10, 20).await, s.data.slice(10..20));
+    assert_eq!(
+        read(&store, &s, 900_000, 1_000_000).await,
+        s.data.slice(900_000..1_000_000)
+    );
+    assert_eq!(gets().gets, 2);
+    // A small read straddling two blocks fetches its bytes once.
+    let straddle = (2 * MIB - 300)..(2 * MIB + 300);
+    assert_eq!(
+        read(&store, &s, straddle.start, straddle.end).await,
+        s.data.slice(straddle.start as usize..straddle.end as usize)
+    );
+    assert_eq!((gets().gets, gets().bytes_in), (3, 4600 + MIB));
     s.s3.delete(&s.key).await.unwrap();
 }
 
@@ -157,9 +198,10 @@ async fn concurrent_readers_of_a_block_cause_one_fetch() {
             let store = store.clone();
             let (key, etag) = (s.key.clone(), s.etag.clone());
             tokio::spawn(async move {
+                // Longer than a block: whole blocks, not fragments.
                 let range = ByteRange::Bounded {
                     start: 1000 + i,
-                    end: 5000 + i,
+                    end: MIB + 5000 + i,
                 };
                 store
                     .get(&key, GetOptions::range(range).if_match(etag))
@@ -170,7 +212,10 @@ async fn concurrent_readers_of_a_block_cause_one_fetch() {
         })
         .collect();
     for (i, r) in readers.into_iter().enumerate() {
-        assert_eq!(r.await.unwrap(), s.data.slice(1000 + i..5000 + i));
+        assert_eq!(
+            r.await.unwrap(),
+            s.data.slice(1000 + i..MIB as usize + 5000 + i)
+        );
     }
     assert_eq!(metered.snapshot().gets, 1);
     s.s3.delete(&s.key).await.unwrap();
