@@ -30,8 +30,19 @@ pub async fn open(
             "list them with `sessionfs sessions`",
         )
         .await),
+        // A GET (the first request of an open) tells a missing bucket apart.
+        Err(TarballError::Store(e @ StoreError::BucketNotFound { .. })) => {
+            Err(bucket_missing(&e, store.as_ref()))
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+fn bucket_missing(e: &StoreError, store: &dyn ObjectStore) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e} in {}: create it, or check MINIO_BUCKET/--bucket",
+        store.describe()
+    )
 }
 
 /// Why a session's object is not there, in words: a HEAD cannot tell a
@@ -44,10 +55,7 @@ pub async fn not_found(
     if let Err(e @ StoreError::BucketNotFound { .. }) =
         store.list_all(&format!("{session}/"), None).await
     {
-        return anyhow::anyhow!(
-            "{e} in {}: create it, or check MINIO_BUCKET/--bucket",
-            store.describe()
-        );
+        return bucket_missing(&e, store);
     }
     anyhow::anyhow!(
         "session {session} not found in {} ({hint})",

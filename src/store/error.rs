@@ -74,7 +74,7 @@ pub enum StoreError {
 
     /// The store does not accept our credentials (unknown access key, wrong
     /// secret, expired token).
-    #[error("{op}: the store rejected the credentials ({message}); check MINIO_ROOT_USER/MINIO_ROOT_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")]
+    #[error("{op}: the store rejected the credentials ({message}); check MINIO_ROOT_USER/MINIO_ROOT_PASSWORD or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (`sessionfs store check` tests them)")]
     CredentialsRejected { op: &'static str, message: String },
 
     #[error("no S3 credentials: {hint}")]

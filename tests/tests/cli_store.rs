@@ -71,7 +71,9 @@ fn ls_with_a_wrong_secret_points_to_store_check() {
     assert!(!out.status.success());
     let said = text(&out);
     assert!(
-        said.contains("credentials may be wrong") && said.contains("sessionfs store check"),
+        // A GET names the cause (a HEAD answers no error code).
+        (said.contains("rejected the credentials") || said.contains("credentials may be wrong"))
+            && said.contains("sessionfs store check"),
         "{said}"
     );
     assert!(!said.contains("not-the-secret"), "{said}");
