@@ -86,6 +86,14 @@ pub struct Cli {
     #[arg(long, short, global = true, help_heading = "Output")]
     quiet: bool,
 
+    /// Session format version of the objects written (pack, push,
+    /// write-back): 2, or 1 while hosts with a sessionfs that reads only
+    /// version 1 share the sessions. Both are read.
+    #[arg(long, env = "SESSIONFS_FORMAT_VERSION", value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=2), global = true,
+          help_heading = "Objects")]
+    format_version: u32,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -401,6 +409,10 @@ fn main() -> ExitCode {
     let _ = COMMAND_LINE.set(argv);
     if let Some(store) = cli.command.store_mut() {
         store.quiet = cli.quiet;
+    }
+    if let Err(e) = sessionfs_core::tarball::toc_codec::set_written_version(cli.format_version) {
+        eprintln!("sessionfs: {e}");
+        return ExitCode::from(2);
     }
     let (log, from) = logging::filter_text(cli.log.take());
     let filter = match tracing_subscriber::EnvFilter::try_new(&log) {

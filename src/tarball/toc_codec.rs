@@ -23,6 +23,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -32,19 +33,42 @@ use super::toc::{Entry, Kind, Segment, StatData, Toc};
 
 /// The oldest TOC version read.
 pub const OLDEST_VERSION: u32 = 1;
-/// The version written.
+/// The newest version, written unless [`set_written_version`] says otherwise.
 pub const VERSION: u32 = 2;
 
-/// Writes `toc` as version-[`VERSION`] JSON.
+static WRITTEN: AtomicU32 = AtomicU32::new(VERSION);
+
+/// Makes the process write objects of `version` (`--format-version`):
+/// version 1 while hosts whose sessionfs reads only version 1 share the
+/// sessions.
+pub fn set_written_version(version: u32) -> Result<(), String> {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(format!(
+            "format version {version}: this sessionfs writes {OLDEST_VERSION} to {VERSION}"
+        ));
+    }
+    WRITTEN.store(version, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The version objects are written in.
+pub fn written_version() -> u32 {
+    WRITTEN.load(Ordering::Relaxed)
+}
+
+/// Writes `toc` as JSON of its version (`toc.v`, 1 or 2).
 pub fn write(w: impl std::io::Write, toc: &Toc) -> serde_json::Result<()> {
-    serde_json::to_writer(
-        w,
-        &TocOut {
-            v: VERSION,
-            segments: &toc.segments,
-            entries: EntriesOut(&toc.entries),
-        },
-    )
+    match toc.v {
+        1 => serde_json::to_writer(w, toc),
+        _ => serde_json::to_writer(
+            w,
+            &TocOut {
+                v: VERSION,
+                segments: &toc.segments,
+                entries: EntriesOut(&toc.entries),
+            },
+        ),
+    }
 }
 
 /// Reads a TOC of `version` (as its locator says) from JSON.
@@ -372,11 +396,15 @@ mod tests {
     }
 
     #[test]
-    fn version_one_still_reads() {
+    fn version_one_still_reads_and_writes() {
         let toc = Toc { v: 1, ..sample() };
-        let raw = serde_json::to_vec(&toc).unwrap();
+        let mut raw = Vec::new();
+        write(&mut raw, &toc).unwrap();
+        assert_eq!(raw, serde_json::to_vec(&toc).unwrap(), "fields as they are");
         assert_eq!(read(&raw, 1).unwrap(), toc);
         assert!(read(&raw, 3).is_err());
+        assert!(set_written_version(0).is_err());
+        assert!(set_written_version(VERSION + 1).is_err());
     }
 
     #[test]

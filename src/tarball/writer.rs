@@ -18,7 +18,7 @@ use std::sync::mpsc;
 
 use super::deflate::{compress_segment, gzip_trailer, stored_blocks, ZlibSink, GZIP_HEADER};
 use super::tar_header;
-use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, FORMAT_VERSION, TOC_PATH};
+use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, TOC_PATH};
 use super::tree::{walk, Source, TreeEntry};
 use super::TarballError;
 
@@ -182,7 +182,7 @@ pub fn pack_after<W: Write + Send>(
 
     // The tail: the TOC entry (header, compressed TOC, padding, locator) and the end of archive.
     let toc = Toc {
-        v: FORMAT_VERSION,
+        v: super::toc_codec::written_version(),
         segments,
         entries: toc_entries,
     };
@@ -221,7 +221,7 @@ pub fn pack_after<W: Write + Send>(
     let final_block_len = 5 + super::toc::LOCATOR_LEN + EOA_LEN;
     let object_size = co + stored.len() as u64 + final_block_len as u64 + 8;
     let locator = Locator {
-        version: FORMAT_VERSION,
+        version: toc.v,
         toc_offset: co,
         toc_tar_offset: tar_data_end,
         toc_len: toc_bytes.len() as u64,

@@ -312,3 +312,97 @@ async fn a_large_push_goes_up_in_parts_and_pulls_back_whole() {
     sfs(&["pull", &session, dest.to_str().unwrap()]);
     assert_same_tree(&snapshot(&source), &snapshot(&dest), "multipart push");
 }
+
+/// The format-version word of a session object's locator.
+fn format_version(object: &[u8]) -> u32 {
+    use sessionfs_core::tarball::toc::LOCATOR_FROM_END;
+    let at = object.len() - LOCATOR_FROM_END;
+    u32::from_le_bytes(object[at + 8..at + 12].try_into().unwrap())
+}
+
+/// For fleets mid-upgrade: `--format-version 1` (or its variable) packs
+/// what a sessionfs reading only version 1 reads, version 2 is the default,
+/// every object extracts whole and reads back by its TOC, and a version
+/// that does not exist is refused.
+#[test]
+fn objects_are_written_in_the_format_version_asked_for() {
+    let p = packed_fixture();
+    assert_eq!(format_version(&std::fs::read(&p.object).unwrap()), 2);
+    let pack = |version: Option<&str>, var: Option<&str>, out: &str| {
+        let mut c = Command::new(sessionfs_bin());
+        c.arg("--quiet");
+        if let Some(v) = version {
+            c.args(["--format-version", v]);
+        }
+        if let Some(v) = var {
+            c.env("SESSIONFS_FORMAT_VERSION", v);
+        }
+        c.arg("pack")
+            .arg(&p.source)
+            .arg("-o")
+            .arg(p.root.join(out))
+            .output()
+            .unwrap()
+    };
+    for (flag, var, name) in [(Some("1"), None, "v1-flag"), (None, Some("1"), "v1-var")] {
+        let out = pack(flag, var, &format!("{name}.tar.gz"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let object = p.root.join(format!("{name}.tar.gz"));
+        assert_eq!(
+            format_version(&std::fs::read(&object).unwrap()),
+            1,
+            "{name}"
+        );
+        let dest = p.root.join(format!("out-{name}"));
+        std::fs::create_dir_all(&dest).unwrap();
+        run(
+            Command::new("tar")
+                .arg("-xzf")
+                .arg(&object)
+                .arg("-C")
+                .arg(&dest),
+            "GNU tar",
+        );
+        assert_same_tree(&snapshot(&p.source), &snapshot(&dest), name);
+    }
+    // Pushed as version 1, read back by the TOC (ls, cat) by a default process.
+    let local = |args: &[&str]| {
+        Command::new(sessionfs_bin())
+            .arg("--quiet")
+            .args(args)
+            .env("SESSIONFS_STORE", "local")
+            .env("SESSIONFS_STORE_DIR", p.root.join("store"))
+            .env("SESSIONFS_CACHE_DIR", p.root.join("cache"))
+            .output()
+            .unwrap()
+    };
+    let src = p.source.to_str().unwrap();
+    let pushed = local(&["--format-version", "1", "push", src, "o__v1__main"]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let listed = local(&["ls", "o__v1__main"]);
+    assert_eq!(
+        String::from_utf8(listed.stdout).unwrap().lines().count(),
+        snapshot(&p.source).len()
+    );
+    let cat = local(&["cat", "o__v1__main", "workspace/big.bin"]);
+    assert_eq!(
+        cat.stdout,
+        std::fs::read(p.source.join("workspace/big.bin")).unwrap()
+    );
+    let refused = pack(Some("3"), None, "v3.tar.gz");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--format-version"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!p.root.join("v3.tar.gz").exists());
+}
