@@ -201,3 +201,10 @@ pub fn sbin_lock() -> std::fs::File {
     f.lock().expect("locking");
     f
 }
+
+/// The format-version word of a session object's locator.
+pub fn format_version(object: &[u8]) -> u32 {
+    use sessionfs_core::tarball::toc::LOCATOR_FROM_END;
+    let at = object.len() - LOCATOR_FROM_END;
+    u32::from_le_bytes(object[at + 8..at + 12].try_into().unwrap())
+}

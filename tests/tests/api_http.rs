@@ -13,7 +13,7 @@ use serde_json::Value;
 use sessionfs_tests::api::{raw_request, Server};
 use sessionfs_tests::fault_proxy::{Fault, FaultProxy};
 use sessionfs_tests::mount::Site;
-use sessionfs_tests::{pattern, s3_store};
+use sessionfs_tests::{format_version, pattern, s3_store};
 
 const API: &str = "/api/storage-worker/sessions";
 const CONTAINER: &str = "api-test-container";
@@ -122,6 +122,16 @@ fn tar_czf(site: &Site, files: &[(&str, &[u8])]) -> Vec<u8> {
         .success();
     assert!(ok);
     fs::read(out).unwrap()
+}
+
+/// The object stored for session `s`, as the store has it.
+async fn stored_object(s: &str) -> bytes::Bytes {
+    s3_store()
+        .await
+        .get(&format!("{s}/session.tar.gz"), Default::default())
+        .await
+        .unwrap()
+        .body
 }
 
 /// What Python's streaming `tarfile` (`r|gz`) extracts: `path size` lines.
@@ -385,12 +395,8 @@ async fn sessions_upload_download_list_and_delete() {
     assert_eq!(v["size"], tgz.len());
     assert_eq!(v["format"], "foreign");
     assert_eq!(v["containerId"], CONTAINER);
-    let stored = s3_store()
-        .await
-        .get(&format!("{s}/session.tar.gz"), Default::default())
-        .await
-        .unwrap();
-    assert_eq!(stored.body, tgz, "the upload is stored as sent");
+    let stored = stored_object(&s).await;
+    assert_eq!(stored, tgz, "the upload is stored as sent");
     let got = text(format!(
         "{}{API}/{s}/files/workspace/src/main.rs",
         server.url
@@ -477,15 +483,8 @@ async fn sessions_upload_download_list_and_delete() {
     assert!(listing.contains("workspace/b.txt 3 b'bee'"), "{listing}");
     let (_, v) = call(c.get(format!("{}{API}/{s}", server.url))).await;
     assert_eq!(v["pendingChanges"], false);
-    let stored = s3_store()
-        .await
-        .get(&format!("{s}/session.tar.gz"), Default::default())
-        .await
-        .unwrap();
-    assert!(
-        stored.body == body,
-        "the download is the object written back"
-    );
+    let stored = stored_object(&s).await;
+    assert!(stored == body, "the download is the object written back");
 
     // The object replaced in the store by someone else (another server, a
     // push): without changes pending here, the next request reads the new one.
@@ -1796,12 +1795,8 @@ async fn a_session_read_from_its_object_is_served_through_a_store_outage() {
     proxy.plan(&[], Fault::Forward);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let stored = s3_store()
-            .await
-            .get(&format!("{s}/session.tar.gz"), Default::default())
-            .await
-            .unwrap();
-        let listing = python_stream_listing(&stored.body, site.dir.path());
+        let stored = stored_object(&s).await;
+        let listing = python_stream_listing(&stored, site.dir.path());
         if listing.contains("workspace/new.txt 21 b'written in the outage'") {
             assert!(
                 listing.contains("workspace/f.txt 15 b'from the object'"),
@@ -1814,6 +1809,77 @@ async fn a_session_read_from_its_object_is_served_through_a_store_outage() {
             "not written back after the outage: {listing}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+/// Objects stored before the TOC's version 2 stay readable and writable:
+/// `tests/fixtures/format-v1.tar.gz` was packed by sessionfs at 3a57b41 (the
+/// last version-1 writer) from `make_fixture` without `big.bin` and `many/`
+/// (umask 022). Served from the store, each file reads as it was; a PUT is
+/// written back into an object of version 2 that keeps every old entry and
+/// that every extractor takes whole.
+#[tokio::test]
+async fn an_object_of_format_version_1_is_read_and_written_back_as_version_2() {
+    use sessionfs_tests::trees::{assert_same_tree, make_fixture, snapshot, Node};
+    let site = Site::s3();
+    let s = session("formatv1");
+    let key = format!("{s}/session.tar.gz");
+    let v1: &[u8] = include_bytes!("../fixtures/format-v1.tar.gz");
+    assert_eq!(format_version(v1), 1, "the fixture is a version-1 object");
+    s3_store()
+        .await
+        .put(
+            &key,
+            bytes::Bytes::from_static(v1),
+            sessionfs_core::store::PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let tree = site.dir.path().join("expected");
+    // SAFETY: umask only sets this test process's file creation mask (each
+    // test is a process of its own under nextest), as the fixture had it.
+    unsafe { libc::umask(0o022) };
+    make_fixture(&tree);
+    fs::remove_file(tree.join("workspace/big.bin")).unwrap();
+    fs::remove_dir_all(tree.join("workspace/many")).unwrap();
+    let mut expected = snapshot(&tree);
+
+    let server = serve(&site, &[]);
+    let url = |path: &str| format!("{}{API}/{s}/files/{path}", server.url);
+    let mut files = 0;
+    for (path, node) in &expected {
+        if let Node::File { content, .. } = node {
+            assert_eq!(&bytes_of(url(path)).await[..], &content[..], "{path}");
+            files += 1;
+        }
+    }
+    assert!(files >= 10, "{files} files read");
+
+    let r = http()
+        .put(url("workspace/added.txt"))
+        .body("added after v1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A download writes the change back first, then streams the object.
+    let downloaded = bytes_of(format!("{}{API}/{s}/download", server.url)).await;
+    let stored = stored_object(&s).await;
+    assert_eq!(downloaded, stored, "the download is the stored object");
+    assert_eq!(format_version(&stored), 2, "written back as version 2");
+    let object = site.dir.path().join("written-back.tar.gz");
+    fs::write(&object, &stored).unwrap();
+    expected.insert(
+        "workspace/added.txt".to_owned(),
+        Node::File {
+            mode: 0o644,
+            content: b"added after v1".to_vec(),
+        },
+    );
+    let scratch = site.dir.path().join("extracted");
+    for (who, got) in sessionfs_tests::extract::every_reader(&object, &scratch) {
+        assert_same_tree(&expected, &got, who);
     }
     assert_eq!(server.stop().code(), Some(0));
 }

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sessionfs_tests::sessionfs_bin;
 use sessionfs_tests::trees::{assert_same_tree, make_fixture, snapshot};
+use sessionfs_tests::{format_version, sessionfs_bin};
 
 struct Packed {
     _dir: tempfile::TempDir,
@@ -311,13 +311,6 @@ async fn a_large_push_goes_up_in_parts_and_pulls_back_whole() {
     let dest = dir.path().join("pulled");
     sfs(&["pull", &session, dest.to_str().unwrap()]);
     assert_same_tree(&snapshot(&source), &snapshot(&dest), "multipart push");
-}
-
-/// The format-version word of a session object's locator.
-fn format_version(object: &[u8]) -> u32 {
-    use sessionfs_core::tarball::toc::LOCATOR_FROM_END;
-    let at = object.len() - LOCATOR_FROM_END;
-    u32::from_le_bytes(object[at + 8..at + 12].try_into().unwrap())
 }
 
 /// For fleets mid-upgrade: `--format-version 1` (or its variable) packs
