@@ -58,6 +58,7 @@ fn each_key_comes_from_the_file_loses_to_its_variable_and_has_its_default() {
         let (from_file, from_env) = match key {
             "log" => ("info", "debug"),
             "cache_dir" => ("/tmp/from-file", "/tmp/from-env"),
+            "format_version" => ("1", "2"),
             _ if default.as_str().is_some_and(|d| d.parse::<u64>().is_ok()) => ("77", "78"),
             _ if default == "false" => ("true", "false"),
             _ => ("from-file", "from-env"),
