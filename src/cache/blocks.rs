@@ -12,7 +12,10 @@
 //! - The LRU (`lru`) holds every block's size; inserting past the budget
 //!   deletes the least recently used files. A reader that already opened a
 //!   block keeps reading it after eviction (Unix unlink semantics).
-//! - At start the directory is scanned, so the cache survives a restart.
+//! - At start the directory is scanned, so the cache survives a restart;
+//!   every few blocks written, and when the process lets go of the cache,
+//!   it is scanned again for blocks other processes wrote, so that the
+//!   shared directory keeps to the budget too.
 //! - One fetch per block at a time: concurrent readers of a missing block wait
 //!   for the first reader's fetch. Adjacent missing blocks go in one GET.
 
@@ -21,6 +24,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -77,6 +81,44 @@ pub struct BlockCache {
     block_size: u64,
     state: Mutex<State>,
     inflight: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Blocks written, to look for other processes' every [`RESCAN_WRITES`].
+    writes: AtomicU64,
+}
+
+/// Blocks this process writes between two looks at the blocks other
+/// processes sharing the directory wrote ([`BlockCache::adopt_others`]).
+const RESCAN_WRITES: u64 = 16;
+
+impl Drop for BlockCache {
+    /// A process leaving the cache leaves it within the budget, also
+    /// counting what others wrote meanwhile.
+    fn drop(&mut self) {
+        self.adopt_others();
+    }
+}
+
+/// The block files under `dir` whose ids `wanted` takes, oldest first:
+/// (mtime, id, data length).
+fn scan(
+    dir: &Path,
+    mut wanted: impl FnMut(&BlockId) -> bool,
+) -> io::Result<Vec<(i64, BlockId, u64)>> {
+    let mut found = Vec::new();
+    for shard in fs::read_dir(dir)?.flatten() {
+        let Ok(files) = fs::read_dir(shard.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let name = file.file_name();
+            let Some(id) = name.to_str().and_then(parse_hex).filter(|id| wanted(id)) else {
+                continue;
+            };
+            let Ok(md) = file.metadata() else { continue };
+            found.push((md.mtime(), id, md.len().saturating_sub(HEADER_LEN as u64)));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 struct State {
@@ -130,21 +172,7 @@ impl BlockCache {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        let mut found = Vec::new();
-        for shard in fs::read_dir(&blocks)?.flatten() {
-            let Ok(files) = fs::read_dir(shard.path()) else {
-                continue;
-            };
-            for file in files.flatten() {
-                let name = file.file_name();
-                let (Some(id), Ok(md)) = (name.to_str().and_then(parse_hex), file.metadata())
-                else {
-                    continue;
-                };
-                found.push((md.mtime(), id, md.len().saturating_sub(HEADER_LEN as u64)));
-            }
-        }
-        found.sort();
+        let found = scan(&blocks, |_| true)?;
         let cache = BlockCache {
             dir: blocks,
             tmp,
@@ -155,11 +183,39 @@ impl BlockCache {
                 stats: CacheStats::default(),
             }),
             inflight: Mutex::new(HashMap::new()),
+            writes: AtomicU64::new(0),
         };
         for (_, id, len) in found {
             cache.account(id, len);
         }
         Ok(cache)
+    }
+
+    /// Takes in the blocks other processes sharing the directory wrote
+    /// since this one last looked, as the least recently used, and evicts
+    /// past the budget: each process keeps to the budget what it knows of,
+    /// so without this the directory grew by what the others wrote and
+    /// this one never read.
+    fn adopt_others(&self) {
+        let known = |id: &BlockId| self.lock_state().lru.contains(id);
+        let Ok(found) = scan(&self.dir, |id| !known(id)) else {
+            return;
+        };
+        let evict = {
+            let mut st = self.lock_state();
+            // Newest first, each to the cold end: the oldest goes first.
+            for (_, id, len) in found.iter().rev() {
+                if let Some(old) = st.lru.put(*id, *len) {
+                    st.stats.bytes -= old;
+                }
+                st.lru.demote(id);
+                st.stats.bytes += len;
+            }
+            self.over_budget(&mut st)
+        };
+        for victim in evict {
+            let _ = fs::remove_file(self.path(&victim));
+        }
     }
 
     pub fn block_size(&self) -> u64 {
@@ -181,25 +237,32 @@ impl BlockCache {
 
     /// Records a block and evicts least recently used ones past the budget.
     fn account(&self, id: BlockId, len: u64) {
-        let mut evict = Vec::new();
-        {
+        let evict = {
             let mut st = self.lock_state();
             if let Some(old) = st.lru.put(id, len) {
                 st.stats.bytes -= old;
             }
             st.stats.bytes += len;
-            while st.stats.bytes > self.budget && st.lru.len() > 1 {
-                let Some((victim, size)) = st.lru.pop_lru() else {
-                    break;
-                };
-                st.stats.bytes -= size;
-                st.stats.evicted += 1;
-                evict.push(victim);
-            }
-        }
+            self.over_budget(&mut st)
+        };
         for victim in evict {
             let _ = fs::remove_file(self.path(&victim));
         }
+    }
+
+    /// Takes least recently used blocks out until the budget holds; the
+    /// caller deletes their files (outside the lock).
+    fn over_budget(&self, st: &mut State) -> Vec<BlockId> {
+        let mut evict = Vec::new();
+        while st.stats.bytes > self.budget && st.lru.len() > 1 {
+            let Some((victim, size)) = st.lru.pop_lru() else {
+                break;
+            };
+            st.stats.bytes -= size;
+            st.stats.evicted += 1;
+            evict.push(victim);
+        }
+        evict
     }
 
     fn forget(&self, id: &BlockId) {
@@ -267,6 +330,9 @@ impl BlockCache {
             return Err(e);
         }
         self.account(*id, data.len() as u64);
+        if self.writes.fetch_add(1, Ordering::Relaxed) % RESCAN_WRITES == RESCAN_WRITES - 1 {
+            self.adopt_others();
+        }
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! want it. A read that continues where the previous one of the same object
 //! ended starts a background readahead of the next blocks. A small read
 //! that does not, of blocks not cached, fetches only its own bytes (kept as
-//! a fragment; see [`Inner::fragment`]).
+//! a fragment; see [`Inner::fragment`]) unless it comes in a burst of them.
 //!
 //! Only reads that name both a byte range and an ETag (`If-Match`) are cached:
 //! the ETag is what makes cached bytes valid forever. Everything else passes
@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -26,6 +27,13 @@ use crate::cache::blocks::{block_id, fragment_id, BlockCache, BlockId};
 /// Blocks read ahead once reads are sequential.
 pub const READAHEAD_BLOCKS: u64 = 4;
 
+/// A cold small read fetches only its bytes (a fragment) when the object
+/// was not read for this long: reads closer together are a burst (a scan,
+/// a build, `grep -r`, a large file read in pieces), which whole blocks
+/// serve in fewer requests and bytes. (Reading every file of a
+/// 45,000-file session cold fetched 10 % more with a fragment per read.)
+const FRAGMENT_QUIET: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 pub struct CachedStore {
     inner: Arc<Inner>,
@@ -38,8 +46,9 @@ struct Inner {
     cache: Arc<BlockCache>,
     /// What a HEAD or GET said of each version, to answer cached reads.
     metas: Mutex<HashMap<(String, String), ObjectMeta>>,
-    /// Per key: where the last read ended, to spot sequential reads.
-    last_end: Mutex<HashMap<String, u64>>,
+    /// Per key: where the last read ended and when, to spot sequential
+    /// reads and bursts ([`FRAGMENT_QUIET`]).
+    last_read: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 impl CachedStore {
@@ -50,7 +59,7 @@ impl CachedStore {
                 store,
                 cache,
                 metas: Mutex::new(HashMap::new()),
-                last_end: Mutex::new(HashMap::new()),
+                last_read: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -132,14 +141,16 @@ impl Inner {
     /// one or two whole blocks around it. The fragment answers later reads
     /// inside it. A read in the same block that it does not cover returns
     /// `None`, and the caller fetches the whole blocks: at most two requests
-    /// per block, however many files in it are read.
+    /// per block, however many files in it are read. So does a cold read
+    /// less than [`FRAGMENT_QUIET`] after the object's previous read
+    /// (`quiet` false).
     async fn fragment(
         &self,
         key: &str,
         etag: &str,
         wanted: &std::ops::Range<u64>,
-        first: u64,
-        last: u64,
+        (first, last): (u64, u64),
+        quiet: bool,
     ) -> Result<Option<Bytes>> {
         let bs = self.cache.block_size();
         if wanted.end - wanted.start >= bs
@@ -159,6 +170,9 @@ impl Inner {
         };
         if let Some(answer) = covered(self.cache.read(&id)) {
             return Ok(answer);
+        }
+        if !quiet {
+            return Ok(None);
         }
         let lock = self.cache.flight(&id);
         let guard = lock.lock_owned().await;
@@ -276,19 +290,23 @@ impl ObjectStore for CachedStore {
         };
         let bs = self.inner.cache.block_size();
         let (first, last) = (wanted.start / bs, (wanted.end - 1) / bs);
-        // Sequential: this read starts exactly where the previous one ended.
-        let sequential = {
-            let mut ends = self
+        // Sequential: this read starts exactly where the previous one
+        // ended. Quiet: the previous one was a while ago.
+        let (sequential, quiet) = {
+            let mut reads = self
                 .inner
-                .last_end
+                .last_read
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            ends.insert(key.to_owned(), wanted.end) == Some(wanted.start)
+            match reads.insert(key.to_owned(), (wanted.end, Instant::now())) {
+                Some((end, at)) => (end == wanted.start, at.elapsed() >= FRAGMENT_QUIET),
+                None => (false, true),
+            }
         };
         if !sequential {
             if let Some(body) = self
                 .inner
-                .fragment(key, &etag, &wanted, first, last)
+                .fragment(key, &etag, &wanted, (first, last), quiet)
                 .await?
             {
                 return Ok(GetResult {

@@ -4,9 +4,9 @@
 //!   inflatable segments, with a table of contents ([`toc`]) and a locator at
 //!   the end ([`deflate`] holds the framing, [`tar_header`] the headers,
 //!   [`tree`] the directory walk; [`toc_codec`] the TOC's stored form).
-//! - [`reader`] opens an object with one HEAD and one suffix GET (one HEAD
-//!   when the TOC is in the local [`index`]) and reads any byte range of any
-//!   file by fetching only the segments that hold it, verifying each.
+//! - [`reader`] opens an object with one suffix GET (one HEAD when the TOC
+//!   is in the local [`index`]) and reads any byte range of any file by
+//!   fetching only the segments that hold it, verifying each.
 //! - [`foreign`] indexes tarballs other tools wrote in one streaming pass,
 //!   with [`zran`] access points, so they read lazily too.
 //! - [`segments`] fetches, checks and inflates segments for the readers of

@@ -120,7 +120,7 @@ async fn a_damaged_block_is_fetched_again_not_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cold_small_read_fetches_its_bytes_and_a_second_one_the_block() {
-    let s = setup("cache-fragment", (3 * MIB) as usize).await;
+    let s = setup("cache-fragment", (4 * MIB) as usize).await;
     let (metered, store) = cached(&s, 64 * MIB);
     store.head(&s.key).await.unwrap();
     let gets = || metered.snapshot();
@@ -148,13 +148,22 @@ async fn a_cold_small_read_fetches_its_bytes_and_a_second_one_the_block() {
         s.data.slice(900_000..1_000_000)
     );
     assert_eq!(gets().gets, 2);
-    // A small read straddling two blocks fetches its bytes once.
+    // A burst of cold reads (within a second of the last fragment) gets
+    // whole blocks: here a small read straddling two blocks.
     let straddle = (2 * MIB - 300)..(2 * MIB + 300);
     assert_eq!(
         read(&store, &s, straddle.start, straddle.end).await,
         s.data.slice(straddle.start as usize..straddle.end as usize)
     );
-    assert_eq!((gets().gets, gets().bytes_in), (3, 4600 + MIB));
+    assert_eq!((gets().gets, gets().bytes_in), (3, 4000 + 3 * MIB));
+    // Once the object's reads are quiet, such a read fetches its bytes once.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let straddle = (3 * MIB - 300)..(3 * MIB + 300);
+    assert_eq!(
+        read(&store, &s, straddle.start, straddle.end).await,
+        s.data.slice(straddle.start as usize..straddle.end as usize)
+    );
+    assert_eq!((gets().gets, gets().bytes_in), (4, 4600 + 3 * MIB));
     s.s3.delete(&s.key).await.unwrap();
 }
 
