@@ -24,7 +24,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -83,6 +83,8 @@ pub struct BlockCache {
     inflight: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
     /// Blocks written, to look for other processes' every [`RESCAN_WRITES`].
     writes: AtomicU64,
+    /// A look at the others' blocks is under way (one at a time).
+    adopting: AtomicBool,
 }
 
 /// Blocks this process writes between two looks at the blocks other
@@ -90,10 +92,13 @@ pub struct BlockCache {
 const RESCAN_WRITES: u64 = 16;
 
 impl Drop for BlockCache {
-    /// A process leaving the cache leaves it within the budget, also
-    /// counting what others wrote meanwhile.
+    /// A process that wrote blocks leaves the cache within the budget,
+    /// also counting what others wrote meanwhile. One that only read
+    /// (a CLI `cat` of cached files) exits without scanning the directory.
     fn drop(&mut self) {
-        self.adopt_others();
+        if *self.writes.get_mut() > 0 {
+            self.adopt_others();
+        }
     }
 }
 
@@ -184,6 +189,7 @@ impl BlockCache {
             }),
             inflight: Mutex::new(HashMap::new()),
             writes: AtomicU64::new(0),
+            adopting: AtomicBool::new(false),
         };
         for (_, id, len) in found {
             cache.account(id, len);
@@ -195,8 +201,31 @@ impl BlockCache {
     /// since this one last looked, as the least recently used, and evicts
     /// past the budget: each process keeps to the budget what it knows of,
     /// so without this the directory grew by what the others wrote and
-    /// this one never read.
+    /// this one never read. It reads the whole directory, so it runs
+    /// every [`RESCAN_WRITES`] blocks written, off the async runtime
+    /// ([`BlockCache::adopt_others_soon`]), and when the process lets go.
     fn adopt_others(&self) {
+        if self.adopting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        self.adopt_unknown();
+        self.adopting.store(false, Ordering::Release);
+    }
+
+    /// After a write: a look at the others' blocks when one is due, on the
+    /// blocking pool when a tokio runtime runs this thread.
+    pub(crate) fn adopt_others_soon(self: &Arc<Self>) {
+        if self.writes.load(Ordering::Relaxed) % RESCAN_WRITES != 0 {
+            return;
+        }
+        let cache = Arc::clone(self);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || cache.adopt_others())),
+            Err(_) => cache.adopt_others(),
+        }
+    }
+
+    fn adopt_unknown(&self) {
         let known = |id: &BlockId| self.lock_state().lru.contains(id);
         let Ok(found) = scan(&self.dir, |id| !known(id)) else {
             return;
@@ -294,11 +323,6 @@ impl BlockCache {
         Some(Bytes::from(raw).slice(HEADER_LEN..))
     }
 
-    /// Whether the block is on disk (it may still fail its check when read).
-    pub fn holds(&self, id: &BlockId) -> bool {
-        self.path(id).exists()
-    }
-
     /// Stores a block (atomically: temporary file, then rename).
     pub fn write(&self, id: &BlockId, data: &[u8]) -> io::Result<()> {
         let path = self.path(id);
@@ -330,9 +354,7 @@ impl BlockCache {
             return Err(e);
         }
         self.account(*id, data.len() as u64);
-        if self.writes.fetch_add(1, Ordering::Relaxed) % RESCAN_WRITES == RESCAN_WRITES - 1 {
-            self.adopt_others();
-        }
+        self.writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -51,6 +51,13 @@ struct Inner {
     last_read: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
+/// A run of blocks and those of them the cache held when looked at.
+struct Cached {
+    first: u64,
+    ids: Vec<BlockId>,
+    got: Vec<Option<Bytes>>,
+}
+
 impl CachedStore {
     pub fn new(store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>) -> CachedStore {
         CachedStore {
@@ -99,12 +106,28 @@ impl Inner {
         Ok(meta)
     }
 
-    /// Blocks `first..=last` of a version, from the cache or the store.
-    async fn blocks(&self, key: &str, etag: &str, first: u64, last: u64) -> Result<Vec<Bytes>> {
+    /// Blocks `first..=last` of a version as the cache holds them, read once.
+    fn cached(&self, key: &str, etag: &str, first: u64, last: u64) -> Cached {
         let ids: Vec<BlockId> = (first..=last)
             .map(|b| block_id(&self.store_id, key, etag, b))
             .collect();
-        let mut got: Vec<Option<Bytes>> = ids.iter().map(|id| self.cache.read(id)).collect();
+        let got = ids.iter().map(|id| self.cache.read(id)).collect();
+        Cached { first, ids, got }
+    }
+
+    /// Blocks `first..=last` of a version, from the cache or the store.
+    async fn blocks(&self, key: &str, etag: &str, first: u64, last: u64) -> Result<Vec<Bytes>> {
+        self.complete(key, etag, self.cached(key, etag, first, last))
+            .await
+    }
+
+    /// The blocks a [`Cached`] lacks, fetched (or waited for).
+    async fn complete(&self, key: &str, etag: &str, cached: Cached) -> Result<Vec<Bytes>> {
+        let Cached {
+            first,
+            ids,
+            mut got,
+        } = cached;
         if got.iter().all(Option::is_some) {
             return Ok(got.into_iter().flatten().collect());
         }
@@ -135,7 +158,7 @@ impl Inner {
     }
 
     /// A read of less than one block's bytes that does not continue the
-    /// previous one, while its blocks are not cached, fetches only its own
+    /// previous one, while its blocks are not all cached, fetches only its own
     /// bytes and keeps them as a fragment of the block it starts in: a cold
     /// read of one small file then moves the segment that holds it, not the
     /// one or two whole blocks around it. The fragment answers later reads
@@ -149,13 +172,10 @@ impl Inner {
         key: &str,
         etag: &str,
         wanted: &std::ops::Range<u64>,
-        (first, last): (u64, u64),
+        first: u64,
         quiet: bool,
     ) -> Result<Option<Bytes>> {
-        let bs = self.cache.block_size();
-        if wanted.end - wanted.start >= bs
-            || (first..=last).all(|b| self.cache.holds(&block_id(&self.store_id, key, etag, b)))
-        {
+        if wanted.end - wanted.start >= self.cache.block_size() {
             return Ok(None);
         }
         let id = fragment_id(&self.store_id, key, etag, first);
@@ -203,9 +223,7 @@ impl Inner {
                     let mut kept = BytesMut::with_capacity(8 + fetched.body.len());
                     kept.extend_from_slice(&wanted.start.to_le_bytes());
                     kept.extend_from_slice(&fetched.body);
-                    if let Err(e) = self.cache.write(&id, &kept) {
-                        tracing::warn!("block cache write failed (serving uncached): {e}");
-                    }
+                    self.keep(&id, &kept);
                     Ok(Some(fetched.body))
                 })
             }
@@ -213,6 +231,15 @@ impl Inner {
         drop(guard);
         self.cache.land(&id);
         result
+    }
+
+    /// Writes a fetched block or fragment to the cache; a failed write
+    /// only means the bytes are served uncached.
+    fn keep(&self, id: &BlockId, bytes: &[u8]) {
+        match self.cache.write(id, bytes) {
+            Ok(()) => self.cache.adopt_others_soon(),
+            Err(e) => tracing::warn!("block cache write failed (serving uncached): {e}"),
+        }
     }
 
     async fn fetch_missing(
@@ -252,9 +279,7 @@ impl Inner {
                 }
                 let to = (from + bs).min(fetched.body.len() as u64);
                 let block = fetched.body.slice(from as usize..to as usize);
-                if let Err(e) = self.cache.write(&ids[j], &block) {
-                    tracing::warn!("block cache write failed (serving uncached): {e}");
-                }
+                self.keep(&ids[j], &block);
                 *slot = Some(block);
             }
         }
@@ -303,10 +328,11 @@ impl ObjectStore for CachedStore {
                 None => (false, true),
             }
         };
-        if !sequential {
+        let cached = self.inner.cached(key, &etag, first, last);
+        if !sequential && cached.got.iter().any(Option::is_none) {
             if let Some(body) = self
                 .inner
-                .fragment(key, &etag, &wanted, (first, last), quiet)
+                .fragment(key, &etag, &wanted, first, quiet)
                 .await?
             {
                 return Ok(GetResult {
@@ -316,7 +342,7 @@ impl ObjectStore for CachedStore {
                 });
             }
         }
-        let blocks = self.inner.blocks(key, &etag, first, last).await?;
+        let blocks = self.inner.complete(key, &etag, cached).await?;
         let mut body = BytesMut::with_capacity((wanted.end - wanted.start) as usize);
         for (i, block) in blocks.iter().enumerate() {
             let block_start = (first + i as u64) * bs;

@@ -4,9 +4,10 @@
 //! [`SUFFIX_LEN`] bytes, which holds the locator and, for all but the
 //! largest sessions, the whole TOC (a second GET fetches a larger TOC). When
 //! the local index has some version of the key, the open starts with a HEAD
-//! instead, and with that version's TOC in the index it is that one HEAD. A read fetches, in one ranged GET pinned to the ETag seen at
-//! open, only the segments that hold the requested bytes, and checks each
-//! against its digest, length and CRC before using a byte of it.
+//! instead, and with that version's TOC in the index it is that one HEAD.
+//! A read fetches, in one ranged GET pinned to the ETag seen at open, only
+//! the segments that hold the requested bytes, and checks each against its
+//! digest, length and CRC before using a byte of it.
 //!
 //! Any other tarball is indexed once by [`super::foreign`] (one streaming
 //! pass, kept in the local index too); a read then fetches the compressed
