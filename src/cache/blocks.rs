@@ -83,6 +83,8 @@ pub struct BlockCache {
     inflight: Mutex<HashMap<BlockId, Arc<tokio::sync::Mutex<()>>>>,
     /// Blocks written, to look for other processes' every [`RESCAN_WRITES`].
     writes: AtomicU64,
+    /// `writes` when the last look at the others' blocks began.
+    adopted_at: AtomicU64,
     /// A look at the others' blocks is under way (one at a time).
     adopting: AtomicBool,
 }
@@ -189,6 +191,7 @@ impl BlockCache {
             }),
             inflight: Mutex::new(HashMap::new()),
             writes: AtomicU64::new(0),
+            adopted_at: AtomicU64::new(0),
             adopting: AtomicBool::new(false),
         };
         for (_, id, len) in found {
@@ -208,6 +211,8 @@ impl BlockCache {
         if self.adopting.swap(true, Ordering::Acquire) {
             return;
         }
+        self.adopted_at
+            .store(self.writes.load(Ordering::Relaxed), Ordering::Relaxed);
         self.adopt_unknown();
         self.adopting.store(false, Ordering::Release);
     }
@@ -215,7 +220,8 @@ impl BlockCache {
     /// After a write: a look at the others' blocks when one is due, on the
     /// blocking pool when a tokio runtime runs this thread.
     pub(crate) fn adopt_others_soon(self: &Arc<Self>) {
-        if self.writes.load(Ordering::Relaxed) % RESCAN_WRITES != 0 {
+        let writes = self.writes.load(Ordering::Relaxed);
+        if writes < self.adopted_at.load(Ordering::Relaxed) + RESCAN_WRITES {
             return;
         }
         let cache = Arc::clone(self);
