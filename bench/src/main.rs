@@ -9,14 +9,16 @@
 //! - cold and warm read of one small file (latency, bytes, requests) beside
 //!   downloading the whole object;
 //! - sequential read of a large file beside single-threaded inflate of the
-//!   same compressed bytes.
+//!   same compressed bytes (zlib, and libdeflate, the reader's decoder).
 //!
 //! The store is the S3 server from the environment (`scripts/bench.sh` starts
 //! one) or, without it, a local store.
 //!
-//! usage: sessionfs-bench [SCALE] [tarball|writeback|roots]   (default 1.0
-//! tarball; 0.1 for a quick run). `writeback` runs the write-back
-//! benchmark ([`writeback`]) instead, `roots` the root listing ([`roots`]).
+//! usage: sessionfs-bench [SCALE] [tarball|writeback|roots|sequential]
+//! (default 1.0 tarball; 0.1 for a quick run). `writeback` runs the
+//! write-back benchmark ([`writeback`]) instead, `roots` the root listing
+//! ([`roots`]), `sequential` only the sequential read on a session of one
+//! large file.
 
 mod roots;
 mod writeback;
@@ -39,6 +41,7 @@ use sessionfs_core::store::{GetOptions, ObjectStore, PutOptions};
 use sessionfs_core::tarball::deflate::inflate_exact;
 use sessionfs_core::tarball::index::TocIndex;
 use sessionfs_core::tarball::reader::SessionReader;
+use sessionfs_core::tarball::toc::Segment;
 use sessionfs_core::tarball::writer::{pack_dir, PackOptions};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -88,10 +91,15 @@ fn source_text(rng: &mut Rng, len: usize) -> Vec<u8> {
     out
 }
 
-/// Generates the tree; returns (files, bytes, the small file to read, the large file to read).
-fn generate(root: &Path, scale: f64) -> Result<(usize, u64, String, String)> {
+/// Generates the tree (with `only_large`, one large file and one small);
+/// returns (files, bytes, the small file to read, the large file to read).
+fn generate(root: &Path, scale: f64, only_large: bool) -> Result<(usize, u64, String, String)> {
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
-    let small_files = (40_000.0 * scale) as usize;
+    let small_files = if only_large {
+        1
+    } else {
+        (40_000.0 * scale) as usize
+    };
     let mut total = 0u64;
     let w = root.join("workspace");
     for i in 0..small_files {
@@ -104,7 +112,11 @@ fn generate(root: &Path, scale: f64) -> Result<(usize, u64, String, String)> {
         std::fs::write(dir.join(format!("file{i:05}.rs")), &text)?;
         total += text.len() as u64;
     }
-    let large = (6.0 * scale).ceil() as usize;
+    let large = if only_large {
+        1
+    } else {
+        (6.0 * scale).ceil() as usize
+    };
     let large_len = (100.0 * scale.min(1.0) * MIB) as usize;
     for i in 0..large {
         let path = w.join(format!("assets/large{i}.dat"));
@@ -196,11 +208,14 @@ async fn main() -> Result<()> {
         None | Some("tarball") => {}
         Some("writeback") => return writeback::bench(scale).await,
         Some("roots") => return roots::bench(scale).await,
-        Some(other) => bail!("unknown benchmark {other:?}: tarball, writeback or roots"),
+        Some("sequential") => return sequential_only(scale).await,
+        Some(other) => {
+            bail!("unknown benchmark {other:?}: tarball, writeback, roots or sequential")
+        }
     }
     let work = tempfile::tempdir()?;
     let tree = work.path().join("tree");
-    let ((files, bytes, small, large), gen) = time(|| generate(&tree, scale))?;
+    let ((files, bytes, small, large), gen) = time(|| generate(&tree, scale, false))?;
     eprintln!(
         "generated {files} files, {:.0} MiB in {}",
         bytes as f64 / MIB,
@@ -331,20 +346,46 @@ async fn main() -> Result<()> {
         );
     }
 
-    // Sequential read of a large file beside single-threaded inflate of the same bytes.
+    sequential(
+        &store,
+        &index,
+        native_key,
+        &native_path,
+        &large,
+        work.path(),
+    )
+    .await?;
+    println!("\n(ratio for throughput rows: sessionfs speed / reference speed)");
+
+    for key in [native_key, foreign_key] {
+        store.delete(key).await?;
+    }
+    Ok(())
+}
+
+/// Sequential read of a large file in 1 MiB reads, cold, through the block
+/// cache, beside single-threaded inflate of the same segments in memory.
+async fn sequential(
+    store: &Arc<dyn ObjectStore>,
+    index: &TocIndex,
+    native_key: &str,
+    native_path: &Path,
+    large: &str,
+    work: &Path,
+) -> Result<()> {
     let metered = Arc::new(MeteredStore::new(store.clone()));
     let cache = Arc::new(BlockCache::open(
-        &work.path().join("cache-seq"),
+        &work.join("cache-seq"),
         4 << 30,
         BLOCK_SIZE,
     )?);
     let cached: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(metered.clone(), cache));
-    let reader = SessionReader::open(cached, native_key, Some(&index)).await?;
-    let entry = reader.stat(&large).context("large file")?.clone();
+    let reader = SessionReader::open(cached, native_key, Some(index)).await?;
+    let entry = reader.stat(large).context("large file")?.clone();
     let t = Instant::now();
     let mut offset = 0;
     while offset < entry.s {
-        offset += reader.read(&large, offset, 1 << 20).await?.len() as u64;
+        offset += reader.read(large, offset, 1 << 20).await?.len() as u64;
     }
     let seq_t = t.elapsed();
     let segs: Vec<_> = reader
@@ -354,40 +395,82 @@ async fn main() -> Result<()> {
         .filter(|sg| sg.uo + sg.ul > entry.data_offset && sg.uo < entry.data_offset + entry.s)
         .cloned()
         .collect();
-    let object = Bytes::from(std::fs::read(&native_path)?);
+    let object = Bytes::from(std::fs::read(native_path)?);
+    let compressed = |sg: &Segment| &object[sg.co as usize..(sg.co + sg.cl) as usize];
+    // The reference is zlib (what gzip and every tar reader inflate with),
+    // on one core; the second row is the decoder the reader uses, on one core.
     let t = Instant::now();
     let mut inflated = 0u64;
     for sg in &segs {
-        let raw = inflate_exact(
-            &object[sg.co as usize..(sg.co + sg.cl) as usize],
-            sg.ul as usize,
-        )
-        .map_err(|e| anyhow::anyhow!("inflate: {e:?}"))?;
-        inflated += raw.len() as u64;
+        inflated += zlib_inflate(compressed(sg), sg.ul as usize)? as u64;
     }
-    let inflate_t = t.elapsed();
+    let zlib_t = t.elapsed();
+    let t = Instant::now();
+    for sg in &segs {
+        inflate_exact(compressed(sg), sg.ul as usize)
+            .map_err(|e| anyhow::anyhow!("inflate: {e:?}"))?;
+    }
+    let libdeflate_t = t.elapsed();
     let mbs = |d: Duration| entry.s as f64 / MIB / d.as_secs_f64();
-    row(
-        &format!(
-            "sequential read of a {:.0} MiB file (single-threaded inflate)",
-            entry.s as f64 / MIB
-        ),
-        format!("{:.0} MiB/s", mbs(seq_t)),
-        format!("{:.0} MiB/s", mbs(inflate_t)),
-        inflate_t.as_secs_f64() / seq_t.as_secs_f64(),
-        format!(
-            "{} requests, {:.1} MiB fetched, {:.1} MiB inflated",
-            metered.snapshot().requests,
-            metered.snapshot().bytes_in as f64 / MIB,
-            inflated as f64 / MIB
-        ),
+    let bytes = format!(
+        "{} requests, {:.1} MiB fetched, {:.1} MiB inflated",
+        metered.snapshot().requests,
+        metered.snapshot().bytes_in as f64 / MIB,
+        inflated as f64 / MIB
     );
-    println!("\n(ratio for throughput rows: sessionfs speed / reference speed)");
-
-    for key in [native_key, foreign_key] {
-        store.delete(key).await?;
+    for (reference, took) in [
+        ("single-threaded zlib inflate", zlib_t),
+        (
+            "single-threaded libdeflate, the reader's decoder",
+            libdeflate_t,
+        ),
+    ] {
+        row(
+            &format!(
+                "sequential read of a {:.0} MiB file ({reference})",
+                entry.s as f64 / MIB
+            ),
+            format!("{:.0} MiB/s", mbs(seq_t)),
+            format!("{:.0} MiB/s", mbs(took)),
+            took.as_secs_f64() / seq_t.as_secs_f64(),
+            bytes.clone(),
+        );
     }
     Ok(())
+}
+
+/// Only the sequential read row, on a session of one large file: a quick
+/// loop for work on the readahead.
+async fn sequential_only(scale: f64) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let tree = work.path().join("tree");
+    let (_, _, _, large) = generate(&tree, scale, true)?;
+    let (store, what) = store_from_env().await?;
+    println!("# sessionfs sequential read benchmark, store {what}\n");
+    println!("| measure | sessionfs | reference | ratio (sessionfs / reference) | bytes |");
+    println!("| --- | --- | --- | --- | --- |");
+    let native_path = work.path().join("native.tar.gz");
+    let out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&native_path)?);
+    pack_dir(&tree, out, &PackOptions::default(), &|_| {})?;
+    let key = "bench__sequential__main/session.tar.gz";
+    upload(store.as_ref(), key, &native_path).await?;
+    let index = TocIndex::open(&work.path().join("index.db"))?;
+    sequential(&store, &index, key, &native_path, &large, work.path()).await?;
+    println!("\n(ratio: sessionfs speed / reference speed)");
+    store.delete(key).await?;
+    Ok(())
+}
+
+/// zlib's raw inflate of one segment (flate2, as gzip readers do it); the
+/// bytes inflated.
+fn zlib_inflate(compressed: &[u8], expected: usize) -> Result<usize> {
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(expected + 1);
+    d.decompress_vec(compressed, &mut out, flate2::FlushDecompress::Sync)?;
+    if out.len() != expected {
+        bail!("segment inflated to {} bytes, not {expected}", out.len());
+    }
+    Ok(out.len())
 }
 
 async fn upload(store: &dyn ObjectStore, key: &str, path: &Path) -> Result<()> {

@@ -29,7 +29,7 @@ type Changes = Vec<(String, Vec<u8>)>;
 pub async fn bench(scale: f64) -> Result<()> {
     let work = tempfile::tempdir()?;
     let tree = work.path().join("tree");
-    let (files, bytes, _, large) = generate(&tree, scale)?;
+    let (files, bytes, _, large) = generate(&tree, scale, false)?;
     let (store, what) = store_from_env().await?;
     let session = SessionPath::parse("bench__writeback__main")?;
     let key = session.object_key();
