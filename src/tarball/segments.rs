@@ -3,9 +3,9 @@
 //! A run of missing segments is fetched in one ranged GET pinned to the
 //! version's ETag; each segment is checked ([`verify_segment`]: digest,
 //! length, CRC) and inflated on the blocking pool, the segments of a run in
-//! parallel. Inflated segments stay in an LRU under [`DECODED_BUDGET`], so
-//! reads that walk through a segment in small pieces (the kernel's 128 KiB)
-//! inflate it once.
+//! parallel. Inflated segments stay in one LRU for the whole process, under
+//! [`DECODED_BUDGET`], so reads that walk through a segment in small pieces
+//! (the kernel's 128 KiB) inflate it once.
 //!
 //! Each segment is loaded by one reader at a time: a reader that finds it in
 //! flight waits for that load instead of fetching it again (and loads it
@@ -28,11 +28,13 @@ use super::toc::Segment;
 use super::TarballError;
 use crate::store::{ByteRange, GetOptions, ObjectStore, StoreError};
 
-/// Inflated bytes kept per object version: the window ahead of a
-/// sequential reader and the segments being read. 64 MiB (with 32 MiB
-/// ahead) read a 100 MiB file no faster; a mount that had read every file
-/// of a 45,000-file session held 40 MB more.
-pub const DECODED_BUDGET: u64 = 20 << 20;
+/// Inflated bytes kept by the whole process, over every object version it
+/// reads: the windows ahead of sequential readers and the segments being
+/// read. It was per version, so a server reading many sessions at once
+/// could hold this much for each. 64 MiB (with 32 MiB ahead) read a 100 MiB
+/// file no faster; a mount that had read every file of a 45,000-file
+/// session held 40 MB more.
+pub const DECODED_BUDGET: u64 = 24 << 20;
 /// Most segments fetched by one GET (a 32 MiB window of 2 MiB segments;
 /// [`AHEAD_BYTES`] keeps runs shorter). GETs of four segments, all at once,
 /// were not faster here (one run each: 0.64× single-threaded inflate
@@ -52,12 +54,12 @@ pub struct Segments {
     etag: String,
     size: u64,
     segs: Vec<Segment>,
+    /// This version's segments in [`decoded`].
+    id: u64,
     state: Mutex<State>,
 }
 
 struct State {
-    lru: lru::LruCache<usize, Bytes>,
-    bytes: u64,
     /// Segments being loaded; the receiver sees its sender dropped when the
     /// load ends, whichever way.
     inflight: HashMap<usize, watch::Receiver<()>>,
@@ -65,20 +67,108 @@ struct State {
     last: Option<usize>,
 }
 
-impl State {
-    fn put(&mut self, index: usize, raw: Bytes) {
-        self.bytes += raw.len() as u64;
-        if let Some(old) = self.lru.put(index, raw) {
-            self.bytes -= old.len() as u64;
-        }
-        while self.bytes > DECODED_BUDGET {
-            match self.lru.pop_lru() {
-                Some((_, old)) => {
-                    self.bytes -= old.len() as u64;
-                    spare::give(old);
-                }
-                None => break,
+impl Drop for Segments {
+    fn drop(&mut self) {
+        decoded::forget(self.id);
+    }
+}
+
+/// The inflated segments of every version the process reads, in one LRU
+/// under [`DECODED_BUDGET`], keyed by (version, segment). Taken inside a
+/// version's own state lock, never the other way round.
+mod decoded {
+    use std::sync::{LazyLock, Mutex, MutexGuard};
+
+    use bytes::Bytes;
+
+    use super::{spare, DECODED_BUDGET};
+
+    struct Kept {
+        lru: lru::LruCache<(u64, usize), Bytes>,
+        bytes: u64,
+    }
+
+    static KEPT: LazyLock<Mutex<Kept>> = LazyLock::new(|| {
+        Mutex::new(Kept {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+        })
+    });
+
+    fn kept() -> MutexGuard<'static, Kept> {
+        KEPT.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(id: u64, index: usize) -> Option<Bytes> {
+        kept().lru.get(&(id, index)).cloned()
+    }
+
+    pub fn contains(id: u64, index: usize) -> bool {
+        kept().lru.contains(&(id, index))
+    }
+
+    pub fn put(id: u64, index: usize, raw: Bytes) {
+        let mut evicted = Vec::new();
+        {
+            let mut k = kept();
+            k.bytes += raw.len() as u64;
+            if let Some(old) = k.lru.put((id, index), raw) {
+                k.bytes -= old.len() as u64;
             }
+            while k.bytes > DECODED_BUDGET {
+                match k.lru.pop_lru() {
+                    Some((_, old)) => {
+                        k.bytes -= old.len() as u64;
+                        evicted.push(old);
+                    }
+                    None => break,
+                }
+            }
+        }
+        for old in evicted {
+            spare::give(old);
+        }
+    }
+
+    /// Drops a version's segments (its reader is gone).
+    pub fn forget(id: u64) {
+        let mut k = kept();
+        let mine: Vec<_> = k
+            .lru
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|key| key.0 == id)
+            .collect();
+        for key in mine {
+            if let Some(old) = k.lru.pop(&key) {
+                k.bytes -= old.len() as u64;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn versions_share_one_budget_and_leave_with_their_reader() {
+            let seg = (DECODED_BUDGET / 4) as usize;
+            let (a, b) = (u64::MAX - 1, u64::MAX - 2);
+            for i in 0..4 {
+                put(a, i, Bytes::from(vec![1u8; seg]));
+            }
+            for i in 0..4 {
+                put(b, i, Bytes::from(vec![2u8; seg]));
+            }
+            assert!(kept().bytes <= DECODED_BUDGET);
+            // The newer version's segments pushed out the older one's.
+            assert!((0..4).all(|i| contains(b, i)));
+            assert!((0..4).all(|i| !contains(a, i)));
+            assert_eq!(get(b, 3).as_deref(), Some(&vec![2u8; seg][..]));
+            let held = kept().bytes;
+            forget(b);
+            assert!((0..4).all(|i| !contains(b, i)));
+            assert_eq!(kept().bytes, held - 4 * seg as u64);
         }
     }
 }
@@ -166,7 +256,7 @@ impl Claim {
     fn publish(&self, i: usize, raw: Bytes) {
         {
             let mut st = self.segments.lock();
-            st.put(i, raw);
+            decoded::put(self.segments.id, i, raw);
             st.inflight.remove(&i);
         }
         self.done
@@ -190,6 +280,9 @@ impl Drop for Claim {
     }
 }
 
+/// Ids of object versions' segments in [`decoded`].
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Segments {
     pub fn new(
         store: Arc<dyn ObjectStore>,
@@ -204,9 +297,8 @@ impl Segments {
             etag: etag.to_owned(),
             size,
             segs,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             state: Mutex::new(State {
-                lru: lru::LruCache::unbounded(),
-                bytes: 0,
                 inflight: HashMap::new(),
                 last: None,
             }),
@@ -238,8 +330,8 @@ impl Segments {
             let mut st = self.lock();
             let mut mine = Vec::new();
             for i in first..last {
-                if let Some(raw) = st.lru.get(&i) {
-                    raws[i - first] = Some(raw.clone());
+                if let Some(raw) = decoded::get(self.id, i) {
+                    raws[i - first] = Some(raw);
                 } else if let Some(rx) = st.inflight.get(&i) {
                     waits.push((i, rx.clone()));
                 } else {
@@ -272,7 +364,7 @@ impl Segments {
         for (i, mut rx) in waits {
             // Err: the loader is gone (done or failed); either way look again.
             let _ = rx.changed().await;
-            let found = self.lock().lru.get(&i).cloned();
+            let found = decoded::get(self.id, i);
             let raw = match found {
                 Some(raw) => raw,
                 None => {
@@ -338,7 +430,7 @@ impl Segments {
                 break;
             }
             window += seg.ul;
-            if !st.lru.contains(&i) && !st.inflight.contains_key(&i) {
+            if !decoded::contains(self.id, i) && !st.inflight.contains_key(&i) {
                 wanted.push(i);
                 missing += seg.ul;
             }
