@@ -104,30 +104,51 @@ pub fn inflate_exact_into(
     mut out: Vec<u8>,
 ) -> Result<Vec<u8>, InflateError> {
     thread_local! {
-        /// libdeflate's state (about 10 KiB) and the input with its final
-        /// block, kept per thread between segments.
-        static DECODER: RefCell<(Decompressor, Vec<u8>)> =
-            RefCell::new((Decompressor::new(), Vec::new()));
+        /// libdeflate's state (about 10 KiB), kept per thread.
+        static DECODER: RefCell<Decompressor> = RefCell::new(Decompressor::new());
     }
     // Only room the buffer never had is zeroed: the decoder overwrites
     // the rest, and bytes it does not reach are never returned.
     out.truncate(expected);
     out.resize(expected, 0);
-    let got = DECODER.with_borrow_mut(|(decoder, input)| {
-        // A segment ends in a full flush, not in a final block, and
-        // libdeflate inflates only whole streams: an empty final stored
-        // block ends it.
-        input.clear();
-        input.extend_from_slice(compressed);
-        input.extend_from_slice(&FINAL_EMPTY_BLOCK);
-        decoder.deflate_decompress(input, &mut out)
-    });
+    // A segment ends in a full flush, not in a final block, and libdeflate
+    // inflates only whole streams: an empty final stored block ends it.
+    let mut input = inputs::take();
+    input.extend_from_slice(compressed);
+    input.extend_from_slice(&FINAL_EMPTY_BLOCK);
+    let got = DECODER.with_borrow_mut(|decoder| decoder.deflate_decompress(&input, &mut out));
+    inputs::give(input);
     match got {
         Ok(n) if n == expected => Ok(out),
         Ok(n) => Err(InflateError::TooShort { got: n }),
         Err(DecompressionError::InsufficientSpace) => Err(InflateError::TooLong),
         Err(DecompressionError::BadData) => {
             Err(InflateError::Corrupt("invalid deflate data".into()))
+        }
+    }
+}
+
+/// Buffers for a segment's compressed bytes with the final block added,
+/// reused by whichever thread inflates next. A few, not one per thread:
+/// a mount reads on up to hundreds of blocking threads, and a buffer of up
+/// to a segment's size kept by each would be memory no reader uses.
+mod inputs {
+    use std::sync::Mutex;
+
+    const KEPT: usize = 4;
+
+    static INPUTS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    pub fn take() -> Vec<u8> {
+        let mut kept = INPUTS.lock().unwrap_or_else(|p| p.into_inner());
+        kept.pop().unwrap_or_default()
+    }
+
+    pub fn give(mut buf: Vec<u8>) {
+        buf.clear();
+        let mut kept = INPUTS.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < KEPT {
+            kept.push(buf);
         }
     }
 }

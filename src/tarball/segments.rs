@@ -34,7 +34,7 @@ use crate::store::{ByteRange, GetOptions, ObjectStore, StoreError};
 /// could hold this much for each. 64 MiB (with 32 MiB ahead) read a 100 MiB
 /// file no faster; a mount that had read every file of a 45,000-file
 /// session held 40 MB more.
-pub const DECODED_BUDGET: u64 = 24 << 20;
+pub const DECODED_BUDGET: u64 = 20 << 20;
 /// Most segments fetched by one GET (a 32 MiB window of 2 MiB segments;
 /// [`AHEAD_BYTES`] keeps runs shorter). GETs of four segments, all at once,
 /// were not faster here (one run each: 0.64× single-threaded inflate
