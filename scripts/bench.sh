@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in release mode against a real S3 server on 127.0.0.1, each figure
 # printed beside a reference measured in the same run.
-#   usage: scripts/bench.sh [SCALE] [tarball|writeback|roots|mount|api|all]
+#   usage: scripts/bench.sh [SCALE] [tarball|sequential|writeback|roots|mount|api|all]
 # SCALE 1.0 ≈ 1 GiB of source-like files for the tarball benchmark and 700 MB in
 # 45,000 files for the mount benchmark; 0.1 for a quick look. The mount benchmark
 # needs root (it drops the page cache and mounts ratarmount and archivemount). The API
@@ -16,6 +16,11 @@ s3_env="$(scripts/s3-server.sh start)"
 eval "$s3_env"
 if [ "$which" = all ] || [ "$which" = tarball ]; then
   target/release/sessionfs-bench "$scale"
+fi
+# `sequential`: only the tarball benchmark's sequential read, on a session of one large file
+# (about a minute; `all` runs it as part of `tarball`).
+if [ "$which" = sequential ]; then
+  target/release/sessionfs-bench "$scale" sequential
 fi
 if [ "$which" = all ] || [ "$which" = writeback ]; then
   target/release/sessionfs-bench "$scale" writeback
