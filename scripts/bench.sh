@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks in release mode against a real S3 server on 127.0.0.1, each figure
 # printed beside a reference measured in the same run.
-#   usage: scripts/bench.sh [SCALE] [tarball|sequential|writeback|roots|mount|api|all]
+#   usage: scripts/bench.sh [SCALE] [tarball|sequential|writeback|roots|mount|copyup|api|all]
 # SCALE 1.0 ≈ 1 GiB of source-like files for the tarball benchmark and 700 MB in
 # 45,000 files for the mount benchmark; 0.1 for a quick look. The mount benchmark
 # needs root (it drops the page cache and mounts ratarmount and archivemount). The API
@@ -30,6 +30,10 @@ if [ "$which" = all ] || [ "$which" = roots ]; then
 fi
 if [ "$which" = all ] || [ "$which" = mount ]; then
   bench/mount-bench.sh "$(pwd)/target/release/sessionfs" "$scale"
+fi
+# `copyup`: one byte changed in a 1 GiB file (x SCALE) of a session, then fsync.
+if [ "$which" = all ] || [ "$which" = copyup ]; then
+  bench/copyup-bench.sh "$(pwd)/target/release/sessionfs" "$scale"
 fi
 if [ "$which" = all ] || [ "$which" = api ]; then
   bench/api-bench.sh "$(pwd)/target/release/sessionfs" "$(python3 -c "print(max(3, round(10 * $scale)))")"

@@ -154,6 +154,54 @@ fn open_writes(flags: i32) -> bool {
     acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & libc::O_TRUNC != 0
 }
 
+/// A write through handle `fh`, copying the file up (or filling the chunks
+/// of a partial one) first as needed.
+fn write_to(
+    live: &LiveSession,
+    handles: &Mutex<HashMap<u64, Handle>>,
+    fh: u64,
+    ino: u64,
+    offset: u64,
+    data: &[u8],
+) -> Result<u32, OverlayError> {
+    live.writable()?;
+    let (append, recorded) = {
+        let handles = handles.lock();
+        let h = handles.get(&fh).ok_or(OverlayError::BadHandle)?;
+        (h.append, h.recorded)
+    };
+    let len = data.len() as u64;
+    // A writable mapping may outlive its handle's mode, so this copies up
+    // too. An append lands at or past the end: nothing to fill there.
+    let covered = if append {
+        live.prepare_write(ino, u64::MAX - len, len)?
+    } else {
+        live.prepare_write(ino, offset, len)?
+    };
+    let mut ns = live.ns.lock();
+    // After any copy-up: it replaces the overlay file.
+    let f = live.content.local(ino)?;
+    // Appends go to the end as we know it, whatever offset the kernel sent.
+    let at = if append { ns.get(ino)?.size } else { offset };
+    f.write_all_at(data, at)?;
+    ns.note_write(ino, at + len);
+    let snapshots = ns.snapshots();
+    let record = recorded != Some(snapshots);
+    if record {
+        ns.flush(ino)?;
+    }
+    drop(ns);
+    covered.written()?;
+    if let Some(h) = handles.lock().get_mut(&fh) {
+        if record {
+            h.recorded = Some(snapshots);
+        } else {
+            h.dirty = true;
+        }
+    }
+    Ok(len as u32)
+}
+
 fn name_str(name: &OsStr) -> Result<&str, OverlayError> {
     std::str::from_utf8(name.as_bytes()).map_err(|_| OverlayError::BadName)
 }
@@ -281,7 +329,7 @@ impl SessionFs {
     fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, OverlayError> {
         if open_writes(flags) {
             self.writable()?;
-            self.live.ensure_local(ino, flags & libc::O_TRUNC != 0)?;
+            self.live.ensure_writable(ino, flags & libc::O_TRUNC != 0)?;
         }
         Ok(self.register(ino, flags))
     }
@@ -305,40 +353,24 @@ impl SessionFs {
         self.live.read(ino, offset, u64::from(size))
     }
 
-    fn do_write(&self, fh: u64, ino: u64, offset: u64, data: &[u8]) -> Result<u32, OverlayError> {
-        self.writable()?;
-        let (append, recorded) = {
-            let handles = self.handles.lock();
-            let h = handles.get(&fh).ok_or(OverlayError::BadHandle)?;
-            (h.append, h.recorded)
-        };
-        let mut ns = self.live.ns.lock();
-        // A writable mapping may outlive its handle's mode: make sure.
-        if ns.get(ino)?.data != Data::Local {
-            drop(ns);
-            self.live.ensure_local(ino, false)?;
-            ns = self.live.ns.lock();
-        }
-        // After any copy-up: it replaces the overlay file.
-        let f = self.live.content.local(ino)?;
-        // Appends go to the end as we know it, whatever offset the kernel sent.
-        let at = if append { ns.get(ino)?.size } else { offset };
-        f.write_all_at(data, at)?;
-        ns.note_write(ino, at + data.len() as u64);
-        let snapshots = ns.snapshots();
-        let record = recorded != Some(snapshots);
-        if record {
-            ns.flush(ino)?;
-        }
-        drop(ns);
-        if let Some(h) = self.handles.lock().get_mut(&fh) {
-            if record {
-                h.recorded = Some(snapshots);
+    fn do_fsync(&self, fh: u64, ino: u64, datasync: bool) -> Result<(), OverlayError> {
+        let data = self.live.ns.lock().get(ino)?.data.clone();
+        if data.in_overlay() {
+            let f = self.live.content.local(ino)?;
+            if datasync {
+                f.sync_data()?;
             } else {
-                h.dirty = true;
+                f.sync_all()?;
+            }
+            // After the bytes its marks vouch for.
+            if let Data::Partial(_) = data {
+                self.live.content.chunk_map(ino)?.sync()?;
             }
         }
-        Ok(data.len() as u32)
+        self.catch_up(fh)?;
+        // The directory and the journal's log, shared with concurrent
+        // fsyncs (and API writes) of this session.
+        self.live.durable()
     }
 
     fn catch_up(&self, fh: u64) -> Result<(), OverlayError> {
@@ -360,8 +392,7 @@ impl SessionFs {
         if let Some(size) = set.size {
             let node = self.live.ns.lock().get(ino)?.clone();
             if node.kind == NodeKind::File {
-                self.live.ensure_local(ino, size == 0)?;
-                self.live.content.local(ino)?.set_len(size)?;
+                self.live.resize(ino, size)?;
             }
         }
         self.live.ns.lock().setattr(ino, &set)
@@ -375,7 +406,14 @@ impl SessionFs {
         mode: i32,
     ) -> Result<(), OverlayError> {
         self.writable()?;
-        self.live.ensure_local(ino, false)?;
+        if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
+            // Space only: a file copied up chunk by chunk stays so (the
+            // bytes it does not hold are still the object's).
+            self.live.ensure_writable(ino, false)?;
+        } else {
+            // Punching, zeroing or moving ranges changes bytes it may not hold.
+            self.live.ensure_local(ino, false)?;
+        }
         let f = self.live.content.local(ino)?;
         let off = i64::try_from(offset).map_err(|_| OverlayError::Invalid("offset"))?;
         let len = i64::try_from(length).map_err(|_| OverlayError::Invalid("length"))?;
@@ -395,21 +433,6 @@ impl SessionFs {
         node.ctime = Time::now();
         ns.save(node, "write")?;
         Ok(())
-    }
-
-    fn do_fsync(&self, fh: u64, ino: u64, datasync: bool) -> Result<(), OverlayError> {
-        if self.live.ns.lock().get(ino)?.data == Data::Local {
-            let f = self.live.content.local(ino)?;
-            if datasync {
-                f.sync_data()?;
-            } else {
-                f.sync_all()?;
-            }
-        }
-        self.catch_up(fh)?;
-        // The directory and the journal's log, shared with concurrent
-        // fsyncs (and API writes) of this session.
-        self.live.durable()
     }
 
     fn do_release(&self, fh: u64) -> Result<(), OverlayError> {
@@ -780,7 +803,7 @@ impl Filesystem for SessionFs {
             let fh = self.register(ino, flags.0);
             let (live, handles) = (self.live.clone(), self.handles.clone());
             self.live.content.runtime().spawn_blocking(move || {
-                match live.ensure_local(ino, false) {
+                match live.ensure_writable(ino, false) {
                     Ok(()) => reply.opened(FileHandle(fh), OPEN_FLAGS),
                     Err(e) => {
                         handles.lock().remove(&fh);
@@ -819,7 +842,7 @@ impl Filesystem for SessionFs {
             .ns
             .lock()
             .get(ino)
-            .is_ok_and(|n| matches!(n.data, Data::Base(_)));
+            .is_ok_and(|n| matches!(n.data, Data::Base(_) | Data::Partial(_)));
         if !from_object {
             match self.do_read(ino, offset, size) {
                 Ok(data) => reply.data(&data),
@@ -851,7 +874,20 @@ impl Filesystem for SessionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh.0, self.inner(ino), offset, data) {
+        let ino = self.inner(ino);
+        if self.live.write_fetches(ino, offset, data.len() as u64) {
+            // A copy-up or chunks to fill first may wait on the store: on
+            // the blocking pool, as reads from the object are.
+            let (live, handles, data) = (self.live.clone(), self.handles.clone(), data.to_vec());
+            self.live.content.runtime().spawn_blocking(move || {
+                match write_to(&live, &handles, fh.0, ino, offset, &data) {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(err(e)),
+                }
+            });
+            return;
+        }
+        match write_to(&self.live, &self.handles, fh.0, ino, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),
         }

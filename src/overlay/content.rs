@@ -2,9 +2,11 @@
 //! object (through the block cache), changed ones from the overlay.
 //!
 //! The overlay keeps one plain file per inode under `data/`. A file is
-//! copied up in full the first time it is opened for writing or truncated:
-//! fetched from the object into a temporary file, synced, then renamed into
-//! place, so a crash during a copy-up leaves the object's version in force.
+//! copied up the first time it is opened for writing or truncated. One
+//! under [`super::partial::MIN_SIZE`] is copied in full: fetched from the
+//! object into a temporary file, synced, then renamed into place, so a
+//! crash during a copy-up leaves the object's version in force. A larger
+//! one is copied chunk by chunk as it is written ([`super::partial`]).
 //! Writes then go straight to the overlay file with `pwrite`, which makes
 //! them visible to every reader of the mount at once and lets a killed
 //! process keep them (the kernel has them).
@@ -20,7 +22,12 @@ use std::sync::Arc;
 use crate::tarball::reader::SessionReader;
 use parking_lot::Mutex;
 
+use super::partial::{ChunkMap, PartialFile};
 use super::OverlayError;
+
+/// What a chunk map's name adds to its file's (no dot: the next open keeps
+/// it, see `open.rs`).
+const MAP_SUFFIX: &str = "-map";
 
 /// Bytes fetched per request during a copy-up.
 const COPY_CHUNK: u64 = 8 << 20;
@@ -55,6 +62,8 @@ pub struct Content {
     reader: parking_lot::RwLock<Option<Arc<SessionReader>>>,
     rt: tokio::runtime::Handle,
     copy_ups: CopyUps,
+    /// Chunk maps of the files copied up chunk by chunk, loaded once.
+    maps: Mutex<std::collections::HashMap<u64, Arc<ChunkMap>>>,
 }
 
 /// Who may change which overlay file: a copy-up (or a truncation, or a
@@ -97,6 +106,7 @@ impl Content {
             reader: parking_lot::RwLock::new(reader),
             rt,
             copy_ups: CopyUps::default(),
+            maps: Mutex::default(),
         })
     }
 
@@ -176,6 +186,125 @@ impl Content {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(ino, "could not remove an overlay file: {e}"),
         }
+        self.drop_map(ino);
+    }
+
+    /// The chunk map of `ino`'s overlay file, beside it.
+    pub fn map_path(&self, ino: u64) -> PathBuf {
+        self.dir.join(format!("{ino}{MAP_SUFFIX}"))
+    }
+
+    /// The inode whose chunk map a file of the overlay directory is.
+    pub fn map_of(name: &str) -> Option<u64> {
+        name.strip_suffix(MAP_SUFFIX)?.parse().ok()
+    }
+
+    /// Forgets `ino`'s chunk map, which its overlay file no longer needs
+    /// (held whole, replaced, or gone). Journal first, then this: a map
+    /// left by a crash is removed at the next open. Every map is loaded
+    /// (at its creation, or at open), so an inode not loaded has none.
+    pub fn drop_map(&self, ino: u64) {
+        if self.maps.lock().remove(&ino).is_none() {
+            return;
+        }
+        match std::fs::remove_file(self.map_path(ino)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(ino, "could not remove a chunk map: {e}"),
+        }
+    }
+
+    /// The chunk map of a file copied up chunk by chunk.
+    pub fn chunk_map(&self, ino: u64) -> Result<Arc<ChunkMap>, OverlayError> {
+        let mut maps = self.maps.lock();
+        if let Some(m) = maps.get(&ino) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(ChunkMap::open(&self.map_path(ino))?);
+        maps.insert(ino, m.clone());
+        Ok(m)
+    }
+
+    /// `ino` as a file copied up chunk by chunk, whose other chunks are
+    /// `path` in `reader`'s object.
+    pub fn partial_file(
+        &self,
+        ino: u64,
+        reader: Option<Arc<SessionReader>>,
+        path: &str,
+    ) -> Result<PartialFile, OverlayError> {
+        Ok(PartialFile {
+            data: self.local(ino)?,
+            map: self.chunk_map(ino)?,
+            reader,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Starts a block-level copy-up of `ino` (`size` bytes, none fetched):
+    /// a sparse overlay file of that size and an empty chunk map, both
+    /// synced and renamed into place; the caller then journals the file as
+    /// [`super::node::Data::Partial`]. A crash before that leaves files the
+    /// next open removes.
+    pub fn begin_partial(
+        &self,
+        ino: u64,
+        size: u64,
+        mtime: std::time::SystemTime,
+    ) -> Result<(), OverlayError> {
+        let tmp = self.dir.join(format!("{ino}.copy"));
+        let out = File::create(&tmp)?;
+        out.set_len(size)?;
+        out.set_modified(mtime)?;
+        out.sync_all()?;
+        let map_tmp = self.dir.join(format!("{ino}.map"));
+        let map = ChunkMap::create(&map_tmp, size)?;
+        std::fs::rename(&map_tmp, self.map_path(ino))?;
+        self.maps.lock().insert(ino, Arc::new(map));
+        self.close(ino);
+        std::fs::rename(&tmp, self.path(ino))?;
+        Ok(())
+    }
+
+    /// Fetches `chunks` of a partial file into its overlay file, syncs it,
+    /// then marks them held. The caller holds [`Content::file_lock`].
+    pub fn fill(&self, file: &PartialFile, chunks: &[u64]) -> Result<(), OverlayError> {
+        let mut filled = Vec::with_capacity(chunks.len());
+        // Neighbouring chunks are fetched together: fewer requests.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &c in chunks {
+            let (start, end) = file.map.object_range(c);
+            if start >= end {
+                continue;
+            }
+            filled.push(c);
+            match runs.last_mut() {
+                Some(r) if r.1 == start && r.1 - r.0 < COPY_CHUNK => r.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+        for (start, end) in runs {
+            let bytes = read_object(
+                &self.rt,
+                file.reader.as_ref(),
+                &file.path,
+                start,
+                end - start,
+            )?;
+            if (bytes.len() as u64) < end - start {
+                return Err(OverlayError::Corrupt(format!(
+                    "{}: the object holds fewer bytes than the file's size",
+                    file.path
+                )));
+            }
+            file.data.write_all_at(&bytes, start)?;
+        }
+        if filled.is_empty() {
+            return Ok(());
+        }
+        file.data.sync_data()?;
+        file.map.mark(&filled)?;
+        Ok(())
     }
 
     /// Size and mtime of an overlay file, if it exists.
@@ -279,6 +408,7 @@ impl Content {
     pub fn install(&self, ino: u64, staged: &Path) -> Result<(), OverlayError> {
         self.close(ino);
         std::fs::rename(staged, self.path(ino))?;
+        self.drop_map(ino);
         Ok(())
     }
 
@@ -300,27 +430,39 @@ impl Content {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, OverlayError> {
-        let reader = reader
-            .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
-        let deadline = read_deadline();
-        match self.rt.block_on(async {
-            tokio::time::timeout(deadline, reader.read(path, offset, len)).await
-        }) {
-            Ok(read) => Ok(read?),
-            Err(_) => Err(crate::store::StoreError::Transient {
-                op: "read",
-                key: path.to_owned(),
-                message: format!(
-                    "no answer within {deadline:?} (--read-timeout-secs); the store stalls"
-                ),
-            }
-            .into()),
-        }
+        read_object(&self.rt, reader, path, offset, len)
     }
 
     /// Makes the overlay files and their directory durable.
     pub fn sync_dir(&self) -> Result<(), OverlayError> {
         File::open(&self.dir)?.sync_all()?;
         Ok(())
+    }
+}
+
+/// Bytes of `path` in `reader`'s object, waited for on `rt` from a thread
+/// that is not one of its own, within `--read-timeout-secs`.
+pub fn read_object(
+    rt: &tokio::runtime::Handle,
+    reader: Option<&Arc<SessionReader>>,
+    path: &str,
+    offset: u64,
+    len: u64,
+) -> Result<bytes::Bytes, OverlayError> {
+    let reader = reader
+        .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
+    let deadline = read_deadline();
+    match rt
+        .block_on(async { tokio::time::timeout(deadline, reader.read(path, offset, len)).await })
+    {
+        Ok(read) => Ok(read?),
+        Err(_) => Err(crate::store::StoreError::Transient {
+            op: "read",
+            key: path.to_owned(),
+            message: format!(
+                "no answer within {deadline:?} (--read-timeout-secs); the store stalls"
+            ),
+        }
+        .into()),
     }
 }

@@ -165,7 +165,7 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
                     entry.s = n.size;
                     from = match &n.data {
                         _ if n.size == 0 => Origin::Meta,
-                        Data::Local => Origin::Local {
+                        Data::Local | Data::Partial(_) => Origin::Local {
                             ino,
                             size: n.size,
                             mtime: n.mtime,
@@ -191,6 +191,12 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
                         Data::None => {
                             Some(Source::Stream(Box::new(std::io::repeat(0).take(n.size))))
                         }
+                        Data::Partial(base) => Some(Source::Stream(Box::new(PartialReader {
+                            file: live.content.partial_file(ino, reader.clone(), base)?,
+                            at: 0,
+                            size: n.size,
+                            rt: live.content.runtime().clone(),
+                        }))),
                     };
                 }
             }
@@ -211,6 +217,31 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
 pub fn export<W: Write + Send>(live: &LiveSession, out: W) -> Result<PackStats, OverlayError> {
     let tree = entries(live)?;
     Ok(pack_entries(tree, out, &PackOptions::default(), &|_| {})?)
+}
+
+/// A file copied up chunk by chunk, read from its overlay file and the
+/// object a piece at a time. Runs on the packing thread.
+struct PartialReader {
+    file: super::partial::PartialFile,
+    at: u64,
+    size: u64,
+    rt: tokio::runtime::Handle,
+}
+
+impl Read for PartialReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(READ_CHUNK).min(self.size - self.at);
+        let bytes = self
+            .file
+            .read_at(&self.rt, self.at, want)
+            .map_err(std::io::Error::other)?;
+        buf[..bytes.len()].copy_from_slice(&bytes);
+        self.at += bytes.len() as u64;
+        Ok(bytes.len())
+    }
 }
 
 /// An unchanged file, read from the object a chunk at a time. Runs on the

@@ -398,7 +398,8 @@ impl Journal {
                     },
                     target: r.get(14)?,
                     data: match (local, base) {
-                        (true, _) => Data::Local,
+                        (true, Some(b)) => Data::Partial(b),
+                        (true, None) => Data::Local,
                         (false, Some(b)) => Data::Base(b),
                         (false, None) => Data::None,
                     },
@@ -532,13 +533,14 @@ impl Journal {
     /// found under another name than their base path are re-pointed, the
     /// changes it covered are confirmed. Files still in the overlay stay
     /// there (their bytes are in the object too; the next write-back
-    /// adopts them).
+    /// adopts them); those copied up chunk by chunk read the chunks they do
+    /// not hold from their path in the new object (also remapped).
     pub fn recover_completed(&self, attempt: &Attempt, etag: &str) -> Result<(), OverlayError> {
         self.caught_up()?;
         let tx = self.conn.unchecked_transaction()?;
         tx.execute(
             "UPDATE nodes SET base = (SELECT path FROM wb_remap WHERE wb_remap.ino = nodes.ino) \
-             WHERE local = 0 AND base IS NOT NULL AND ino IN (SELECT ino FROM wb_remap)",
+             WHERE base IS NOT NULL AND ino IN (SELECT ino FROM wb_remap)",
             [],
         )?;
         tx.execute("DELETE FROM changes WHERE seq <= ?1", [attempt.seq])?;
@@ -667,6 +669,9 @@ fn apply_op(c: &Connection, op: &Op) -> Result<(), OverlayError> {
                 Data::None => (None, false),
                 Data::Base(b) => (Some(b.as_str()), false),
                 Data::Local => (None, true),
+                // Local with a base: the chunks the overlay file does not
+                // hold are still that object file's.
+                Data::Partial(b) => (Some(b.as_str()), true),
             };
             c.prepare_cached(
                 "INSERT OR REPLACE INTO nodes(ino, kind, perm, uid, gid, nlink, rdev, size, \

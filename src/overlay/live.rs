@@ -22,6 +22,7 @@ use super::content::Content;
 use super::journal::Writes;
 use super::namespace::{check_name, Namespace, SetAttr, ROOT};
 use super::node::{Data, Node, NodeKind, Time};
+use super::partial;
 use super::OverlayError;
 use crate::session::SessionPath;
 use crate::tarball::reader::SessionReader;
@@ -95,6 +96,28 @@ struct Rounds {
     synced: (u64, u64),
 }
 
+/// Bytes fetched per request, and synced together, when a partial file is
+/// filled whole.
+const COPY_RUN: u64 = 32 << 20;
+
+/// Chunks of a partial file a write covers wholly (see
+/// [`LiveSession::prepare_write`]).
+#[derive(Default)]
+pub struct Covered<'a> {
+    held: Option<(super::content::FileGuard<'a>, Arc<partial::ChunkMap>)>,
+    chunks: Vec<u64>,
+}
+
+impl Covered<'_> {
+    /// The write landed: its chunks are the overlay file's now.
+    pub fn written(self) -> Result<(), OverlayError> {
+        match &self.held {
+            Some((_, m)) if !self.chunks.is_empty() => Ok(m.mark(&self.chunks)?),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One version of a file's bytes, pinned (see [`LiveSession::open_version`]).
 pub enum FileVersion {
     /// The overlay file as it was opened (a replacement renames a new one
@@ -102,6 +125,9 @@ pub enum FileVersion {
     Local(Arc<std::fs::File>),
     /// A file of an object version (objects never change).
     Base(Arc<SessionReader>, String),
+    /// A file copied up chunk by chunk (its overlay file as it was opened,
+    /// and the object version its other chunks are read from).
+    Partial(super::partial::PartialFile),
     /// A file that has no bytes stored (reads as zeros up to its size).
     Zeros,
 }
@@ -334,7 +360,110 @@ impl LiveSession {
         }
     }
 
-    /// Brings a file's bytes into the overlay (once); `truncate` skips the fetch.
+    /// Makes a file writable in the overlay: a large unchanged one starts a
+    /// block-level copy-up (nothing fetched), a small one is copied up
+    /// whole; `truncate` empties it instead.
+    pub fn ensure_writable(&self, ino: u64, truncate: bool) -> Result<(), OverlayError> {
+        {
+            let _this_file = self.content.file_lock(ino);
+            let node = self.ns.lock().get(ino)?.clone();
+            match &node.data {
+                Data::Partial(_) if !truncate => return Ok(()),
+                Data::Base(path) if !truncate && node.size >= partial::MIN_SIZE => {
+                    self.content
+                        .begin_partial(ino, node.size, node.mtime.system())?;
+                    self.ns
+                        .lock()
+                        .set_data(ino, Data::Partial(path.clone()), None)?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        self.ensure_local(ino, truncate)
+    }
+
+    /// Whether a write of `len` bytes at `offset` may wait on the store
+    /// (a copy-up, or chunks of a partial file to fill first).
+    pub fn write_fetches(&self, ino: u64, offset: u64, len: u64) -> bool {
+        let partial = match self.ns.lock().get(ino).map(|n| &n.data) {
+            Ok(Data::Base(_)) => return true,
+            Ok(Data::Partial(_)) => true,
+            _ => false,
+        };
+        partial
+            && self
+                .content
+                .chunk_map(ino)
+                .map_or(true, |m| !m.to_fill(offset, len).is_empty())
+    }
+
+    /// Readies `[offset, offset + len)` of a file for a write: copied up if
+    /// it is not yet, and the chunks of a partial file that the write does
+    /// not cover wholly filled from the object first. Returns the chunks the
+    /// write covers wholly: the caller marks them held once it has written
+    /// them (not before, or a failed write would leave holes), and holds
+    /// the file meanwhile (or a concurrent fill could write the object's
+    /// bytes over the write).
+    pub fn prepare_write(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Covered<'_>, OverlayError> {
+        let data = self.ns.lock().get(ino)?.data.clone();
+        match data {
+            Data::Local => Ok(Covered::default()),
+            Data::Partial(_) => {
+                let map = self.content.chunk_map(ino)?;
+                if map.to_fill(offset, len).is_empty() {
+                    return Ok(Covered::default());
+                }
+                let this_file = self.content.file_lock(ino);
+                // The node and the object its chunks are read from, as one
+                // pair (a write-back may have moved both meanwhile).
+                let (node, reader) = {
+                    let ns = self.ns.lock();
+                    (ns.get(ino)?.clone(), self.content.reader())
+                };
+                let Data::Partial(path) = &node.data else {
+                    return Ok(Covered::default());
+                };
+                let file = self.content.partial_file(ino, reader, path)?;
+                let mut chunks = file.map.to_fill(offset, len);
+                // Chunks the write covers whole need no bytes of the object;
+                // they are marked once written (below).
+                let end = offset.saturating_add(len);
+                let whole = |c: &u64| {
+                    let (s, e) = file.map.object_range(*c);
+                    offset <= s && e <= end
+                };
+                let covered: Vec<u64> = chunks.iter().copied().filter(whole).collect();
+                chunks.retain(|c| !whole(c));
+                self.content.fill(&file, &chunks)?;
+                Ok(Covered {
+                    held: Some((this_file, file.map)),
+                    chunks: covered,
+                })
+            }
+            _ => self
+                .ensure_writable(ino, false)
+                .map(|()| Covered::default()),
+        }
+    }
+
+    /// Sets a file's size in the overlay (a truncate or an extension).
+    pub fn resize(&self, ino: u64, size: u64) -> Result<(), OverlayError> {
+        self.ensure_writable(ino, size == 0)?;
+        let _this_file = self.content.file_lock(ino);
+        if let Data::Partial(_) = self.ns.lock().get(ino)?.data {
+            self.content.chunk_map(ino)?.limit(size)?;
+        }
+        self.content.local(ino)?.set_len(size)?;
+        Ok(())
+    }
+
+    /// Brings a file's bytes into the overlay whole (once); `truncate` skips the fetch.
     pub fn ensure_local(&self, ino: u64, truncate: bool) -> Result<(), OverlayError> {
         let _this_file = self.content.file_lock(ino);
         let node = self.ns.lock().get(ino)?.clone();
@@ -342,8 +471,13 @@ impl LiveSession {
             return Err(OverlayError::Invalid("not a regular file"));
         }
         match &node.data {
-            Data::Local => {
-                if truncate && node.size > 0 {
+            Data::Local | Data::Partial(_) if truncate => {
+                if let Data::Partial(_) = node.data {
+                    // First: a crash after the cut must not read the
+                    // object's bytes back into the emptied file.
+                    self.content.chunk_map(ino)?.limit(0)?;
+                }
+                if node.size > 0 {
                     self.content.local(ino)?.set_len(0)?;
                     let set = SetAttr {
                         size: Some(0),
@@ -351,6 +485,25 @@ impl LiveSession {
                     };
                     self.ns.lock().setattr(ino, &set)?;
                 }
+                if matches!(node.data, Data::Partial(_)) {
+                    self.ns.lock().set_data(ino, Data::Local, None)?;
+                    self.content.drop_map(ino);
+                }
+            }
+            Data::Local => {}
+            Data::Partial(path) => {
+                let file = self
+                    .content
+                    .partial_file(ino, self.content.reader(), path)?;
+                let missing = file.map.missing();
+                for run in missing.chunks((COPY_RUN / partial::CHUNK) as usize) {
+                    self.content.fill(&file, run)?;
+                }
+                // Not a write (see `Namespace::adopt_local`).
+                file.data.set_modified(node.mtime.system())?;
+                file.data.sync_all()?;
+                self.ns.lock().set_data(ino, Data::Local, None)?;
+                self.content.drop_map(ino);
             }
             Data::Base(path) => {
                 let len = if truncate { 0 } else { node.size };
@@ -406,6 +559,11 @@ impl LiveSession {
         }
         match node.data {
             Data::Local => self.content.read_local(ino, offset, end - offset),
+            Data::Partial(path) => self.content.partial_file(ino, reader, &path)?.read_at(
+                self.content.runtime(),
+                offset,
+                end - offset,
+            ),
             Data::Base(path) => Ok(self
                 .content
                 .read_base_from(reader.as_ref(), &path, offset, end - offset)?
@@ -428,6 +586,11 @@ impl LiveSession {
         let version = match &node.data {
             _ if node.kind != NodeKind::File => FileVersion::Zeros,
             Data::Local => FileVersion::Local(self.content.local(node.ino)?),
+            Data::Partial(p) => FileVersion::Partial(self.content.partial_file(
+                node.ino,
+                self.content.reader(),
+                p,
+            )?),
             Data::Base(p) => match self.content.reader() {
                 Some(r) => FileVersion::Base(r, p.clone()),
                 None => return Err(OverlayError::Corrupt(format!("{p}: no session object"))),
@@ -466,6 +629,7 @@ impl LiveSession {
                 .content
                 .read_base_from(Some(reader), path, offset, len)?
                 .to_vec()),
+            FileVersion::Partial(file) => file.read_at(self.content.runtime(), offset, len),
             FileVersion::Zeros => Ok(vec![0u8; len as usize]),
         }
     }

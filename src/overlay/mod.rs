@@ -9,6 +9,7 @@
 //!   write-back consumes).
 //! - [`namespace`]: the tree in memory and the POSIX rules of every change.
 //! - [`content`]: file bytes, lazily from the object or from the overlay.
+//! - [`partial`]: large files copied up chunk by chunk, as they are written.
 //! - [`live`]: one open session (tree + bytes) and the whole-file operations
 //!   the API makes on it.
 //! - [`open`]: opening a session's overlay, reconciling what a crash left.
@@ -26,6 +27,7 @@ pub mod live;
 pub mod namespace;
 pub mod node;
 pub mod open;
+pub mod partial;
 pub mod registry;
 pub mod reserve;
 pub mod writeback;

@@ -921,7 +921,7 @@ impl Namespace {
     pub fn local_files(&self) -> Vec<u64> {
         self.nodes
             .values()
-            .filter(|n| n.data == Data::Local)
+            .filter(|n| n.data.in_overlay())
             .map(|n| n.ino)
             .collect()
     }

@@ -125,6 +125,16 @@ pub enum Data {
     Base(String),
     /// In the overlay, in the file named after the inode.
     Local,
+    /// In the overlay file where its chunk map says so, elsewhere still the
+    /// object's file at this path (see [`super::partial`]).
+    Partial(String),
+}
+
+impl Data {
+    /// Whether the file has an overlay file (whole or partial).
+    pub fn in_overlay(&self) -> bool {
+        matches!(self, Data::Local | Data::Partial(_))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

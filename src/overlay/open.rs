@@ -218,17 +218,38 @@ pub fn open_with(
         content.remove(ino);
     }
     // Overlay files a write-back adopted into the object, left by a crash
-    // between its commit and their removal.
+    // between its commit and their removal; chunk maps of files no longer
+    // copied up chunk by chunk (held whole since, adopted, or a copy-up the
+    // journal never recorded).
     let local: std::collections::HashSet<u64> = ns.local_files().into_iter().collect();
     let unjournaled: std::collections::HashSet<u64> = ns.unjournaled_local().into_iter().collect();
     if let Ok(dir) = std::fs::read_dir(content.dir()) {
         for e in dir.flatten() {
-            let ino = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
-            if let Some(ino) = ino {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if let Some(ino) = Content::map_of(&name) {
+                if !ns
+                    .get(ino)
+                    .is_ok_and(|n| matches!(n.data, super::node::Data::Partial(_)))
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            } else if let Ok(ino) = name.parse::<u64>() {
                 if !local.contains(&ino) && !unjournaled.contains(&ino) && ns.get(ino).is_ok() {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
+        }
+    }
+    // Chunk maps, loaded now: a file whose map is unreadable fails the open
+    // rather than reading the object's bytes where writes were.
+    for ino in ns.local_files() {
+        if matches!(
+            ns.get(ino).map(|n| &n.data),
+            Ok(super::node::Data::Partial(_))
+        ) {
+            content.chunk_map(ino)?;
         }
     }
     // Files created and written whose journal entry had not caught up.

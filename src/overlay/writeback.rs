@@ -204,10 +204,13 @@ pub fn write_back(
             _ => None,
         })
         .collect();
+    // Files copied up chunk by chunk are remapped too: the chunks they do
+    // not hold are read from their path in the new object (a crash
+    // recovery that adopts it applies this; a file held whole ignores it).
     let remap: Vec<(u64, String)> = moving
         .iter()
         .filter_map(|(i, p)| match &snap.origin[*i] {
-            Origin::Base { ino, .. } => Some((*ino, p.clone())),
+            Origin::Base { ino, .. } | Origin::Local { ino, .. } => Some((*ino, p.clone())),
             _ => None,
         })
         .collect();
@@ -698,16 +701,20 @@ fn adopt(
     for (i, path) in moving {
         match &snap.origin[*i] {
             Origin::Base { ino, .. } => {
-                // Wherever the file is now, its bytes are at `path` in the new object.
+                // Wherever the file is now, its bytes are at `path` in the new
+                // object: all of them, or (copied up chunk by chunk since)
+                // those of the chunks it does not hold.
                 if let Ok(n) = ns.get(*ino) {
-                    if matches!(n.data, Data::Base(_)) {
-                        data.push((*ino, Data::Base(path.clone())));
+                    match n.data {
+                        Data::Base(_) => data.push((*ino, Data::Base(path.clone()))),
+                        Data::Partial(_) => data.push((*ino, Data::Partial(path.clone()))),
+                        _ => {}
                     }
                 }
             }
             Origin::Local { ino, size, mtime } => {
                 let Ok(n) = ns.get(*ino) else { continue };
-                let unchanged = n.data == Data::Local
+                let unchanged = n.data.in_overlay()
                     && n.size == *size
                     && n.mtime == *mtime
                     && !ns.is_open(*ino)
@@ -715,6 +722,10 @@ fn adopt(
                 if unchanged {
                     data.push((*ino, Data::Base(path.clone())));
                     freed.push(*ino);
+                } else if let Data::Partial(_) = n.data {
+                    // Chunks it does not hold now, it held none of while
+                    // packed: they went in from the old object, unchanged.
+                    data.push((*ino, Data::Partial(path.clone())));
                 }
             }
             Origin::Meta | Origin::Zeros { .. } => {}

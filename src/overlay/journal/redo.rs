@@ -227,6 +227,10 @@ fn encode_op(b: &mut Vec<u8>, op: &Op) {
                     put_bytes(b, p.as_bytes());
                 }
                 Data::Local => b.push(2),
+                Data::Partial(p) => {
+                    b.push(3);
+                    put_bytes(b, p.as_bytes());
+                }
             }
             put_u64(b, n.parent);
         }
@@ -336,6 +340,7 @@ fn decode_op(r: &mut Reader) -> Option<Op> {
                 0 => Data::None,
                 1 => Data::Base(r.string()?),
                 2 => Data::Local,
+                3 => Data::Partial(r.string()?),
                 _ => return None,
             };
             Op::PutNode(Node {

@@ -116,21 +116,27 @@ impl Namespace {
                     && match &n.data {
                         Data::Base(q) => q == p,
                         Data::None => b.s == 0,
-                        Data::Local => false,
+                        Data::Local | Data::Partial(_) => false,
                     }
             }
             _ => (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
         }
     }
 
-    /// Files whose bytes are the base object's at a path the stored object
-    /// changed, and that keep those bytes through the rebase: they must be
-    /// copied up (from the base object, or its cached blocks) first.
+    /// Files whose bytes (or, copied up chunk by chunk, some of them) are
+    /// the base object's at a path the stored object changed, and that keep
+    /// those bytes through the rebase: they must be copied up in full (from
+    /// the base object, or its cached blocks) first.
     pub fn rebase_copy_ups(&self, base: &[Entry], remote: &[Entry]) -> Vec<u64> {
         let s = self.sides(base, remote);
         let mut out = Vec::new();
         for n in self.nodes.values() {
-            let Data::Base(q) = &n.data else { continue };
+            // A file copied up chunk by chunk reads the chunks it does not
+            // hold from the stored object afterwards, as an unchanged file
+            // does, unless the stored object changed that file too.
+            let (Data::Base(q) | Data::Partial(q)) = &n.data else {
+                continue;
+            };
             if !s.remote_changed(q) {
                 continue;
             }

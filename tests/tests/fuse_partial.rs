@@ -1,0 +1,320 @@
+//! Block-level copy-up on the real S3 server: a large file of a session,
+//! mounted on a host that never read it, is changed in place without being
+//! fetched whole. A 1-byte change and its fsync move a few MiB at most;
+//! writes across chunk edges, whole chunks, appends, a truncation and an
+//! extension then read back as a model file says, also after kill -9 of the
+//! mount and a new mount of the same overlay; the write-back stores exactly
+//! that file, read by a fresh host.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use sessionfs_tests::mount::Site;
+use sessionfs_tests::pattern;
+
+const MIB: u64 = 1 << 20;
+
+fn session(name: &str) -> String {
+    format!("tests__{name}{:08x}__main", rand::random::<u32>())
+}
+
+/// Bytes the block cache holds: what the mount fetched from the store.
+fn cache_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        let md = e.metadata().unwrap();
+        if md.is_dir() {
+            total += cache_bytes(&e.path());
+        } else if !e.file_name().to_string_lossy().contains(".db") {
+            total += md.len();
+        }
+    }
+    total
+}
+
+/// A write through the mount, mirrored in `model`.
+fn write(path: &Path, model: &mut Vec<u8>, at: u64, bytes: &[u8]) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+    let end = at as usize + bytes.len();
+    if model.len() < end {
+        model.resize(end, 0);
+    }
+    model[at as usize..end].copy_from_slice(bytes);
+}
+
+/// Pieces read through the mount (`pread`), against the model: across
+/// chunks held and not, and the whole file.
+fn check(path: &Path, model: &[u8], what: &str) {
+    let f = OpenOptions::new().read(true).open(path).unwrap();
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        model.len() as u64,
+        "{what}: size"
+    );
+    for (at, len) in [
+        (0, 4096),
+        (3 * MIB - 4096, 8192),
+        (10 * MIB - 1, MIB + 2),
+        (20 * MIB - 200, 3 * MIB),
+        (40 * MIB, MIB),
+    ] {
+        let end = (at + len).min(model.len() as u64);
+        if at >= end {
+            continue;
+        }
+        let mut buf = vec![0u8; (end - at) as usize];
+        f.read_exact_at(&mut buf, at).unwrap();
+        assert!(
+            buf == model[at as usize..end as usize],
+            "{what}: bytes {at}..{end} differ from the model"
+        );
+    }
+    let all = std::fs::read(path).unwrap();
+    assert!(
+        all == model,
+        "{what}: the whole file differs from the model"
+    );
+}
+
+#[test]
+fn a_large_file_changes_in_place_without_being_fetched_whole() {
+    let site = Site::s3();
+    let name = session("partial");
+    let src = site.dir.path().join("src/workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    let original = pattern(48 * MIB as usize, 41).to_vec();
+    std::fs::write(src.join("big.bin"), &original).unwrap();
+    std::fs::write(src.join("small.txt"), b"unchanged").unwrap();
+    site.push(&site.dir.path().join("src"), &name);
+
+    let host = Site::s3();
+    let cache = host.dir.path().join("cache");
+    let quiet = [
+        "--writeback-quiet-ms",
+        "3600000",
+        "--writeback-max-lag-ms",
+        "3600000",
+    ];
+    let m = host.mount(&name, &quiet);
+    let big = m.join("workspace/big.bin");
+    assert_eq!(std::fs::metadata(&big).unwrap().len(), 48 * MIB);
+
+    // One byte in the middle, then fsync: a few MiB fetched, not 48.
+    let mut model = original.clone();
+    let before = cache_bytes(&cache);
+    {
+        let f = OpenOptions::new().write(true).open(&big).unwrap();
+        f.write_all_at(b"X", 40 * MIB + 12345).unwrap();
+        f.sync_all().unwrap();
+    }
+    model[(40 * MIB + 12345) as usize] = b'X';
+    let fetched = cache_bytes(&cache) - before;
+    assert!(
+        fetched <= 4 * MIB,
+        "changing one byte fetched {fetched} bytes of a 48 MiB file"
+    );
+
+    // Across a chunk edge, one whole chunk, a run of chunks with ragged
+    // ends, and an append.
+    write(
+        &big,
+        &mut model,
+        3 * MIB - 10,
+        b"across the edge of a chunk",
+    );
+    write(&big, &mut model, 10 * MIB, &pattern(MIB as usize, 9));
+    write(
+        &big,
+        &mut model,
+        20 * MIB - 100,
+        &pattern(2 * MIB as usize + 200, 10),
+    );
+    {
+        let mut f = OpenOptions::new().append(true).open(&big).unwrap();
+        std::io::Write::write_all(&mut f, &pattern(5000, 11)).unwrap();
+    }
+    model.extend_from_slice(&pattern(5000, 11));
+    check(&big, &model, "after the writes");
+
+    // Cut below the object's end, then grown back: zeros, not the object's.
+    {
+        let f = OpenOptions::new().write(true).open(&big).unwrap();
+        f.set_len(30 * MIB + 7).unwrap();
+        f.set_len(35 * MIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    model.truncate((30 * MIB + 7) as usize);
+    model.resize(35 * MIB as usize, 0);
+    check(&big, &model, "after a truncation and an extension");
+
+    // kill -9 after the writes returned: a new mount of the same overlay
+    // reads the same file, and writes go on in it.
+    m.kill9();
+    let m = host.mount(&name, &quiet);
+    let big = m.join("workspace/big.bin");
+    check(&big, &model, "after kill -9 and a new mount");
+    write(&big, &mut model, 5 * MIB + 3, b"after the new mount");
+    check(&big, &model, "written after the new mount");
+
+    host.run(&["flush", &m.path.display().to_string()]);
+    check(&big, &model, "after the write-back");
+    m.stop();
+
+    let fresh = Site::s3();
+    assert!(
+        fresh.run(&["cat", &name, "workspace/big.bin"]) == model,
+        "the written-back object holds another file"
+    );
+    assert_eq!(
+        fresh.run(&["cat", &name, "workspace/small.txt"]),
+        b"unchanged"
+    );
+}
+
+/// Another writer stores the session while a large file is changed here in
+/// place: the mount moves onto its object, the chunks it does not hold are
+/// then read from that object (the file is unchanged there), and its own
+/// write-back stores both changes.
+#[test]
+fn a_file_changed_in_place_moves_onto_another_writers_object() {
+    let site = Site::s3();
+    let name = session("partialfollow");
+    let src = site.dir.path().join("src/workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    let original = pattern(24 * MIB as usize, 43).to_vec();
+    std::fs::write(src.join("big.bin"), &original).unwrap();
+    std::fs::write(src.join("small.txt"), b"pushed").unwrap();
+    site.push(&site.dir.path().join("src"), &name);
+
+    let here = Site::s3();
+    let m = here.mount(
+        &name,
+        &["--writeback-quiet-ms", "600000", "--follow-ms", "300"],
+    );
+    let big = m.join("workspace/big.bin");
+    let mut model = original.clone();
+    write(&big, &mut model, 13 * MIB + 5, b"changed here");
+
+    let there = Site::s3();
+    let other = there.mount(&name, &["--writeback-quiet-ms", "600000"]);
+    std::fs::write(other.join("workspace/small.txt"), b"changed there").unwrap();
+    there.run(&["flush", &other.path.display().to_string()]);
+    other.stop();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read(m.join("workspace/small.txt")).unwrap() != b"changed there" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mount did not move onto the other writer's object"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    check(&big, &model, "after moving onto the other writer's object");
+    here.run(&["flush", &m.path.display().to_string()]);
+    m.stop();
+
+    let fresh = Site::s3();
+    assert!(
+        fresh.run(&["cat", &name, "workspace/big.bin"]) == model,
+        "the written-back object holds another file"
+    );
+    assert_eq!(
+        fresh.run(&["cat", &name, "workspace/small.txt"]),
+        b"changed there"
+    );
+}
+
+/// Random writes, reads and size changes on a file copied up chunk by
+/// chunk (never zeroed first, unlike fsx's), each read checked against a
+/// model; then kill -9, a new mount and the write-back, also checked.
+#[test]
+fn random_operations_on_a_file_changed_in_place_match_a_model() {
+    let site = Site::s3();
+    let name = session("partialfsx");
+    let src = site.dir.path().join("src/workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    let original = pattern(20 * MIB as usize, 47).to_vec();
+    std::fs::write(src.join("big.bin"), &original).unwrap();
+    site.push(&site.dir.path().join("src"), &name);
+
+    let host = Site::s3();
+    let quiet = [
+        "--writeback-quiet-ms",
+        "3600000",
+        "--writeback-max-lag-ms",
+        "3600000",
+    ];
+    let m = host.mount(&name, &quiet);
+    let big = m.join("workspace/big.bin");
+    let mut model = original;
+    let mut rng = 0x2026_1202_u64;
+    let mut next = move |below: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % below.max(1)
+    };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&big)
+        .unwrap();
+    for op in 0..1500u64 {
+        let len = model.len() as u64;
+        match next(10) {
+            0..=4 => {
+                // Mostly small writes, some over whole chunks.
+                let n = if next(4) == 0 {
+                    next(3 * MIB) + 1
+                } else {
+                    next(64 << 10) + 1
+                };
+                let at = next(len + 4096);
+                let bytes = pattern(n as usize, op);
+                f.write_all_at(&bytes, at).unwrap();
+                let end = (at + n) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[at as usize..end].copy_from_slice(&bytes);
+            }
+            5..=8 => {
+                let at = next(len);
+                let n = (next(256 << 10) + 1).min(len - at);
+                let mut buf = vec![0u8; n as usize];
+                f.read_exact_at(&mut buf, at).unwrap();
+                assert!(
+                    buf == model[at as usize..(at + n) as usize],
+                    "operation {op}: a read of {n} bytes at {at} differs from the model"
+                );
+            }
+            _ => {
+                let to = next(len + MIB).max(1);
+                f.set_len(to).unwrap();
+                model.resize(to as usize, 0);
+            }
+        }
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    check(&big, &model, "after the random operations");
+    m.kill9();
+    let m = host.mount(&name, &quiet);
+    check(
+        &m.join("workspace/big.bin"),
+        &model,
+        "after kill -9 and a new mount",
+    );
+    host.run(&["flush", &m.path.display().to_string()]);
+    m.stop();
+    let fresh = Site::s3();
+    assert!(
+        fresh.run(&["cat", &name, "workspace/big.bin"]) == model,
+        "the written-back object holds another file"
+    );
+}
