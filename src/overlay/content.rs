@@ -238,6 +238,7 @@ impl Content {
             map: self.chunk_map(ino)?,
             reader,
             path: path.to_owned(),
+            ahead: true,
         })
     }
 
@@ -290,6 +291,7 @@ impl Content {
                 &file.path,
                 start,
                 end - start,
+                false,
             )?;
             if (bytes.len() as u64) < end - start {
                 return Err(OverlayError::Corrupt(format!(
@@ -430,7 +432,7 @@ impl Content {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, OverlayError> {
-        read_object(&self.rt, reader, path, offset, len)
+        read_object(&self.rt, reader, path, offset, len, true)
     }
 
     /// Makes the overlay files and their directory durable.
@@ -441,20 +443,27 @@ impl Content {
 }
 
 /// Bytes of `path` in `reader`'s object, waited for on `rt` from a thread
-/// that is not one of its own, within `--read-timeout-secs`.
+/// that is not one of its own, within `--read-timeout-secs`; `ahead` lets
+/// a sequential reader's next segments load meanwhile.
 pub fn read_object(
     rt: &tokio::runtime::Handle,
     reader: Option<&Arc<SessionReader>>,
     path: &str,
     offset: u64,
     len: u64,
+    ahead: bool,
 ) -> Result<bytes::Bytes, OverlayError> {
     let reader = reader
         .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
     let deadline = read_deadline();
-    match rt
-        .block_on(async { tokio::time::timeout(deadline, reader.read(path, offset, len)).await })
-    {
+    let read = async {
+        if ahead {
+            reader.read(path, offset, len).await
+        } else {
+            reader.read_here(path, offset, len).await
+        }
+    };
+    match rt.block_on(async { tokio::time::timeout(deadline, read).await }) {
         Ok(read) => Ok(read?),
         Err(_) => Err(crate::store::StoreError::Transient {
             op: "read",

@@ -15,10 +15,11 @@ use super::live::LiveSession;
 use super::namespace::ROOT;
 use super::node::{Data, NodeKind, Time};
 use super::OverlayError;
+use crate::store::MIN_PART_SIZE;
 use crate::tarball::reader::SessionReader;
 use crate::tarball::tar_header::hex_encode;
-use crate::tarball::toc::{Entry, Kind, StatData};
-use crate::tarball::tree::{Opener, Source, TreeEntry};
+use crate::tarball::toc::{Entry, Kind, Segment, StatData};
+use crate::tarball::tree::{Opener, Reusing, SkipRead, Source, TreeEntry};
 use crate::tarball::writer::{pack_entries, PackOptions, PackStats};
 
 /// Bytes read from the object per request while packing.
@@ -191,12 +192,24 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
                         Data::None => {
                             Some(Source::Stream(Box::new(std::io::repeat(0).take(n.size))))
                         }
-                        Data::Partial(base) => Some(Source::Stream(Box::new(PartialReader {
-                            file: live.content.partial_file(ino, reader.clone(), base)?,
-                            at: 0,
-                            size: n.size,
-                            rt: live.content.runtime().clone(),
-                        }))),
+                        Data::Partial(base) => {
+                            let mut file = live.content.partial_file(ino, reader.clone(), base)?;
+                            let segments = reader
+                                .as_deref()
+                                .map(|r| reusable(r, base, &file.map, n.size))
+                                .unwrap_or_default();
+                            // Reading ahead would fetch what is reused.
+                            file.ahead = segments.is_empty();
+                            Some(Source::Reusing(Reusing {
+                                reader: Box::new(PartialReader {
+                                    file,
+                                    at: 0,
+                                    size: n.size,
+                                    rt: live.content.runtime().clone(),
+                                }),
+                                segments,
+                            }))
+                        }
                     };
                 }
             }
@@ -219,6 +232,53 @@ pub fn export<W: Write + Send>(live: &LiveSession, out: W) -> Result<PackStats, 
     Ok(pack_entries(tree, out, &PackOptions::default(), &|_| {})?)
 }
 
+/// The segments of the base object that hold stretches of a file copied up
+/// chunk by chunk that are still wholly the object's (`base` there; `size`
+/// bytes now): only the file's own segments (data, no header or padding),
+/// in runs long enough to be copied server-side as parts of their own.
+fn reusable(
+    reader: &SessionReader,
+    base: &str,
+    map: &super::partial::ChunkMap,
+    size: u64,
+) -> Vec<(u64, Segment)> {
+    let Some(e) = reader.stat(base) else {
+        return Vec::new();
+    };
+    if reader.is_foreign() || e.t != Kind::File || e.sp.is_some() {
+        return Vec::new();
+    }
+    let (start, end) = (e.data_offset, e.data_offset + e.s);
+    let segments = &reader.toc().segments;
+    let first = segments.partition_point(|s| s.uo < start);
+    let mut runs: Vec<Vec<(u64, Segment)>> = Vec::new();
+    for s in segments[first..].iter().take_while(|s| s.uo + s.ul <= end) {
+        let at = s.uo - start;
+        let whole = match map.pieces(at, s.ul).as_slice() {
+            [p] => p.from_object && p.end == at + s.ul,
+            _ => false,
+        };
+        if !whole || at + s.ul > size {
+            runs.push(Vec::new());
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run)
+                if run
+                    .last()
+                    .is_some_and(|(a, p)| a + p.ul == at && p.co + p.cl == s.co) =>
+            {
+                run.push((at, s.clone()))
+            }
+            _ => runs.push(vec![(at, s.clone())]),
+        }
+    }
+    runs.into_iter()
+        .filter(|run| run.iter().map(|(_, s)| s.cl).sum::<u64>() >= MIN_PART_SIZE)
+        .flatten()
+        .collect()
+}
+
 /// A file copied up chunk by chunk, read from its overlay file and the
 /// object a piece at a time. Runs on the packing thread.
 struct PartialReader {
@@ -226,6 +286,13 @@ struct PartialReader {
     at: u64,
     size: u64,
     rt: tokio::runtime::Handle,
+}
+
+impl SkipRead for PartialReader {
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        self.at = self.at.saturating_add(n).min(self.size);
+        Ok(())
+    }
 }
 
 impl Read for PartialReader {

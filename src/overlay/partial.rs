@@ -15,13 +15,15 @@
 //!   it lowers it (synced before the file shrinks), so bytes cut off and
 //!   grown back read as zeros, not as the object's.
 //! - **What reads the rest.** The mount and the API read each piece from
-//!   where it is; a write-back packs the file from both and then drops the
-//!   overlay copy, as for a file copied up whole. After a rebase onto
-//!   another writer's object, the chunks not held are read from it at the
-//!   same path, as an unchanged file's bytes are; only a file that writer
-//!   changed too is filled completely first, from the old object (or its
-//!   cached blocks). If those are gone, the rebase fails and the changes
-//!   stay pending, as for a whole file in that case.
+//!   where it is. A write-back packs the file from both, laying the old
+//!   object's segments that hold only chunks not held into the new object
+//!   as they are (copied server-side: `export.rs`, `tarball/writer.rs`),
+//!   then drops the overlay copy, as for a file copied up whole.
+//! - **Another writer's object.** After a rebase onto it, the chunks not
+//!   held are read from it at the same path, as an unchanged file's bytes
+//!   are; only a file that writer changed too is filled completely first,
+//!   from the old object (or its cached blocks). If those are gone, the
+//!   rebase fails and the changes stay pending, as for a whole file then.
 //!
 //! The map file: a magic (8 bytes), `base_len` (u64, little-endian), then
 //! one bit per chunk (chunk `c` is bit `c % 8` of byte `c / 8`).
@@ -230,6 +232,9 @@ pub struct PartialFile {
     pub reader: Option<Arc<SessionReader>>,
     /// The file's path in that object.
     pub path: String,
+    /// Whether reads of the object read ahead (off for a reader that skips
+    /// what it reuses).
+    pub ahead: bool,
 }
 
 impl PartialFile {
@@ -252,6 +257,7 @@ impl PartialFile {
                     &self.path,
                     p.start,
                     p.end - p.start,
+                    self.ahead,
                 )?;
                 out.extend_from_slice(&bytes);
             } else {

@@ -48,7 +48,7 @@ use crate::tarball::reader::SessionReader;
 use crate::tarball::repack::{self, Plan};
 use crate::tarball::toc::DIGEST_KEY;
 use crate::tarball::tree::TreeEntry;
-use crate::tarball::writer::{pack_after, PackOptions, Prefix};
+use crate::tarball::writer::{pack_after, PackOptions, Prefix, Reused};
 use crate::tarball::TarballError;
 
 /// Size of the parts copied server-side. Large: the test server copies the
@@ -306,6 +306,35 @@ enum Piece {
     Spool { offset: u64, len: u64 },
 }
 
+/// The spool from `from` to `to`, with the old segments the pack laid in
+/// (`reused`, counted from `packed_at`) copied at their places; adjacent
+/// ones in one copy.
+fn spool_pieces(from: u64, to: u64, packed_at: u64, reused: &[Reused]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut at = from;
+    for r in reused {
+        let here = packed_at + r.at;
+        if here > at {
+            out.push(Piece::Spool {
+                offset: at,
+                len: here - at,
+            });
+            at = here;
+        }
+        match out.last_mut() {
+            Some(Piece::Copy(c)) if c.end == r.range.start => c.end = r.range.end,
+            _ => out.push(Piece::Copy(r.range.clone())),
+        }
+    }
+    if to > at {
+        out.push(Piece::Spool {
+            offset: at,
+            len: to - at,
+        });
+    }
+    out
+}
+
 fn pack_and_upload(
     live: &LiveSession,
     store: &Arc<dyn ObjectStore>,
@@ -330,32 +359,49 @@ fn pack_and_upload(
     let mut out = BufWriter::new(spool);
     let mut requests = 0u64;
     let mut pieces = Vec::new();
-    let (digest, stats_toc, full) = match &plan {
+    // Where the packed part starts in the spool (after the gzip header and
+    // the moved runs), and the old segments laid into it unwritten.
+    let mut packed_at = 0u64;
+    let (digest, stats_toc, full, reused) = match &plan {
         Some(plan) => {
             if !plan.header_copied() {
                 out.write_all(&GZIP_HEADER)?;
+                packed_at += GZIP_HEADER.len() as u64;
             }
             for r in &plan.moved {
                 let bytes =
                     rt.block_on(read_old(store.as_ref(), &key, &snap.base_etag, r.clone()))?;
                 requests += 1;
                 out.write_all(&bytes)?;
+                packed_at += bytes.len() as u64;
             }
             let fresh = take_fresh(&mut snap.tree, &plan.fresh);
-            let (stats, toc) =
-                pack_after(plan.prefix.clone(), fresh, &mut out, &opts.pack, &|_| {})?;
-            (stats.digest, toc, false)
+            let (stats, toc) = pack_after(
+                plan.prefix.clone(),
+                fresh,
+                &mut out,
+                &opts.pack,
+                true,
+                &|_| {},
+            )?;
+            (stats.digest, toc, false, stats.reused)
         }
         None => {
             out.write_all(&GZIP_HEADER)?;
+            packed_at += GZIP_HEADER.len() as u64;
             let tree = std::mem::take(&mut snap.tree);
-            let (stats, toc) = pack_after(Prefix::default(), tree, &mut out, &opts.pack, &|_| {})?;
-            (stats.digest, toc, true)
+            let (stats, toc) =
+                pack_after(Prefix::default(), tree, &mut out, &opts.pack, true, &|_| {})?;
+            (stats.digest, toc, true, stats.reused)
         }
     };
     let mut spool = out.into_inner().map_err(|e| e.into_error())?;
     let spool_len = spool.seek(SeekFrom::End(0))?;
-    let mut object_size = spool_len;
+    let mut object_size = spool_len
+        + reused
+            .iter()
+            .map(|r| r.range.end - r.range.start)
+            .sum::<u64>();
     match &plan {
         Some(plan) if !plan.header_copied() => {
             // The header is the spool's first bytes; the copies follow it.
@@ -365,24 +411,15 @@ fn pack_and_upload(
             });
             pieces.extend(plan.copies.iter().cloned().map(Piece::Copy));
             let rest = GZIP_HEADER.len() as u64;
-            pieces.push(Piece::Spool {
-                offset: rest,
-                len: spool_len - rest,
-            });
+            pieces.extend(spool_pieces(rest, spool_len, packed_at, &reused));
             object_size += plan.copied_bytes();
         }
         Some(plan) => {
             pieces.extend(plan.copies.iter().cloned().map(Piece::Copy));
-            pieces.push(Piece::Spool {
-                offset: 0,
-                len: spool_len,
-            });
+            pieces.extend(spool_pieces(0, spool_len, packed_at, &reused));
             object_size += plan.copied_bytes();
         }
-        None => pieces.push(Piece::Spool {
-            offset: 0,
-            len: spool_len,
-        }),
+        None => pieces.extend(spool_pieces(0, spool_len, packed_at, &reused)),
     }
 
     let mut metadata = BTreeMap::new();
@@ -567,6 +604,18 @@ impl Multipart<'_> {
                         range.start += take;
                     }
                     if range.is_empty() {
+                        continue;
+                    }
+                    if range.end - range.start < MIN_PART_SIZE {
+                        // Too little to be a part of its own: sent as bytes.
+                        let bytes = self.rt.block_on(read_old(
+                            self.store,
+                            self.key,
+                            self.base_etag,
+                            range.clone(),
+                        ))?;
+                        *requests += 1;
+                        buf.extend_from_slice(&bytes);
                         continue;
                     }
                     if !buf.is_empty() {

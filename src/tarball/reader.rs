@@ -322,17 +322,39 @@ impl SessionReader {
 
     /// Reads up to `len` bytes of `path` from `offset` (fewer at the end of the file).
     pub async fn read(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, TarballError> {
+        self.read_with(path, offset, len, true).await
+    }
+
+    /// [`SessionReader::read`] without readahead: for a reader that skips
+    /// around the file (a write-back reading what it cannot reuse).
+    pub async fn read_here(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, TarballError> {
+        self.read_with(path, offset, len, false).await
+    }
+
+    async fn read_with(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+        ahead: bool,
+    ) -> Result<Bytes, TarballError> {
         let entry = self.file(path)?;
         let end = offset.saturating_add(len).min(entry.s);
         if offset >= end {
             return Ok(Bytes::new());
         }
         let Some(map) = &entry.sp else {
+            let limit = if ahead { entry.s } else { end };
             return self
                 .read_tar(
                     entry.data_offset + offset,
                     entry.data_offset + end,
-                    entry.data_offset + entry.s,
+                    entry.data_offset + limit,
                 )
                 .await;
         };

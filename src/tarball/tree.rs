@@ -36,6 +36,25 @@ pub enum Source {
     /// many entries share: a tree of 200,000 unchanged files then holds no
     /// reader (and no second copy of each path) per entry.
     Open(Opener),
+    /// A file some stretches of which the object being replaced holds as
+    /// whole segments (see [`Reusing`]).
+    Reusing(Reusing),
+}
+
+/// A file whose unchanged stretches are whole segments of the object a
+/// write-back replaces (a large file changed in place). A write-back's pack
+/// lays those segments in as they are, for the upload to copy server-side;
+/// any other pack reads every byte through `reader`.
+pub struct Reusing {
+    pub reader: Box<dyn SkipRead>,
+    /// Where in the file each segment's bytes begin, and the segment (the
+    /// old object's), ascending and not overlapping.
+    pub segments: Vec<(u64, super::toc::Segment)>,
+}
+
+/// A reader that can move on without reading.
+pub trait SkipRead: std::io::Read + Send {
+    fn skip(&mut self, n: u64) -> std::io::Result<()>;
 }
 
 /// Opens the bytes of an entry (see [`Source::Open`]).
@@ -48,6 +67,7 @@ impl std::fmt::Debug for Source {
             Source::File(p) => write!(f, "File({})", p.display()),
             Source::Stream(_) => f.write_str("Stream"),
             Source::Open(_) => f.write_str("Open"),
+            Source::Reusing(r) => write!(f, "Reusing({} segments)", r.segments.len()),
         }
     }
 }

@@ -9,6 +9,12 @@
 //! writer receives them in order. The table of contents, its locator and the
 //! end of archive follow as stored blocks, then the gzip trailer, whose CRC is
 //! combined from the segments' CRCs.
+//!
+//! A write-back may name, for a file, segments of the object it replaces
+//! that hold stretches of the file as they are ([`Source::Reusing`]): the
+//! layout cuts around them and lays them in unchanged (their CRC, length
+//! and digest kept), and the caller copies their bytes server-side to
+//! where [`PackStats::reused`] says, since they are not written to `out`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -19,7 +25,7 @@ use std::sync::mpsc;
 use super::deflate::{compress_segment, gzip_trailer, stored_blocks, ZlibSink, GZIP_HEADER};
 use super::tar_header;
 use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, TOC_PATH};
-use super::tree::{walk, Source, TreeEntry};
+use super::tree::{walk, SkipRead, Source, TreeEntry};
 use super::TarballError;
 
 #[derive(Clone, Debug)]
@@ -62,6 +68,8 @@ pub struct PackStats {
     pub toc_size: u64,
     /// [`super::toc::object_digest`] of the object, for its user metadata.
     pub digest: String,
+    /// Old segments laid in, not written (only with `reuse`).
+    pub reused: Vec<Reused>,
 }
 
 /// Packs the directory `root` into `out`. `progress` is told how many file
@@ -84,7 +92,17 @@ pub fn pack_entries<W: Write + Send>(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<PackStats, TarballError> {
     out.write_all(&GZIP_HEADER).map_err(TarballError::write)?;
-    Ok(pack_after(Prefix::default(), entries, out, opts, progress)?.0)
+    Ok(pack_after(Prefix::default(), entries, out, opts, false, progress)?.0)
+}
+
+/// A segment of the object being replaced that [`pack_after`] laid into
+/// the new one without writing it (see [`Source::Reusing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reused {
+    /// How many bytes `out` had received when the segment's place came.
+    pub at: u64,
+    /// Its bytes in the old object.
+    pub range: std::ops::Range<u64>,
 }
 
 /// What comes before the bytes [`pack_after`] writes: segments already in
@@ -113,12 +131,15 @@ impl Prefix {
 /// Packs `entries` as the continuation of `prefix`: `out` receives the bytes
 /// of the object from [`Prefix::co_end`] on (new segments, the TOC, the
 /// trailer); the TOC and the trailer cover the prefix too. A write-back uses
-/// this to reuse an old object's segments without moving them.
+/// this to reuse an old object's segments without moving them. With
+/// `reuse`, the segments a [`Source::Reusing`] names are laid in without
+/// being written to `out` (the caller puts them there: [`PackStats::reused`]).
 pub fn pack_after<W: Write + Send>(
     prefix: Prefix,
     entries: Vec<TreeEntry>,
     mut out: W,
     opts: &PackOptions,
+    reuse: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(PackStats, Toc), TarballError> {
     let threads = match opts.threads {
@@ -127,11 +148,11 @@ pub fn pack_after<W: Write + Send>(
     };
     let (co_start, uo_start) = (prefix.co_end(), prefix.uo_end());
 
-    let (raw_tx, raw_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
+    let (raw_tx, raw_rx) = mpsc::sync_channel::<(usize, Work)>(threads * 2);
     // The workers alone own the receiver: if they all stop (the output failed),
     // the layout thread's next send fails instead of blocking forever.
     let raw_rx = std::sync::Arc::new(std::sync::Mutex::new(raw_rx));
-    let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Vec<u8>, u32, u64)>(threads * 2);
+    let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Done)>(threads * 2);
 
     let (laid_out, written) = std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -140,13 +161,16 @@ pub fn pack_after<W: Write + Send>(
             let level = opts.level;
             scope.spawn(move || loop {
                 let next = raw_rx.lock().map(|rx| rx.recv());
-                let Ok(Ok((index, raw))) = next else { return };
-                let crc = crc32fast::hash(&raw);
-                let compressed = compress_segment(&raw, level);
-                if done_tx
-                    .send((index, compressed, crc, raw.len() as u64))
-                    .is_err()
-                {
+                let Ok(Ok((index, work))) = next else { return };
+                let done = match work {
+                    Work::Raw(raw) => Done::Compressed {
+                        crc: crc32fast::hash(&raw),
+                        bytes: compress_segment(&raw, level),
+                        ul: raw.len() as u64,
+                    },
+                    Work::Reuse(old) => Done::Reused(old),
+                };
+                if done_tx.send((index, done)).is_err() {
                     return;
                 }
             });
@@ -155,11 +179,11 @@ pub fn pack_after<W: Write + Send>(
         drop(raw_rx);
         let out = &mut out;
         let collector = scope.spawn(move || collect_in_order(done_rx, out, co_start, uo_start));
-        let laid_out = lay_out(entries, opts, raw_tx, uo_start, progress);
+        let laid_out = lay_out(entries, opts, raw_tx, uo_start, reuse, progress);
         (laid_out, collector.join())
     });
     let new_entries = laid_out?;
-    let (new_segments, mut co) = match written {
+    let (new_segments, mut co, reused) = match written {
         Ok(result) => result?,
         Err(_) => {
             return Err(TarballError::Corrupt(
@@ -255,6 +279,7 @@ pub fn pack_after<W: Write + Send>(
         object_size,
         toc_size: toc_bytes.len() as u64,
         digest,
+        reused,
     };
     Ok((stats, toc))
 }
@@ -264,8 +289,9 @@ pub fn pack_after<W: Write + Send>(
 fn lay_out(
     entries: Vec<TreeEntry>,
     opts: &PackOptions,
-    tx: mpsc::SyncSender<(usize, Vec<u8>)>,
+    tx: mpsc::SyncSender<(usize, Work)>,
     uo_start: u64,
+    reuse: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<Entry>, TarballError> {
     let mut cut = Cutter {
@@ -299,19 +325,48 @@ fn lay_out(
         if let Some(source) = source {
             let label = match &source {
                 Source::File(path) => path.clone(),
-                Source::Stream(_) | Source::Open(_) => PathBuf::from(&entry.p),
+                Source::Stream(_) | Source::Open(_) | Source::Reusing(_) => PathBuf::from(&entry.p),
             };
-            let mut file: Box<dyn Read + Send> = match source {
-                Source::File(path) => {
-                    Box::new(File::open(&path).map_err(|e| TarballError::io(&path, e))?)
+            let mut old_segments = Vec::new();
+            let mut file: Box<dyn SkipRead> = match source {
+                Source::File(path) => Box::new(ReadOnly(Box::new(
+                    File::open(&path).map_err(|e| TarballError::io(&path, e))?,
+                ))),
+                Source::Stream(r) => Box::new(ReadOnly(r)),
+                Source::Open(open) => Box::new(ReadOnly(
+                    open(entry).map_err(|e| TarballError::io(&label, e))?,
+                )),
+                Source::Reusing(r) => {
+                    if reuse {
+                        old_segments = r.segments;
+                    }
+                    r.reader
                 }
-                Source::Stream(r) => r,
-                Source::Open(open) => open(entry).map_err(|e| TarballError::io(&label, e))?,
             };
+            let mut old_segments = old_segments.into_iter().peekable();
             let mut left = entry.s;
+            let mut at = 0u64;
             while left > 0 {
+                // An old segment that starts here and fits goes in whole.
+                while old_segments
+                    .peek()
+                    .is_some_and(|(from, s)| *from < at || s.ul > left)
+                {
+                    old_segments.next();
+                }
+                if let Some((_, old)) = old_segments.next_if(|(from, _)| *from == at) {
+                    let n = old.ul;
+                    file.skip(n).map_err(|e| TarballError::io(&label, e))?;
+                    cut.reuse(old)?;
+                    left -= n;
+                    at += n;
+                    file_bytes += n;
+                    progress(file_bytes);
+                    continue;
+                }
+                let until_old = old_segments.peek().map_or(u64::MAX, |(from, _)| from - at);
                 let room = opts.segment_max.saturating_sub(cut.current.len()).max(1);
-                let want = (buf.len() as u64).min(left).min(room as u64) as usize;
+                let want = (buf.len() as u64).min(left).min(room as u64).min(until_old) as usize;
                 let n = file
                     .read(&mut buf[..want])
                     .map_err(|e| TarballError::io(&label, e))?;
@@ -320,6 +375,7 @@ fn lay_out(
                 }
                 cut.push(&buf[..n]);
                 left -= n as u64;
+                at += n as u64;
                 file_bytes += n as u64;
                 progress(file_bytes);
                 if cut.current.len() >= opts.segment_max {
@@ -347,8 +403,40 @@ fn lay_out(
     Ok(entries.into_iter().map(|t| t.entry).collect())
 }
 
+/// What the layout thread hands the compressors.
+enum Work {
+    Raw(Vec<u8>),
+    /// An old object's segment, laid in as it is.
+    Reuse(Segment),
+}
+
+/// What the compressors hand the writer.
+enum Done {
+    Compressed { bytes: Vec<u8>, crc: u32, ul: u64 },
+    Reused(Segment),
+}
+
+/// A plain reader, skipping by reading.
+struct ReadOnly(Box<dyn Read + Send>);
+
+impl Read for ReadOnly {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl SkipRead for ReadOnly {
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        let got = std::io::copy(&mut (&mut self.0).take(n), &mut std::io::sink())?;
+        if got < n {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        Ok(())
+    }
+}
+
 struct Cutter {
-    tx: mpsc::SyncSender<(usize, Vec<u8>)>,
+    tx: mpsc::SyncSender<(usize, Work)>,
     current: Vec<u8>,
     index: usize,
     pos: u64,
@@ -363,39 +451,67 @@ impl Cutter {
     fn cut(&mut self) -> Result<(), TarballError> {
         let capacity = self.current.capacity();
         let raw = std::mem::replace(&mut self.current, Vec::with_capacity(capacity));
+        self.send(Work::Raw(raw))
+    }
+
+    /// Lays in an old segment: the one under way ends here.
+    fn reuse(&mut self, old: Segment) -> Result<(), TarballError> {
+        if !self.current.is_empty() {
+            self.cut()?;
+        }
+        self.pos += old.ul;
+        self.send(Work::Reuse(old))
+    }
+
+    fn send(&mut self, work: Work) -> Result<(), TarballError> {
         self.tx
-            .send((self.index, raw))
+            .send((self.index, work))
             .map_err(|_| TarballError::write(std::io::Error::other("the writer stopped")))?;
         self.index += 1;
         Ok(())
     }
 }
 
-/// Writes compressed segments in index order; returns their descriptions and
-/// the object offset after the last one.
+/// Writes compressed segments in index order; returns their descriptions,
+/// the object offset after the last one, and the old segments laid in.
 fn collect_in_order<W: Write>(
-    rx: mpsc::Receiver<(usize, Vec<u8>, u32, u64)>,
+    rx: mpsc::Receiver<(usize, Done)>,
     out: &mut W,
     mut co: u64,
     mut uo: u64,
-) -> Result<(Vec<Segment>, u64), TarballError> {
+) -> Result<(Vec<Segment>, u64, Vec<Reused>), TarballError> {
     let mut pending = BTreeMap::new();
     let mut segments = Vec::new();
-    for (index, compressed, crc, ul) in rx {
-        pending.insert(index, (compressed, crc, ul));
-        while let Some((compressed, crc, ul)) = pending.remove(&segments.len()) {
-            out.write_all(&compressed).map_err(TarballError::write)?;
-            let digest = blake3::hash(&compressed);
-            segments.push(Segment {
-                co,
-                cl: compressed.len() as u64,
-                uo,
-                ul,
-                crc,
-                d: tar_header::hex_encode(&digest.as_bytes()[..16]),
-            });
-            co += compressed.len() as u64;
-            uo += ul;
+    let mut reused = Vec::new();
+    let mut written = 0u64;
+    for (index, done) in rx {
+        pending.insert(index, done);
+        while let Some(done) = pending.remove(&segments.len()) {
+            let segment = match done {
+                Done::Compressed { bytes, crc, ul } => {
+                    out.write_all(&bytes).map_err(TarballError::write)?;
+                    written += bytes.len() as u64;
+                    let digest = blake3::hash(&bytes);
+                    Segment {
+                        co,
+                        cl: bytes.len() as u64,
+                        uo,
+                        ul,
+                        crc,
+                        d: tar_header::hex_encode(&digest.as_bytes()[..16]),
+                    }
+                }
+                Done::Reused(old) => {
+                    reused.push(Reused {
+                        at: written,
+                        range: old.co..old.co + old.cl,
+                    });
+                    Segment { co, uo, ..old }
+                }
+            };
+            co += segment.cl;
+            uo += segment.ul;
+            segments.push(segment);
         }
     }
     if !pending.is_empty() {
@@ -403,5 +519,5 @@ fn collect_in_order<W: Write>(
             "segments missing from the pipeline".into(),
         ));
     }
-    Ok((segments, co))
+    Ok((segments, co, reused))
 }

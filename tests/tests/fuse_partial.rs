@@ -318,3 +318,71 @@ fn random_operations_on_a_file_changed_in_place_match_a_model() {
         "the written-back object holds another file"
     );
 }
+
+/// The write-back of a change in place copies the file's unchanged
+/// segments server-side: little is fetched or uploaded, and GNU tar,
+/// bsdtar, Python's tarfile and Node extract the new object to the tree
+/// with the change.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
+    let site = Site::s3();
+    let name = session("partialwb");
+    let root = site.dir.path().join("src");
+    let src = root.join("workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big.bin"), pattern(48 * MIB as usize, 53)).unwrap();
+    std::fs::write(src.join("small.txt"), b"unchanged").unwrap();
+    site.push(&root, &name);
+
+    let host = Site::s3();
+    let cache = host.dir.path().join("cache");
+    let m = host.mount(
+        &name,
+        &[
+            "--writeback-quiet-ms",
+            "3600000",
+            "--writeback-max-lag-ms",
+            "3600000",
+        ],
+    );
+    let big = m.join("workspace/big.bin");
+    let mut model = std::fs::read(src.join("big.bin")).unwrap();
+    write(&big, &mut model, 25 * MIB + 77, b"changed in place");
+    std::fs::write(src.join("big.bin"), &model).unwrap();
+    let before = cache_bytes(&cache);
+    host.run(&["flush", &m.path.display().to_string()]);
+    let fetched = cache_bytes(&cache) - before;
+    let status: serde_json::Value =
+        serde_json::from_slice(&host.run(&["status", "--json", &m.path.display().to_string()]))
+            .unwrap();
+    let last = &status["lastWriteBack"];
+    let (uploaded, copied) = (
+        last["uploadedBytes"].as_u64().unwrap(),
+        last["copiedBytes"].as_u64().unwrap(),
+    );
+    eprintln!("write-back: uploaded {uploaded}, copied {copied}, fetched {fetched} bytes");
+    assert!(
+        uploaded <= 16 * MIB && copied >= 32 * MIB && fetched <= 12 * MIB,
+        "the write-back uploaded {uploaded}, copied {copied} and fetched {fetched} bytes: {last}"
+    );
+    check(&big, &model, "after the write-back");
+    m.stop();
+
+    let store = sessionfs_tests::s3_store().await;
+    let key = sessionfs_core::session::SessionPath::parse(&name)
+        .unwrap()
+        .object_key();
+    let got = store
+        .get(&key, sessionfs_core::store::GetOptions::default())
+        .await
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let object = scratch.path().join("object.tar.gz");
+    std::fs::write(&object, &got.body).unwrap();
+    let expected = sessionfs_tests::trees::snapshot(&root);
+    for (who, tree) in sessionfs_tests::extract::every_reader(&object, scratch.path()) {
+        sessionfs_tests::trees::assert_same_tree(&expected, &tree, who);
+    }
+    let fresh = Site::s3();
+    assert!(fresh.run(&["cat", &name, "workspace/big.bin"]) == model);
+}
