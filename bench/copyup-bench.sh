@@ -5,7 +5,7 @@
 # local disk, with the bytes fetched from S3 (what the block cache grew by).
 # The reference for the bytes is reading the whole file cold through a fresh
 # mount: what a whole-file copy-up costs at least. Then the write-back of the
-# change. usage: bench/copyup-bench.sh BIN [SCALE]   (root: drops page caches)
+# change, with what it uploaded and copied server-side. usage: bench/copyup-bench.sh BIN [SCALE]   (root: drops page caches)
 set -euo pipefail
 bin=$1 scale=${2:-1.0}
 work=$(mktemp -d /tmp/sessionfs-copyup-bench.XXXXXX)
@@ -68,6 +68,10 @@ t0=$(now)
 "$bin" -q flush "$mnt" >/dev/null
 t1=$(now)
 wb_fetched=$(( $(cache_bytes) - before ))
+wb=$("$bin" -q status --json "$mnt" | python3 -c "
+import json, sys
+w = json.load(sys.stdin)['lastWriteBack']
+print(f\"uploaded {w['uploadedBytes'] / 2**20:.2f} MiB, copied server-side {w['copiedBytes'] / 2**20:.2f} MiB, {w['requests']} requests\")")
 umount "$mnt"
 
 # Reference: the whole file read cold through a fresh mount and cache.
@@ -90,5 +94,5 @@ echo "| operation | sessionfs | reference | ratio | bytes fetched |"
 echo "| --- | --- | --- | --- | --- |"
 printf '| change 1 byte, fsync (cold) | %.3f s | %.3f s local disk | %.1f | %s (whole file read cold: %s in %.2f s) |\n' \
   "$sfs" "$loc" "$(python3 -c "print($sfs / $loc)")" "$(mib "$fetched")" "$(mib "$whole")" "$(python3 -c "print($r1 - $r0)")"
-printf '| write-back of that change | %.2f s | – | – | %s |\n' "$(python3 -c "print($t1 - $t0)")" "$(mib "$wb_fetched")"
+printf '| write-back of that change | %.2f s | – | – | %s (%s) |\n' "$(python3 -c "print($t1 - $t0)")" "$(mib "$wb_fetched")" "$wb"
 [ "$got" = X ] || { echo "the written-back object does not hold the change (read '$got')" >&2; exit 1; }

@@ -70,11 +70,17 @@ impl Snapshot {
 
 /// The session's tree as the writer takes it.
 pub fn entries(live: &LiveSession) -> Result<Vec<TreeEntry>, OverlayError> {
-    Ok(snapshot(live)?.tree)
+    Ok(capture(live, false)?.tree)
 }
 
 /// Captures the merged view in one step, under the namespace lock.
+/// For a write-back: files changed in place name the segments of the base
+/// object they can keep ([`Source::Reusing`]).
 pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
+    capture(live, true)
+}
+
+fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
     let mut ns = live.ns.lock();
     ns.snapshot_taken();
     let reader = live.reader();
@@ -196,6 +202,7 @@ pub fn snapshot(live: &LiveSession) -> Result<Snapshot, OverlayError> {
                             let mut file = live.content.partial_file(ino, reader.clone(), base)?;
                             let segments = reader
                                 .as_deref()
+                                .filter(|_| reuse)
                                 .map(|r| reusable(r, base, &file.map, n.size))
                                 .unwrap_or_default();
                             // Reading ahead would fetch what is reused.

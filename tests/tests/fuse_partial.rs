@@ -386,3 +386,69 @@ async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
     let fresh = Site::s3();
     assert!(fresh.run(&["cat", &name, "workspace/big.bin"]) == model);
 }
+
+/// The API over a file changed in place in the mount beside it: GET (whole
+/// and ranges across chunks held and not), the session's download (what
+/// tar extracts), then a PUT that replaces the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_reads_and_replaces_a_file_changed_in_place() {
+    const API: &str = "/api/storage-worker/sessions";
+    let site = Site::s3();
+    let name = session("partialapi");
+    let root = site.dir.path().join("src");
+    std::fs::create_dir_all(root.join("workspace")).unwrap();
+    let mut model = pattern(24 * MIB as usize, 59).to_vec();
+    std::fs::write(root.join("workspace/big.bin"), &model).unwrap();
+    site.push(&root, &name);
+
+    let host = Site::s3();
+    let m = host.serve_root(&["--writeback-quiet-ms", "3600000"]);
+    let url = format!("{}{API}/{name}", m.api_url());
+    let big = m.join(&name).join("workspace/big.bin");
+    write(&big, &mut model, 9 * MIB - 3, b"changed in the mount");
+    let c = reqwest::Client::new();
+    let get = |range: Option<String>| {
+        let mut r = c.get(format!("{url}/files/workspace/big.bin"));
+        if let Some(range) = range {
+            r = r.header("range", range);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+            r.bytes().await.unwrap().to_vec()
+        }
+    };
+    assert!(get(None).await == model, "GET gives another file");
+    for (a, b) in [(9 * MIB - 10, 9 * MIB + 30), (MIB, 12 * MIB)] {
+        let got = get(Some(format!("bytes={a}-{}", b - 1))).await;
+        assert!(got == model[a as usize..b as usize], "range {a}-{b}");
+    }
+
+    let r = c.get(format!("{url}/download")).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let scratch = tempfile::tempdir().unwrap();
+    let object = scratch.path().join("download.tar.gz");
+    std::fs::write(&object, r.bytes().await.unwrap()).unwrap();
+    let out = scratch.path().join("x");
+    std::fs::create_dir_all(&out).unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&object)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    assert!(std::fs::read(out.join("workspace/big.bin")).unwrap() == model);
+
+    let r = c
+        .put(format!("{url}/files/workspace/big.bin"))
+        .body("replaced through the API")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(get(None).await, b"replaced through the API");
+    assert_eq!(std::fs::read(&big).unwrap(), b"replaced through the API");
+    m.stop();
+}
