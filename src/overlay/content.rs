@@ -340,6 +340,11 @@ impl Content {
         self.copy_ups.session.read()
     }
 
+    /// [`Content::shared`] if no such step holds or waits for it.
+    pub fn try_shared(&self) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+        self.copy_ups.session.try_read()
+    }
+
     /// Fetches `len` bytes of `base` (the first `len`, for a truncating
     /// copy-up) into the overlay file of `ino`.
     pub fn copy_up(

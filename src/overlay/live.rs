@@ -132,6 +132,37 @@ pub enum FileVersion {
     Zeros,
 }
 
+impl FileVersion {
+    /// `len` bytes from `offset` if an overlay file's page cache holds them
+    /// all: read without waiting on the disk (`RWF_NOWAIT`), so a thread
+    /// that must not block can serve a hot file. `None` otherwise.
+    pub fn read_cached(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let FileVersion::Local(f) = self else {
+            return None;
+        };
+        let mut buf = vec![0u8; usize::try_from(len).ok()?];
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is alive and writable for
+        // the whole call; `f` is an open descriptor owned by `f`.
+        let n = unsafe {
+            libc::preadv2(
+                f.as_raw_fd(),
+                &iov,
+                1,
+                i64::try_from(offset).ok()?,
+                libc::RWF_NOWAIT,
+            )
+        };
+        // Short (not all cached, or the file shrank) or failed: the caller
+        // reads the usual way, which also answers the error.
+        (u64::try_from(n).ok()? == len).then_some(buf)
+    }
+}
+
 /// A regular file of the session, as the API lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileInfo {
@@ -239,6 +270,11 @@ impl LiveSession {
 
     /// Whether the object should be checked again (`every` since the last
     /// time); counts as checked from now.
+    /// Whether the store was asked about this session less than `every` ago.
+    pub fn checked_within(&self, every: std::time::Duration) -> bool {
+        self.checked.lock().elapsed() < every
+    }
+
     pub fn due_for_check(&self, every: std::time::Duration) -> bool {
         let mut at = self.checked.lock();
         if at.elapsed() < every {
@@ -578,6 +614,22 @@ impl LiveSession {
     pub fn open_version(&self, path: &str) -> Result<(Node, FileVersion), OverlayError> {
         let _installs_wait = self.content.shared();
         let ns = self.ns.lock();
+        self.version_in(&ns, path)
+    }
+
+    /// [`LiveSession::open_version`] if nothing holds the locks it takes
+    /// (`None`: something does; ask again where waiting is allowed). For
+    /// callers on the runtime's threads.
+    pub fn try_open_version(
+        &self,
+        path: &str,
+    ) -> Option<Result<(Node, FileVersion), OverlayError>> {
+        let _installs_wait = self.content.try_shared()?;
+        let ns = self.ns.try_lock()?;
+        Some(self.version_in(&ns, path))
+    }
+
+    fn version_in(&self, ns: &Namespace, path: &str) -> Result<(Node, FileVersion), OverlayError> {
         let mut at = ROOT;
         for part in components(path)? {
             at = ns.lookup(at, part)?.ino;

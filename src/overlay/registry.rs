@@ -158,6 +158,17 @@ impl Registry {
         self.open.lock().get(name.as_str()).cloned()
     }
 
+    /// The session if it is open and [`Registry::open`] would hand it out
+    /// without asking the store first (not retired, not due for a check).
+    pub fn get_fresh(&self, name: &SessionPath) -> Option<Arc<LiveSession>> {
+        let s = self.get(name)?;
+        if s.is_retired() || !(s.is_watched() || s.checked_within(self.spec.recheck)) {
+            return None;
+        }
+        s.touch();
+        Some(s)
+    }
+
     /// Every open session.
     pub fn open_sessions(&self) -> Vec<Arc<LiveSession>> {
         self.open.lock().values().cloned().collect()
