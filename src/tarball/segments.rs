@@ -130,19 +130,27 @@ mod decoded {
         }
     }
 
-    /// Drops a version's segments (its reader is gone).
+    /// Drops a version's segments (its reader is gone); their buffers go
+    /// to the spare ones as evicted ones do.
     pub fn forget(id: u64) {
-        let mut k = kept();
-        let mine: Vec<_> = k
-            .lru
-            .iter()
-            .map(|(key, _)| *key)
-            .filter(|key| key.0 == id)
-            .collect();
-        for key in mine {
-            if let Some(old) = k.lru.pop(&key) {
-                k.bytes -= old.len() as u64;
+        let mut freed = Vec::new();
+        {
+            let mut k = kept();
+            let mine: Vec<_> = k
+                .lru
+                .iter()
+                .map(|(key, _)| *key)
+                .filter(|key| key.0 == id)
+                .collect();
+            for key in mine {
+                if let Some(old) = k.lru.pop(&key) {
+                    k.bytes -= old.len() as u64;
+                    freed.push(old);
+                }
             }
+        }
+        for old in freed {
+            spare::give(old);
         }
     }
 
@@ -235,10 +243,11 @@ mod spare {
 /// done first instead of every segment of a window sharing the cores and
 /// finishing together. Loads a reader waits for do not queue here.
 fn inflaters() -> &'static tokio::sync::Semaphore {
-    static INFLATERS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    INFLATERS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
-    })
+    static INFLATERS: std::sync::LazyLock<tokio::sync::Semaphore> =
+        std::sync::LazyLock::new(|| {
+            tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        });
+    &INFLATERS
 }
 
 /// Segments this reader has claimed to load. Each is published on its own
