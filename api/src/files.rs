@@ -16,7 +16,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use sessionfs_core::overlay::live::{components, FileVersion, LiveSession};
-use sessionfs_core::overlay::node::{NodeKind, Time};
+use sessionfs_core::overlay::node::{Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
 use sessionfs_core::tarball::reader::SessionReader;
@@ -190,6 +190,20 @@ struct Found {
     source: Source,
 }
 
+impl Found {
+    /// A file of the open session `live`: `node` at `version`.
+    fn live(node: &Node, first: Vec<u8>, live: &Arc<LiveSession>, version: FileVersion) -> Found {
+        Found {
+            kind: node.kind,
+            size: node.size,
+            mtime: node.mtime,
+            tag: etag(node.ino, node.size, node.mtime),
+            first: first.into(),
+            source: Source::Live(live.clone(), Arc::new(version)),
+        }
+    }
+}
+
 /// The first byte a read answers: the start of its range, if it has one.
 fn first_byte(headers: &HeaderMap, size: u64) -> u64 {
     match range(headers, size) {
@@ -218,14 +232,7 @@ fn find_hot(
     } else {
         Vec::new()
     };
-    Some(Found {
-        kind: node.kind,
-        size: node.size,
-        mtime: node.mtime,
-        tag: etag(node.ino, node.size, node.mtime),
-        first: first.into(),
-        source: Source::Live(live.clone(), Arc::new(version)),
-    })
+    Some(Found::live(&node, first, &live, version))
 }
 
 /// The file at `path` in the open session, with its first chunk; one trip
@@ -259,14 +266,7 @@ async fn find_live(
                 } else {
                     Vec::new()
                 };
-                Ok(Found {
-                    kind: node.kind,
-                    size: node.size,
-                    mtime: node.mtime,
-                    tag: etag(node.ino, node.size, node.mtime),
-                    first: first.into(),
-                    source: Source::Live(live.clone(), Arc::new(version)),
-                })
+                Ok(Found::live(&node, first, live, version))
             },
             |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::download),
         )

@@ -19,6 +19,29 @@ fn session(name: &str) -> String {
     format!("tests__{name}{:08x}__main", rand::random::<u32>())
 }
 
+/// A session pushed from a tree of `workspace/big.bin` (`mib` MiB of
+/// pseudo-random bytes from `seed`) and, if given, `workspace/small.txt`.
+/// Returns the pushing site (its `src` is the tree), the session and the
+/// big file's bytes.
+fn pushed(tag: &str, mib: u64, seed: u64, small: Option<&[u8]>) -> (Site, String, Vec<u8>) {
+    let site = Site::s3();
+    let name = session(tag);
+    let src = site.dir.path().join("src/workspace");
+    std::fs::create_dir_all(&src).unwrap();
+    let big = pattern((mib * MIB) as usize, seed).to_vec();
+    std::fs::write(src.join("big.bin"), &big).unwrap();
+    if let Some(small) = small {
+        std::fs::write(src.join("small.txt"), small).unwrap();
+    }
+    site.push(&site.dir.path().join("src"), &name);
+    (site, name, big)
+}
+
+/// A file of the session's stored object, as a fresh host reads it.
+fn stored(name: &str, path: &str) -> Vec<u8> {
+    Site::s3().run(&["cat", name, path])
+}
+
 /// Bytes the block cache holds: what the mount fetched from the store.
 fn cache_bytes(dir: &Path) -> u64 {
     let mut total = 0;
@@ -83,14 +106,7 @@ fn check(path: &Path, model: &[u8], what: &str) {
 
 #[test]
 fn a_large_file_changes_in_place_without_being_fetched_whole() {
-    let site = Site::s3();
-    let name = session("partial");
-    let src = site.dir.path().join("src/workspace");
-    std::fs::create_dir_all(&src).unwrap();
-    let original = pattern(48 * MIB as usize, 41).to_vec();
-    std::fs::write(src.join("big.bin"), &original).unwrap();
-    std::fs::write(src.join("small.txt"), b"unchanged").unwrap();
-    site.push(&site.dir.path().join("src"), &name);
+    let (_site, name, original) = pushed("partial", 48, 41, Some(b"unchanged"));
 
     let host = Site::s3();
     let cache = host.dir.path().join("cache");
@@ -165,15 +181,11 @@ fn a_large_file_changes_in_place_without_being_fetched_whole() {
     check(&big, &model, "after the write-back");
     m.stop();
 
-    let fresh = Site::s3();
     assert!(
-        fresh.run(&["cat", &name, "workspace/big.bin"]) == model,
+        stored(&name, "workspace/big.bin") == model,
         "the written-back object holds another file"
     );
-    assert_eq!(
-        fresh.run(&["cat", &name, "workspace/small.txt"]),
-        b"unchanged"
-    );
+    assert_eq!(stored(&name, "workspace/small.txt"), b"unchanged");
 }
 
 /// Another writer stores the session while a large file is changed here in
@@ -182,14 +194,7 @@ fn a_large_file_changes_in_place_without_being_fetched_whole() {
 /// write-back stores both changes.
 #[test]
 fn a_file_changed_in_place_moves_onto_another_writers_object() {
-    let site = Site::s3();
-    let name = session("partialfollow");
-    let src = site.dir.path().join("src/workspace");
-    std::fs::create_dir_all(&src).unwrap();
-    let original = pattern(24 * MIB as usize, 43).to_vec();
-    std::fs::write(src.join("big.bin"), &original).unwrap();
-    std::fs::write(src.join("small.txt"), b"pushed").unwrap();
-    site.push(&site.dir.path().join("src"), &name);
+    let (_site, name, original) = pushed("partialfollow", 24, 43, Some(b"pushed"));
 
     let here = Site::s3();
     let m = here.mount(
@@ -218,15 +223,11 @@ fn a_file_changed_in_place_moves_onto_another_writers_object() {
     here.run(&["flush", &m.path.display().to_string()]);
     m.stop();
 
-    let fresh = Site::s3();
     assert!(
-        fresh.run(&["cat", &name, "workspace/big.bin"]) == model,
+        stored(&name, "workspace/big.bin") == model,
         "the written-back object holds another file"
     );
-    assert_eq!(
-        fresh.run(&["cat", &name, "workspace/small.txt"]),
-        b"changed there"
-    );
+    assert_eq!(stored(&name, "workspace/small.txt"), b"changed there");
 }
 
 /// Random writes, reads and size changes on a file copied up chunk by
@@ -234,13 +235,7 @@ fn a_file_changed_in_place_moves_onto_another_writers_object() {
 /// model; then kill -9, a new mount and the write-back, also checked.
 #[test]
 fn random_operations_on_a_file_changed_in_place_match_a_model() {
-    let site = Site::s3();
-    let name = session("partialfsx");
-    let src = site.dir.path().join("src/workspace");
-    std::fs::create_dir_all(&src).unwrap();
-    let original = pattern(20 * MIB as usize, 47).to_vec();
-    std::fs::write(src.join("big.bin"), &original).unwrap();
-    site.push(&site.dir.path().join("src"), &name);
+    let (_site, name, original) = pushed("partialfsx", 20, 47, None);
 
     let host = Site::s3();
     let quiet = [
@@ -312,9 +307,8 @@ fn random_operations_on_a_file_changed_in_place_match_a_model() {
     );
     host.run(&["flush", &m.path.display().to_string()]);
     m.stop();
-    let fresh = Site::s3();
     assert!(
-        fresh.run(&["cat", &name, "workspace/big.bin"]) == model,
+        stored(&name, "workspace/big.bin") == model,
         "the written-back object holds another file"
     );
 }
@@ -325,14 +319,9 @@ fn random_operations_on_a_file_changed_in_place_match_a_model() {
 /// with the change.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
-    let site = Site::s3();
-    let name = session("partialwb");
+    let (site, name, mut model) = pushed("partialwb", 48, 53, Some(b"unchanged"));
     let root = site.dir.path().join("src");
     let src = root.join("workspace");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("big.bin"), pattern(48 * MIB as usize, 53)).unwrap();
-    std::fs::write(src.join("small.txt"), b"unchanged").unwrap();
-    site.push(&root, &name);
 
     let host = Site::s3();
     let cache = host.dir.path().join("cache");
@@ -346,7 +335,6 @@ async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
         ],
     );
     let big = m.join("workspace/big.bin");
-    let mut model = std::fs::read(src.join("big.bin")).unwrap();
     write(&big, &mut model, 25 * MIB + 77, b"changed in place");
     std::fs::write(src.join("big.bin"), &model).unwrap();
     let before = cache_bytes(&cache);
@@ -383,8 +371,7 @@ async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
     for (who, tree) in sessionfs_tests::extract::every_reader(&object, scratch.path()) {
         sessionfs_tests::trees::assert_same_tree(&expected, &tree, who);
     }
-    let fresh = Site::s3();
-    assert!(fresh.run(&["cat", &name, "workspace/big.bin"]) == model);
+    assert!(stored(&name, "workspace/big.bin") == model);
 }
 
 /// The API over a file changed in place in the mount beside it: GET (whole
@@ -393,13 +380,7 @@ async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_reads_and_replaces_a_file_changed_in_place() {
     const API: &str = "/api/storage-worker/sessions";
-    let site = Site::s3();
-    let name = session("partialapi");
-    let root = site.dir.path().join("src");
-    std::fs::create_dir_all(root.join("workspace")).unwrap();
-    let mut model = pattern(24 * MIB as usize, 59).to_vec();
-    std::fs::write(root.join("workspace/big.bin"), &model).unwrap();
-    site.push(&root, &name);
+    let (_site, name, mut model) = pushed("partialapi", 24, 59, None);
 
     let host = Site::s3();
     let m = host.serve_root(&["--writeback-quiet-ms", "3600000"]);
