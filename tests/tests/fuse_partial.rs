@@ -15,6 +15,14 @@ use sessionfs_tests::pattern;
 
 const MIB: u64 = 1 << 20;
 
+/// Mount flags that keep changes pending until `flush`.
+const QUIET: [&str; 4] = [
+    "--writeback-quiet-ms",
+    "3600000",
+    "--writeback-max-lag-ms",
+    "3600000",
+];
+
 fn session(name: &str) -> String {
     format!("tests__{name}{:08x}__main", rand::random::<u32>())
 }
@@ -40,6 +48,14 @@ fn pushed(tag: &str, mib: u64, seed: u64, small: Option<&[u8]>) -> (Site, String
 /// A file of the session's stored object, as a fresh host reads it.
 fn stored(name: &str, path: &str) -> Vec<u8> {
     Site::s3().run(&["cat", name, path])
+}
+
+/// The stored object's `workspace/big.bin` is `model`.
+fn assert_stored_big(name: &str, model: &[u8]) {
+    assert!(
+        stored(name, "workspace/big.bin") == model,
+        "the written-back object holds another file"
+    );
 }
 
 /// Bytes the block cache holds: what the mount fetched from the store.
@@ -110,13 +126,7 @@ fn a_large_file_changes_in_place_without_being_fetched_whole() {
 
     let host = Site::s3();
     let cache = host.dir.path().join("cache");
-    let quiet = [
-        "--writeback-quiet-ms",
-        "3600000",
-        "--writeback-max-lag-ms",
-        "3600000",
-    ];
-    let m = host.mount(&name, &quiet);
+    let m = host.mount(&name, &QUIET);
     let big = m.join("workspace/big.bin");
     assert_eq!(std::fs::metadata(&big).unwrap().len(), 48 * MIB);
 
@@ -171,7 +181,7 @@ fn a_large_file_changes_in_place_without_being_fetched_whole() {
     // kill -9 after the writes returned: a new mount of the same overlay
     // reads the same file, and writes go on in it.
     m.kill9();
-    let m = host.mount(&name, &quiet);
+    let m = host.mount(&name, &QUIET);
     let big = m.join("workspace/big.bin");
     check(&big, &model, "after kill -9 and a new mount");
     write(&big, &mut model, 5 * MIB + 3, b"after the new mount");
@@ -181,10 +191,7 @@ fn a_large_file_changes_in_place_without_being_fetched_whole() {
     check(&big, &model, "after the write-back");
     m.stop();
 
-    assert!(
-        stored(&name, "workspace/big.bin") == model,
-        "the written-back object holds another file"
-    );
+    assert_stored_big(&name, &model);
     assert_eq!(stored(&name, "workspace/small.txt"), b"unchanged");
 }
 
@@ -223,10 +230,7 @@ fn a_file_changed_in_place_moves_onto_another_writers_object() {
     here.run(&["flush", &m.path.display().to_string()]);
     m.stop();
 
-    assert!(
-        stored(&name, "workspace/big.bin") == model,
-        "the written-back object holds another file"
-    );
+    assert_stored_big(&name, &model);
     assert_eq!(stored(&name, "workspace/small.txt"), b"changed there");
 }
 
@@ -238,13 +242,7 @@ fn random_operations_on_a_file_changed_in_place_match_a_model() {
     let (_site, name, original) = pushed("partialfsx", 20, 47, None);
 
     let host = Site::s3();
-    let quiet = [
-        "--writeback-quiet-ms",
-        "3600000",
-        "--writeback-max-lag-ms",
-        "3600000",
-    ];
-    let m = host.mount(&name, &quiet);
+    let m = host.mount(&name, &QUIET);
     let big = m.join("workspace/big.bin");
     let mut model = original;
     let mut rng = 0x2026_1202_u64;
@@ -299,7 +297,7 @@ fn random_operations_on_a_file_changed_in_place_match_a_model() {
     drop(f);
     check(&big, &model, "after the random operations");
     m.kill9();
-    let m = host.mount(&name, &quiet);
+    let m = host.mount(&name, &QUIET);
     check(
         &m.join("workspace/big.bin"),
         &model,
@@ -307,10 +305,7 @@ fn random_operations_on_a_file_changed_in_place_match_a_model() {
     );
     host.run(&["flush", &m.path.display().to_string()]);
     m.stop();
-    assert!(
-        stored(&name, "workspace/big.bin") == model,
-        "the written-back object holds another file"
-    );
+    assert_stored_big(&name, &model);
 }
 
 /// The write-back of a change in place copies the file's unchanged
@@ -325,15 +320,7 @@ async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
 
     let host = Site::s3();
     let cache = host.dir.path().join("cache");
-    let m = host.mount(
-        &name,
-        &[
-            "--writeback-quiet-ms",
-            "3600000",
-            "--writeback-max-lag-ms",
-            "3600000",
-        ],
-    );
+    let m = host.mount(&name, &QUIET);
     let big = m.join("workspace/big.bin");
     write(&big, &mut model, 25 * MIB + 77, b"changed in place");
     std::fs::write(src.join("big.bin"), &model).unwrap();
@@ -371,7 +358,7 @@ async fn the_write_back_of_a_change_in_place_copies_the_unchanged_segments() {
     for (who, tree) in sessionfs_tests::extract::every_reader(&object, scratch.path()) {
         sessionfs_tests::trees::assert_same_tree(&expected, &tree, who);
     }
-    assert!(stored(&name, "workspace/big.bin") == model);
+    assert_stored_big(&name, &model);
 }
 
 /// The API over a file changed in place in the mount beside it: GET (whole
