@@ -28,7 +28,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-use sessionfs_core::overlay::live::{Invalidation, LiveSession, Watcher};
+use sessionfs_core::overlay::live::{Covered, Invalidation, LiveSession, Watcher};
 use sessionfs_core::overlay::namespace::{RenameMode, SetAttr};
 use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
@@ -171,14 +171,19 @@ fn write_to(
         (h.append, h.recorded)
     };
     let len = data.len() as u64;
-    // A writable mapping may outlive its handle's mode, so this copies up
-    // too. An append lands at or past the end: nothing to fill there.
-    let covered = if append {
-        live.prepare_write(ino, u64::MAX - len, len)?
-    } else {
-        live.prepare_write(ino, offset, len)?
-    };
     let mut ns = live.ns.lock();
+    // A file held whole (the common case) needs nothing first. Otherwise: a
+    // writable mapping may outlive its handle's mode, so this copies up too;
+    // an append lands at or past the end, where there is nothing to fill.
+    let covered = if ns.get(ino)?.data == Data::Local {
+        Covered::default()
+    } else {
+        drop(ns);
+        let at = if append { u64::MAX - len } else { offset };
+        let covered = live.prepare_write(ino, at, len)?;
+        ns = live.ns.lock();
+        covered
+    };
     // After any copy-up: it replaces the overlay file.
     let f = live.content.local(ino)?;
     // Appends go to the end as we know it, whatever offset the kernel sent.
