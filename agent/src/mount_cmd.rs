@@ -180,9 +180,7 @@ pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> 
     let (store, index) = (stack.store.clone(), stack.index.clone());
     let session = SessionPath::parse(&args.session)?;
     let mountpoint = check_mountpoint(&args.mountpoint, args.allow_non_empty)?;
-    sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
-        args.read_timeout_secs,
-    ));
+    sessionfs_core::store::deadline::set_read_deadline(Duration::from_secs(args.read_timeout_secs));
     mount::check_fuse()?;
     let overlays = overlay_root(args.overlay_dir.clone())?.join(bucket);
     sessionfs_core::overlay::reserve::set_file(overlays.join(RESERVE_FILE));

@@ -127,9 +127,7 @@ fn build_info() -> BuildInfo {
 
 pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()> {
     let bucket = args.store.bucket.clone();
-    sessionfs_core::overlay::content::set_read_deadline(Duration::from_secs(
-        args.read_timeout_secs,
-    ));
+    sessionfs_core::store::deadline::set_read_deadline(Duration::from_secs(args.read_timeout_secs));
     let LocalStack {
         store,
         index,

@@ -32,23 +32,6 @@ const MAP_SUFFIX: &str = "-map";
 /// Bytes fetched per request during a copy-up.
 const COPY_CHUNK: u64 = 8 << 20;
 
-/// How long one read of the object may take, retries included, in
-/// milliseconds (process-wide: `--read-timeout-secs`).
-static READ_DEADLINE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
-
-/// Sets how long one read of an object may take before it fails (EIO in a
-/// mount, 5xx in the API) instead of waiting on a stalled store.
-pub fn set_read_deadline(d: std::time::Duration) {
-    READ_DEADLINE_MS.store(
-        d.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
-
-fn read_deadline() -> std::time::Duration {
-    std::time::Duration::from_millis(READ_DEADLINE_MS.load(std::sync::atomic::Ordering::Relaxed))
-}
-
 /// Overlay file descriptors kept open beyond those in use.
 const OPEN_FILES: usize = 256;
 
@@ -460,7 +443,7 @@ pub fn read_object(
 ) -> Result<bytes::Bytes, OverlayError> {
     let reader = reader
         .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
-    let deadline = read_deadline();
+    let deadline = crate::store::deadline::read_deadline();
     let read = async {
         if ahead {
             reader.read(path, offset, len).await

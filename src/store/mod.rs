@@ -25,6 +25,7 @@
 
 pub mod cached;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod local;
 pub mod metered;

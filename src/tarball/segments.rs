@@ -359,8 +359,15 @@ impl Segments {
             if let Some(ahead) = ahead {
                 let segments = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = segments.load(&ahead, true).await {
-                        tracing::debug!(key = %segments.key, "readahead: {e}");
+                    let deadline = crate::store::deadline::read_deadline();
+                    match tokio::time::timeout(deadline, segments.load(&ahead, true)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::debug!(key = %segments.key, "readahead: {e}"),
+                        // Dropping the load frees its claim: readers waiting
+                        // on those segments fetch them themselves.
+                        Err(_) => {
+                            tracing::debug!(key = %segments.key, "readahead: no answer within {deadline:?}")
+                        }
                     }
                 });
             }

@@ -1166,16 +1166,27 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     );
     // That read brought its segment, the other small file too, into the
     // block cache; the kernel has pages of this one only.
+    // The end of big-2 read now makes the read of big-3 below look
+    // sequential, so it also starts a readahead of big-3's later segments
+    // that stalls with it.
+    let mut tail = [0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(m.join("workspace/big-2.bin")).unwrap(),
+        &mut tail,
+        (3 << 20) - 4096,
+    )
+    .unwrap();
 
     proxy.plan(&[], Fault::Hang);
     proxy.cut_all();
     let started = Instant::now();
-    let mut stuck: Vec<_> = (0..6)
-        .map(|i| {
-            let p = m.join(format!("workspace/big-{i}.bin"));
-            std::thread::spawn(move || (std::fs::read(p), Instant::now()))
-        })
-        .collect();
+    let read = |i: usize| {
+        let p = m.join(format!("workspace/big-{i}.bin"));
+        std::thread::spawn(move || (std::fs::read(p), Instant::now()))
+    };
+    let mut stuck = vec![read(3)];
+    std::thread::sleep(Duration::from_millis(200));
+    stuck.extend([0, 1, 2, 4, 5].map(read));
     // Opens for writing copy the file up from the store: stalled too.
     stuck.extend((6..12).map(|i| {
         let p = m.join(format!("workspace/big-{i}.bin"));
@@ -1212,7 +1223,8 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
         "{}",
         m.log_text()
     );
-    // The store back, the same reads succeed.
+    // The store back, the same reads succeed: the stalled readahead of
+    // big-3 gave up at the deadline too, rather than holding its segments.
     proxy.plan(&[], Fault::Forward);
     let got = std::fs::read(m.join("workspace/big-3.bin")).unwrap();
     assert!(got == pattern(3 << 20, 53).to_vec());
