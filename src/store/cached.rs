@@ -364,8 +364,15 @@ impl ObjectStore for CachedStore {
             let inner = Arc::clone(&self.inner);
             let (key, ahead_to) = (key.to_owned(), (last + READAHEAD_BLOCKS).min(last_block));
             tokio::spawn(async move {
-                if let Err(e) = inner.blocks(&key, &etag, last + 1, ahead_to).await {
-                    tracing::debug!(key, "readahead failed: {e}");
+                // Bounded like any read (see `deadline`): its fetch locks
+                // would otherwise hold later readers of these blocks
+                // behind a dead connection.
+                let deadline = super::deadline::read_deadline();
+                let ahead = inner.blocks(&key, &etag, last + 1, ahead_to);
+                match tokio::time::timeout(deadline, ahead).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::debug!(key, "readahead failed: {e}"),
+                    Err(_) => tracing::debug!(key, "readahead: no answer within {deadline:?}"),
                 }
             });
         }
