@@ -186,7 +186,7 @@ fn ls_to(
                     "uid": e.u,
                     "gid": e.g,
                     "mtime": humantime::format_rfc3339_nanos(mtime(e)).to_string(),
-                    "target": e.lt,
+                    "target": e.lt(),
                 })
             })
             .collect();
@@ -202,7 +202,7 @@ fn ls_to(
             writeln!(out, "{}", escape_controls(&e.p))?;
             continue;
         }
-        let target = match (e.t, e.lt.as_deref()) {
+        let target = match (e.t, e.lt()) {
             (Kind::HardLink, Some(t)) => format!(" (hard link to {})", escape_controls(t)),
             (_, Some(t)) => format!(" -> {}", escape_controls(t)),
             _ => String::new(),

@@ -333,7 +333,7 @@ fn object_entry<'r>(reader: &'r SessionReader, path: &str) -> Result<&'r Entry, 
         end += 1;
     }
     let entry = reader.stat(path).ok_or(OverlayError::NotFound)?;
-    match (entry.t, entry.lt.as_deref()) {
+    match (entry.t, entry.lt()) {
         (Kind::HardLink, Some(target)) => reader.stat(target).ok_or(OverlayError::NotFound),
         (Kind::HardLink, None) => Err(OverlayError::NotFound),
         _ => Ok(entry),

@@ -18,7 +18,7 @@ use super::OverlayError;
 use crate::store::MIN_PART_SIZE;
 use crate::tarball::reader::SessionReader;
 use crate::tarball::tar_header::hex_encode;
-use crate::tarball::toc::{Entry, Kind, Segment, StatData};
+use crate::tarball::toc::{Entry, Kind, Rare, Segment, StatData};
 use crate::tarball::tree::{Opener, Reusing, SkipRead, Source, TreeEntry};
 use crate::tarball::writer::{pack_entries, PackOptions, PackStats};
 
@@ -130,12 +130,13 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
             g: u64::from(n.gid),
             mt: n.mtime.s,
             mn: n.mtime.ns,
-            lt: None,
-            dv: None,
-            x,
             ho: 0,
             data_offset: 0,
-            sp: None,
+            rare: Rare {
+                x,
+                ..Rare::default()
+            }
+            .boxed(),
             sd: Some(StatData {
                 i: ino,
                 cs: n.ctime.s,
@@ -148,7 +149,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
             NodeKind::Dir => entry.t = Kind::Dir,
             NodeKind::Symlink => {
                 entry.t = Kind::Symlink;
-                entry.lt = n.target.clone();
+                entry.set_lt(n.target.clone());
             }
             NodeKind::Fifo => entry.t = Kind::Fifo,
             NodeKind::CharDevice | NodeKind::BlockDevice => {
@@ -158,13 +159,13 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                     Kind::BlockDevice
                 };
                 let dev = libc::dev_t::from(n.rdev);
-                entry.dv = Some((libc::major(dev), libc::minor(dev)));
+                entry.set_dv(Some((libc::major(dev), libc::minor(dev))));
             }
             NodeKind::Socket => continue,
             NodeKind::File => {
                 if let Some(first) = first_path.get(&ino) {
                     entry.t = Kind::HardLink;
-                    entry.lt = Some(String::clone(first));
+                    entry.set_lt(Some(String::clone(first)));
                 } else {
                     if n.nlink > 1 {
                         first_path.insert(ino, path.clone());
@@ -252,7 +253,7 @@ fn reusable(
     let Some(e) = reader.stat(base) else {
         return Vec::new();
     };
-    if reader.is_foreign() || e.t != Kind::File || e.sp.is_some() {
+    if reader.is_foreign() || e.t != Kind::File || e.sp().is_some() {
         return Vec::new();
     }
     let (start, end) = (e.data_offset, e.data_offset + e.s);

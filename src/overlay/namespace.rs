@@ -186,7 +186,7 @@ impl Namespace {
                 continue;
             }
             if e.t == Kind::HardLink {
-                let Some(&target) = e.lt.as_deref().and_then(|t| by_path.get(t)) else {
+                let Some(&target) = e.lt().and_then(|t| by_path.get(t)) else {
                     continue;
                 };
                 if self.is_dir(target) {
@@ -210,7 +210,7 @@ impl Namespace {
                 None => self.alloc(),
             };
             let node = Node::from_entry(ino, kind, parent, e, Some(&e.p));
-            for (k, hex) in &e.x {
+            for (k, hex) in e.x() {
                 if let Some(v) = hex_decode(hex) {
                     xattrs.push((ino, k.clone(), v));
                 }
@@ -1007,6 +1007,7 @@ fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tarball::toc::Rare;
 
     fn entry(p: &str, t: Kind, lt: Option<&str>) -> Entry {
         Entry {
@@ -1018,12 +1019,13 @@ mod tests {
             g: 0,
             mt: 1_700_000_000,
             mn: 7,
-            lt: lt.map(str::to_owned),
-            dv: None,
-            x: BTreeMap::new(),
             ho: 0,
             data_offset: 0,
-            sp: None,
+            rare: Rare {
+                lt: lt.map(str::to_owned),
+                ..Rare::default()
+            }
+            .boxed(),
             sd: None,
         }
     }

@@ -180,12 +180,15 @@ impl Node {
             uid: u32::try_from(e.u).unwrap_or(0),
             gid: u32::try_from(e.g).unwrap_or(0),
             nlink: if kind == NodeKind::Dir { 2 } else { 1 },
-            rdev: e.dv.map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32),
+            rdev: e.dv().map_or(0, |(ma, mi)| libc::makedev(ma, mi) as u32),
             size: if kind == NodeKind::File { e.s } else { 0 },
             atime: mtime,
             mtime,
             ctime,
-            target: e.lt.clone().filter(|_| kind == NodeKind::Symlink),
+            target: e
+                .lt()
+                .map(str::to_owned)
+                .filter(|_| kind == NodeKind::Symlink),
             data: match bytes_at {
                 Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),
                 _ => Data::None,

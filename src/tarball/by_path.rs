@@ -78,12 +78,9 @@ mod tests {
             g: 0,
             mt: 0,
             mn: 0,
-            lt: None,
-            dv: None,
-            x: Default::default(),
             ho: 0,
             data_offset: 0,
-            sp: None,
+            rare: None,
             sd: None,
         }
     }

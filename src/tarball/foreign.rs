@@ -17,7 +17,7 @@ use std::io::{self, Read};
 use super::path::check_entry_path;
 use super::sparse::{self, Tail, TapReader};
 use super::tar_header::hex_encode;
-use super::toc::{Entry, Kind, RESERVED_DIR};
+use super::toc::{Entry, Kind, Rare, RESERVED_DIR};
 use super::zran::{AccessPoint, RawInflater, SPAN, WINDOW};
 use super::TarballError;
 
@@ -233,12 +233,9 @@ fn describe<R: Read>(
             .mtime()
             .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
         mn: 0,
-        lt,
-        dv,
-        x,
         ho: entry.raw_header_position(),
         data_offset,
-        sp,
+        rare: Rare { lt, dv, x, sp }.boxed(),
         sd: None,
         p,
     }))
@@ -277,12 +274,9 @@ fn add_missing_parents(entries: &mut Vec<Entry>) {
             g: 0,
             mt: 0,
             mn: 0,
-            lt: None,
-            dv: None,
-            x: BTreeMap::new(),
             ho: 0,
             data_offset: 0,
-            sp: None,
+            rare: None,
             sd: None,
         });
     }

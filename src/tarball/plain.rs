@@ -38,11 +38,10 @@ pub fn is_plain(entries: &[Entry], by_path: &ByPath) -> bool {
             None => true,
         };
         let shown = match e.t {
-            Kind::HardLink => {
-                e.lt.as_deref()
-                    .and_then(kind_at)
-                    .is_some_and(|t| t != Kind::Dir && t != Kind::HardLink)
-            }
+            Kind::HardLink => e
+                .lt()
+                .and_then(kind_at)
+                .is_some_and(|t| t != Kind::Dir && t != Kind::HardLink),
             _ => {
                 e.sd.is_some_and(|sd| usable_recorded_ino(sd.i) && inos.insert(sd.i))
             }

@@ -283,7 +283,7 @@ impl SessionReader {
             .filter_map(|e| match e.t {
                 Kind::File => Some((e.p.as_str(), e)),
                 Kind::HardLink => {
-                    let target = self.stat(e.lt.as_deref()?)?;
+                    let target = self.stat(e.lt()?)?;
                     (target.t == Kind::File).then_some((e.p.as_str(), target))
                 }
                 _ => None,
@@ -308,7 +308,7 @@ impl SessionReader {
             .ok_or_else(|| TarballError::NoSuchPath(path.to_owned()))?;
         // Validation guarantees hard links point at earlier entries: this ends.
         while entry.t == Kind::HardLink {
-            let target = entry.lt.as_deref().unwrap_or_default();
+            let target = entry.lt().unwrap_or_default();
             entry = self
                 .stat(target)
                 .ok_or_else(|| TarballError::NoSuchPath(target.to_owned()))?;
@@ -348,7 +348,7 @@ impl SessionReader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let Some(map) = &entry.sp else {
+        let Some(map) = entry.sp() else {
             let limit = if ahead { entry.s } else { end };
             return self
                 .read_tar(

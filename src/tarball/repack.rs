@@ -71,9 +71,9 @@ fn same_header(a: &Entry, b: &Entry) -> bool {
         && a.g == b.g
         && a.mt == b.mt
         && a.mn == b.mn
-        && a.lt == b.lt
-        && a.dv == b.dv
-        && a.x == b.x
+        && a.lt() == b.lt()
+        && a.dv() == b.dv()
+        && a.x() == b.x()
 }
 
 /// End of an entry's bytes (headers, data, padding) in the tar stream.
@@ -165,7 +165,7 @@ pub fn plan<E: AsRef<Entry>>(old: &Toc, new: &[E], same_bytes: &[bool]) -> Optio
             if e.t != Kind::HardLink || keeper[i].is_none() {
                 continue;
             }
-            let target = e.lt.as_deref().and_then(|t| old_by_path.get(t)).copied();
+            let target = e.lt().and_then(|t| old_by_path.get(t)).copied();
             let fine = target.is_some_and(|t| {
                 keeper[t].is_some()
                     && position[spans[t].start.min(segs.len() - 1)]
@@ -277,7 +277,6 @@ pub fn fragmentation(toc: &Toc, segment_min: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::tarball::toc::{Kind, Toc};
-    use std::collections::BTreeMap;
 
     fn entry(p: &str, t: Kind, s: u64, ho: u64) -> Entry {
         Entry {
@@ -289,12 +288,9 @@ mod tests {
             g: 0,
             mt: 1,
             mn: 0,
-            lt: None,
-            dv: None,
-            x: BTreeMap::new(),
             ho,
             data_offset: ho + 512,
-            sp: None,
+            rare: None,
             sd: None,
         }
     }
@@ -376,7 +372,7 @@ mod tests {
     fn deleted_entries_leave_and_links_follow_their_targets() {
         let mut old = old_toc();
         let mut link = entry("l", Kind::HardLink, 0, old.entries[9].ho);
-        link.lt = Some("f0".into());
+        link.set_lt(Some("f0".into()));
         // Squeeze the link into the last segment's space for the test.
         old.entries.push(link.clone());
         let mut new: Vec<Entry> = old.entries.clone();

@@ -62,9 +62,9 @@ pub fn encode(entry: &Entry) -> Result<Vec<u8>, TarballError> {
         Kind::CharDevice => EntryType::Char,
         Kind::BlockDevice => EntryType::Block,
     });
-    if let Some(target) = &entry.lt {
+    if let Some(target) = entry.lt() {
         if target.len() > 100 || h.set_link_name(target).is_err() {
-            pax.push(("linkpath".into(), target.clone().into_bytes()));
+            pax.push(("linkpath".into(), target.as_bytes().to_vec()));
             // The PAX record carries the target; the ustar field holds its
             // first 100 bytes, as GNU tar writes it: readers that ignore PAX
             // get a stand-in, and npm's tar refuses a link whose ustar field
@@ -78,14 +78,14 @@ pub fn encode(entry: &Entry) -> Result<Vec<u8>, TarballError> {
             field[..cut].copy_from_slice(&target.as_bytes()[..cut]);
         }
     }
-    if let Some((major, minor)) = entry.dv {
+    if let Some((major, minor)) = entry.dv() {
         h.set_device_major(major)
             .and_then(|()| h.set_device_minor(minor))
             .map_err(|e| {
                 TarballError::Unsupported(format!("{:?}: device numbers: {e}", entry.p))
             })?;
     }
-    for (name, value) in &entry.x {
+    for (name, value) in entry.x() {
         let value = hex_decode(value).ok_or_else(|| {
             TarballError::Corrupt(format!("{:?}: xattr {name} is not hex", entry.p))
         })?;
@@ -165,12 +165,9 @@ mod tests {
             g: 1000,
             mt: 1_700_000_000,
             mn: 0,
-            lt: None,
-            dv: None,
-            x: Default::default(),
             ho: 0,
             data_offset: 512,
-            sp: None,
+            rare: None,
             sd: None,
         }
     }
@@ -196,7 +193,7 @@ mod tests {
         let mut e = file("workspace/link");
         e.t = Kind::Symlink;
         e.s = 0;
-        e.lt = Some(target.clone());
+        e.set_lt(Some(target.clone()));
         let blocks = encode(&e).unwrap();
         let text = String::from_utf8_lossy(&blocks);
         assert!(text.contains(&format!(" linkpath={target}\n")));

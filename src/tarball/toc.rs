@@ -100,49 +100,188 @@ pub enum Kind {
 }
 
 /// One entry of the session tree.
+///
+/// What few entries have (link target, device numbers, xattrs, sparse map)
+/// sits behind one box, [`Rare`]: every reader holds its object's entries
+/// in memory (200,000 of them for a large session), and those four fields
+/// took 84 of an entry's 200 bytes. Read them with [`Entry::lt`] and the
+/// like; set them with [`Entry::set_lt`] and the like, which keep `rare`
+/// `None` while they are all empty. The stored form is the same as before.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "EntryFields", into = "EntryFields")]
 pub struct Entry {
     /// Path relative to the session root, no trailing `/`.
     pub p: String,
     pub t: Kind,
     /// Size of the data (0 but for files).
-    #[serde(default)]
     pub s: u64,
     /// Permission bits (`0o7777`).
     pub m: u32,
-    #[serde(default)]
     pub u: u64,
-    #[serde(default)]
     pub g: u64,
     /// mtime, seconds since the epoch.
     pub mt: i64,
     /// mtime, nanoseconds.
-    #[serde(default)]
     pub mn: u32,
-    /// Symlink target, or the path a hard link points at.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lt: Option<String>,
-    /// Device numbers (major, minor).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dv: Option<(u32, u32)>,
-    /// Extended attributes, values hex.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub x: BTreeMap<String, String>,
     /// Offset of the entry's first header block in the tar stream.
     pub ho: u64,
     /// Offset of the entry's data in the tar stream.
-    #[serde(rename = "do")]
     pub data_offset: u64,
-    /// Sparse files (foreign objects only): the (offset, length) chunks
-    /// stored back to back from `data_offset`; the rest reads as zeros.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sp: Option<super::sparse::SparseMap>,
     /// The inode number and ctime the entry had where it was packed (a
     /// pushed directory, a mount's write-back). A mount shows them again,
     /// so that what tools recorded of the tree there (git's index) still
     /// matches `lstat` here. Not in the tar headers; no effect on bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sd: Option<StatData>,
+    /// `None` unless one of [`Rare`]'s fields is set.
+    pub rare: Option<Box<Rare>>,
+}
+
+/// The fields of an [`Entry`] that most entries leave empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rare {
+    /// Symlink target, or the path a hard link points at.
+    pub lt: Option<String>,
+    /// Device numbers (major, minor).
+    pub dv: Option<(u32, u32)>,
+    /// Extended attributes, values hex.
+    pub x: BTreeMap<String, String>,
+    /// Sparse files (foreign objects only): the (offset, length) chunks
+    /// stored back to back from `data_offset`; the rest reads as zeros.
+    pub sp: Option<super::sparse::SparseMap>,
+}
+
+impl Rare {
+    /// `None` when every field is empty, as [`Entry::rare`] wants it.
+    pub fn boxed(self) -> Option<Box<Rare>> {
+        let empty =
+            self.lt.is_none() && self.dv.is_none() && self.x.is_empty() && self.sp.is_none();
+        (!empty).then(|| Box::new(self))
+    }
+}
+
+static NO_XATTRS: BTreeMap<String, String> = BTreeMap::new();
+
+impl Entry {
+    /// Symlink target, or the path a hard link points at.
+    pub fn lt(&self) -> Option<&str> {
+        self.rare.as_ref()?.lt.as_deref()
+    }
+
+    /// Device numbers (major, minor).
+    pub fn dv(&self) -> Option<(u32, u32)> {
+        self.rare.as_ref()?.dv
+    }
+
+    /// Extended attributes, values hex.
+    pub fn x(&self) -> &BTreeMap<String, String> {
+        self.rare.as_ref().map_or(&NO_XATTRS, |r| &r.x)
+    }
+
+    /// The sparse map of a sparse file.
+    pub fn sp(&self) -> Option<&super::sparse::SparseMap> {
+        self.rare.as_ref()?.sp.as_ref()
+    }
+
+    pub fn set_lt(&mut self, lt: Option<String>) {
+        self.edit(|r| r.lt = lt);
+    }
+
+    pub fn set_dv(&mut self, dv: Option<(u32, u32)>) {
+        self.edit(|r| r.dv = dv);
+    }
+
+    pub fn set_x(&mut self, x: BTreeMap<String, String>) {
+        self.edit(|r| r.x = x);
+    }
+
+    pub fn set_sp(&mut self, sp: Option<super::sparse::SparseMap>) {
+        self.edit(|r| r.sp = sp);
+    }
+
+    fn edit(&mut self, f: impl FnOnce(&mut Rare)) {
+        let mut rare = self.rare.take().map(|b| *b).unwrap_or_default();
+        f(&mut rare);
+        self.rare = rare.boxed();
+    }
+}
+
+/// An [`Entry`] as it is stored (TOC version 1, and the index cache):
+/// every field in the open.
+#[derive(Clone, Serialize, Deserialize)]
+struct EntryFields {
+    p: String,
+    t: Kind,
+    #[serde(default)]
+    s: u64,
+    m: u32,
+    #[serde(default)]
+    u: u64,
+    #[serde(default)]
+    g: u64,
+    mt: i64,
+    #[serde(default)]
+    mn: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dv: Option<(u32, u32)>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    x: BTreeMap<String, String>,
+    ho: u64,
+    #[serde(rename = "do")]
+    data_offset: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sp: Option<super::sparse::SparseMap>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sd: Option<StatData>,
+}
+
+impl From<EntryFields> for Entry {
+    fn from(f: EntryFields) -> Entry {
+        Entry {
+            p: f.p,
+            t: f.t,
+            s: f.s,
+            m: f.m,
+            u: f.u,
+            g: f.g,
+            mt: f.mt,
+            mn: f.mn,
+            ho: f.ho,
+            data_offset: f.data_offset,
+            sd: f.sd,
+            rare: Rare {
+                lt: f.lt,
+                dv: f.dv,
+                x: f.x,
+                sp: f.sp,
+            }
+            .boxed(),
+        }
+    }
+}
+
+impl From<Entry> for EntryFields {
+    fn from(e: Entry) -> EntryFields {
+        let Rare { lt, dv, x, sp } = e.rare.map(|b| *b).unwrap_or_default();
+        EntryFields {
+            p: e.p,
+            t: e.t,
+            s: e.s,
+            m: e.m,
+            u: e.u,
+            g: e.g,
+            mt: e.mt,
+            mn: e.mn,
+            lt,
+            dv,
+            x,
+            ho: e.ho,
+            data_offset: e.data_offset,
+            sp,
+            sd: e.sd,
+        }
+    }
 }
 
 impl AsRef<Entry> for Entry {
@@ -334,7 +473,7 @@ impl Toc {
             {
                 return Err(corrupt(format!("{:?} lies outside the data", e.p)));
             }
-            if e.sp.is_some() {
+            if e.sp().is_some() {
                 return Err(corrupt(format!(
                     "{:?} is sparse: not written by sessionfs",
                     e.p
@@ -342,12 +481,12 @@ impl Toc {
             }
             match e.t {
                 Kind::HardLink => {
-                    let target = e.lt.as_deref().unwrap_or_default();
+                    let target = e.lt().unwrap_or_default();
                     if !seen.contains(target) || target == e.p {
                         return Err(corrupt(format!("hard link {:?} to an unknown entry", e.p)));
                     }
                 }
-                Kind::Symlink if e.lt.is_none() => {
+                Kind::Symlink if e.lt().is_none() => {
                     return Err(corrupt(format!("symlink {:?} without a target", e.p)))
                 }
                 _ => {}
@@ -360,6 +499,30 @@ impl Toc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_stays_small_and_its_rare_fields_leave_no_empty_box() {
+        // Every reader holds one per entry of its object.
+        assert!(std::mem::size_of::<Entry>() <= 128);
+        let mut e: Entry =
+            serde_json::from_str(r#"{"p":"a","t":"l","m":420,"mt":0,"lt":"b","ho":0,"do":512}"#)
+                .unwrap();
+        assert_eq!(e.lt(), Some("b"));
+        assert!(e.rare.is_some());
+        e.set_lt(None);
+        assert!(e.rare.is_none(), "an emptied box is dropped");
+        let plain: Entry =
+            serde_json::from_str(r#"{"p":"a","t":"f","m":420,"mt":0,"ho":0,"do":512}"#).unwrap();
+        assert_eq!(
+            Entry {
+                t: Kind::Symlink,
+                ..plain.clone()
+            },
+            e,
+            "equal to one that never had the field"
+        );
+        assert!(plain.rare.is_none() && plain.x().is_empty() && plain.sp().is_none());
+    }
 
     fn locator(object_size: u64) -> Locator {
         Locator {

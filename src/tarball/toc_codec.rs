@@ -29,7 +29,7 @@ use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::sparse::SparseMap;
-use super::toc::{Entry, Kind, Segment, StatData, Toc};
+use super::toc::{Entry, Kind, Rare, Segment, StatData, Toc};
 
 /// The oldest TOC version read.
 pub const OLDEST_VERSION: u32 = 1;
@@ -198,12 +198,12 @@ impl Before {
             g: e.g,
             mt: e.mt.wrapping_sub(self.mt),
             mn: i64::from(e.mn) - i64::from(self.mn),
-            lt: e.lt.as_deref().map(Cow::Borrowed),
-            dv: e.dv,
-            x: Cow::Borrowed(&e.x),
+            lt: e.lt().map(Cow::Borrowed),
+            dv: e.dv(),
+            x: Cow::Borrowed(e.x()),
             ho: e.ho.wrapping_sub(self.end) as i64,
             data_offset: e.data_offset.wrapping_sub(e.ho).wrapping_sub(512) as i64,
-            sp: e.sp.as_ref().map(Cow::Borrowed),
+            sp: e.sp().map(Cow::Borrowed),
             sd: e.sd.map(|sd| WireStat {
                 i: sd.i.wrapping_sub(self.ino) as i64,
                 cs: sd.cs.wrapping_sub(e.mt),
@@ -246,12 +246,16 @@ impl Before {
             g: w.g,
             mt,
             mn,
-            lt: w.lt.map(Cow::into_owned),
-            dv: w.dv,
-            x: w.x.into_owned(),
+
             ho,
             data_offset: ho.wrapping_add(512).wrapping_add(w.data_offset as u64),
-            sp: w.sp.map(Cow::into_owned),
+            rare: Rare {
+                lt: w.lt.map(Cow::into_owned),
+                dv: w.dv,
+                x: w.x.into_owned(),
+                sp: w.sp.map(Cow::into_owned),
+            }
+            .boxed(),
             sd,
             p,
         };
@@ -320,12 +324,9 @@ mod tests {
             g: 1000,
             mt: 1_796_178_454,
             mn: 429_380_658,
-            lt: None,
-            dv: None,
-            x: BTreeMap::new(),
             ho,
             data_offset,
-            sp: None,
+            rare: None,
             sd: Some(StatData {
                 i: 11_722_806,
                 cs: 1_796_178_454,
@@ -343,13 +344,13 @@ mod tests {
             cs: i64::MIN,
             cn: 0,
         });
-        odd.x.insert("user.k".into(), "00ff".into());
-        odd.sp = Some(vec![(0, 1), (10, 4)]);
+        odd.set_x([("user.k".into(), "00ff".into())].into());
+        odd.set_sp(Some(vec![(0, 1), (10, 4)]));
         let mut link = entry("dir/ünïcode/ß2", Kind::HardLink, 0, 8192, 8704);
-        link.lt = Some("dir/ünïcode/ß".into());
+        link.set_lt(Some("dir/ünïcode/ß".into()));
         link.sd = None;
         let mut dev = entry("dev", Kind::CharDevice, 0, 0, 512);
-        dev.dv = Some((1, 3));
+        dev.set_dv(Some((1, 3)));
         Toc {
             v: VERSION,
             segments: vec![Segment {

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::tar_header::hex_encode;
-use super::toc::{Entry, Kind, StatData, RESERVED_DIR};
+use super::toc::{Entry, Kind, Rare, StatData, RESERVED_DIR};
 use super::TarballError;
 
 /// An entry and, for regular files, where its bytes come from.
@@ -129,12 +129,13 @@ fn walk_dir(
             g: u64::from(md.gid()),
             mt: md.mtime(),
             mn: u32::try_from(md.mtime_nsec()).unwrap_or(0),
-            lt: None,
-            dv: None,
-            x: user_xattrs(&path),
             ho: 0,
             data_offset: 0,
-            sp: None,
+            rare: Rare {
+                x: user_xattrs(&path),
+                ..Rare::default()
+            }
+            .boxed(),
             sd: Some(StatData {
                 i: md.ino(),
                 cs: md.ctime(),
@@ -147,14 +148,15 @@ fn walk_dir(
         } else if ft.is_symlink() {
             entry.t = Kind::Symlink;
             let target = fs::read_link(&path).map_err(|e| TarballError::io(&path, e))?;
-            entry.lt = Some(target.into_os_string().into_string().map_err(|_| {
+            let target = target.into_os_string().into_string().map_err(|_| {
                 TarballError::Unsupported(format!("{}: link target is not UTF-8", path.display()))
-            })?);
+            })?;
+            entry.set_lt(Some(target));
         } else if ft.is_file() {
             if md.nlink() > 1 {
                 if let Some(first) = links.get(&(md.dev(), md.ino())) {
                     entry.t = Kind::HardLink;
-                    entry.lt = Some(first.clone());
+                    entry.set_lt(Some(first.clone()));
                     out.push(TreeEntry {
                         entry,
                         source: None,
@@ -174,7 +176,7 @@ fn walk_dir(
                 Kind::BlockDevice
             };
             let rdev = md.rdev();
-            entry.dv = Some((major(rdev), minor(rdev)));
+            entry.set_dv(Some((major(rdev), minor(rdev))));
         } else {
             tracing::warn!("{}: socket skipped", path.display());
             continue;

@@ -227,12 +227,9 @@ pub fn pack_after<W: Write + Send>(
         g: 0,
         mt: 0,
         mn: 0,
-        lt: None,
-        dv: None,
-        x: BTreeMap::new(),
         ho: tar_data_end,
         data_offset: tar_data_end + 512,
-        sp: None,
+        rare: None,
         sd: None,
     })?;
     let tar_size = tar_data_end + 512 + toc_entry_len + EOA_LEN as u64;

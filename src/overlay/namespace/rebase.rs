@@ -54,9 +54,9 @@ fn same_entry(a: &Entry, b: &Entry) -> bool {
         && a.u == b.u
         && a.g == b.g
         && (a.t == Kind::Dir || (a.mt == b.mt && a.mn == b.mn))
-        && a.lt == b.lt
-        && a.dv == b.dv
-        && a.x == b.x
+        && a.lt() == b.lt()
+        && a.dv() == b.dv()
+        && a.x() == b.x()
 }
 
 fn split(path: &str) -> (&str, &str) {
@@ -98,7 +98,7 @@ impl Namespace {
         };
         let Ok(n) = self.get(ino) else { return false };
         if b.t == Kind::HardLink {
-            return b.lt.as_deref().and_then(|t| s.local.get(t)) == Some(&ino);
+            return b.lt().and_then(|t| s.local.get(t)) == Some(&ino);
         }
         if NodeKind::of_entry(b.t) != Some(n.kind)
             || n.perm != b.m & 0o7777
@@ -109,7 +109,9 @@ impl Namespace {
         }
         match n.kind {
             NodeKind::Dir => true,
-            NodeKind::Symlink => n.target == b.lt && (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
+            NodeKind::Symlink => {
+                n.target.as_deref() == b.lt() && (n.mtime.s, n.mtime.ns) == (b.mt, b.mn)
+            }
             NodeKind::File => {
                 (n.mtime.s, n.mtime.ns) == (b.mt, b.mn)
                     && n.size == b.s
@@ -286,7 +288,7 @@ impl Namespace {
             return Ok(false);
         }
         if r.t == Kind::HardLink {
-            let Some(target) = r.lt.as_deref().and_then(|t| self.lookup_path(t)) else {
+            let Some(target) = r.lt().and_then(|t| self.lookup_path(t)) else {
                 return Ok(false);
             };
             if self.is_dir(target) {
@@ -319,7 +321,7 @@ impl Namespace {
         }
         ops.push(Op::PutNode(node.clone()));
         ops.push(Op::PutDirent(parent, name.to_owned(), ino));
-        for (k, hex) in &r.x {
+        for (k, hex) in r.x() {
             if let Some(v) = hex_decode(hex) {
                 ops.push(Op::SetXattr(ino, k.clone(), v));
             }
@@ -363,7 +365,7 @@ impl Namespace {
         for name in self.journal.xattr_names(ino)? {
             ops.push(Op::RemoveXattr(ino, name));
         }
-        for (k, hex) in &r.x {
+        for (k, hex) in r.x() {
             if let Some(v) = hex_decode(hex) {
                 ops.push(Op::SetXattr(ino, k.clone(), v));
             }
@@ -431,7 +433,6 @@ impl Namespace {
 mod tests {
     use super::*;
     use crate::overlay::namespace::SetAttr;
-    use std::collections::BTreeMap;
 
     fn file(p: &str, mt: i64) -> Entry {
         Entry {
@@ -443,12 +444,9 @@ mod tests {
             g: 0,
             mt,
             mn: 0,
-            lt: None,
-            dv: None,
-            x: BTreeMap::new(),
             ho: 0,
             data_offset: 0,
-            sp: None,
+            rare: None,
             sd: None,
         }
     }
