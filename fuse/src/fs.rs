@@ -9,6 +9,14 @@
 //!
 //! The mount root may be a subdirectory of the session (`--subdir`): the
 //! kernel's inode 1 and that directory's inode swap numbers at this boundary.
+//!
+//! Opens: a session mounted on its own answers `open`, `opendir` and `flush`
+//! with ENOSYS once, and the kernel then opens, lists and closes without a
+//! request: a warm `cat` or `grep` of an unchanged file never reaches this
+//! process. So nothing here is kept by file handle: writes are tracked by
+//! inode, a file is copied up at its first write, and an inode whose last
+//! name goes lives until the kernel forgets its last lookup (each entry
+//! answered is counted; `forget` counts down).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -16,7 +24,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -29,7 +36,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 use sessionfs_core::overlay::live::{Covered, Invalidation, LiveSession, Watcher};
-use sessionfs_core::overlay::namespace::{RenameMode, SetAttr};
+use sessionfs_core::overlay::namespace::{Namespace, RenameMode, SetAttr};
 use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 
@@ -76,25 +83,28 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Longest symlink target accepted.
 const PATH_MAX: usize = 4096;
 
-struct Handle {
-    ino: u64,
-    append: bool,
-    /// Written through since the journal last caught up.
+/// What the journal has of the writes to one file. Kept by inode, not by
+/// handle: a session mounted on its own lets the kernel open files without
+/// asking (see `open`), so writes come with no handle of ours.
+#[derive(Default)]
+struct Written {
+    /// Written since the journal last caught up.
     dirty: bool,
-    /// The namespace's snapshot count when this handle's writes were last
+    /// The namespace's snapshot count when this file's writes were last
     /// journaled as a change. The first write after a snapshot (and the
     /// first of all) records one at once: `sessionfs flush` right after a
     /// close must find it, and closes do not wait for the journal.
     recorded: Option<u64>,
 }
 
+type WrittenFiles = Arc<Mutex<HashMap<u64, Written>>>;
+
 pub struct SessionFs {
     live: Arc<LiveSession>,
-    handles: Arc<Mutex<HashMap<u64, Handle>>>,
+    written: WrittenFiles,
     /// Directory listings in cookie order, by directory, as the last
     /// readdir from offset 0 found them (see [`Cookies`]).
     listings: Mutex<HashMap<u64, Cookies>>,
-    next_fh: AtomicU64,
     root: u64,
     /// Under `serve --mount-root` each session has a slot: the high bits of
     /// its kernel inode numbers. 0 for a session mounted on its own.
@@ -143,38 +153,35 @@ fn answer(reply: ReplyEmpty, r: Result<(), OverlayError>) {
 /// How every file handle is opened. Only this process changes the bytes,
 /// so the page cache stays valid (`KEEP_CACHE`). A close asks nothing of the
 /// daemon (`NOFLUSH`): writes reach the overlay file as they come, the first
-/// one records its change at once, and the release that follows the close
-/// journals the final size; a process killed before that release is caught
-/// up at remount from the overlay file itself. POSIX locks are the kernel's.
+/// one records its change at once, and the journal catches up with the
+/// final size at the release, an fsync or the kernel forgetting the inode;
+/// a process killed before that is caught up at remount from the overlay
+/// file itself. POSIX locks are the kernel's.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
-/// Whether an open with `flags` may change the file (and so copies it up).
-fn open_writes(flags: i32) -> bool {
-    let acc = flags & libc::O_ACCMODE;
-    acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & libc::O_TRUNC != 0
+/// Whether a write with these flags appends: the file was opened with
+/// `O_APPEND`, and the write is not the page cache writing a mapping back.
+fn appends(write_flags: WriteFlags, flags: OpenFlags) -> bool {
+    flags.0 & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE)
 }
 
-/// A write through handle `fh`, copying the file up (or filling the chunks
-/// of a partial one) first as needed.
+/// A write to file `ino`, copying the file up (or filling the chunks of a
+/// partial one) first as needed: files are copied up at their first write,
+/// not at their open (which the kernel may not tell).
 fn write_to(
     live: &LiveSession,
-    handles: &Mutex<HashMap<u64, Handle>>,
-    fh: u64,
+    written: &Mutex<HashMap<u64, Written>>,
     ino: u64,
     offset: u64,
     data: &[u8],
+    append: bool,
 ) -> Result<u32, OverlayError> {
     live.writable()?;
-    let (append, recorded) = {
-        let handles = handles.lock();
-        let h = handles.get(&fh).ok_or(OverlayError::BadHandle)?;
-        (h.append, h.recorded)
-    };
+    let recorded = written.lock().get(&ino).and_then(|w| w.recorded);
     let len = data.len() as u64;
     let mut ns = live.ns.lock();
-    // A file held whole (the common case) needs nothing first. Otherwise: a
-    // writable mapping may outlive its handle's mode, so this copies up too;
-    // an append lands at or past the end, where there is nothing to fill.
+    // A file held whole (the common case) needs nothing first. An append
+    // lands at or past the end, where there is nothing to fill.
     let covered = if ns.get(ino)?.data == Data::Local {
         Covered::default()
     } else {
@@ -197,12 +204,12 @@ fn write_to(
     }
     drop(ns);
     covered.written()?;
-    if let Some(h) = handles.lock().get_mut(&fh) {
-        if record {
-            h.recorded = Some(snapshots);
-        } else {
-            h.dirty = true;
-        }
+    let mut written = written.lock();
+    let w = written.entry(ino).or_default();
+    if record {
+        w.recorded = Some(snapshots);
+    } else {
+        w.dirty = true;
     }
     Ok(len as u32)
 }
@@ -220,9 +227,8 @@ impl SessionFs {
     pub fn new(live: Arc<LiveSession>, root: u64) -> SessionFs {
         SessionFs {
             live,
-            handles: Arc::new(Mutex::new(HashMap::new())),
+            written: Arc::new(Mutex::new(HashMap::new())),
             listings: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
             root,
             slot: 0,
             view: crate::attr::View::default(),
@@ -278,8 +284,23 @@ impl SessionFs {
         self.live.writable()
     }
 
-    fn fh(&self) -> u64 {
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    /// Whether the kernel opens this session's files and directories
+    /// without asking. A session mounted on its own does: a warm open of an
+    /// unchanged file then costs no request at all (nor does its close),
+    /// and an inode whose last name goes lives as long as the kernel's
+    /// lookups of it, which `forget` ends. Under a mount root the root's
+    /// own listing needs its opens, and sessions come and go, so there an
+    /// inode lives as long as its open handles.
+    fn unopened(&self) -> bool {
+        self.slot == 0
+    }
+
+    /// The kernel learned of `node` by an entry we answer: with unopened
+    /// files, that is the reference that keeps it alive.
+    fn entry_held(&self, ns: &mut Namespace, node: &Node) {
+        if self.unopened() {
+            ns.hold(node.ino);
+        }
     }
 
     fn free(&self, freed: Vec<u64>) {
@@ -289,6 +310,7 @@ impl SessionFs {
     }
 
     fn entry(&self, node: &Node, reply: ReplyEntry) {
+        self.entry_held(&mut self.live.ns.lock(), node);
         reply.entry(&TTL, &self.attr(node), Generation(0));
     }
 
@@ -331,34 +353,21 @@ impl SessionFs {
             .create(parent, name, kind, perm, uid, gid, rdev, target)
     }
 
-    fn open_handle(&self, ino: u64, flags: i32) -> Result<u64, OverlayError> {
-        if open_writes(flags) {
+    /// An open handle of `ino` (under a mount root, where opens are told).
+    fn open_handle(&self, ino: u64, flags: i32) -> Result<(), OverlayError> {
+        let acc = flags & libc::O_ACCMODE;
+        if acc == libc::O_WRONLY || acc == libc::O_RDWR {
             self.writable()?;
-            self.live.ensure_writable(ino, flags & libc::O_TRUNC != 0)?;
         }
-        Ok(self.register(ino, flags))
-    }
-
-    fn register(&self, ino: u64, flags: i32) -> u64 {
-        let fh = self.fh();
-        self.live.ns.lock().opened(ino);
-        self.handles.lock().insert(
-            fh,
-            Handle {
-                ino,
-                append: flags & libc::O_APPEND != 0,
-                dirty: false,
-                recorded: None,
-            },
-        );
-        fh
+        self.live.ns.lock().hold(ino);
+        Ok(())
     }
 
     fn do_read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, OverlayError> {
         self.live.read(ino, offset, u64::from(size))
     }
 
-    fn do_fsync(&self, fh: u64, ino: u64, datasync: bool) -> Result<(), OverlayError> {
+    fn do_fsync(&self, ino: u64, datasync: bool) -> Result<(), OverlayError> {
         let data = self.live.ns.lock().get(ino)?.data.clone();
         if data.in_overlay() {
             let f = self.live.content.local(ino)?;
@@ -372,24 +381,31 @@ impl SessionFs {
                 self.live.content.chunk_map(ino)?.sync()?;
             }
         }
-        self.catch_up(fh)?;
+        self.catch_up(ino)?;
         // The directory and the journal's log, shared with concurrent
         // fsyncs (and API writes) of this session.
         self.live.durable()
     }
 
-    fn catch_up(&self, fh: u64) -> Result<(), OverlayError> {
-        let ino = {
-            let mut handles = self.handles.lock();
-            match handles.get_mut(&fh) {
-                Some(h) if h.dirty => {
-                    h.dirty = false;
-                    h.ino
-                }
-                _ => return Ok(()),
-            }
-        };
-        self.live.ns.lock().flush(ino)
+    /// Journals what writes did to `ino` since the journal last caught up.
+    fn catch_up(&self, ino: u64) -> Result<(), OverlayError> {
+        let dirty = self
+            .written
+            .lock()
+            .get_mut(&ino)
+            .is_some_and(|w| std::mem::take(&mut w.dirty));
+        if dirty {
+            self.live.ns.lock().flush(ino)?;
+        }
+        Ok(())
+    }
+
+    /// The journal caught up with `ino`, and what was kept of its writes
+    /// dropped: its handle closed, or the kernel forgot it.
+    fn done_writing(&self, ino: u64) -> Result<(), OverlayError> {
+        let r = self.catch_up(ino);
+        self.written.lock().remove(&ino);
+        r
     }
 
     fn do_setattr(&self, ino: u64, set: SetAttr) -> Result<Node, OverlayError> {
@@ -440,19 +456,36 @@ impl SessionFs {
         Ok(())
     }
 
-    fn do_release(&self, fh: u64) -> Result<(), OverlayError> {
-        self.catch_up(fh)?;
-        let Some(h) = self.handles.lock().remove(&fh) else {
+    fn do_release(&self, ino: u64) -> Result<(), OverlayError> {
+        self.done_writing(ino)?;
+        if self.unopened() {
+            // A handle `create` made: the kernel's lookup holds the inode.
             return Ok(());
-        };
+        }
         let mut ns = self.live.ns.lock();
-        let freed = ns.closed(h.ino)?;
-        if !ns.is_open(h.ino) {
-            self.live.content.close(h.ino);
+        let freed = ns.let_go(&[(ino, 1)])?;
+        if !ns.is_held(ino) {
+            self.live.content.close(ino);
         }
         drop(ns);
         self.free(freed);
         Ok(())
+    }
+
+    /// The kernel dropped its lookups of these inodes (`(ino, how many)`).
+    fn forgotten(&self, refs: &[(u64, u64)]) {
+        if !self.unopened() {
+            return;
+        }
+        for &(ino, _) in refs {
+            if let Err(e) = self.done_writing(ino) {
+                tracing::warn!(ino, "journaling the writes to a forgotten inode: {e}");
+            }
+        }
+        match self.live.ns.lock().let_go(refs) {
+            Ok(freed) => self.free(freed),
+            Err(e) => tracing::error!("freeing forgotten inodes: {e}"),
+        }
     }
 
     /// The listing of directory `dir` for a readdir from `offset`, with the
@@ -566,11 +599,20 @@ impl Filesystem for SessionFs {
         }
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.forgotten(&[(self.inner(ino), nlookup)]);
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = self.inner(parent);
-        let r = name_str(name).and_then(|n| self.live.ns.lock().lookup(parent, n).cloned());
+        let r = name_str(name).and_then(|n| {
+            let mut ns = self.live.ns.lock();
+            let node = ns.lookup(parent, n)?.clone();
+            self.entry_held(&mut ns, &node);
+            Ok(node)
+        });
         match r {
-            Ok(node) => self.entry(&node, reply),
+            Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
             // A name that is not there is cached as such (builds and git
             // probe many); creating it through the kernel or invalidating it
             // ends that.
@@ -791,41 +833,14 @@ impl Filesystem for SessionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let ino = self.inner(ino);
-        let copies_up = open_writes(flags.0)
-            && flags.0 & libc::O_TRUNC == 0
-            && self.writable().is_ok()
-            && self
-                .live
-                .ns
-                .lock()
-                .get(ino)
-                .is_ok_and(|n| matches!(n.data, Data::Base(_)));
-        if copies_up {
-            // The copy-up may wait on the store: on the blocking pool, as
-            // reads from the object are, with the handle registered first
-            // and dropped again if the copy-up fails.
-            let fh = self.register(ino, flags.0);
-            let (live, handles) = (self.live.clone(), self.handles.clone());
-            self.live.content.runtime().spawn_blocking(move || {
-                match live.ensure_writable(ino, false) {
-                    Ok(()) => reply.opened(FileHandle(fh), OPEN_FLAGS),
-                    Err(e) => {
-                        handles.lock().remove(&fh);
-                        if let Ok(freed) = live.ns.lock().closed(ino) {
-                            for ino in freed {
-                                live.content.remove(ino);
-                            }
-                        }
-                        reply.error(err(e))
-                    }
-                }
-            });
-            return;
+        if self.unopened() {
+            // The kernel opens every file without asking from now on, with
+            // the page cache kept (see `unopened`).
+            return reply.error(Errno::ENOSYS);
         }
         // Only this process changes the bytes: the page cache stays valid.
-        match self.open_handle(ino, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), OPEN_FLAGS),
+        match self.open_handle(self.inner(ino), flags.0) {
+            Ok(()) => reply.opened(FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -871,28 +886,29 @@ impl Filesystem for SessionFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let ino = self.inner(ino);
+        let append = appends(write_flags, flags);
         if self.live.write_fetches(ino, offset, data.len() as u64) {
             // A copy-up or chunks to fill first may wait on the store: on
             // the blocking pool, as reads from the object are.
-            let (live, handles, data) = (self.live.clone(), self.handles.clone(), data.to_vec());
+            let (live, written, data) = (self.live.clone(), self.written.clone(), data.to_vec());
             self.live.content.runtime().spawn_blocking(move || {
-                match write_to(&live, &handles, fh.0, ino, offset, &data) {
+                match write_to(&live, &written, ino, offset, &data, append) {
                     Ok(n) => reply.written(n),
                     Err(e) => reply.error(err(e)),
                 }
             });
             return;
         }
-        match write_to(&self.live, &self.handles, fh.0, ino, offset, data) {
+        match write_to(&self.live, &self.written, ino, offset, data, append) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),
         }
@@ -901,36 +917,41 @@ impl Filesystem for SessionFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.catch_up(fh.0))
+        if self.unopened() {
+            // Handles open with `NOFLUSH` ask for none; unopened ones would
+            // at every close. ENOSYS once ends those.
+            return reply.error(Errno::ENOSYS);
+        }
+        answer(reply, self.catch_up(self.inner(ino)))
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.do_release(fh.0))
+        answer(reply, self.do_release(self.inner(ino)))
     }
 
     fn fsync(
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.do_fsync(fh.0, self.inner(ino), datasync))
+        answer(reply, self.do_fsync(self.inner(ino), datasync))
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -939,7 +960,7 @@ impl Filesystem for SessionFs {
         // and their listings cached until a change drops them; readdir
         // needs no handle (see [`Cookies`]). Under a mount root the root's
         // own listing needs its opens, so directories answer as cached ones.
-        if self.slot == 0 {
+        if self.unopened() {
             return reply.error(Errno::ENOSYS);
         }
         reply.opened(
@@ -993,13 +1014,17 @@ impl Filesystem for SessionFs {
             Err(e) => return reply.error(err(e)),
         };
         let mut full = false;
-        let ns = self.live.ns.lock();
+        let mut ns = self.live.ns.lock();
         for (cookie, name, ino, _) in &list[start..] {
             let Ok(node) = ns.get(*ino) else { continue };
             let attr = self.attr(node);
             full = reply.add(attr.ino, *cookie, name, &TTL, &attr, Generation(0));
             if full {
                 break;
+            }
+            // The kernel takes a lookup of every entry but the dots.
+            if name != "." && name != ".." && self.unopened() {
+                ns.hold(*ino);
             }
         }
         drop(ns);
@@ -1139,8 +1164,15 @@ impl Filesystem for SessionFs {
         let parent = self.inner(parent);
         let r = (|| {
             let node = self.make(req, parent, name, NodeKind::File, mode, umask, 0, None)?;
-            let fh = match self.open_handle(node.ino, flags | libc::O_RDWR) {
-                Ok(fh) => fh,
+            let opened = if self.unopened() {
+                // The entry's lookup is what holds it; its handle is unopened too.
+                self.entry_held(&mut self.live.ns.lock(), &node);
+                Ok(())
+            } else {
+                self.open_handle(node.ino, flags | libc::O_RDWR)
+            };
+            match opened {
+                Ok(()) => {}
                 Err(e) => {
                     // A failed create creates nothing (EMFILE, ENOSPC): a
                     // retry must not meet EEXIST.
@@ -1152,16 +1184,16 @@ impl Filesystem for SessionFs {
                     }
                     return Err(e);
                 }
-            };
+            }
             let node = self.live.ns.lock().get(node.ino)?.clone();
-            Ok::<_, OverlayError>((node, fh))
+            Ok::<_, OverlayError>(node)
         })();
         match r {
-            Ok((node, fh)) => reply.created(
+            Ok(node) => reply.created(
                 &TTL,
                 &self.attr(&node),
                 Generation(0),
-                FileHandle(fh),
+                FileHandle(0),
                 OPEN_FLAGS,
             ),
             Err(e) => reply.error(err(e)),

@@ -35,7 +35,6 @@ pub fn errno(e: &OverlayError) -> i32 {
         OverlayError::NoAttr => libc::ENODATA,
         OverlayError::NotSupported(_) => libc::EOPNOTSUPP,
         OverlayError::ReadOnly => libc::EROFS,
-        OverlayError::BadHandle => libc::EBADF,
         OverlayError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         OverlayError::Journal(_) | OverlayError::Tarball(_) | OverlayError::Corrupt(_) => libc::EIO,
         OverlayError::InUse(_) => libc::EBUSY,

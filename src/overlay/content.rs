@@ -130,14 +130,31 @@ impl Content {
         if let Some(f) = files.get(&ino) {
             return Ok(f.clone());
         }
-        let f = Arc::new(
+        let open = || {
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(self.path(ino))?,
-        );
+                .open(self.path(ino))
+        };
+        let f = match open() {
+            // Out of descriptors (a limit lowered under us, or many files
+            // in use): the idle ones go first.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                let idle: Vec<u64> = files
+                    .iter()
+                    .filter(|(_, f)| Arc::strong_count(f) == 1)
+                    .map(|(ino, _)| *ino)
+                    .collect();
+                for ino in idle {
+                    files.pop(&ino);
+                }
+                open()?
+            }
+            r => r?,
+        };
+        let f = Arc::new(f);
         files.put(ino, f.clone());
         // Over the bound, the least recently used descriptors nobody holds
         // right now are closed (opened again when next needed).

@@ -482,7 +482,13 @@ impl LiveSession {
                     chunks: covered,
                 })
             }
-            _ => self
+            // Copied up first (whole, or as a partial file whose chunks
+            // this write touches are then filled as above).
+            Data::Base(_) => {
+                self.ensure_writable(ino, false)?;
+                self.prepare_write(ino, offset, len)
+            }
+            Data::None => self
                 .ensure_writable(ino, false)
                 .map(|()| Covered::default()),
         }

@@ -63,8 +63,6 @@ pub enum OverlayError {
     NotSupported(&'static str),
     #[error("the session is read-only here")]
     ReadOnly,
-    #[error("no such open file")]
-    BadHandle,
     #[error("overlay journal: {0}")]
     Journal(#[from] rusqlite::Error),
     #[error("overlay I/O: {0}")]

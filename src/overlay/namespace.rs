@@ -53,7 +53,10 @@ pub struct Namespace {
     nodes: HashMap<u64, Node>,
     children: HashMap<u64, BTreeMap<String, u64>>,
     next_ino: u64,
-    open: HashMap<u64, u32>,
+    /// References that keep an inode alive after its last name goes: open
+    /// handles, or (for a mount that has the kernel open files without
+    /// asking) the kernel's own lookup count of the inode.
+    held: HashMap<u64, u64>,
     /// Counts the snapshots taken of the tree (write-backs): a file written
     /// through a handle records a change again once one was taken since.
     snapshots: u64,
@@ -101,7 +104,7 @@ impl Namespace {
             nodes: HashMap::new(),
             children: HashMap::new(),
             next_ino: ROOT + 1,
-            open: HashMap::new(),
+            held: HashMap::new(),
             snapshots: 0,
         };
         if ns.journal.meta("initialised")?.is_none() {
@@ -526,7 +529,7 @@ impl Namespace {
             n.nlink.saturating_sub(1)
         };
         n.ctime = now;
-        if n.nlink == 0 && !self.open.contains_key(&ino) {
+        if n.nlink == 0 && !self.held.contains_key(&ino) {
             tx.delete_node(ino)?;
         } else {
             tx.put_node(&n)?;
@@ -535,7 +538,7 @@ impl Namespace {
     }
 
     fn apply_drop(&mut self, ino: u64, nlink: u32, now: Time) -> Freed {
-        if nlink == 0 && !self.open.contains_key(&ino) {
+        if nlink == 0 && !self.held.contains_key(&ino) {
             self.nodes.remove(&ino);
             self.children.remove(&ino);
             return vec![ino];
@@ -794,37 +797,48 @@ impl Namespace {
             .collect()
     }
 
-    pub fn opened(&mut self, ino: u64) {
-        *self.open.entry(ino).or_default() += 1;
+    /// One more reference to `ino` (an open handle, or a kernel lookup).
+    pub fn hold(&mut self, ino: u64) {
+        *self.held.entry(ino).or_default() += 1;
     }
 
-    /// A handle closed; the inode is freed if it was the last and no name is left.
-    pub fn closed(&mut self, ino: u64) -> Result<Freed, OverlayError> {
-        let left = match self.open.get_mut(&ino) {
-            Some(c) if *c > 1 => {
-                *c -= 1;
-                return Ok(Vec::new());
+    /// References that went (`(ino, how many)`): an inode left with none
+    /// and no name is freed, all of them in one journal transaction (the
+    /// kernel forgets inodes in batches). Returns the freed inodes.
+    pub fn let_go(&mut self, refs: &[(u64, u64)]) -> Result<Freed, OverlayError> {
+        let mut gone = Vec::new();
+        for &(ino, n) in refs {
+            let Some(c) = self.held.get_mut(&ino) else {
+                continue;
+            };
+            *c = c.saturating_sub(n);
+            if *c > 0 {
+                continue;
             }
-            _ => {
-                self.open.remove(&ino);
-                0
+            self.held.remove(&ino);
+            if self.nodes.get(&ino).is_some_and(|n| n.nlink == 0) {
+                gone.push(ino);
             }
-        };
-        debug_assert_eq!(left, 0);
-        if self.nodes.get(&ino).is_some_and(|n| n.nlink == 0) {
-            self.freeing(|ns| {
-                let tx = ns.journal.begin()?;
-                tx.delete_node(ino)?;
-                tx.commit()
-            })?;
-            self.nodes.remove(&ino);
-            return Ok(vec![ino]);
         }
-        Ok(Vec::new())
+        if gone.is_empty() {
+            return Ok(gone);
+        }
+        self.freeing(|ns| {
+            let tx = ns.journal.begin()?;
+            for ino in &gone {
+                tx.delete_node(*ino)?;
+            }
+            tx.commit()
+        })?;
+        for ino in &gone {
+            self.nodes.remove(ino);
+            self.children.remove(ino);
+        }
+        Ok(gone)
     }
 
-    pub fn is_open(&self, ino: u64) -> bool {
-        self.open.contains_key(&ino)
+    pub fn is_held(&self, ino: u64) -> bool {
+        self.held.contains_key(&ino)
     }
 
     pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>, OverlayError> {
@@ -1031,6 +1045,10 @@ mod tests {
     }
 
     fn open_ns(dir: &Path) -> Namespace {
+        reopen_ns(dir).0
+    }
+
+    fn reopen_ns(dir: &Path) -> (Namespace, Vec<u64>) {
         // Children listed before their parent, a hard link, a symlink.
         let entries = vec![
             entry("a/b/file", Kind::File, None),
@@ -1039,9 +1057,7 @@ mod tests {
             entry("a/link", Kind::HardLink, Some("a/b/file")),
             entry("sym", Kind::Symlink, Some("a/b/file")),
         ];
-        Namespace::open(&dir.join("j.db"), Some("etag"), &entries)
-            .unwrap()
-            .0
+        Namespace::open(&dir.join("j.db"), Some("etag"), &entries).unwrap()
     }
 
     #[test]
@@ -1123,16 +1139,34 @@ mod tests {
     }
 
     #[test]
-    fn an_inode_unlinked_while_open_lives_until_closed() {
+    fn an_inode_unlinked_while_held_lives_until_its_last_reference_goes() {
         let dir = tempfile::tempdir().unwrap();
         let mut ns = open_ns(dir.path());
         let n = ns
             .create(ROOT, "f", NodeKind::File, 0o644, 0, 0, 0, None)
             .unwrap();
-        ns.opened(n.ino);
+        let kept = ns
+            .create(ROOT, "g", NodeKind::File, 0o644, 0, 0, 0, None)
+            .unwrap();
+        ns.hold(n.ino);
+        ns.hold(n.ino);
+        ns.hold(kept.ino);
         assert!(ns.remove(ROOT, "f", false).unwrap().is_empty());
         assert_eq!(ns.get(n.ino).unwrap().nlink, 0);
-        assert_eq!(ns.closed(n.ino).unwrap(), vec![n.ino]);
+        assert!(ns.let_go(&[(n.ino, 1)]).unwrap().is_empty());
+        assert!(ns.get(n.ino).is_ok(), "one reference is left");
+        // A named inode is not freed with its last reference.
+        assert_eq!(
+            ns.let_go(&[(n.ino, 1), (kept.ino, 1)]).unwrap(),
+            vec![n.ino]
+        );
+        assert!(ns.get(n.ino).is_err());
+        assert!(ns.get(kept.ino).is_ok());
+        assert!(!ns.is_held(kept.ino));
+        // Gone from the journal too: a reopen finds no orphan to clean up.
+        drop(ns);
+        let (ns, orphans) = reopen_ns(dir.path());
+        assert!(orphans.is_empty());
         assert!(ns.get(n.ino).is_err());
     }
 }

@@ -766,7 +766,7 @@ fn adopt(
                 let unchanged = n.data.in_overlay()
                     && n.size == *size
                     && n.mtime == *mtime
-                    && !ns.is_open(*ino)
+                    && !ns.is_held(*ino)
                     && !changed.contains(ino);
                 if unchanged {
                     data.push((*ino, Data::Base(path.clone())));

@@ -122,6 +122,7 @@ fn opens_creates_and_writes_behave_like_a_local_disk() {
     assert_eq!(fs::read(&f).unwrap(), b"on");
     t.set_len(10).unwrap();
     assert_eq!(fs::read(&f).unwrap(), b"on\0\0\0\0\0\0\0\0");
+    drop(t);
     // Unlink while open: the open file still reads and writes.
     let mut open = OpenOptions::new().read(true).write(true).open(&f).unwrap();
     fs::remove_file(&f).unwrap();
@@ -132,7 +133,18 @@ fn opens_creates_and_writes_behave_like_a_local_disk() {
     open.read_to_string(&mut back).unwrap();
     assert_eq!(back, "still here");
     assert_eq!(open.metadata().unwrap().nlink(), 0);
+    let held = site
+        .overlay(SESSION, "sessions")
+        .join("data")
+        .join(open.metadata().unwrap().ino().to_string());
+    assert!(held.exists());
     drop(open);
+    // Closed, the kernel forgets the inode, and its bytes go with it.
+    let t = std::time::Instant::now();
+    while held.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!held.exists(), "{held:?} outlived its last reference");
     // Names over 255 bytes.
     let long = m.join("x".repeat(256));
     assert_eq!(errno(File::create(&long)), libc::ENAMETOOLONG);

@@ -414,7 +414,7 @@ impl Namespace {
         } else {
             n.nlink = n.nlink.saturating_sub(1);
         }
-        if n.nlink == 0 && !self.is_open(ino) {
+        if n.nlink == 0 && !self.is_held(ino) {
             ops.push(Op::DeleteNode(ino));
             self.nodes.remove(&ino);
             out.freed.push(ino);
