@@ -22,7 +22,8 @@
 //!    bytes it now holds point at it, overlay files no longer needed are
 //!    deleted (after the commit), the covered changes are confirmed.
 //!    Changes made meanwhile stay pending for the next write-back; a file
-//!    open or changed since the snapshot keeps its overlay file.
+//!    changed since the snapshot, or held (open, or known to a mount's
+//!    kernel, which may write to it without asking), keeps its overlay file.
 
 use std::collections::BTreeMap;
 use std::fs::File;
