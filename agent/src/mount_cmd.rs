@@ -285,6 +285,11 @@ pub async fn run(args: MountArgs, stack: LocalStack, quiet: bool) -> Result<()> 
             )
         }),
     );
+    // Before the first request: `sessionfs flush` right after `mount
+    // --daemon` returns must find the loop (it registered at its first tick).
+    if !args.offline {
+        writeback.register_control(&live);
+    }
     tokio::spawn(crate::reload::on_sighup(writeback.clone()));
     // --offline: nothing asks the store, not even whether a newer object exists.
     let looping = tokio::spawn({

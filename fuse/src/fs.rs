@@ -99,12 +99,6 @@ struct Written {
 
 type WrittenFiles = Arc<Mutex<HashMap<u64, Written>>>;
 
-/// Forgets are applied in batches: `rm -rf` has the kernel forget one inode
-/// per file it removes, and each batch takes the namespace lock and a
-/// journal transaction once. A batch waits at most [`FORGET_WAIT`].
-const FORGET_BATCH: usize = 64;
-const FORGET_WAIT: Duration = Duration::from_millis(50);
-
 /// Journals what writes did to `ino` since the journal last caught up.
 fn catch_up(
     live: &LiveSession,
@@ -121,31 +115,9 @@ fn catch_up(
     Ok(())
 }
 
-/// The kernel dropped its lookups of these inodes (`(ino, how many)`): the
-/// journal catches up with their writes, and those left with no reference
-/// and no name are freed.
-fn apply_forgets(live: &LiveSession, written: &Mutex<HashMap<u64, Written>>, refs: &[(u64, u64)]) {
-    for &(ino, _) in refs {
-        if let Err(e) = catch_up(live, written, ino) {
-            tracing::warn!(ino, "journaling the writes to a forgotten inode: {e}");
-        }
-        written.lock().remove(&ino);
-    }
-    match live.ns.lock().let_go(refs) {
-        Ok(freed) => {
-            for ino in freed {
-                live.content.remove(ino);
-            }
-        }
-        Err(e) => tracing::error!("freeing forgotten inodes: {e}"),
-    }
-}
-
 pub struct SessionFs {
     live: Arc<LiveSession>,
     written: WrittenFiles,
-    /// Forgets not applied yet (see [`FORGET_BATCH`]).
-    forgets: Arc<Mutex<Vec<(u64, u64)>>>,
     /// Directory listings in cookie order, by directory, as the last
     /// readdir from offset 0 found them (see [`Cookies`]).
     listings: Mutex<HashMap<u64, Cookies>>,
@@ -272,7 +244,6 @@ impl SessionFs {
         SessionFs {
             live,
             written: Arc::new(Mutex::new(HashMap::new())),
-            forgets: Arc::new(Mutex::new(Vec::new())),
             listings: Mutex::new(HashMap::new()),
             root,
             slot: 0,
@@ -437,7 +408,7 @@ impl SessionFs {
     }
 
     /// The journal caught up with `ino`, and what was kept of its writes
-    /// dropped: its handle closed.
+    /// dropped: its handle closed, or the kernel forgot it.
     fn done_writing(&self, ino: u64) -> Result<(), OverlayError> {
         let r = self.catch_up(ino);
         self.written.lock().remove(&ino);
@@ -508,31 +479,21 @@ impl SessionFs {
         Ok(())
     }
 
-    /// The kernel dropped `n` lookups of `ino`: applied with the next batch.
+    /// The kernel dropped `n` lookups of `ino`: the journal catches up with
+    /// its writes, and if that was its last reference and it has no name
+    /// left, it is freed, its bytes at once: the kernel queues the forget
+    /// within the unlink of a file nobody has open, ahead of the requests
+    /// after it, so the space is back for the next write.
     fn forgotten(&self, ino: u64, n: u64) {
         if !self.unopened() {
             return;
         }
-        let mut pending = self.forgets.lock();
-        pending.push((ino, n));
-        if pending.len() >= FORGET_BATCH {
-            let batch = std::mem::take(&mut *pending);
-            drop(pending);
-            apply_forgets(&self.live, &self.written, &batch);
-        } else if pending.len() == 1 {
-            // The first of a batch: applied in a while if no more come.
-            let (live, written, forgets) = (
-                self.live.clone(),
-                self.written.clone(),
-                self.forgets.clone(),
-            );
-            self.live.content.runtime().spawn(async move {
-                tokio::time::sleep(FORGET_WAIT).await;
-                let batch = std::mem::take(&mut *forgets.lock());
-                if !batch.is_empty() {
-                    tokio::task::spawn_blocking(move || apply_forgets(&live, &written, &batch));
-                }
-            });
+        if let Err(e) = self.done_writing(ino) {
+            tracing::warn!(ino, "journaling the writes to a forgotten inode: {e}");
+        }
+        match self.live.ns.lock().let_go(&[(ino, n)]) {
+            Ok(freed) => self.free(freed),
+            Err(e) => tracing::error!(ino, "freeing a forgotten inode: {e}"),
         }
     }
 

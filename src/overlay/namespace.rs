@@ -48,6 +48,9 @@ pub enum RenameMode {
     Exchange,
 }
 
+/// Freed inodes whose journal rows are deleted together (see `let_go`).
+const UNJOURNALED_FREED: usize = 64;
+
 pub struct Namespace {
     journal: Journal,
     nodes: HashMap<u64, Node>,
@@ -57,6 +60,10 @@ pub struct Namespace {
     /// handles, or (for a mount that has the kernel open files without
     /// asking) the kernel's own lookup count of the inode.
     held: HashMap<u64, u64>,
+    /// Inodes freed whose journal rows still say `nlink` 0: deleted from
+    /// the journal [`UNJOURNALED_FREED`] at a time (a crash first leaves
+    /// orphans, which the next open removes).
+    freed_rows: Vec<u64>,
     /// Counts the snapshots taken of the tree (write-backs): a file written
     /// through a handle records a change again once one was taken since.
     snapshots: u64,
@@ -105,6 +112,7 @@ impl Namespace {
             children: HashMap::new(),
             next_ino: ROOT + 1,
             held: HashMap::new(),
+            freed_rows: Vec::new(),
             snapshots: 0,
         };
         if ns.journal.meta("initialised")?.is_none() {
@@ -803,8 +811,9 @@ impl Namespace {
     }
 
     /// References that went (`(ino, how many)`): an inode left with none
-    /// and no name is freed, all of them in one journal transaction (the
-    /// kernel forgets inodes in batches). Returns the freed inodes.
+    /// and no name is freed at once (its bytes can go), its journal row
+    /// later, with others (`rm -rf` has the kernel forget one inode per
+    /// file). Returns the freed inodes.
     pub fn let_go(&mut self, refs: &[(u64, u64)]) -> Result<Freed, OverlayError> {
         let mut gone = Vec::new();
         for &(ino, n) in refs {
@@ -820,21 +829,30 @@ impl Namespace {
                 gone.push(ino);
             }
         }
-        if gone.is_empty() {
-            return Ok(gone);
-        }
-        self.freeing(|ns| {
-            let tx = ns.journal.begin()?;
-            for ino in &gone {
-                tx.delete_node(*ino)?;
-            }
-            tx.commit()
-        })?;
         for ino in &gone {
             self.nodes.remove(ino);
             self.children.remove(ino);
         }
+        self.freed_rows.extend_from_slice(&gone);
+        if self.freed_rows.len() >= UNJOURNALED_FREED {
+            self.journal_freed()?;
+        }
         Ok(gone)
+    }
+
+    /// Deletes the journal rows of the inodes freed since the last time.
+    fn journal_freed(&mut self) -> Result<(), OverlayError> {
+        if self.freed_rows.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(&mut self.freed_rows);
+        self.freeing(|ns| {
+            let tx = ns.journal.begin()?;
+            for ino in &rows {
+                tx.delete_node(*ino)?;
+            }
+            tx.commit()
+        })
     }
 
     pub fn is_held(&self, ino: u64) -> bool {
@@ -892,7 +910,8 @@ impl Namespace {
         Ok(())
     }
 
-    pub fn sync(&self) -> Result<(), OverlayError> {
+    pub fn sync(&mut self) -> Result<(), OverlayError> {
+        self.journal_freed()?;
         self.journal.sync()
     }
 
@@ -1163,10 +1182,21 @@ mod tests {
         assert!(ns.get(n.ino).is_err());
         assert!(ns.get(kept.ino).is_ok());
         assert!(!ns.is_held(kept.ino));
-        // Gone from the journal too: a reopen finds no orphan to clean up.
+        // Its journal row goes with the next batch, or at the latest at a
+        // sync; until then a reopen finds it an orphan and frees it.
         drop(ns);
-        let (ns, orphans) = reopen_ns(dir.path());
-        assert!(orphans.is_empty());
+        let (mut ns, orphans) = reopen_ns(dir.path());
+        assert_eq!(orphans, vec![n.ino]);
         assert!(ns.get(n.ino).is_err());
+        let m = ns
+            .create(ROOT, "h", NodeKind::File, 0o644, 0, 0, 0, None)
+            .unwrap();
+        ns.hold(m.ino);
+        ns.remove(ROOT, "h", false).unwrap();
+        assert_eq!(ns.let_go(&[(m.ino, 1)]).unwrap(), vec![m.ino]);
+        ns.sync().unwrap();
+        drop(ns);
+        let (_, orphans) = reopen_ns(dir.path());
+        assert!(orphans.is_empty());
     }
 }
