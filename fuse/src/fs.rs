@@ -97,27 +97,9 @@ struct Written {
     recorded: Option<u64>,
 }
 
-type WrittenFiles = Arc<Mutex<HashMap<u64, Written>>>;
-
-/// Journals what writes did to `ino` since the journal last caught up.
-fn catch_up(
-    live: &LiveSession,
-    written: &Mutex<HashMap<u64, Written>>,
-    ino: u64,
-) -> Result<(), OverlayError> {
-    let dirty = written
-        .lock()
-        .get_mut(&ino)
-        .is_some_and(|w| std::mem::take(&mut w.dirty));
-    if dirty {
-        live.ns.lock().flush(ino)?;
-    }
-    Ok(())
-}
-
 pub struct SessionFs {
     live: Arc<LiveSession>,
-    written: WrittenFiles,
+    written: Arc<Mutex<HashMap<u64, Written>>>,
     /// Directory listings in cookie order, by directory, as the last
     /// readdir from offset 0 found them (see [`Cookies`]).
     listings: Mutex<HashMap<u64, Cookies>>,
@@ -403,8 +385,17 @@ impl SessionFs {
         self.live.durable()
     }
 
+    /// Journals what writes did to `ino` since the journal last caught up.
     fn catch_up(&self, ino: u64) -> Result<(), OverlayError> {
-        catch_up(&self.live, &self.written, ino)
+        let dirty = self
+            .written
+            .lock()
+            .get_mut(&ino)
+            .is_some_and(|w| std::mem::take(&mut w.dirty));
+        if dirty {
+            self.live.ns.lock().flush(ino)?;
+        }
+        Ok(())
     }
 
     /// The journal caught up with `ino`, and what was kept of its writes
