@@ -15,6 +15,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
+use sessionfs_core::overlay::content::read_object_within;
 use sessionfs_core::overlay::live::{components, FileVersion, LiveSession};
 use sessionfs_core::overlay::node::{Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
@@ -167,13 +168,20 @@ impl Source {
     /// Up to `n` bytes from `at` (fewer only at the file's end).
     async fn read(&self, at: u64, n: u64) -> Result<bytes::Bytes, OverlayError> {
         match self {
-            Source::Live(live, version) => {
-                let (live, version) = (live.clone(), version.clone());
-                tokio::task::spawn_blocking(move || live.read_version(&version, at, n))
-                    .await
-                    .map_err(|e| OverlayError::Io(std::io::Error::other(e)))?
-                    .map(bytes::Bytes::from)
-            }
+            Source::Live(live, version) => match &**version {
+                // Awaited here: decoded segments answer at once, and a
+                // fetch waits without holding a thread.
+                FileVersion::Base(reader, path) => {
+                    read_object_within(reader, path, at, n, true).await
+                }
+                _ => {
+                    let (live, version) = (live.clone(), version.clone());
+                    tokio::task::spawn_blocking(move || live.read_version(&version, at, n))
+                        .await
+                        .map_err(|e| OverlayError::Io(std::io::Error::other(e)))?
+                        .map(bytes::Bytes::from)
+                }
+            },
             Source::Object(reader, path) => Ok(reader.read(path, at, n).await?),
         }
     }
@@ -192,13 +200,18 @@ struct Found {
 
 impl Found {
     /// A file of the open session `live`: `node` at `version`.
-    fn live(node: &Node, first: Vec<u8>, live: &Arc<LiveSession>, version: FileVersion) -> Found {
+    fn live(
+        node: &Node,
+        first: bytes::Bytes,
+        live: &Arc<LiveSession>,
+        version: FileVersion,
+    ) -> Found {
         Found {
             kind: node.kind,
             size: node.size,
             mtime: node.mtime,
             tag: etag(node.ino, node.size, node.mtime),
-            first: first.into(),
+            first,
             source: Source::Live(live.clone(), Arc::new(version)),
         }
     }
@@ -213,26 +226,42 @@ fn first_byte(headers: &HeaderMap, size: u64) -> u64 {
 }
 
 /// A file of a session open here, found and read on the runtime's thread
-/// when nothing on the way would wait: no store check due, no lock held
-/// elsewhere, its first chunk in the overlay file's page cache (or no bytes
-/// wanted). `None`: [`find_live`]'s way, which also answers every error.
-fn find_hot(
+/// when nothing on the way would block it: no store check due, no lock held
+/// elsewhere, and its first chunk in the overlay file's page cache, or in
+/// the object (awaited: decoded segments answer at once, a fetch waits
+/// without holding the thread), or no bytes wanted. `None`:
+/// [`find_live`]'s way, which also answers every error of the lookup.
+async fn find_hot(
     st: &AppState,
     s: &SessionPath,
     path: &str,
     want_bytes: bool,
     headers: &HeaderMap,
-) -> Option<Found> {
+) -> Option<Result<Found, ApiError>> {
     let live = st.registry.get_fresh(s)?;
-    let _in = live.enter().ok()?;
-    let (node, version) = live.try_open_version(path)?.ok()?;
+    let (node, version) = {
+        let _in = live.enter().ok()?;
+        live.try_open_version(path)?.ok()?
+    };
     let from = first_byte(headers, node.size);
     let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
-        version.read_cached(from, CHUNK.min(node.size - from))?
+        let n = CHUNK.min(node.size - from);
+        match &version {
+            FileVersion::Base(reader, p) => {
+                match read_object_within(reader, p, from, n, true).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let e = ApiError::from_overlay(e, s.as_str(), path, ApiError::download);
+                        return Some(Err(e));
+                    }
+                }
+            }
+            v => v.read_cached(from, n)?.into(),
+        }
     } else {
-        Vec::new()
+        bytes::Bytes::new()
     };
-    Some(Found::live(&node, first, &live, version))
+    Some(Ok(Found::live(&node, first, &live, version)))
 }
 
 /// The file at `path` in the open session, with its first chunk; one trip
@@ -244,8 +273,8 @@ async fn find_live(
     want_bytes: bool,
     headers: &HeaderMap,
 ) -> Result<Found, ApiError> {
-    if let Some(found) = find_hot(st, s, path, want_bytes, headers) {
-        return Ok(found);
+    if let Some(found) = find_hot(st, s, path, want_bytes, headers).await {
+        return found;
     }
     let (registry, name, p) = (st.registry.clone(), s.clone(), path.to_owned());
     let asked = headers.clone();
@@ -262,9 +291,9 @@ async fn find_live(
                 let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
                     // No more than the file holds: a buffer is zeroed first.
                     let n = CHUNK.min(node.size - from);
-                    live.read_version(&version, from, n).map_err(fail)?
+                    live.read_version(&version, from, n).map_err(fail)?.into()
                 } else {
-                    Vec::new()
+                    bytes::Bytes::new()
                 };
                 Ok(Found::live(&node, first, live, version))
             },

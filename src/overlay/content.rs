@@ -448,8 +448,7 @@ impl Content {
 }
 
 /// Bytes of `path` in `reader`'s object, waited for on `rt` from a thread
-/// that is not one of its own, within `--read-timeout-secs`; `ahead` lets
-/// a sequential reader's next segments load meanwhile.
+/// that is not one of its own ([`read_object_within`]).
 pub fn read_object(
     rt: &tokio::runtime::Handle,
     reader: Option<&Arc<SessionReader>>,
@@ -460,6 +459,20 @@ pub fn read_object(
 ) -> Result<bytes::Bytes, OverlayError> {
     let reader = reader
         .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
+    rt.block_on(read_object_within(reader, path, offset, len, ahead))
+}
+
+/// Bytes of `path` in `reader`'s object within `--read-timeout-secs`;
+/// `ahead` lets a sequential reader's next segments load meanwhile. Safe
+/// on the runtime's own threads: what is decoded in memory answers at once,
+/// and the rest waits without holding the thread.
+pub async fn read_object_within(
+    reader: &SessionReader,
+    path: &str,
+    offset: u64,
+    len: u64,
+    ahead: bool,
+) -> Result<bytes::Bytes, OverlayError> {
     let deadline = crate::store::deadline::read_deadline();
     let read = async {
         if ahead {
@@ -468,7 +481,7 @@ pub fn read_object(
             reader.read_here(path, offset, len).await
         }
     };
-    match rt.block_on(async { tokio::time::timeout(deadline, read).await }) {
+    match tokio::time::timeout(deadline, read).await {
         Ok(read) => Ok(read?),
         Err(_) => Err(crate::store::StoreError::Transient {
             op: "read",
