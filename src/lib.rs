@@ -8,9 +8,11 @@
 //! - [`session`]: session paths and the keys of their objects;
 //! - [`overlay`]: open sessions and their pending changes (the tree, the
 //!   journal, the changed bytes), shared by mounts and API;
-//! - [`text`]: outside text made safe to show (control characters escaped).
+//! - [`text`]: outside text made safe to show (control characters escaped);
+//! - [`memory`]: freed memory handed back after large transient work.
 
 pub mod cache;
+pub mod memory;
 pub mod overlay;
 pub mod session;
 pub mod store;

@@ -345,18 +345,22 @@ struct Pending {
 ///   handed back when freed. glibc raises that threshold to the size of any
 ///   such block freed, so the object bytes a read fetches (runs of several
 ///   megabytes) then come from the arenas and leave holes there. A fixed
-///   4 MiB keeps them mapped; smaller blocks (2 MiB inflated segments, which
-///   are reused: `tarball/segments.rs`) stay in the arenas, where they are
-///   cheaper to get than fresh zeroed pages.
+///   threshold keeps them mapped. At 512 KiB it maps the block cache's
+///   1 MiB block reads too, which 4 MiB left in the arenas: the same mount
+///   then peaked at 119–120 MB, not 130–134 (same read times). The 2 MiB
+///   inflated segments are mapped as well, but reused rather than freed
+///   (`tarball/segments.rs`), so they rarely cost fresh pages.
 ///
 /// Together: a mount that read every file of a 45,000-file session peaked at
-/// 225 MB resident before, 90 MB after, as fast. `MALLOC_ARENA_MAX` and
-/// `MALLOC_MMAP_THRESHOLD_`, when set, still decide.
+/// 225 MB resident before, about 120 MB after, as fast. `MALLOC_ARENA_MAX`
+/// and `MALLOC_MMAP_THRESHOLD_`, when set, still decide. What large
+/// transient work frees inside the arenas goes back with
+/// [`sessionfs_core::memory::trim`].
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     for (var, param, value) in [
         ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
-        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 4 << 20),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 512 << 10),
     ] {
         if std::env::var_os(var).is_none() {
             // SAFETY: mallopt only changes allocator tuning; it runs first

@@ -266,6 +266,7 @@ pub fn open_with(
             ns.adopt_local(ino, md.len(), mtime)?;
         }
     }
+    crate::memory::trim();
     Ok(LiveSession::new(
         spec.session.clone(),
         ns,

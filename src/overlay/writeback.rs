@@ -168,6 +168,19 @@ pub fn write_back(
     store: &Arc<dyn ObjectStore>,
     opts: &WriteBackOptions,
 ) -> Result<Option<Report>, WriteBackError> {
+    let done = write_back_pending(live, store, opts);
+    // The snapshot and the pack's tables were the size of the tree.
+    if !matches!(done, Ok(None)) {
+        crate::memory::trim();
+    }
+    done
+}
+
+fn write_back_pending(
+    live: &LiveSession,
+    store: &Arc<dyn ObjectStore>,
+    opts: &WriteBackOptions,
+) -> Result<Option<Report>, WriteBackError> {
     let _one_at_a_time = live.writeback_lock();
     let _in = live.enter()?;
     live.writable()?;
