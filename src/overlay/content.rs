@@ -120,7 +120,7 @@ impl Content {
         self.path(ino)
     }
 
-    fn path(&self, ino: u64) -> PathBuf {
+    pub(crate) fn path(&self, ino: u64) -> PathBuf {
         self.dir.join(ino.to_string())
     }
 

@@ -271,11 +271,7 @@ fn write_back_pending(
     } else {
         live.durable()
     } {
-        Ok(()) => {
-            for ino in freed {
-                live.content.remove(ino);
-            }
-        }
+        Ok(()) => remove_freed(live, &freed),
         Err(e) => tracing::warn!("syncing the journal after a write-back: {e}"),
     }
     let report = Report {
@@ -799,8 +795,80 @@ fn adopt(
     Ok(freed)
 }
 
+/// Deletes the overlay files of files that [`adopt`] pointed at the new
+/// object, unless new bytes went there since: a PUT or a copy-up between
+/// the adoption and this (the journal's sync lies between them) made the
+/// file local again, and its overlay file is then the only copy of an
+/// acknowledged write. Every such writer holds a share of
+/// [`Content::exclusive`](super::content::Content::exclusive), so none can
+/// start while the check and the deletions run.
+fn remove_freed(live: &LiveSession, freed: &[u64]) {
+    let _no_copy_up = live.content.exclusive();
+    let still_in_object: Vec<u64> = {
+        let ns = live.ns.lock();
+        freed
+            .iter()
+            .copied()
+            .filter(|ino| ns.get(*ino).map_or(true, |n| !n.data.in_overlay()))
+            .collect()
+    };
+    for ino in still_in_object {
+        live.content.remove(ino);
+    }
+}
+
 /// How long to wait before trying a failed write-back again.
 pub fn backoff(failures: u32) -> Duration {
     let secs = 1u64 << failures.min(6);
     Duration::from_secs(secs.min(60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::registry::{Registry, RegistrySpec};
+    use crate::session::SessionPath;
+    use crate::store::local::LocalStore;
+
+    /// A PUT that lands between a write-back's adoption and the deletion
+    /// of the overlay files it freed keeps its bytes: the deletion skips
+    /// files made local again (CI saw `data/3: No such file or directory`
+    /// and an acknowledged PUT lost, under a slow journal sync).
+    #[test]
+    fn freed_files_written_again_meanwhile_keep_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalStore::open(dir.path().join("store"), "bucket").unwrap());
+        let spec = RegistrySpec {
+            store: store.clone(),
+            index: None,
+            overlays: dir.path().join("overlays"),
+            read_only: false,
+            recheck: Duration::from_secs(60),
+        };
+        let registry = Registry::new(spec, rt.handle().clone());
+        let name = SessionPath::parse("one").unwrap();
+        let live = registry.open(&name, true).unwrap();
+        live.put_file("workspace/a.txt", b"version 0").unwrap();
+        let ino = live.resolve("workspace/a.txt").unwrap().ino;
+        assert!(write_back(&live, &store, &WriteBackOptions::default())
+            .unwrap()
+            .is_some());
+        // Adopted: the object holds the bytes, the overlay file went.
+        assert!(live.content.stat(ino).is_none());
+
+        live.put_file("workspace/a.txt", b"version 1").unwrap();
+        remove_freed(&live, &[ino]);
+        let (_, version) = live.open_version("workspace/a.txt").unwrap();
+        assert_eq!(live.read_version(&version, 0, 64).unwrap(), b"version 1");
+
+        // A file that still reads from the object loses its overlay copy.
+        assert!(write_back(&live, &store, &WriteBackOptions::default())
+            .unwrap()
+            .is_some());
+        std::fs::write(live.content.path(ino), b"stale").unwrap();
+        remove_freed(&live, &[ino]);
+        assert!(live.content.stat(ino).is_none());
+    }
 }

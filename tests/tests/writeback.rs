@@ -442,8 +442,10 @@ async fn two_api_servers_on_one_bucket_see_each_others_changes() {
             }
             assert!(
                 start.elapsed() < bound,
-                "B still answers {status} {:?} for round {round}",
-                String::from_utf8_lossy(&bytes)
+                "B still answers {status} {:?} for round {round}\n--- A's log:\n{}\n--- B's log:\n{}",
+                String::from_utf8_lossy(&bytes),
+                a.log_text(),
+                b.log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -463,7 +465,9 @@ async fn two_api_servers_on_one_bucket_see_each_others_changes() {
         }
         assert!(
             start.elapsed() < bound,
-            "A still serves the deleted session"
+            "A still serves the deleted session\n--- A's log:\n{}\n--- B's log:\n{}",
+            a.log_text(),
+            b.log_text()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
