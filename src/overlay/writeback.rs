@@ -141,6 +141,46 @@ impl WriteBackError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, WriteBackError::Conflict { .. })
     }
+
+    /// A conflict when the failure was a read of the base object that
+    /// found it replaced (another writer stored a newer one while the
+    /// unchanged files were being packed from it): only moving onto the
+    /// new object lets the write-back go on. Taken for a passing fault,
+    /// every retry would read the old object again and fail the same way,
+    /// and a stop's final write-back would leave the changes pending.
+    fn or_conflict(self, base: &str) -> WriteBackError {
+        if self.is_conflict() || !read_a_replaced_object(&self) {
+            return self;
+        }
+        WriteBackError::Conflict {
+            base: base.to_owned(),
+        }
+    }
+}
+
+/// Whether `e`, or an error it wraps (an I/O error included: the packer
+/// reads the object through `std::io::Read`), says the object read was
+/// replaced.
+fn read_a_replaced_object(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at = Some(e);
+    while let Some(e) = at {
+        let replaced = match e.downcast_ref::<TarballError>() {
+            Some(TarballError::ObjectChanged) => true,
+            Some(TarballError::Store(s)) => s.is_precondition_failed(),
+            _ => e
+                .downcast_ref::<StoreError>()
+                .is_some_and(StoreError::is_precondition_failed),
+        };
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|inner| read_a_replaced_object(inner));
+        if replaced || inner {
+            return true;
+        }
+        at = e.source();
+    }
+    false
 }
 
 /// Process-wide write-back counters, for `/metrics`.
@@ -239,6 +279,7 @@ fn write_back_pending(
     let outcome = match result {
         Ok(done) => done,
         Err(e) => {
+            let e = e.or_conflict(&snap.base_etag);
             // Nothing was stored: the attempt is void.
             let ns = live.ns.lock();
             if let Ok(tx) = ns.journal().begin() {
@@ -834,20 +875,31 @@ mod tests {
     /// of the overlay files it freed keeps its bytes: the deletion skips
     /// files made local again (CI saw `data/3: No such file or directory`
     /// and an acknowledged PUT lost, under a slow journal sync).
+    /// A registry of the store in `dir`, with overlays of its own (`host`).
+    fn host(dir: &std::path::Path, host: &str, rt: &tokio::runtime::Runtime) -> Registry {
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalStore::open(dir.join("store"), "bucket").unwrap());
+        let spec = RegistrySpec {
+            store,
+            index: None,
+            overlays: dir.join(host),
+            read_only: false,
+            recheck: Duration::from_secs(60),
+        };
+        Registry::new(spec, rt.handle().clone())
+    }
+
+    fn read(live: &LiveSession, path: &str) -> Vec<u8> {
+        let (_, version) = live.open_version(path).unwrap();
+        live.read_version(&version, 0, 1 << 20).unwrap()
+    }
+
     #[test]
     fn freed_files_written_again_meanwhile_keep_their_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalStore::open(dir.path().join("store"), "bucket").unwrap());
-        let spec = RegistrySpec {
-            store: store.clone(),
-            index: None,
-            overlays: dir.path().join("overlays"),
-            read_only: false,
-            recheck: Duration::from_secs(60),
-        };
-        let registry = Registry::new(spec, rt.handle().clone());
+        let registry = host(dir.path(), "overlays", &rt);
+        let store = registry.store().clone();
         let name = SessionPath::parse("one").unwrap();
         let live = registry.open(&name, true).unwrap();
         live.put_file("workspace/a.txt", b"version 0").unwrap();
@@ -860,8 +912,7 @@ mod tests {
 
         live.put_file("workspace/a.txt", b"version 1").unwrap();
         remove_freed(&live, &[ino]);
-        let (_, version) = live.open_version("workspace/a.txt").unwrap();
-        assert_eq!(live.read_version(&version, 0, 64).unwrap(), b"version 1");
+        assert_eq!(read(&live, "workspace/a.txt"), b"version 1");
 
         // A file that still reads from the object loses its overlay copy.
         assert!(write_back(&live, &store, &WriteBackOptions::default())
@@ -870,5 +921,46 @@ mod tests {
         std::fs::write(live.content.path(ino), b"stale").unwrap();
         remove_freed(&live, &[ino]);
         assert!(live.content.stat(ino).is_none());
+    }
+
+    /// Another host replaced the object while this one packed unchanged
+    /// files from the old one: a conflict (move onto the new object, pack
+    /// again), not a failure that every retry repeats. A stop's final
+    /// write-back left its changes pending that way in CI.
+    #[test]
+    fn a_base_replaced_under_the_pack_is_a_conflict_and_the_retry_stores_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (a, b) = (host(dir.path(), "a", &rt), host(dir.path(), "b", &rt));
+        let store = a.store().clone();
+        let name = SessionPath::parse("shared").unwrap();
+        let on_a = a.open(&name, true).unwrap();
+        on_a.put_file("workspace/kept.txt", b"unchanged").unwrap();
+        write_back(&on_a, &store, &WriteBackOptions::default()).unwrap();
+
+        let on_b = b.open(&name, false).unwrap();
+        on_b.put_file("workspace/from-b.txt", b"b").unwrap();
+        on_a.put_file("workspace/from-a.txt", b"a").unwrap();
+        write_back(&on_a, &store, &WriteBackOptions::default()).unwrap();
+
+        // B packs kept.txt from the object it opened, which is gone.
+        let e = write_back(&on_b, &store, &WriteBackOptions::default()).unwrap_err();
+        assert!(e.is_conflict(), "{e}");
+        let followed = crate::overlay::follow::follow(&on_b, &store).unwrap();
+        assert!(
+            matches!(followed, crate::overlay::follow::Followed::Rebased { .. }),
+            "{followed:?}"
+        );
+        assert!(write_back(&on_b, &store, &WriteBackOptions::default())
+            .unwrap()
+            .is_some());
+        for (path, bytes) in [
+            ("workspace/kept.txt", &b"unchanged"[..]),
+            ("workspace/from-a.txt", b"a"),
+            ("workspace/from-b.txt", b"b"),
+        ] {
+            assert_eq!(read(&on_b, path), bytes, "{path}");
+        }
+        assert!(!on_b.has_pending_changes().unwrap());
     }
 }

@@ -596,6 +596,13 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     // kept beside it.
     std::fs::write(pa.join("workspace/same.txt"), b"from a\n").unwrap();
     std::fs::write(pb.join("workspace/same.txt"), b"from b\n").unwrap();
+    let logs = [a.log.clone(), b.log.clone()];
+    let logs = move || {
+        let [a, b] = logs
+            .each_ref()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default());
+        format!("--- A's log:\n{a}\n--- B's log:\n{b}")
+    };
     a.stop();
     b.stop();
     let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
@@ -606,9 +613,14 @@ async fn two_mounts_writing_at_once_lose_nothing() {
             let p = format!("workspace/{tag}-{i:02}.txt");
             match tree.get(&p) {
                 Some(Node::File { content, .. }) => {
-                    assert_eq!(content, format!("{tag} {i}\n").as_bytes(), "{p}")
+                    assert_eq!(
+                        content,
+                        format!("{tag} {i}\n").as_bytes(),
+                        "{p}\n{}",
+                        logs()
+                    )
                 }
-                other => panic!("{p}: {other:?}"),
+                other => panic!("{p}: {other:?}\n{}", logs()),
             }
         }
     }
@@ -625,7 +637,8 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     assert_eq!(
         got,
         [&b"from a\n"[..], &b"from b\n"[..]],
-        "both versions kept"
+        "both versions kept\n{}",
+        logs()
     );
 }
 
