@@ -494,10 +494,12 @@ fn pack_and_upload(
             spool.seek(SeekFrom::Start(0))?;
             spool.read_to_end(&mut body)?;
             requests += 1;
-            let put = rt
-                .block_on(store.put(&key, Bytes::from(body), put_opts))
-                .map_err(conflict)?;
-            (put.etag, spool_len, 0)
+            let etag = match rt.block_on(store.put(&key, Bytes::from(body), put_opts)) {
+                Ok(put) => put.etag,
+                Err(e) => stored_anyway(store.as_ref(), &key, &attempt.id, rt, &mut requests)
+                    .ok_or_else(|| conflict(e))?,
+            };
+            (etag, spool_len, 0)
         } else {
             let id = rt.block_on(store.create_multipart(&key, put_opts))?;
             requests += 1;
@@ -519,9 +521,12 @@ fn pack_and_upload(
             .send(&pieces, &mut spool, &mut requests);
             let done = sent.and_then(|(parts, uploaded, copied)| {
                 requests += 1;
-                rt.block_on(store.complete_multipart(&key, &id, &parts, precondition))
-                    .map_err(conflict)
-                    .map(|put| (put.etag, uploaded, copied))
+                match rt.block_on(store.complete_multipart(&key, &id, &parts, precondition)) {
+                    Ok(put) => Ok((put.etag, uploaded, copied)),
+                    Err(e) => stored_anyway(store.as_ref(), &key, &attempt.id, rt, &mut requests)
+                        .map(|etag| (etag, uploaded, copied))
+                        .ok_or_else(|| conflict(e)),
+                }
             });
             match done {
                 Ok(done) => done,
@@ -547,6 +552,24 @@ fn pack_and_upload(
         requests,
         full,
     })
+}
+
+/// The ETag of the object stored at `key` when it is this write-back's
+/// own (`id` in its metadata) although the request storing it failed: the
+/// answer was lost (a timeout, a dropped connection), or the client's
+/// retry of a request that had succeeded met its own object and was
+/// refused (412). Taken for a failure, the next write-back would conflict
+/// with this one and keep each changed file twice.
+fn stored_anyway(
+    store: &dyn ObjectStore,
+    key: &str,
+    id: &str,
+    rt: &tokio::runtime::Handle,
+    requests: &mut u64,
+) -> Option<String> {
+    *requests += 1;
+    let meta = rt.block_on(store.head(key)).ok()?;
+    (meta.metadata.get(WRITEBACK_ID_KEY).map(String::as_str) == Some(id)).then_some(meta.etag)
 }
 
 /// A failed precondition (or the object gone) means another writer got

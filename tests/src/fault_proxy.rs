@@ -3,7 +3,8 @@
 //!
 //! Each accepted connection consumes one entry of the fault plan (then the
 //! plan's default applies): forward it, answer one request with an HTTP error
-//! and close, drop it after reading the request, or hold it open silently.
+//! and close, drop it after reading the request, hold it open silently, or
+//! forward one request and lose the server's answer to it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,6 +27,10 @@ pub enum Fault {
     Drop,
     /// Read the request and never answer.
     Hang,
+    /// Forward the request and let the server carry it out, then close the
+    /// connection instead of passing its answer on: the client cannot
+    /// tell a request done from one never made.
+    LoseAnswer,
 }
 
 pub struct FaultProxy {
@@ -80,6 +85,11 @@ impl FaultProxy {
         self.cut.send_modify(|n| *n += 1);
     }
 
+    /// Faults of the plan not met yet.
+    pub fn planned(&self) -> usize {
+        self.plan.lock().expect("plan lock").0.len()
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
@@ -108,6 +118,12 @@ async fn handle(
         }
         return;
     }
+    if fault == Fault::LoseAnswer {
+        if let Ok(server) = TcpStream::connect(upstream).await {
+            lose_answer(client, server).await;
+        }
+        return;
+    }
     read_request_head(&mut client).await;
     let answer = match fault {
         Fault::ServiceUnavailable => error_response("503 Service Unavailable", ""),
@@ -119,10 +135,39 @@ async fn handle(
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return;
         }
-        Fault::Drop | Fault::Forward => return,
+        Fault::Drop | Fault::Forward | Fault::LoseAnswer => return,
     };
     let _ = client.write_all(answer.as_bytes()).await;
     let _ = client.shutdown().await;
+}
+
+/// Passes the client's bytes to the server until the server answers with a
+/// final status (not `100 Continue`), then closes both sides once the
+/// answer had time to arrive whole, without a byte of it reaching the
+/// client.
+async fn lose_answer(client: TcpStream, server: TcpStream) {
+    let (mut from_client, _to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let forward = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+    });
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match from_server.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&seen);
+        let final_status = text
+            .split("\r\n\r\n")
+            .any(|head| head.starts_with("HTTP/1.1 ") && !head.starts_with("HTTP/1.1 100"));
+        if final_status {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            break;
+        }
+    }
+    forward.abort();
 }
 
 fn error_response(status: &str, body: &str) -> String {

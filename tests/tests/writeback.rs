@@ -344,6 +344,69 @@ async fn a_mount_serves_its_metrics_when_asked() {
     m.stop();
 }
 
+/// The store carries out the write-back's PUT but its answer is lost (the
+/// client retries, and the retry is refused: the object it made exists).
+/// The write-back finds its own object there and counts as done: one copy
+/// of each file, no conflict with itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_back_whose_answer_is_lost_is_not_a_conflict_with_itself() {
+    use sessionfs_tests::fault_proxy::Fault;
+    let (proxy, site) = site_through_proxy().await;
+    let session = session_name("lost-answer");
+    let server = site.serve_api(
+        &[
+            "--writeback-quiet-ms",
+            "600000",
+            "--writeback-max-lag-ms",
+            "600000",
+        ],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    for (path, body) in [("a.txt", "one\n"), ("dir/b.txt", "two\n")] {
+        let r = http
+            .put(format!(
+                "{}{API}/{session}/files/workspace/{path}",
+                server.url
+            ))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The write-back's one request (a new session: nothing to read, one
+    // PUT) meets the fault on a fresh connection.
+    proxy.plan(&[Fault::LoseAnswer], Fault::Forward);
+    proxy.cut_all();
+    site.run(&["flush", &session]);
+    assert_eq!(proxy.planned(), 0, "the fault was not met");
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, object) = stored_object(&session, scratch.path())
+        .await
+        .expect("the flush returned before the object was stored");
+    let mut expected = BTreeMap::new();
+    expected.insert("workspace".to_owned(), Node::Dir { mode: 0o755 });
+    expected.insert("workspace/dir".to_owned(), Node::Dir { mode: 0o755 });
+    for (path, body) in [
+        ("workspace/a.txt", "one\n"),
+        ("workspace/dir/b.txt", "two\n"),
+    ] {
+        expected.insert(
+            path.to_owned(),
+            Node::File {
+                mode: 0o644,
+                content: body.as_bytes().to_vec(),
+            },
+        );
+    }
+    every_reader_agrees(&object, &expected);
+    let status: Value = serde_json::from_slice(&site.run(&["status", &session, "--json"])).unwrap();
+    assert_eq!(status["pendingChanges"], 0, "{status}");
+    assert_eq!(status["conflicts"], 0, "{status}\n{}", server.log_text());
+    assert_eq!(server.stop().code(), Some(0));
+}
+
 /// `flush SESSION` and `status SESSION` reach the server holding the
 /// session (through its control socket): the flush returns once the change
 /// is in S3, long before the server's own quiet period ends.
