@@ -199,20 +199,15 @@ struct Found {
 }
 
 impl Found {
-    /// A file of the open session `live`: `node` at `version`.
-    fn live(
-        node: &Node,
-        first: bytes::Bytes,
-        live: &Arc<LiveSession>,
-        version: FileVersion,
-    ) -> Found {
+    /// A file of the open session: `node`, its bytes read from `source`.
+    fn live(node: &Node, first: bytes::Bytes, source: Source) -> Found {
         Found {
             kind: node.kind,
             size: node.size,
             mtime: node.mtime,
             tag: etag(node.ino, node.size, node.mtime),
             first,
-            source: Source::Live(live.clone(), Arc::new(version)),
+            source,
         }
     }
 }
@@ -244,24 +239,24 @@ async fn find_hot(
         live.try_open_version(path)?.ok()?
     };
     let from = first_byte(headers, node.size);
+    let version = Arc::new(version);
+    let source = Source::Live(live, version.clone());
     let first = if want_bytes && node.kind == NodeKind::File && from < node.size {
         let n = CHUNK.min(node.size - from);
-        match &version {
-            FileVersion::Base(reader, p) => {
-                match read_object_within(reader, p, from, n, true).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let e = ApiError::from_overlay(e, s.as_str(), path, ApiError::download);
-                        return Some(Err(e));
-                    }
+        match &*version {
+            FileVersion::Base(..) => match source.read(from, n).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let e = ApiError::from_overlay(e, s.as_str(), path, ApiError::download);
+                    return Some(Err(e));
                 }
-            }
+            },
             v => v.read_cached(from, n)?.into(),
         }
     } else {
         bytes::Bytes::new()
     };
-    Some(Ok(Found::live(&node, first, &live, version)))
+    Some(Ok(Found::live(&node, first, source)))
 }
 
 /// The file at `path` in the open session, with its first chunk; one trip
@@ -295,7 +290,8 @@ async fn find_live(
                 } else {
                     bytes::Bytes::new()
                 };
-                Ok(Found::live(&node, first, live, version))
+                let source = Source::Live(live.clone(), Arc::new(version));
+                Ok(Found::live(&node, first, source))
             },
             |e, live| ApiError::from_overlay(e, live.name.as_str(), &p, ApiError::download),
         )

@@ -335,7 +335,7 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
         .iter()
         .filter(|s| s.has_pending_changes().unwrap_or(false))
         .count();
-    let g = Gauges::of(cache, store, open.len() as u64, pending as u64);
+    let g = Gauges::of(cache, store, st.registry.holding() as u64, pending as u64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(&g),

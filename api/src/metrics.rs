@@ -171,7 +171,7 @@ impl Metrics {
         gauge(
             "sessionfs_open_sessions",
             "gauge",
-            "Sessions open in this process.",
+            "Sessions open in this process, those being closed included until their journals are.",
             g.open_sessions,
         );
         gauge(

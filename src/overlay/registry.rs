@@ -107,6 +107,9 @@ pub struct Registry {
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     listed: Mutex<Option<(Instant, BTreeSet<String>)>>,
     on_open: Mutex<Option<OnOpen>>,
+    /// Sessions taken out of `open` by [`Registry::close_idle`] whose
+    /// journals are not closed yet (a sync under way).
+    closing: std::sync::atomic::AtomicUsize,
 }
 
 /// Told of each session as it opens (the write-back loop attaches itself,
@@ -124,6 +127,7 @@ impl Registry {
             opening: Mutex::new(HashMap::new()),
             listed: Mutex::new(None),
             on_open: Mutex::new(None),
+            closing: Default::default(),
         }
     }
 
@@ -172,6 +176,14 @@ impl Registry {
     /// Every open session.
     pub fn open_sessions(&self) -> Vec<Arc<LiveSession>> {
         self.open.lock().values().cloned().collect()
+    }
+
+    /// How many sessions hold their journals here: those open, and those
+    /// [`Registry::close_idle`] is closing. None of them can be mounted by
+    /// another process yet.
+    pub fn holding(&self) -> usize {
+        let open = self.open.lock();
+        open.len() + self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Session names: objects in the store, overlays here, sessions open.
@@ -587,14 +599,22 @@ impl Registry {
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
-            names.iter().filter_map(|n| open.remove(n)).collect()
+            let closing: Vec<_> = names.iter().filter_map(|n| open.remove(n)).collect();
+            self.closing
+                .fetch_add(closing.len(), std::sync::atomic::Ordering::SeqCst);
+            closing
         };
         for s in &closing {
             if let Err(e) = s.sync() {
                 tracing::error!("syncing the overlay of {} before closing it: {e}", s.name);
             }
         }
-        closing.len()
+        let closed = closing.len();
+        // The journals close (and their locks go) here.
+        drop(closing);
+        self.closing
+            .fetch_sub(closed, std::sync::atomic::Ordering::SeqCst);
+        closed
     }
 
     /// Deletes the session: its object and its overlay. `Ok(false)` when

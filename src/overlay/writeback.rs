@@ -208,18 +208,26 @@ pub fn write_back(
     store: &Arc<dyn ObjectStore>,
     opts: &WriteBackOptions,
 ) -> Result<Option<Report>, WriteBackError> {
-    let done = write_back_pending(live, store, opts);
-    // The snapshot and the pack's tables were the size of the tree.
-    if !matches!(done, Ok(None)) {
+    let mut entries = 0;
+    let done = write_back_pending(live, store, opts, &mut entries);
+    // The snapshot and the pack's tables were the size of the tree: worth
+    // handing back when the tree is large, not after every small session's
+    // write-back (a server writes back many, every few seconds).
+    if entries >= TRIM_AFTER_ENTRIES {
         crate::memory::trim();
     }
     done
 }
 
+/// Snapshots of at least this many entries are followed by a trim.
+const TRIM_AFTER_ENTRIES: usize = 10_000;
+
+/// [`write_back`]; `entries` learns the size of the snapshot taken.
 fn write_back_pending(
     live: &LiveSession,
     store: &Arc<dyn ObjectStore>,
     opts: &WriteBackOptions,
+    entries: &mut usize,
 ) -> Result<Option<Report>, WriteBackError> {
     let _one_at_a_time = live.writeback_lock();
     let _in = live.enter()?;
@@ -229,6 +237,7 @@ fn write_back_pending(
     if snap.seq == 0 {
         return Ok(None);
     }
+    *entries = snap.tree.len();
     let changes = live.ns.lock().journal().pending_count()?;
     let key = live.name.object_key();
     let attempt = Attempt {
