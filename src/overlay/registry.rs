@@ -482,10 +482,10 @@ impl Registry {
     }
 
     /// The lock that orders opening and discarding one session.
-    fn gate(&self, name: &SessionPath) -> Arc<Mutex<()>> {
+    fn gate(&self, name: &str) -> Arc<Mutex<()>> {
         self.opening
             .lock()
-            .entry(name.as_str().to_owned())
+            .entry(name.to_owned())
             .or_default()
             .clone()
     }
@@ -507,7 +507,7 @@ impl Registry {
             tracing::info!("session {name}: the object was replaced in the store; reopening");
             self.discard(name)?;
         }
-        let gate = self.gate(name);
+        let gate = self.gate(name.as_str());
         let _opening = gate.lock();
         if let Some(s) = self.get(name) {
             if !s.is_retired() {
@@ -551,7 +551,7 @@ impl Registry {
     /// open starts from the object as stored: before an upload replaces
     /// it, or when it is deleted. Refused while a mount watches it.
     pub fn discard(&self, name: &SessionPath) -> Result<(), RegistryError> {
-        let gate = self.gate(name);
+        let gate = self.gate(name.as_str());
         let _opening = gate.lock();
         self.discard_locked(name)
     }
@@ -586,34 +586,47 @@ impl Registry {
     /// write-back works on open sessions). Returns how many.
     pub fn close_idle(&self, idle: std::time::Duration, keep_pending: bool) -> usize {
         self.views.lock().retain(|_, v| v.used.elapsed() < idle);
-        let closing: Vec<Arc<LiveSession>> = {
-            let mut open = self.open.lock();
-            let names: Vec<String> = open
-                .iter()
-                // The registry's own reference is the only one left.
-                .filter(|(_, s)| {
-                    !s.is_watched()
-                        && Arc::strong_count(s) == 1
-                        && s.idle() >= idle
-                        && !(keep_pending && s.has_pending_changes().unwrap_or(true))
-                })
-                .map(|(n, _)| n.clone())
-                .collect();
-            let closing: Vec<_> = names.iter().filter_map(|n| open.remove(n)).collect();
-            self.closing
-                .fetch_add(closing.len(), std::sync::atomic::Ordering::SeqCst);
-            closing
+        // `refs`: the registry's own reference is the only one left (with
+        // this function's, once it holds one).
+        let closable = |s: &Arc<LiveSession>, refs: usize| {
+            !s.is_watched()
+                && Arc::strong_count(s) == refs
+                && s.idle() >= idle
+                && !(keep_pending && s.has_pending_changes().unwrap_or(true))
         };
-        for s in &closing {
+        let names: Vec<String> = self
+            .open
+            .lock()
+            .iter()
+            .filter(|(_, s)| closable(s, 1))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut closed = 0;
+        for name in names {
+            // Held until the journal is closed: a request for the session
+            // meanwhile waits at the gate and then opens it again, instead
+            // of meeting the journal's lock and answering 409.
+            let gate = self.gate(&name);
+            let _opening = gate.lock();
+            let session = {
+                let mut open = self.open.lock();
+                match open.get(&name) {
+                    Some(s) if closable(s, 1) => open.remove(&name),
+                    _ => None,
+                }
+            };
+            let Some(s) = session else { continue };
+            self.closing
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if let Err(e) = s.sync() {
                 tracing::error!("syncing the overlay of {} before closing it: {e}", s.name);
             }
+            // The journal closes (and its lock goes) here.
+            drop(s);
+            self.closing
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            closed += 1;
         }
-        let closed = closing.len();
-        // The journals close (and their locks go) here.
-        drop(closing);
-        self.closing
-            .fetch_sub(closed, std::sync::atomic::Ordering::SeqCst);
         closed
     }
 
@@ -622,7 +635,7 @@ impl Registry {
     /// finish first; those that come later see no session (or, writing,
     /// create a new one). Blocks: call it off the runtime's threads.
     pub fn delete(&self, name: &SessionPath) -> Result<bool, RegistryError> {
-        let gate = self.gate(name);
+        let gate = self.gate(name.as_str());
         let _opening = gate.lock();
         if !self.rt.block_on(self.exists(name))? {
             return Ok(false);
@@ -653,7 +666,7 @@ impl Registry {
         name: &SessionPath,
         upload: impl FnOnce() -> Result<T, E>,
     ) -> Result<Result<T, E>, RegistryError> {
-        let gate = self.gate(name);
+        let gate = self.gate(name.as_str());
         let _opening = gate.lock();
         let live = self.get(name);
         if let Some(s) = &live {

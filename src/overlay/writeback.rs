@@ -903,10 +903,6 @@ mod tests {
     use crate::session::SessionPath;
     use crate::store::local::LocalStore;
 
-    /// A PUT that lands between a write-back's adoption and the deletion
-    /// of the overlay files it freed keeps its bytes: the deletion skips
-    /// files made local again (CI saw `data/3: No such file or directory`
-    /// and an acknowledged PUT lost, under a slow journal sync).
     /// A registry of the store in `dir`, with overlays of its own (`host`).
     fn host(dir: &std::path::Path, host: &str, rt: &tokio::runtime::Runtime) -> Registry {
         let store: Arc<dyn ObjectStore> =
@@ -926,6 +922,10 @@ mod tests {
         live.read_version(&version, 0, 1 << 20).unwrap()
     }
 
+    /// A PUT that lands between a write-back's adoption and the deletion
+    /// of the overlay files it freed keeps its bytes: the deletion skips
+    /// files made local again (CI saw `data/3: No such file or directory`
+    /// and an acknowledged PUT lost, under a slow journal sync).
     #[test]
     fn freed_files_written_again_meanwhile_keep_their_bytes() {
         let dir = tempfile::tempdir().unwrap();
