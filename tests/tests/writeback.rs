@@ -54,6 +54,23 @@ async fn stored_object(session: &str, into: &Path) -> Option<(String, PathBuf)> 
     }
 }
 
+/// `sessionfs flush SESSION`, then the object it stored, fetched into `into`.
+async fn flushed_object(site: &Site, session: &str, into: &Path) -> PathBuf {
+    site.run(&["flush", session]);
+    let (_, object) = stored_object(session, into)
+        .await
+        .expect("the flush returned before the object was stored");
+    object
+}
+
+/// `serve` flags under which nothing is written back but by `flush`.
+const ONLY_FLUSHED: [&str; 4] = [
+    "--writeback-quiet-ms",
+    "600000",
+    "--writeback-max-lag-ms",
+    "600000",
+];
+
 /// A site whose processes reach the S3 server through a fault proxy.
 async fn site_through_proxy() -> (sessionfs_tests::fault_proxy::FaultProxy, Site) {
     let upstream: std::net::SocketAddr = format!(
@@ -353,15 +370,7 @@ async fn a_write_back_whose_answer_is_lost_is_not_a_conflict_with_itself() {
     use sessionfs_tests::fault_proxy::Fault;
     let (proxy, site) = site_through_proxy().await;
     let session = session_name("lost-answer");
-    let server = site.serve_api(
-        &[
-            "--writeback-quiet-ms",
-            "600000",
-            "--writeback-max-lag-ms",
-            "600000",
-        ],
-        &[],
-    );
+    let server = site.serve_api(&ONLY_FLUSHED, &[]);
     let http = reqwest::Client::new();
     for (path, body) in [("a.txt", "one\n"), ("dir/b.txt", "two\n")] {
         let r = http
@@ -379,12 +388,9 @@ async fn a_write_back_whose_answer_is_lost_is_not_a_conflict_with_itself() {
     // PUT) meets the fault on a fresh connection.
     proxy.plan(&[Fault::LoseAnswer], Fault::Forward);
     proxy.cut_all();
-    site.run(&["flush", &session]);
-    assert_eq!(proxy.planned(), 0, "the fault was not met");
     let scratch = tempfile::tempdir().unwrap();
-    let (_, object) = stored_object(&session, scratch.path())
-        .await
-        .expect("the flush returned before the object was stored");
+    let object = flushed_object(&site, &session, scratch.path()).await;
+    assert_eq!(proxy.planned(), 0, "the fault was not met");
     let mut expected = BTreeMap::new();
     expected.insert("workspace".to_owned(), Node::Dir { mode: 0o755 });
     expected.insert("workspace/dir".to_owned(), Node::Dir { mode: 0o755 });
@@ -414,15 +420,7 @@ async fn a_write_back_whose_answer_is_lost_is_not_a_conflict_with_itself() {
 async fn flush_of_a_session_name_reaches_the_server_holding_it() {
     let site = Site::s3();
     let session = session_name("flushapi");
-    let server = site.serve_api(
-        &[
-            "--writeback-quiet-ms",
-            "600000",
-            "--writeback-max-lag-ms",
-            "600000",
-        ],
-        &[],
-    );
+    let server = site.serve_api(&ONLY_FLUSHED, &[]);
     let http = reqwest::Client::new();
     let r = http
         .put(format!(
@@ -438,11 +436,8 @@ async fn flush_of_a_session_name_reaches_the_server_holding_it() {
     assert!(before["pendingChanges"].as_u64().unwrap() > 0, "{before}");
     assert!(before["lastWriteBack"].is_null(), "{before}");
 
-    site.run(&["flush", &session]);
     let scratch = tempfile::tempdir().unwrap();
-    let (_, object) = stored_object(&session, scratch.path())
-        .await
-        .expect("the flush returned before the object was stored");
+    let object = flushed_object(&site, &session, scratch.path()).await;
     let mut expected = BTreeMap::new();
     expected.insert("workspace".to_owned(), Node::Dir { mode: 0o755 });
     expected.insert(
