@@ -876,6 +876,10 @@ fn adopt(
 /// [`Content::exclusive`](super::content::Content::exclusive), so none can
 /// start while the check and the deletions run.
 fn remove_freed(live: &LiveSession, freed: &[u64]) {
+    // Nothing to delete: no wait for the copy-ups under way.
+    if freed.is_empty() {
+        return;
+    }
     let _no_copy_up = live.content.exclusive();
     let still_in_object: Vec<u64> = {
         let ns = live.ns.lock();
