@@ -150,7 +150,7 @@ pub fn content_type(path: &str) -> String {
 }
 
 fn etag(ino: u64, size: u64, mtime: Time) -> String {
-    format!("\"{ino:x}-{size:x}-{:x}.{:x}\"", mtime.s, mtime.ns)
+    format!("\"{ino:x}-{size:x}-{:x}.{:x}\"", { mtime.s }, { mtime.ns })
 }
 
 /// Where the bytes of a file being answered come from.

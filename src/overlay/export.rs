@@ -149,7 +149,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
             NodeKind::Dir => entry.t = Kind::Dir,
             NodeKind::Symlink => {
                 entry.t = Kind::Symlink;
-                entry.set_lt(n.target.clone());
+                entry.set_lt(n.target.as_deref().map(str::to_owned));
             }
             NodeKind::Fifo => entry.t = Kind::Fifo,
             NodeKind::CharDevice | NodeKind::BlockDevice => {

@@ -424,7 +424,7 @@ impl Namespace {
             atime: now,
             mtime: now,
             ctime: now,
-            target,
+            target: target.map(Box::from),
             data: Data::None,
             parent,
         };

@@ -75,7 +75,12 @@ impl NodeKind {
 }
 
 /// Seconds and nanoseconds since the epoch (may be before it).
+///
+/// Packed to 12 bytes: a node holds three, and a session's nodes are the
+/// bulk of a mount's memory (16 bytes each, padded, cost 7 MB more over a
+/// table of 200,000 nodes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, packed(4))]
 pub struct Time {
     pub s: i64,
     pub ns: u32,
@@ -152,7 +157,7 @@ pub struct Node {
     pub mtime: Time,
     pub ctime: Time,
     /// Symlink target.
-    pub target: Option<String>,
+    pub target: Option<Box<str>>,
     pub data: Data,
     /// The parent of a directory (directories have exactly one).
     pub parent: u64,
@@ -185,10 +190,7 @@ impl Node {
             atime: mtime,
             mtime,
             ctime,
-            target: e
-                .lt()
-                .map(str::to_owned)
-                .filter(|_| kind == NodeKind::Symlink),
+            target: e.lt().map(Box::from).filter(|_| kind == NodeKind::Symlink),
             data: match bytes_at {
                 Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),
                 _ => Data::None,
@@ -218,6 +220,17 @@ mod tests {
         ] {
             assert_eq!(Time::from_system(t.system()), t);
         }
+    }
+
+    #[test]
+    fn a_node_stays_small() {
+        // The namespace holds one per inode, 200,000 in a large session:
+        // each 8 bytes are 2 MB of its table.
+        assert!(
+            std::mem::size_of::<Node>() <= 136,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
     }
 
     #[test]

@@ -586,11 +586,10 @@ impl Registry {
     /// write-back works on open sessions). Returns how many.
     pub fn close_idle(&self, idle: std::time::Duration, keep_pending: bool) -> usize {
         self.views.lock().retain(|_, v| v.used.elapsed() < idle);
-        // `refs`: the registry's own reference is the only one left (with
-        // this function's, once it holds one).
-        let closable = |s: &Arc<LiveSession>, refs: usize| {
+        // The registry's own reference is the only one left.
+        let closable = |s: &Arc<LiveSession>| {
             !s.is_watched()
-                && Arc::strong_count(s) == refs
+                && Arc::strong_count(s) == 1
                 && s.idle() >= idle
                 && !(keep_pending && s.has_pending_changes().unwrap_or(true))
         };
@@ -598,7 +597,7 @@ impl Registry {
             .open
             .lock()
             .iter()
-            .filter(|(_, s)| closable(s, 1))
+            .filter(|(_, s)| closable(s))
             .map(|(n, _)| n.clone())
             .collect();
         let mut closed = 0;
@@ -611,7 +610,7 @@ impl Registry {
             let session = {
                 let mut open = self.open.lock();
                 match open.get(&name) {
-                    Some(s) if closable(s, 1) => open.remove(&name),
+                    Some(s) if closable(s) => open.remove(&name),
                     _ => None,
                 }
             };

@@ -252,6 +252,11 @@ impl SessionReader {
         &self.toc
     }
 
+    #[cfg(test)]
+    pub(super) fn segments(&self) -> &Arc<Segments> {
+        &self.segments
+    }
+
     /// Every entry, in archive order.
     pub fn entries(&self) -> &[Entry] {
         &self.toc.entries

@@ -5,7 +5,10 @@
 //! length, CRC) and inflated on the blocking pool, the segments of a run in
 //! parallel. Inflated segments stay in one LRU for the whole process, under
 //! [`DECODED_BUDGET`], so reads that walk through a segment in small pieces
-//! (the kernel's 128 KiB) inflate it once.
+//! (the kernel's 128 KiB) inflate it once. A reader moving forward lets go
+//! of the segments it has read through as soon as it starts past them, so
+//! that one walking every file (a full pack) holds a segment or two, not
+//! the whole budget; reading the same bytes again keeps them.
 //!
 //! Each segment is loaded by one reader at a time: a reader that finds it in
 //! flight waits for that load instead of fetching it again (and loads it
@@ -47,6 +50,8 @@ pub const AHEAD_BYTES: u64 = 16 << 20;
 /// pieces: 100 MiB fewer copied per 100 MiB read). Smaller reads copy, so
 /// a few bytes kept somewhere never hold a whole segment in memory.
 const SHARED_READ: u64 = 64 << 10;
+/// A segment ends with its last file's padding, under a tar block.
+const TAR_BLOCK: u64 = 512;
 
 pub struct Segments {
     store: Arc<dyn ObjectStore>,
@@ -65,6 +70,11 @@ struct State {
     inflight: HashMap<usize, watch::Receiver<()>>,
     /// The last segment the previous read touched, to spot sequential reads.
     last: Option<usize>,
+    /// Where the previous read ended.
+    end: u64,
+    /// Segments a forward read went through to the end (padding aside),
+    /// first and last: they go once a forward read starts past them.
+    behind: Option<(usize, usize)>,
 }
 
 impl Drop for Segments {
@@ -126,6 +136,22 @@ mod decoded {
             }
         }
         for old in evicted {
+            spare::give(old);
+        }
+    }
+
+    /// Drops one segment: its reader is done with it. Its buffer goes to
+    /// the spare ones once that reader lets it go too.
+    pub fn release(id: u64, index: usize) {
+        let old = {
+            let mut k = kept();
+            let old = k.lru.pop(&(id, index));
+            if let Some(old) = &old {
+                k.bytes -= old.len() as u64;
+            }
+            old
+        };
+        if let Some(old) = old {
             spare::give(old);
         }
     }
@@ -310,6 +336,8 @@ impl Segments {
             state: Mutex::new(State {
                 inflight: HashMap::new(),
                 last: None,
+                end: 0,
+                behind: None,
             }),
         }
     }
@@ -335,7 +363,7 @@ impl Segments {
         }
         let mut raws: Vec<Option<Bytes>> = vec![None; last - first];
         let mut waits = Vec::new();
-        let claim = {
+        let (claim, forward) = {
             let mut st = self.lock();
             let mut mine = Vec::new();
             for i in first..last {
@@ -349,6 +377,20 @@ impl Segments {
             }
             let sequential = st.last.is_some_and(|l| first == l || first == l + 1);
             st.last = Some(last - 1);
+            // A reader moving forward does not come back to the segments it
+            // read through: they go now, not when the budget pushes them
+            // out, so that a full pack, or a reader walking every file,
+            // keeps a segment or two inflated instead of the whole budget.
+            // Reading a file again (a hot file's GETs) is not moving
+            // forward, and keeps them.
+            let forward = sequential && start >= st.end;
+            st.end = end;
+            if let Some((lo, hi)) = st.behind.filter(|&(lo, _)| forward && first > lo) {
+                for i in lo..=hi.min(first - 1) {
+                    decoded::release(self.id, i);
+                }
+                st.behind = None;
+            }
             let claim = self.claim(&mut st, mine);
             let ahead = if sequential {
                 self.claim_ahead(&mut st, last, limit)
@@ -371,7 +413,7 @@ impl Segments {
                     }
                 });
             }
-            claim
+            (claim, forward)
         };
         for (i, raw) in self.load(&claim, false).await? {
             raws[i - first] = Some(raw);
@@ -396,22 +438,37 @@ impl Segments {
             };
             raws[i - first] = Some(raw);
         }
-        if let ([seg], [Some(raw)]) = (&self.segs[first..last], &raws[..]) {
-            if end - start >= SHARED_READ {
+        let out = match (&self.segs[first..last], &raws[..]) {
+            ([seg], [Some(raw)]) if end - start >= SHARED_READ => {
                 let from = (start - seg.uo) as usize;
-                return Ok(raw.slice(from..from + (end - start) as usize));
+                raw.slice(from..from + (end - start) as usize)
+            }
+            _ => {
+                let mut out = BytesMut::with_capacity((end - start) as usize);
+                for (seg, raw) in self.segs[first..last].iter().zip(raws.iter()) {
+                    let raw = raw
+                        .as_ref()
+                        .ok_or_else(|| TarballError::Corrupt("a segment was not loaded".into()))?;
+                    let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
+                    let to = (end - seg.uo).min(seg.ul) as usize;
+                    out.extend_from_slice(&raw[from..to]);
+                }
+                out.freeze()
+            }
+        };
+        drop(raws);
+        if forward {
+            let through_last = self.segs[last - 1].uo + self.segs[last - 1].ul <= end + TAR_BLOCK;
+            let hi = if through_last {
+                Some(last - 1)
+            } else {
+                (last - 1).checked_sub(1)
+            };
+            if let Some(hi) = hi.filter(|&hi| hi >= first) {
+                self.lock().behind = Some((first, hi));
             }
         }
-        let mut out = BytesMut::with_capacity((end - start) as usize);
-        for (seg, raw) in self.segs[first..last].iter().zip(raws.iter()) {
-            let raw = raw
-                .as_ref()
-                .ok_or_else(|| TarballError::Corrupt("a segment was not loaded".into()))?;
-            let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
-            let to = (end - seg.uo).min(seg.ul) as usize;
-            out.extend_from_slice(&raw[from..to]);
-        }
-        Ok(out.freeze())
+        Ok(out)
     }
 
     fn claim(self: &Arc<Self>, st: &mut State, indices: Vec<usize>) -> Claim {
@@ -572,4 +629,83 @@ pub fn verify_segment(
         return Err(bad("CRC mismatch".into()));
     }
     Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::reader::SessionReader;
+    use super::super::tree::walk;
+    use super::super::writer::{pack_entries, PackOptions};
+    use super::decoded;
+    use crate::store::local::LocalStore;
+    use crate::store::{ObjectStore, PutOptions};
+
+    /// Six files of 1.5 MiB, each in a segment of its own.
+    async fn session(dir: &std::path::Path) -> SessionReader {
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(tree.join("workspace")).unwrap();
+        for i in 0..6u8 {
+            let bytes: Vec<u8> = (0..3 << 19).map(|n: u32| (n % 251) as u8 ^ i).collect();
+            std::fs::write(tree.join(format!("workspace/f{i}")), bytes).unwrap();
+        }
+        let mut object = Vec::new();
+        pack_entries(
+            walk(&tree).unwrap(),
+            &mut object,
+            &PackOptions::default(),
+            &|_| {},
+        )
+        .unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalStore::open(dir.join("store"), "bucket").unwrap());
+        store
+            .put("s/session.tar.gz", object.into(), PutOptions::default())
+            .await
+            .unwrap();
+        SessionReader::open(store, "s/session.tar.gz", None)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_reader_moving_forward_lets_go_of_what_it_read_and_one_reading_again_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = session(dir.path()).await;
+        let seg_of = |i: u8| {
+            let e = reader.stat(&format!("workspace/f{i}")).unwrap();
+            reader
+                .toc()
+                .segments
+                .partition_point(|s| s.uo + s.ul <= e.data_offset)
+        };
+        let held = |i: u8| decoded::contains(reader.segments().id, seg_of(i));
+        let whole = 3 << 19;
+        // The same file again and again (a hot file): its segment stays.
+        for _ in 0..3 {
+            assert_eq!(
+                reader.read("workspace/f0", 0, whole).await.unwrap().len(),
+                3 << 19
+            );
+        }
+        assert!(held(0));
+        // Every file in order (a full pack): each goes once the one after
+        // it is read; the hot one stays.
+        for i in 1..6u8 {
+            reader
+                .read(&format!("workspace/f{i}"), 0, whole)
+                .await
+                .unwrap();
+            assert!(held(i), "f{i} just read");
+            if i >= 2 {
+                assert!(!held(i - 1), "f{} read through and passed", i - 1);
+            }
+        }
+        assert!(held(0));
+        // Reading back is not moving forward: nothing goes.
+        reader.read("workspace/f2", 0, whole).await.unwrap();
+        reader.read("workspace/f1", 0, whole).await.unwrap();
+        assert!(held(1) && held(2) && held(5));
+    }
 }

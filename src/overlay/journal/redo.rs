@@ -333,7 +333,7 @@ fn decode_op(r: &mut Reader) -> Option<Op> {
             let (atime, mtime, ctime) = (r.time()?, r.time()?, r.time()?);
             let target = match r.u8()? {
                 0 => None,
-                1 => Some(r.string()?),
+                1 => Some(r.string()?.into()),
                 _ => return None,
             };
             let data = match r.u8()? {

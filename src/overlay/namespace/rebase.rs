@@ -498,7 +498,7 @@ mod tests {
         let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
         assert!(r.conflicts.is_empty());
         assert_eq!(ino(&ns, "w/a"), a, "a keeps its inode");
-        assert_eq!(ns.get(a).unwrap().mtime.s, 2);
+        assert_eq!({ ns.get(a).unwrap().mtime.s }, 2);
         assert_eq!(ns.get(a).unwrap().data, Data::Base("w/a".into()));
         assert!(ns.lookup_path("w/b").is_none());
         assert_eq!(
@@ -551,7 +551,7 @@ mod tests {
         assert_eq!(ns.get(copy).unwrap().data, Data::Base("w/a".into()));
         assert_eq!(r.conflicts.len(), 3, "{:?}", r.conflicts);
         assert_eq!(
-            ns.get(ino(&ns, "w/c")).unwrap().mtime.s,
+            { ns.get(ino(&ns, "w/c")).unwrap().mtime.s },
             2,
             "a deletion does not win over a change"
         );
