@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::tarball::reader::SessionReader;
+use crate::tarball::reader::{Pace, SessionReader};
 use parking_lot::Mutex;
 
 use super::partial::{ChunkMap, PartialFile};
@@ -474,13 +474,8 @@ pub async fn read_object_within(
     ahead: bool,
 ) -> Result<bytes::Bytes, OverlayError> {
     let deadline = crate::store::deadline::read_deadline();
-    let read = async {
-        if ahead {
-            reader.read(path, offset, len).await
-        } else {
-            reader.read_here(path, offset, len).await
-        }
-    };
+    let pace = if ahead { Pace::Ahead } else { Pace::Here };
+    let read = reader.read_with(path, offset, len, pace);
     match tokio::time::timeout(deadline, read).await {
         Ok(read) => Ok(read?),
         Err(_) => Err(crate::store::StoreError::Transient {

@@ -16,7 +16,7 @@ use super::namespace::ROOT;
 use super::node::{Data, NodeKind, Time};
 use super::OverlayError;
 use crate::store::MIN_PART_SIZE;
-use crate::tarball::reader::SessionReader;
+use crate::tarball::reader::{Pace, SessionReader};
 use crate::tarball::tar_header::hex_encode;
 use crate::tarball::toc::{Entry, Kind, Rare, Segment, StatData};
 use crate::tarball::tree::{Opener, Reusing, SkipRead, Source, TreeEntry};
@@ -337,7 +337,7 @@ impl Read for BaseReader {
         let want = (buf.len() as u64).min(READ_CHUNK).min(self.size - self.at);
         let bytes = self
             .rt
-            .block_on(self.reader.read(&self.path, self.at, want))
+            .block_on(self.reader.read_with(&self.path, self.at, want, Pace::Pass))
             .map_err(std::io::Error::other)?;
         buf[..bytes.len()].copy_from_slice(&bytes);
         self.at += bytes.len() as u64;

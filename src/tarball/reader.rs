@@ -71,6 +71,21 @@ impl std::fmt::Debug for SessionReader {
     }
 }
 
+/// How a read goes on past the bytes it asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Readahead within the file once reads go forward (the default).
+    Ahead,
+    /// Only the bytes asked for: a reader that skips around the file (a
+    /// write-back reading what it cannot reuse).
+    Here,
+    /// Readahead, in one pass over the files, each read once, in archive
+    /// order (a pack): the inflated segments the pass has read through go
+    /// as soon as it reads past them, instead of filling the budget every
+    /// reader shares.
+    Pass,
+}
+
 impl SessionReader {
     /// Opens the session object at `key`; `index` caches TOCs between opens.
     pub async fn open(
@@ -327,27 +342,18 @@ impl SessionReader {
 
     /// Reads up to `len` bytes of `path` from `offset` (fewer at the end of the file).
     pub async fn read(&self, path: &str, offset: u64, len: u64) -> Result<Bytes, TarballError> {
-        self.read_with(path, offset, len, true).await
+        self.read_with(path, offset, len, Pace::Ahead).await
     }
 
-    /// [`SessionReader::read`] without readahead: for a reader that skips
-    /// around the file (a write-back reading what it cannot reuse).
-    pub async fn read_here(
+    /// Reads up to `len` bytes of `path` from `offset`, as `pace` says.
+    pub async fn read_with(
         &self,
         path: &str,
         offset: u64,
         len: u64,
+        pace: Pace,
     ) -> Result<Bytes, TarballError> {
-        self.read_with(path, offset, len, false).await
-    }
-
-    async fn read_with(
-        &self,
-        path: &str,
-        offset: u64,
-        len: u64,
-        ahead: bool,
-    ) -> Result<Bytes, TarballError> {
+        let ahead = pace != Pace::Here;
         let entry = self.file(path)?;
         let end = offset.saturating_add(len).min(entry.s);
         if offset >= end {
@@ -360,6 +366,7 @@ impl SessionReader {
                     entry.data_offset + offset,
                     entry.data_offset + end,
                     entry.data_offset + limit,
+                    pace == Pace::Pass,
                 )
                 .await;
         };
@@ -377,7 +384,7 @@ impl SessionReader {
         };
         let base = first.0;
         // No readahead past the pieces asked for: sparse files are rare.
-        let data = self.read_tar(base, last.1, last.1).await?;
+        let data = self.read_tar(base, last.1, last.1, false).await?;
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for piece in pieces {
             match piece {
@@ -395,9 +402,15 @@ impl SessionReader {
     }
 
     /// Tar-stream bytes `start..end` of a file whose bytes end at `limit`.
-    async fn read_tar(&self, start: u64, end: u64, limit: u64) -> Result<Bytes, TarballError> {
+    async fn read_tar(
+        &self,
+        start: u64,
+        end: u64,
+        limit: u64,
+        pass: bool,
+    ) -> Result<Bytes, TarballError> {
         match &self.layout {
-            Layout::Native => self.segments.read(start, end, limit).await,
+            Layout::Native => self.segments.read(start, end, limit, pass).await,
             Layout::Foreign {
                 format: Format::Plain,
                 ..

@@ -5,10 +5,9 @@
 //! length, CRC) and inflated on the blocking pool, the segments of a run in
 //! parallel. Inflated segments stay in one LRU for the whole process, under
 //! [`DECODED_BUDGET`], so reads that walk through a segment in small pieces
-//! (the kernel's 128 KiB) inflate it once. A reader moving forward lets go
-//! of the segments it has read through as soon as it starts past them, so
-//! that one walking every file (a full pack) holds a segment or two, not
-//! the whole budget; reading the same bytes again keeps them.
+//! (the kernel's 128 KiB) inflate it once. A pass over every file (a
+//! pack) lets go of the segments it has read through as soon as it starts
+//! past them, so that it holds a segment or two, not the whole budget.
 //!
 //! Each segment is loaded by one reader at a time: a reader that finds it in
 //! flight waits for that load instead of fetching it again (and loads it
@@ -70,10 +69,8 @@ struct State {
     inflight: HashMap<usize, watch::Receiver<()>>,
     /// The last segment the previous read touched, to spot sequential reads.
     last: Option<usize>,
-    /// Where the previous read ended.
-    end: u64,
-    /// Segments a forward read went through to the end (padding aside),
-    /// first and last: they go once a forward read starts past them.
+    /// Segments a pass went through to the end (padding aside), first and
+    /// last: they go once the pass reads past them.
     behind: Option<(usize, usize)>,
 }
 
@@ -336,7 +333,6 @@ impl Segments {
             state: Mutex::new(State {
                 inflight: HashMap::new(),
                 last: None,
-                end: 0,
                 behind: None,
             }),
         }
@@ -347,12 +343,15 @@ impl Segments {
     }
 
     /// Tar-stream bytes `start..end`. `limit` is where the file being read
-    /// ends in the tar stream: readahead never goes past it.
+    /// ends in the tar stream: readahead never goes past it. `pass`: the
+    /// read is part of one pass over the files, in order (see
+    /// [`super::reader::Pace::Pass`]).
     pub async fn read(
         self: &Arc<Self>,
         start: u64,
         end: u64,
         limit: u64,
+        pass: bool,
     ) -> Result<Bytes, TarballError> {
         let first = self.segs.partition_point(|s| s.uo + s.ul <= start);
         let last = self.segs.partition_point(|s| s.uo < end);
@@ -363,7 +362,7 @@ impl Segments {
         }
         let mut raws: Vec<Option<Bytes>> = vec![None; last - first];
         let mut waits = Vec::new();
-        let (claim, forward) = {
+        let claim = {
             let mut st = self.lock();
             let mut mine = Vec::new();
             for i in first..last {
@@ -377,15 +376,11 @@ impl Segments {
             }
             let sequential = st.last.is_some_and(|l| first == l || first == l + 1);
             st.last = Some(last - 1);
-            // A reader moving forward does not come back to the segments it
-            // read through: they go now, not when the budget pushes them
-            // out, so that a full pack, or a reader walking every file,
-            // keeps a segment or two inflated instead of the whole budget.
-            // Reading a file again (a hot file's GETs) is not moving
-            // forward, and keeps them.
-            let forward = sequential && start >= st.end;
-            st.end = end;
-            if let Some((lo, hi)) = st.behind.filter(|&(lo, _)| forward && first > lo) {
+            // A pass does not come back to the segments it read through:
+            // they go now, not when the budget pushes them out. Only a
+            // pass says so: readers of a mount or of the API, many at once
+            // and over the same files, would let go of what others read.
+            if let Some((lo, hi)) = st.behind.filter(|&(lo, _)| pass && first > lo) {
                 for i in lo..=hi.min(first - 1) {
                     decoded::release(self.id, i);
                 }
@@ -413,7 +408,7 @@ impl Segments {
                     }
                 });
             }
-            (claim, forward)
+            claim
         };
         for (i, raw) in self.load(&claim, false).await? {
             raws[i - first] = Some(raw);
@@ -457,7 +452,7 @@ impl Segments {
             }
         };
         drop(raws);
-        if forward {
+        if pass {
             let through_last = self.segs[last - 1].uo + self.segs[last - 1].ul <= end + TAR_BLOCK;
             let hi = if through_last {
                 Some(last - 1)
@@ -635,7 +630,7 @@ pub fn verify_segment(
 mod tests {
     use std::sync::Arc;
 
-    use super::super::reader::SessionReader;
+    use super::super::reader::{Pace, SessionReader};
     use super::super::tree::walk;
     use super::super::writer::{pack_entries, PackOptions};
     use super::decoded;
@@ -670,7 +665,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_reader_moving_forward_lets_go_of_what_it_read_and_one_reading_again_keeps_it() {
+    async fn a_pass_lets_go_of_what_it_read_through_and_other_readers_keep_it() {
         let dir = tempfile::tempdir().unwrap();
         let reader = session(dir.path()).await;
         let seg_of = |i: u8| {
@@ -682,30 +677,34 @@ mod tests {
         };
         let held = |i: u8| decoded::contains(reader.segments().id, seg_of(i));
         let whole = 3 << 19;
-        // The same file again and again (a hot file): its segment stays.
-        for _ in 0..3 {
-            assert_eq!(
-                reader.read("workspace/f0", 0, whole).await.unwrap().len(),
-                3 << 19
-            );
-        }
-        assert!(held(0));
-        // Every file in order (a full pack): each goes once the one after
-        // it is read; the hot one stays.
-        for i in 1..6u8 {
-            reader
+        // Readers that are not a pass (a mount's, the API's), even going
+        // forward file after file: everything stays, under the budget.
+        for i in 0..6u8 {
+            let got = reader
                 .read(&format!("workspace/f{i}"), 0, whole)
                 .await
                 .unwrap();
+            assert_eq!(got.len(), whole as usize);
+        }
+        assert!((0..6).all(held));
+        // A pass: each file's segment goes once the pass reads the next.
+        for i in 0..6u8 {
+            let path = format!("workspace/f{i}");
+            reader.read_with(&path, 0, whole, Pace::Pass).await.unwrap();
             assert!(held(i), "f{i} just read");
-            if i >= 2 {
+            if i >= 1 {
                 assert!(!held(i - 1), "f{} read through and passed", i - 1);
             }
         }
-        assert!(held(0));
-        // Reading back is not moving forward: nothing goes.
-        reader.read("workspace/f2", 0, whole).await.unwrap();
-        reader.read("workspace/f1", 0, whole).await.unwrap();
+        // Reading back within a pass is not reading past: nothing goes.
+        reader
+            .read_with("workspace/f2", 0, whole, Pace::Pass)
+            .await
+            .unwrap();
+        reader
+            .read_with("workspace/f1", 0, whole, Pace::Pass)
+            .await
+            .unwrap();
         assert!(held(1) && held(2) && held(5));
     }
 }
