@@ -76,9 +76,9 @@ impl NodeKind {
 
 /// Seconds and nanoseconds since the epoch (may be before it).
 ///
-/// Packed to 12 bytes: a node holds three, and a session's nodes are the
-/// bulk of a mount's memory (16 bytes each, padded, cost 7 MB more over a
-/// table of 200,000 nodes).
+/// Packed to 12 bytes: a node holds three, and nodes are the bulk of an
+/// open session's memory (padded to 16 bytes, the three cost 3 MB more in
+/// the node table of a 200,000-file session).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C, packed(4))]
 pub struct Time {

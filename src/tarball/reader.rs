@@ -79,9 +79,9 @@ pub enum Pace {
     /// Only the bytes asked for: a reader that skips around the file (a
     /// write-back reading what it cannot reuse).
     Here,
-    /// Readahead, in one pass over the files, each read once, in archive
-    /// order (a pack): the inflated segments the pass has read through go
-    /// as soon as it reads past them, instead of filling the budget every
+    /// Readahead, in one pass over the files, each read once and in order
+    /// (a pack): the inflated segments the pass has read through go as
+    /// soon as it reads past them, instead of filling the budget every
     /// reader shares.
     Pass,
 }

@@ -433,25 +433,6 @@ impl Segments {
             };
             raws[i - first] = Some(raw);
         }
-        let out = match (&self.segs[first..last], &raws[..]) {
-            ([seg], [Some(raw)]) if end - start >= SHARED_READ => {
-                let from = (start - seg.uo) as usize;
-                raw.slice(from..from + (end - start) as usize)
-            }
-            _ => {
-                let mut out = BytesMut::with_capacity((end - start) as usize);
-                for (seg, raw) in self.segs[first..last].iter().zip(raws.iter()) {
-                    let raw = raw
-                        .as_ref()
-                        .ok_or_else(|| TarballError::Corrupt("a segment was not loaded".into()))?;
-                    let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
-                    let to = (end - seg.uo).min(seg.ul) as usize;
-                    out.extend_from_slice(&raw[from..to]);
-                }
-                out.freeze()
-            }
-        };
-        drop(raws);
         if pass {
             let through_last = self.segs[last - 1].uo + self.segs[last - 1].ul <= end + TAR_BLOCK;
             let hi = if through_last {
@@ -463,7 +444,22 @@ impl Segments {
                 self.lock().behind = Some((first, hi));
             }
         }
-        Ok(out)
+        if let ([seg], [Some(raw)]) = (&self.segs[first..last], &raws[..]) {
+            if end - start >= SHARED_READ {
+                let from = (start - seg.uo) as usize;
+                return Ok(raw.slice(from..from + (end - start) as usize));
+            }
+        }
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for (seg, raw) in self.segs[first..last].iter().zip(raws.iter()) {
+            let raw = raw
+                .as_ref()
+                .ok_or_else(|| TarballError::Corrupt("a segment was not loaded".into()))?;
+            let from = start.saturating_sub(seg.uo).min(seg.ul) as usize;
+            let to = (end - seg.uo).min(seg.ul) as usize;
+            out.extend_from_slice(&raw[from..to]);
+        }
+        Ok(out.freeze())
     }
 
     fn claim(self: &Arc<Self>, st: &mut State, indices: Vec<usize>) -> Claim {
