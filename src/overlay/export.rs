@@ -48,7 +48,7 @@ pub enum Origin {
     /// the entry's own path when `None` (most files: not renamed since).
     Base {
         ino: u64,
-        moved_from: Option<String>,
+        moved_from: Option<Box<str>>,
     },
     /// The overlay file of `ino`, as it was at the snapshot.
     Local { ino: u64, size: u64, mtime: Time },
@@ -180,7 +180,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                         },
                         Data::Base(base) => Origin::Base {
                             ino,
-                            moved_from: (*base != path).then(|| base.clone()),
+                            moved_from: (**base != *path).then(|| base.clone()),
                         },
                         Data::None => Origin::Zeros { ino },
                     };
@@ -191,8 +191,8 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                             let open = opener.clone().ok_or_else(|| {
                                 OverlayError::Corrupt(format!("{path}: no session object"))
                             })?;
-                            if *base != path {
-                                moved.lock().insert(ino, base.clone());
+                            if **base != *path {
+                                moved.lock().insert(ino, base.to_string());
                             }
                             Some(Source::Open(open))
                         }

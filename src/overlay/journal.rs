@@ -398,9 +398,9 @@ impl Journal {
                     },
                     target: r.get::<_, Option<String>>(14)?.map(Box::from),
                     data: match (local, base) {
-                        (true, Some(b)) => Data::Partial(b),
+                        (true, Some(b)) => Data::Partial(b.into()),
                         (true, None) => Data::Local,
-                        (false, Some(b)) => Data::Base(b),
+                        (false, Some(b)) => Data::Base(b.into()),
                         (false, None) => Data::None,
                     },
                     parent: r.get::<_, i64>(17)? as u64,
@@ -667,11 +667,11 @@ fn apply_op(c: &Connection, op: &Op) -> Result<(), OverlayError> {
         Op::PutNode(n) => {
             let (base, local) = match &n.data {
                 Data::None => (None, false),
-                Data::Base(b) => (Some(b.as_str()), false),
+                Data::Base(b) => (Some(&**b), false),
                 Data::Local => (None, true),
                 // Local with a base: the chunks the overlay file does not
                 // hold are still that object file's.
-                Data::Partial(b) => (Some(b.as_str()), true),
+                Data::Partial(b) => (Some(&**b), true),
             };
             c.prepare_cached(
                 "INSERT OR REPLACE INTO nodes(ino, kind, perm, uid, gid, nlink, rdev, size, \

@@ -650,7 +650,7 @@ impl LiveSession {
                 p,
             )?),
             Data::Base(p) => match self.content.reader() {
-                Some(r) => FileVersion::Base(r, p.clone()),
+                Some(r) => FileVersion::Base(r, p.to_string()),
                 None => return Err(OverlayError::Corrupt(format!("{p}: no session object"))),
             },
             Data::None => FileVersion::Zeros,

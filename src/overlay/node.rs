@@ -127,12 +127,12 @@ pub enum Data {
     /// Not a regular file, or a file with no bytes yet written.
     None,
     /// Unchanged since the session object: this entry of it.
-    Base(String),
+    Base(Box<str>),
     /// In the overlay, in the file named after the inode.
     Local,
     /// In the overlay file where its chunk map says so, elsewhere still the
     /// object's file at this path (see [`super::partial`]).
-    Partial(String),
+    Partial(Box<str>),
 }
 
 impl Data {
@@ -192,7 +192,7 @@ impl Node {
             ctime,
             target: e.lt().map(Box::from).filter(|_| kind == NodeKind::Symlink),
             data: match bytes_at {
-                Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.to_owned()),
+                Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.into()),
                 _ => Data::None,
             },
             parent,
@@ -227,7 +227,7 @@ mod tests {
         // The namespace holds one per inode, 200,000 in a large session:
         // each 8 bytes are 2 MB of its table.
         assert!(
-            std::mem::size_of::<Node>() <= 136,
+            std::mem::size_of::<Node>() <= 128,
             "{}",
             std::mem::size_of::<Node>()
         );

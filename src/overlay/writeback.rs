@@ -838,8 +838,8 @@ fn adopt(
                 // those of the chunks it does not hold.
                 if let Ok(n) = ns.get(*ino) {
                     match n.data {
-                        Data::Base(_) => data.push((*ino, Data::Base(path.clone()))),
-                        Data::Partial(_) => data.push((*ino, Data::Partial(path.clone()))),
+                        Data::Base(_) => data.push((*ino, Data::Base(path.as_str().into()))),
+                        Data::Partial(_) => data.push((*ino, Data::Partial(path.as_str().into()))),
                         _ => {}
                     }
                 }
@@ -852,12 +852,12 @@ fn adopt(
                     && !ns.is_held(*ino)
                     && !changed.contains(ino);
                 if unchanged {
-                    data.push((*ino, Data::Base(path.clone())));
+                    data.push((*ino, Data::Base(path.as_str().into())));
                     freed.push(*ino);
                 } else if let Data::Partial(_) = n.data {
                     // Chunks it does not hold now, it held none of while
                     // packed: they went in from the old object, unchanged.
-                    data.push((*ino, Data::Partial(path.clone())));
+                    data.push((*ino, Data::Partial(path.as_str().into())));
                 }
             }
             Origin::Meta | Origin::Zeros { .. } => {}

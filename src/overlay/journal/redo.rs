@@ -338,9 +338,9 @@ fn decode_op(r: &mut Reader) -> Option<Op> {
             };
             let data = match r.u8()? {
                 0 => Data::None,
-                1 => Data::Base(r.string()?),
+                1 => Data::Base(r.string()?.into()),
                 2 => Data::Local,
-                3 => Data::Partial(r.string()?),
+                3 => Data::Partial(r.string()?.into()),
                 _ => return None,
             };
             Op::PutNode(Node {

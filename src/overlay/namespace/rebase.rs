@@ -116,7 +116,7 @@ impl Namespace {
                 (n.mtime.s, n.mtime.ns) == (b.mt, b.mn)
                     && n.size == b.s
                     && match &n.data {
-                        Data::Base(q) => q == p,
+                        Data::Base(q) => **q == *p,
                         Data::None => b.s == 0,
                         Data::Local | Data::Partial(_) => false,
                     }
@@ -142,8 +142,7 @@ impl Namespace {
             if !s.remote_changed(q) {
                 continue;
             }
-            let takes_remote =
-                s.local.get(q.as_str()) == Some(&n.ino) && self.local_unchanged(&s, q);
+            let takes_remote = s.local.get(&**q) == Some(&n.ino) && self.local_unchanged(&s, q);
             if !takes_remote {
                 out.push(n.ino);
             }
