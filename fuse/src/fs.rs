@@ -99,7 +99,7 @@ struct Written {
 
 pub struct SessionFs {
     live: Arc<LiveSession>,
-    written: Arc<Mutex<HashMap<u64, Written>>>,
+    written: Arc<Writes>,
     /// Directory listings in cookie order, by directory, as the last
     /// readdir from offset 0 found them (see [`Cookies`]).
     listings: Mutex<HashMap<u64, Cookies>>,
@@ -161,6 +161,104 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FO
 /// `O_APPEND`, and the write is not the page cache writing a mapping back.
 fn appends(write_flags: WriteFlags, flags: OpenFlags) -> bool {
     flags.0 & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE)
+}
+
+/// What is kept of the writes to each file since its journal entry.
+type Writes = Mutex<HashMap<u64, Written>>;
+
+/// The attributes the kernel is shown of `node`, as inode `ino` there.
+fn shown(node: &Node, ino: INodeNo, view: crate::attr::View) -> FileAttr {
+    let mut a = crate::attr::attr(node);
+    a.ino = ino;
+    view.apply(&mut a);
+    a
+}
+
+/// Journals what writes did to `ino` since the journal last caught up.
+fn catch_up(live: &LiveSession, written: &Writes, ino: u64) -> Result<(), OverlayError> {
+    let dirty = written
+        .lock()
+        .get_mut(&ino)
+        .is_some_and(|w| std::mem::take(&mut w.dirty));
+    if dirty {
+        live.ns.lock().flush(ino)?;
+    }
+    Ok(())
+}
+
+/// Makes `ino`'s bytes and what the journal says of them durable.
+fn fsync_file(
+    live: &LiveSession,
+    written: &Writes,
+    ino: u64,
+    datasync: bool,
+) -> Result<(), OverlayError> {
+    let data = live.ns.lock().get(ino)?.data.clone();
+    if data.in_overlay() {
+        let f = live.content.local(ino)?;
+        if datasync {
+            f.sync_data()?;
+        } else {
+            f.sync_all()?;
+        }
+        // After the bytes its marks vouch for.
+        if let Data::Partial(_) = data {
+            live.content.chunk_map(ino)?.sync()?;
+        }
+    }
+    catch_up(live, written, ino)?;
+    // The directory and the journal's log, shared with concurrent
+    // fsyncs (and API writes) of this session.
+    live.durable()
+}
+
+/// A truncate (which may copy the file up first) and the other attributes.
+fn setattr_file(live: &LiveSession, ino: u64, set: SetAttr) -> Result<Node, OverlayError> {
+    live.writable()?;
+    if let Some(size) = set.size {
+        let node = live.ns.lock().get(ino)?.clone();
+        if node.kind == NodeKind::File {
+            live.resize(ino, size)?;
+        }
+    }
+    live.ns.lock().setattr(ino, &set)
+}
+
+fn fallocate_file(
+    live: &LiveSession,
+    ino: u64,
+    offset: u64,
+    length: u64,
+    mode: i32,
+) -> Result<(), OverlayError> {
+    live.writable()?;
+    if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
+        // Space only: a file copied up chunk by chunk stays so (the
+        // bytes it does not hold are still the object's).
+        live.ensure_writable(ino, false)?;
+    } else {
+        // Punching, zeroing or moving ranges changes bytes it may not hold.
+        live.ensure_local(ino, false)?;
+    }
+    let f = live.content.local(ino)?;
+    let off = i64::try_from(offset).map_err(|_| OverlayError::Invalid("offset"))?;
+    let len = i64::try_from(length).map_err(|_| OverlayError::Invalid("length"))?;
+    // SAFETY: `f` is an open file descriptor owned by `f` for the whole
+    // call; fallocate reads no memory of ours.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let size = f.metadata()?.len();
+    let mut ns = live.ns.lock();
+    let mut node = ns.get(ino)?.clone();
+    if node.size != size {
+        node.size = size;
+        node.mtime = Time::now();
+    }
+    node.ctime = Time::now();
+    ns.save(node, "write")?;
+    Ok(())
 }
 
 /// A write to file `ino`, copying the file up (or filling the chunks of a
@@ -261,10 +359,7 @@ impl SessionFs {
     }
 
     fn attr(&self, node: &Node) -> FileAttr {
-        let mut a = crate::attr::attr(node);
-        a.ino = self.kernel(node.ino);
-        self.view.apply(&mut a);
-        a
+        shown(node, self.kernel(node.ino), self.view)
     }
 
     /// The attributes of the mounted directory itself.
@@ -365,37 +460,29 @@ impl SessionFs {
         self.live.read(ino, offset, u64::from(size))
     }
 
-    fn do_fsync(&self, ino: u64, datasync: bool) -> Result<(), OverlayError> {
-        let data = self.live.ns.lock().get(ino)?.data.clone();
-        if data.in_overlay() {
-            let f = self.live.content.local(ino)?;
-            if datasync {
-                f.sync_data()?;
-            } else {
-                f.sync_all()?;
-            }
-            // After the bytes its marks vouch for.
-            if let Data::Partial(_) = data {
-                self.live.content.chunk_map(ino)?.sync()?;
-            }
-        }
-        self.catch_up(ino)?;
-        // The directory and the journal's log, shared with concurrent
-        // fsyncs (and API writes) of this session.
-        self.live.durable()
-    }
-
     /// Journals what writes did to `ino` since the journal last caught up.
     fn catch_up(&self, ino: u64) -> Result<(), OverlayError> {
-        let dirty = self
-            .written
+        catch_up(&self.live, &self.written, ino)
+    }
+
+    /// Whether `ino`'s bytes are (partly) the object's, so that reading
+    /// them, or changing the file's size or blocks, may fetch first.
+    fn object_backed(&self, ino: u64) -> bool {
+        self.live
+            .ns
             .lock()
-            .get_mut(&ino)
-            .is_some_and(|w| std::mem::take(&mut w.dirty));
-        if dirty {
-            self.live.ns.lock().flush(ino)?;
-        }
-        Ok(())
+            .get(ino)
+            .is_ok_and(|n| matches!(n.data, Data::Base(_) | Data::Partial(_)))
+    }
+
+    /// Runs `work` on the runtime's blocking pool: work that waits on the
+    /// disk or the store leaves the FUSE threads to answer from the cache.
+    fn offload(&self, work: impl FnOnce(&LiveSession, &Writes) + Send + 'static) {
+        let (live, written) = (self.live.clone(), self.written.clone());
+        self.live
+            .content
+            .runtime()
+            .spawn_blocking(move || work(&live, &written));
     }
 
     /// The journal caught up with `ino`, and what was kept of its writes
@@ -404,54 +491,6 @@ impl SessionFs {
         let r = self.catch_up(ino);
         self.written.lock().remove(&ino);
         r
-    }
-
-    fn do_setattr(&self, ino: u64, set: SetAttr) -> Result<Node, OverlayError> {
-        self.writable()?;
-        if let Some(size) = set.size {
-            let node = self.live.ns.lock().get(ino)?.clone();
-            if node.kind == NodeKind::File {
-                self.live.resize(ino, size)?;
-            }
-        }
-        self.live.ns.lock().setattr(ino, &set)
-    }
-
-    fn do_fallocate(
-        &self,
-        ino: u64,
-        offset: u64,
-        length: u64,
-        mode: i32,
-    ) -> Result<(), OverlayError> {
-        self.writable()?;
-        if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
-            // Space only: a file copied up chunk by chunk stays so (the
-            // bytes it does not hold are still the object's).
-            self.live.ensure_writable(ino, false)?;
-        } else {
-            // Punching, zeroing or moving ranges changes bytes it may not hold.
-            self.live.ensure_local(ino, false)?;
-        }
-        let f = self.live.content.local(ino)?;
-        let off = i64::try_from(offset).map_err(|_| OverlayError::Invalid("offset"))?;
-        let len = i64::try_from(length).map_err(|_| OverlayError::Invalid("length"))?;
-        // SAFETY: `f` is an open file descriptor owned by `f` for the whole
-        // call; fallocate reads no memory of ours.
-        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        let size = f.metadata()?.len();
-        let mut ns = self.live.ns.lock();
-        let mut node = ns.get(ino)?.clone();
-        if node.size != size {
-            node.size = size;
-            node.mtime = Time::now();
-        }
-        node.ctime = Time::now();
-        ns.save(node, "write")?;
-        Ok(())
     }
 
     fn do_release(&self, ino: u64) -> Result<(), OverlayError> {
@@ -668,9 +707,18 @@ impl Filesystem for SessionFs {
             atime: atime.map(time_of),
             mtime: mtime.map(time_of),
         };
-        match self.do_setattr(self.inner(ino), set) {
-            Ok(node) => reply.attr(&TTL, &self.attr(&node)),
+        let ino = self.inner(ino);
+        let (kernel_ino, view) = (self.kernel(ino), self.view);
+        let truncates = set.size.is_some();
+        let answer = move |live: &LiveSession| match setattr_file(live, ino, set) {
+            Ok(node) => reply.attr(&TTL, &shown(&node, kernel_ino, view)),
             Err(e) => reply.error(err(e)),
+        };
+        if truncates && self.object_backed(ino) {
+            // A truncate may copy the file up from the store.
+            self.offload(move |live, _| answer(live));
+        } else {
+            answer(&self.live);
         }
     }
 
@@ -857,13 +905,7 @@ impl Filesystem for SessionFs {
         reply: ReplyData,
     ) {
         let ino = self.inner(ino);
-        let from_object = self
-            .live
-            .ns
-            .lock()
-            .get(ino)
-            .is_ok_and(|n| matches!(n.data, Data::Base(_) | Data::Partial(_)));
-        if !from_object {
+        if !self.object_backed(ino) {
             match self.do_read(ino, offset, size) {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(err(e)),
@@ -951,7 +993,9 @@ impl Filesystem for SessionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        answer(reply, self.do_fsync(self.inner(ino), datasync))
+        // Waits on the disk.
+        let ino = self.inner(ino);
+        self.offload(move |live, written| answer(reply, fsync_file(live, written, ino, datasync)));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1101,14 +1145,16 @@ impl Filesystem for SessionFs {
         // `sessionfs flush` and `sessionfs status` ask the mount's root.
         if ino == self.root {
             if let Some(what) = name.to_str().and_then(|n| n.strip_prefix(CONTROL_XATTR)) {
-                match self.live.control(what) {
+                // A flush waits for a write-back to the store.
+                let what = what.to_owned();
+                self.offload(move |live, _| match live.control(&what) {
                     Some(Ok(v)) => Self::xattr_reply(v.as_bytes(), size, reply),
                     Some(Err(e)) => {
                         tracing::warn!("{what}: {e}");
                         reply.error(Errno::from_i32(libc::EIO))
                     }
                     None => reply.error(Errno::from_i32(libc::ENOTSUP)),
-                }
+                });
                 return;
             }
         }
@@ -1255,10 +1301,15 @@ impl Filesystem for SessionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        answer(
-            reply,
-            self.do_fallocate(self.inner(ino), offset, length, mode),
-        )
+        let ino = self.inner(ino);
+        if self.object_backed(ino) {
+            // Punching or zeroing may copy the file up from the store.
+            self.offload(move |live, _| {
+                answer(reply, fallocate_file(live, ino, offset, length, mode))
+            });
+        } else {
+            answer(reply, fallocate_file(&self.live, ino, offset, length, mode));
+        }
     }
 }
 

@@ -1224,7 +1224,7 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     std::fs::write(w.join("a-cached.txt"), b"cached bytes").unwrap();
     std::fs::write(w.join("b-cached.txt"), b"beside it").unwrap();
     // Incompressible, so each sits in segments of its own.
-    for i in 0..12u64 {
+    for i in 0..14u64 {
         std::fs::write(w.join(format!("big-{i}.bin")), pattern(3 << 20, 50 + i)).unwrap();
     }
     site.push(&src, &session);
@@ -1267,6 +1267,17 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
             (r.map(|()| Vec::new()), Instant::now())
         })
     }));
+    // So does a truncate that keeps part of the file (a copy-up as well).
+    stuck.extend((12..14).map(|i| {
+        let p = m.join(format!("workspace/big-{i}.bin"));
+        std::thread::spawn(move || {
+            let r = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_len(1 << 20));
+            (r.map(|()| Vec::new()), Instant::now())
+        })
+    }));
     // More stalled reads than FUSE threads: cached reads and listings still answer.
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
@@ -1274,7 +1285,7 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
         std::fs::read(m.join("workspace/b-cached.txt")).unwrap(),
         b"beside it"
     );
-    assert_eq!(std::fs::read_dir(m.join("workspace")).unwrap().count(), 14);
+    assert_eq!(std::fs::read_dir(m.join("workspace")).unwrap().count(), 16);
     let answered = t.elapsed();
     assert!(
         answered < Duration::from_secs(2),
@@ -1309,6 +1320,14 @@ async fn a_stalled_store_fails_reads_at_their_deadline_and_cached_reads_go_on() 
     let got = std::fs::read(m.join("workspace/big-7.bin")).unwrap();
     assert_eq!(got.len(), (3 << 20) + 1);
     assert!(got[..3 << 20] == pattern(3 << 20, 57)[..]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("workspace/big-13.bin"))
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    drop(f);
+    let got = std::fs::read(m.join("workspace/big-13.bin")).unwrap();
+    assert!(got == pattern(3 << 20, 63)[..1 << 20]);
     m.stop();
 }
 
