@@ -63,7 +63,8 @@ pub struct MountArgs {
     /// FUSE worker threads. One is fastest: what waits on the disk or the
     /// store (reads of the object, copy-ups, truncates, fsync, flush) runs
     /// on a pool of its own, and more threads answering a single session
-    /// only wake one another (10,000 creates 20 % slower with 4 on 2 cores).
+    /// only wake one another (10,000 creates took a quarter longer with 4,
+    /// on 2 cores).
     #[arg(long, default_value_t = 1, value_parser = crate::arg_ranges::threads)]
     pub threads: u64,
     /// Seconds one read of the object may take, retries included, before
