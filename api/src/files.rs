@@ -20,6 +20,7 @@ use sessionfs_core::overlay::live::{components, FileVersion, LiveSession};
 use sessionfs_core::overlay::node::{Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
+use sessionfs_core::tarball::reader::Pace;
 use sessionfs_core::tarball::reader::SessionReader;
 use sessionfs_core::tarball::toc::{Entry, Kind};
 
@@ -172,7 +173,7 @@ impl Source {
                 // Awaited here: decoded segments answer at once, and a
                 // fetch waits without holding a thread.
                 FileVersion::Base(reader, path) => {
-                    read_object_within(reader, path, at, n, true).await
+                    read_object_within(reader, path, at, n, Pace::Ahead).await
                 }
                 _ => {
                     let (live, version) = (live.clone(), version.clone());

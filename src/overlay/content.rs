@@ -238,7 +238,7 @@ impl Content {
             map: self.chunk_map(ino)?,
             reader,
             path: path.to_owned(),
-            ahead: true,
+            pace: Pace::Ahead,
         })
     }
 
@@ -291,7 +291,7 @@ impl Content {
                 &file.path,
                 start,
                 end - start,
-                false,
+                Pace::Here,
             )?;
             if (bytes.len() as u64) < end - start {
                 return Err(OverlayError::Corrupt(format!(
@@ -437,7 +437,7 @@ impl Content {
         offset: u64,
         len: u64,
     ) -> Result<bytes::Bytes, OverlayError> {
-        read_object(&self.rt, reader, path, offset, len, true)
+        read_object(&self.rt, reader, path, offset, len, Pace::Ahead)
     }
 
     /// Makes the overlay files and their directory durable.
@@ -455,15 +455,15 @@ pub fn read_object(
     path: &str,
     offset: u64,
     len: u64,
-    ahead: bool,
+    pace: Pace,
 ) -> Result<bytes::Bytes, OverlayError> {
     let reader = reader
         .ok_or_else(|| OverlayError::Corrupt(format!("{path}: no session object to read")))?;
-    rt.block_on(read_object_within(reader, path, offset, len, ahead))
+    rt.block_on(read_object_within(reader, path, offset, len, pace))
 }
 
 /// Bytes of `path` in `reader`'s object within `--read-timeout-secs`;
-/// `ahead` lets a sequential reader's next segments load meanwhile. Safe
+/// `Pace::Ahead` lets a sequential reader's next segments load meanwhile. Safe
 /// on the runtime's own threads: what is decoded in memory answers at once,
 /// and the rest waits without holding the thread.
 pub async fn read_object_within(
@@ -471,10 +471,9 @@ pub async fn read_object_within(
     path: &str,
     offset: u64,
     len: u64,
-    ahead: bool,
+    pace: Pace,
 ) -> Result<bytes::Bytes, OverlayError> {
     let deadline = crate::store::deadline::read_deadline();
-    let pace = if ahead { Pace::Ahead } else { Pace::Here };
     let read = reader.read_with(path, offset, len, pace);
     match tokio::time::timeout(deadline, read).await {
         Ok(read) => Ok(read?),

@@ -207,7 +207,11 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                                 .map(|r| reusable(r, base, &file.map, n.size))
                                 .unwrap_or_default();
                             // Reading ahead would fetch what is reused.
-                            file.ahead = segments.is_empty();
+                            file.pace = if segments.is_empty() {
+                                Pace::Ahead
+                            } else {
+                                Pace::Here
+                            };
                             Some(Source::Reusing(Reusing {
                                 reader: Box::new(PartialReader {
                                     file,

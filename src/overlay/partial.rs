@@ -36,7 +36,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::OverlayError;
-use crate::tarball::reader::SessionReader;
+use crate::tarball::reader::{Pace, SessionReader};
 
 /// The unit the overlay file holds or not.
 pub const CHUNK: u64 = 1 << 20;
@@ -232,9 +232,9 @@ pub struct PartialFile {
     pub reader: Option<Arc<SessionReader>>,
     /// The file's path in that object.
     pub path: String,
-    /// Whether reads of the object read ahead (off for a reader that skips
+    /// How reads of the object go ([`Pace::Here`] for a reader that skips
     /// what it reuses).
-    pub ahead: bool,
+    pub pace: Pace,
 }
 
 impl PartialFile {
@@ -257,7 +257,7 @@ impl PartialFile {
                     &self.path,
                     p.start,
                     p.end - p.start,
-                    self.ahead,
+                    self.pace,
                 )?;
                 out.extend_from_slice(&bytes);
             } else {
