@@ -20,8 +20,7 @@ use sessionfs_core::overlay::live::{components, FileVersion, LiveSession};
 use sessionfs_core::overlay::node::{Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 use sessionfs_core::session::SessionPath;
-use sessionfs_core::tarball::reader::Pace;
-use sessionfs_core::tarball::reader::SessionReader;
+use sessionfs_core::tarball::reader::{Pace, SessionReader};
 use sessionfs_core::tarball::toc::{Entry, Kind};
 
 use crate::error::ApiError;

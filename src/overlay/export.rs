@@ -95,13 +95,13 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
     let xattrs = ns.journal().all_xattrs()?;
     // Unchanged files are read from the object when the packer reaches
     // them; their base path is the entry's own unless moved since.
-    let moved: Arc<parking_lot::Mutex<std::collections::HashMap<u64, String>>> = Arc::default();
+    let moved: Arc<parking_lot::Mutex<std::collections::HashMap<u64, Box<str>>>> = Arc::default();
     let opener: Option<Opener> = reader.clone().map(|reader| {
         let (moved, rt) = (moved.clone(), live.content.runtime().clone());
         let open: Opener = Arc::new(move |entry: &Entry| {
             let ino = entry.sd.map(|sd| sd.i);
             let path = ino
-                .and_then(|i| moved.lock().get(&i).cloned())
+                .and_then(|i| moved.lock().get(&i).map(|p| p.to_string()))
                 .unwrap_or_else(|| entry.p.clone());
             Ok(Box::new(BaseReader {
                 reader: reader.clone(),
@@ -192,7 +192,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                                 OverlayError::Corrupt(format!("{path}: no session object"))
                             })?;
                             if **base != *path {
-                                moved.lock().insert(ino, base.to_string());
+                                moved.lock().insert(ino, base.clone());
                             }
                             Some(Source::Open(open))
                         }
