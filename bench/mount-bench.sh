@@ -47,6 +47,32 @@ time_cmd() {
   fi
 }
 fmt() { python3 -c "t=$1; print(f'{t:.2f} s' if t >= 0 else '> $LIMIT s (stopped)')"; }
+# The kernel's requests to the sessionfs mount so far, by kind, as the mount counts them.
+requests() {
+  python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.sessionfs.requests").decode())' \
+    "$mnt" 2>/dev/null || echo '{}'
+}
+# req_delta BEFORE AFTER: "N requests (kind n, ...)" between two readings, the three most
+# frequent kinds, without the getxattr of the reading AFTER itself.
+req_delta() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+a, b = (json.loads(x) for x in sys.argv[1:])
+d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+for k in ("getxattr", "total"):
+    d[k] = d.get(k, 0) - 1
+kinds = sorted(((n, k) for k, n in d.items() if k != "total" and n > 0), reverse=True)[:3]
+top = ", ".join(f"{k} {n:,}" for n, k in kinds)
+print(f"{d['total']:,} requests" + (f" ({top})" if top else ""))
+PY
+}
+# time_sfs command...: time_cmd s, and in q the requests the command sent the mount.
+time_sfs() {
+  local before
+  before=$(requests)
+  time_cmd s "$@"
+  q=$(req_delta "$before" "$(requests)")
+}
 row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$1" "$(fmt "$2")" "$(fmt "$3")" "$(ratio "$2" "$3")" "$4" "$5"; }
 refs() { printf '%s / %s' "$(fmt "$1")" "$(fmt "$2")"; }
 
@@ -93,6 +119,7 @@ t0=$(now)
 "$bin" -q mount "$session" "$mnt" --daemon; mounts+=("$mnt")
 ls -l "$mnt/workspace" >/dev/null
 t1=$(now); sfs_ls=$(python3 -c "print($t1 - $t0)")
+q_ls=$(req_delta '{}' "$(requests)")
 t0=$(now); ls -l "$local" >/dev/null; t1=$(now); local_ls=$(python3 -c "print($t1 - $t0)")
 t0=$(now); .tools/bench-venv/bin/ratarmount "$work/tree.tar.gz" "$rat" >/dev/null 2>&1; mounts+=("$rat")
 ls -l "$rat/workspace" >/dev/null; t1=$(now); rat_ls=$(python3 -c "print($t1 - $t0)")
@@ -125,9 +152,9 @@ remount_stopped() {
 echo
 echo "# sessionfs mount benchmark: $files files, $((bytes >> 20)) MiB, tar.gz $((object >> 20)) MiB, $(nproc) cores"
 echo
-echo "| operation | sessionfs | local dir | ratio | ratarmount / archivemount | bytes |"
+echo "| operation | sessionfs | local dir | ratio | ratarmount / archivemount | bytes; the kernel's requests to sessionfs |"
 echo "| --- | --- | --- | --- | --- | --- |"
-row "mount + first ls (cold)" "$sfs_ls" "$local_ls" "$(refs "$rat_ls" "$arch_ls")" "$(cache_bytes) B fetched"
+row "mount + first ls (cold)" "$sfs_ls" "$local_ls" "$(refs "$rat_ls" "$arch_ls")" "$(cache_bytes) B fetched; $q_ls"
 
 # git trusts its index while ctime, mtime, inode number, owner and size match lstat: the share
 # of entries that match in the fresh mount (the repository was committed in the local tree).
@@ -156,34 +183,34 @@ printf '| %s | %s | %s | %s | %s | %s |\n' "git index entries whose stat data ma
 find_stat() { find "$1" -path '*/.git' -prune -o -type f -printf '%s %T@\n' | wc -l; }
 export -f find_stat
 drop_caches
-time_cmd s find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
+time_sfs find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
 time_cmd r find_stat "$rat/workspace"; time_cmd a find_stat "$arch/workspace"
 remount_stopped
-row "find + stat of every file" "$s" "$l" "$(refs "$r" "$a")" "-"
+row "find + stat of every file" "$s" "$l" "$(refs "$r" "$a")" "$q"
 lstat_walk=$s
-time_cmd s find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
+time_sfs find_stat "$mnt/workspace"; time_cmd l find_stat "$local"
 time_cmd r find_stat "$rat/workspace"; time_cmd a find_stat "$arch/workspace"
 remount_stopped
-row "find + stat of every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "-"
+row "find + stat of every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "$q"
 
 read_all() { find "$1" -path '*/.git' -prune -o -type f -print0 | xargs -0 -P 4 cat | wc -c; }
 export -f read_all
 before=$(cache_bytes); drop_caches
-time_cmd s read_all "$mnt/workspace"; time_cmd l read_all "$local"
+time_sfs read_all "$mnt/workspace"; time_cmd l read_all "$local"
 time_cmd r read_all "$rat/workspace"; time_cmd a read_all "$arch/workspace"
 remount_stopped
-row "read every file (cold)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched"
+row "read every file (cold)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched; $q"
 before=$(cache_bytes)
-time_cmd s read_all "$mnt/workspace"; time_cmd l read_all "$local"
+time_sfs read_all "$mnt/workspace"; time_cmd l read_all "$local"
 time_cmd r read_all "$rat/workspace"; time_cmd a read_all "$arch/workspace"
 remount_stopped
-row "read every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched"
+row "read every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "$(( $(cache_bytes) - before )) B fetched; $q"
 grep_all() { grep -r --exclude-dir=.git -c 'needle not in the tree' "$1" | wc -l; }
 export -f grep_all
-time_cmd s grep_all "$mnt/workspace"; time_cmd l grep_all "$local"
+time_sfs grep_all "$mnt/workspace"; time_cmd l grep_all "$local"
 time_cmd r grep_all "$rat/workspace"; time_cmd a grep_all "$arch/workspace"
 remount_stopped
-row "grep -r of every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "-"
+row "grep -r of every file (warm)" "$s" "$l" "$(refs "$r" "$a")" "$q"
 # Peak resident memory of each mount process once it has read every file
 # (of a reference mounted afresh, the most of its processes).
 peak() {
@@ -209,29 +236,29 @@ for i in range(10000):
 PY
 }
 export -f create_files
-time_cmd s create_files "$mnt/workspace"; time_cmd l create_files "$local"
-row "create 10,000 files of 4 KiB" "$s" "$l" "-" "40 MiB written"
+time_sfs create_files "$mnt/workspace"; time_cmd l create_files "$local"
+row "create 10,000 files of 4 KiB" "$s" "$l" "-" "40 MiB written; $q"
 rm -rf "$mnt/workspace/created" "$local/created"
 
 git_status() { git -C "$1" status --porcelain | wc -l; }
 export -f git_status
 drop_caches
-time_cmd s git_status "$mnt/workspace"; time_cmd l git_status "$local"
+time_sfs git_status "$mnt/workspace"; time_cmd l git_status "$local"
 row "git status (first: refreshes the index)" "$s" "$l" \
-  "$(ratio "$s" "$lstat_walk") × the mount's cold find + stat" "-"
-time_cmd s git_status "$mnt/workspace"; time_cmd l git_status "$local"
-row "git status (again)" "$s" "$l" "-" "-"
+  "$(ratio "$s" "$lstat_walk") × the mount's cold find + stat" "$q"
+time_sfs git_status "$mnt/workspace"; time_cmd l git_status "$local"
+row "git status (again)" "$s" "$l" "-" "$q"
 
 # Write storms inside the mount, each beside the same on the local disk: a 1,950-file directory
 # (13 packages of the tree) copied and removed, and a 5,100-file repository (34 packages)
 # cloned from a local path (git's pack transport, no network).
 copy_pkgs() { mkdir -p "$2"; for p in $(seq -f 'pkg%03g' 0 12); do cp -r "$1/$p" "$2/"; done; }
 export -f copy_pkgs
-time_cmd s copy_pkgs "$mnt/workspace" "$mnt/workspace/copied"
+time_sfs copy_pkgs "$mnt/workspace" "$mnt/workspace/copied"
 time_cmd l copy_pkgs "$local" "$work/copied"
-row "cp -r of a $(find "$work/copied" -type f | wc -l)-file directory" "$s" "$l" "-" "-"
-time_cmd s rm -rf "$mnt/workspace/copied"; time_cmd l rm -rf "$work/copied"
-row "rm -rf of that directory" "$s" "$l" "-" "-"
+row "cp -r of a $(find "$work/copied" -type f | wc -l)-file directory" "$s" "$l" "-" "$q"
+time_sfs rm -rf "$mnt/workspace/copied"; time_cmd l rm -rf "$work/copied"
+row "rm -rf of that directory" "$s" "$l" "-" "$q"
 repo="$work/repo5k"
 mkdir -p "$repo"
 for p in $(seq -f 'pkg%03g' 0 33); do cp -r "$local/$p" "$repo/"; done
@@ -239,8 +266,8 @@ for p in $(seq -f 'pkg%03g' 0 33); do cp -r "$local/$p" "$repo/"; done
   GIT_AUTHOR_NAME=b GIT_AUTHOR_EMAIL=b@b GIT_COMMITTER_NAME=b GIT_COMMITTER_EMAIL=b@b git commit -q -m repo)
 clone() { git clone -q --no-local "$1" "$2"; }
 export -f clone
-time_cmd s clone "$repo" "$mnt/workspace/clone"; time_cmd l clone "$repo" "$work/clone"
-row "git clone of a $(git -C "$repo" ls-files | wc -l)-file repository" "$s" "$l" "-" "-"
+time_sfs clone "$repo" "$mnt/workspace/clone"; time_cmd l clone "$repo" "$work/clone"
+row "git clone of a $(git -C "$repo" ls-files | wc -l)-file repository" "$s" "$l" "-" "$q"
 rm -rf "$mnt/workspace/clone" "$work/clone"
 echo
 echo "(ratio: sessionfs time / local directory time; ratarmount and archivemount are read-only, over a local tar.gz, no network)"

@@ -83,7 +83,17 @@ pub fn flush_before_unmount(mountpoint: &Path) {
 }
 
 pub fn status(mountpoint: &Path, json: bool) -> Result<()> {
-    print_status(&ask(mountpoint, "status")?, json)
+    let mut v: serde_json::Value =
+        serde_json::from_str(&ask(mountpoint, "status")?).context("the status answered")?;
+    // Only a mount counts the kernel's requests (a mount of an older
+    // sessionfs does not answer; the rest of the status stands).
+    let requests = ask(mountpoint, "requests")
+        .ok()
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok());
+    if let (Some(obj), Some(r)) = (v.as_object_mut(), requests) {
+        obj.insert("kernelRequests".into(), r);
+    }
+    print_status(&v.to_string(), json)
 }
 
 fn print_status(answer: &str, json: bool) -> Result<()> {
@@ -117,6 +127,20 @@ fn print_status(answer: &str, json: bool) -> Result<()> {
         println!("last error:      {e}");
     }
     println!("conflicts:       {}", field("conflicts"));
+    if let Some(r) = v.get("kernelRequests").and_then(|r| r.as_object()) {
+        let mut kinds: Vec<(&String, u64)> = r
+            .iter()
+            .filter(|(k, _)| *k != "total")
+            .map(|(k, n)| (k, n.as_u64().unwrap_or(0)))
+            .collect();
+        kinds.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!(
+            "kernel requests: {} since the mount ({})",
+            r.get("total").and_then(|t| t.as_u64()).unwrap_or(0),
+            kinds.join(", ")
+        );
+    }
     Ok(())
 }
 

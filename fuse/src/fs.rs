@@ -40,6 +40,8 @@ use sessionfs_core::overlay::namespace::{Namespace, RenameMode, SetAttr};
 use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
 use sessionfs_core::overlay::OverlayError;
 
+use crate::requests::{Kind, Requests};
+
 /// Turns changes made elsewhere (the API, a move onto another writer's
 /// object) into kernel invalidations for the mount whose session inodes
 /// sit at `slot` with `root` as its root. Until the notifier is set (the
@@ -68,8 +70,9 @@ pub fn watcher(notifier: Arc<OnceLock<Notifier>>, slot: u64, root: u64) -> Watch
     })
 }
 
-/// Prefix of the xattrs of a mount's root that reach the write-back loop:
-/// `user.sessionfs.flush`, `user.sessionfs.status`.
+/// Prefix of the xattrs of a mount's root that reach the write-back loop
+/// (`user.sessionfs.flush`, `user.sessionfs.status`) and of the one
+/// answered here, `user.sessionfs.requests` (see [`crate::requests`]).
 pub const CONTROL_XATTR: &str = "user.sessionfs.";
 
 /// How long the kernel may trust names, attributes and directory listings.
@@ -108,6 +111,8 @@ pub struct SessionFs {
     /// its kernel inode numbers. 0 for a session mounted on its own.
     slot: u64,
     view: crate::attr::View,
+    /// The kernel's requests so far, by kind (`user.sessionfs.requests`).
+    requests: Requests,
 }
 
 /// A directory's entries as readdir hands them out: `.` and `..` at
@@ -328,6 +333,7 @@ impl SessionFs {
             root,
             slot: 0,
             view: crate::attr::View::default(),
+            requests: Requests::default(),
         }
     }
 
@@ -643,6 +649,7 @@ impl Filesystem for SessionFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.requests.count(Kind::Lookup);
         let parent = self.inner(parent);
         let r = name_str(name).and_then(|n| {
             let mut ns = self.live.ns.lock();
@@ -662,6 +669,7 @@ impl Filesystem for SessionFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.requests.count(Kind::Getattr);
         match self.live.ns.lock().get(self.inner(ino)) {
             Ok(node) => reply.attr(&TTL, &self.attr(node)),
             Err(e) => reply.error(err(e)),
@@ -686,6 +694,7 @@ impl Filesystem for SessionFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.requests.count(Kind::Setattr);
         // Shown owners are not stored ones: a chown to the shown owner
         // changes nothing; to anyone else it is refused.
         let (uid, gid) = if self.view.maps_owners() {
@@ -723,6 +732,7 @@ impl Filesystem for SessionFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.requests.count(Kind::Readlink);
         match self.live.ns.lock().get(self.inner(ino)) {
             Ok(Node {
                 target: Some(t), ..
@@ -742,6 +752,7 @@ impl Filesystem for SessionFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.requests.count(Kind::Mknod);
         let Some(kind) = NodeKind::from_mode(mode).filter(|k| *k != NodeKind::Dir) else {
             return reply.error(Errno::EINVAL);
         };
@@ -761,6 +772,7 @@ impl Filesystem for SessionFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.requests.count(Kind::Mkdir);
         let parent = self.inner(parent);
         match self.make(req, parent, name, NodeKind::Dir, mode, umask, 0, None) {
             Ok(node) => self.entry(&node, reply),
@@ -769,6 +781,7 @@ impl Filesystem for SessionFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.requests.count(Kind::Unlink);
         let parent = self.inner(parent);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
@@ -784,6 +797,7 @@ impl Filesystem for SessionFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.requests.count(Kind::Rmdir);
         let parent = self.inner(parent);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
@@ -803,6 +817,7 @@ impl Filesystem for SessionFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.requests.count(Kind::Symlink);
         let parent = self.inner(parent);
         let r = (|| {
             let t = std::str::from_utf8(target.as_os_str().as_bytes())
@@ -838,6 +853,7 @@ impl Filesystem for SessionFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Rename);
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -869,6 +885,7 @@ impl Filesystem for SessionFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.requests.count(Kind::Link);
         let (ino, newparent) = (self.inner(ino), self.inner(newparent));
         let r = self.writable().and_then(|()| {
             let name = name_str(newname)?;
@@ -881,6 +898,7 @@ impl Filesystem for SessionFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.requests.count(Kind::Open);
         if self.unopened() {
             // The kernel opens every file without asking from now on, with
             // the page cache kept (see `unopened`).
@@ -904,6 +922,7 @@ impl Filesystem for SessionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.requests.count(Kind::Read);
         let ino = self.inner(ino);
         if !self.object_backed(ino) {
             match self.do_read(ino, offset, size) {
@@ -936,6 +955,7 @@ impl Filesystem for SessionFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.requests.count(Kind::Write);
         let ino = self.inner(ino);
         let append = appends(write_flags, flags);
         if self.live.write_fetches(ino, offset, data.len() as u64) {
@@ -964,6 +984,7 @@ impl Filesystem for SessionFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Flush);
         if self.unopened() {
             // Handles open with `NOFLUSH` ask for none; unopened ones would
             // at every close. ENOSYS once ends those.
@@ -982,6 +1003,7 @@ impl Filesystem for SessionFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Release);
         answer(reply, self.do_release(self.inner(ino)))
     }
 
@@ -993,12 +1015,14 @@ impl Filesystem for SessionFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Fsync);
         // Waits on the disk.
         let ino = self.inner(ino);
         self.offload(move |live, written| answer(reply, fsync_file(live, written, ino, datasync)));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.requests.count(Kind::Opendir);
         // A session mounted on its own tells the kernel it has no opendir:
         // directories are then opened without a request (nor a release),
         // and their listings cached until a change drops them; readdir
@@ -1021,6 +1045,7 @@ impl Filesystem for SessionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.requests.count(Kind::Readdir);
         let dir = self.inner(ino);
         let (list, start) = match self.listing(dir, offset) {
             Ok(l) => l,
@@ -1052,6 +1077,7 @@ impl Filesystem for SessionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.requests.count(Kind::Readdirplus);
         let dir = self.inner(ino);
         let (list, start) = match self.listing(dir, offset) {
             Ok(l) => l,
@@ -1086,6 +1112,7 @@ impl Filesystem for SessionFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Releasedir);
         reply.ok()
     }
 
@@ -1097,10 +1124,12 @@ impl Filesystem for SessionFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Fsyncdir);
         answer(reply, self.live.ns.lock().sync())
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.requests.count(Kind::Statfs);
         // The overlay's disk is where new bytes go: report its space.
         match nix_statvfs(self.content_dir()) {
             Ok(s) => reply.statfs(
@@ -1127,6 +1156,7 @@ impl Filesystem for SessionFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Setxattr);
         let ino = self.inner(ino);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
@@ -1141,10 +1171,14 @@ impl Filesystem for SessionFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.requests.count(Kind::Getxattr);
         let ino = self.inner(ino);
         // `sessionfs flush` and `sessionfs status` ask the mount's root.
         if ino == self.root {
             if let Some(what) = name.to_str().and_then(|n| n.strip_prefix(CONTROL_XATTR)) {
+                if what == "requests" {
+                    return Self::xattr_reply(self.requests.to_json().as_bytes(), size, reply);
+                }
                 // A flush waits for a write-back to the store.
                 let what = what.to_owned();
                 self.offload(move |live, _| match live.control(&what) {
@@ -1167,6 +1201,7 @@ impl Filesystem for SessionFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.requests.count(Kind::Listxattr);
         match self.live.ns.lock().listxattr(self.inner(ino)) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -1181,6 +1216,7 @@ impl Filesystem for SessionFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.requests.count(Kind::Removexattr);
         let ino = self.inner(ino);
         let r = self.writable().and_then(|()| {
             let name = name_str(name)?;
@@ -1190,6 +1226,7 @@ impl Filesystem for SessionFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.requests.count(Kind::Access);
         let _ = mask;
         match self.live.ns.lock().get(self.inner(ino)) {
             Ok(_) => reply.ok(),
@@ -1207,6 +1244,7 @@ impl Filesystem for SessionFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.requests.count(Kind::Create);
         let parent = self.inner(parent);
         let r = (|| {
             let node = self.make(req, parent, name, NodeKind::File, mode, umask, 0, None)?;
@@ -1257,6 +1295,7 @@ impl Filesystem for SessionFs {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        self.requests.count(Kind::Ioctl);
         // Terminal probes (isatty) and the like: not a terminal, no ioctls.
         reply.error(Errno::from_i32(libc::ENOTTY));
     }
@@ -1270,6 +1309,7 @@ impl Filesystem for SessionFs {
         _whence: i32,
         reply: fuser::ReplyLseek,
     ) {
+        self.requests.count(Kind::Lseek);
         // ENOSYS once makes the kernel seek by itself from then on.
         reply.error(Errno::ENOSYS);
     }
@@ -1287,6 +1327,7 @@ impl Filesystem for SessionFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.requests.count(Kind::CopyFileRange);
         // ENOSYS makes the kernel fall back to reads and writes.
         reply.error(Errno::ENOSYS);
     }
@@ -1301,6 +1342,7 @@ impl Filesystem for SessionFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.requests.count(Kind::Fallocate);
         let ino = self.inner(ino);
         if self.object_backed(ino) {
             // Punching or zeroing may copy the file up from the store.

@@ -7,6 +7,7 @@
 //! - [`fs`]: the `fuser::Filesystem` of one session.
 //! - [`mount`]: opening a session for mounting and mounting it.
 //! - [`multi`]: every session of a bucket under one mount root.
+//! - [`requests`]: how many requests of each kind the kernel sent.
 //!
 //! Dependency direction: fuse → core, never core → fuse.
 
@@ -14,6 +15,7 @@ pub mod attr;
 pub mod fs;
 pub mod mount;
 pub mod multi;
+pub mod requests;
 
 use sessionfs_core::overlay::OverlayError;
 

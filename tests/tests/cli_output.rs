@@ -198,6 +198,18 @@ fn every_json_output_fits_its_documented_schema() {
             .unwrap();
     check(&doc, &schema, &v, "status");
     assert!(v["pendingChanges"].as_u64().unwrap() > 0, "{v}");
+    // The write above was a create and a write at least, each counted.
+    let asked = &v["kernelRequests"];
+    assert!(asked["create"].as_u64().unwrap_or(0) >= 1, "{v}");
+    assert!(asked["write"].as_u64().unwrap_or(0) >= 1, "{v}");
+    let kinds: u64 = asked
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "total")
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(asked["total"].as_u64(), Some(kinds), "{v}");
     site.run(&["flush", &m.path.display().to_string()]);
     let v: Value = serde_json::from_slice(&site.run(&["status", session, "--json"])).unwrap();
     check(&doc, &schema, &v, "status");

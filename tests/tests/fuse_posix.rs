@@ -888,3 +888,61 @@ fn a_mount_shows_owners_as_asked_and_writes_back_the_stored_ones() {
         b"in\n"
     );
 }
+
+#[test]
+fn a_warm_read_of_an_unchanged_file_sends_the_mount_no_request() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &[]);
+    let file = first_file(&m.join("workspace")).expect("a file in the fixture");
+    let counts = || -> serde_json::Value {
+        let raw = xattr::get(&m.path, "user.sessionfs.requests")
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    };
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let before = counts();
+    let bytes = fs::read(&file).unwrap();
+    let cold = counts();
+    assert!(n(&cold, "read") > n(&before, "read"), "{before} → {cold}");
+    let again = || {
+        assert_eq!(fs::read(&file).unwrap(), bytes);
+        fs::metadata(&file).unwrap();
+        fs::read_dir(file.parent().unwrap()).unwrap().for_each(drop);
+    };
+    // Having read the file and listed its directory, the kernel holds
+    // their atimes stale: the next full stat of each asks once; after
+    // that nothing does.
+    again();
+    let warm = counts();
+    for _ in 0..3 {
+        again();
+    }
+    let after = counts();
+    // Only the getxattr that asked for the counts.
+    assert_eq!(
+        n(&after, "total") - n(&warm, "total"),
+        1,
+        "{warm} → {after}"
+    );
+    assert_eq!(n(&after, "getxattr") - n(&warm, "getxattr"), 1);
+}
+
+/// The first non-empty regular file under `dir`, depth first.
+fn first_file(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let meta = fs::symlink_metadata(&p).unwrap();
+        if meta.is_file() && meta.len() > 0 {
+            return Some(p);
+        }
+        if let Some(found) = meta.is_dir().then(|| first_file(&p)).flatten() {
+            return Some(found);
+        }
+    }
+    None
+}
