@@ -38,7 +38,7 @@ use parking_lot::Mutex;
 use sessionfs_core::overlay::live::{Covered, Invalidation, LiveSession, Watcher};
 use sessionfs_core::overlay::namespace::{Namespace, RenameMode, SetAttr};
 use sessionfs_core::overlay::node::{Data, Node, NodeKind, Time};
-use sessionfs_core::overlay::OverlayError;
+use sessionfs_core::overlay::{removals, OverlayError};
 
 use crate::requests::{Kind, Requests};
 
@@ -296,7 +296,17 @@ fn write_to(
     let f = live.content.local(ino)?;
     // Appends go to the end as we know it, whatever offset the kernel sent.
     let at = if append { ns.get(ino)?.size } else { offset };
-    f.write_all_at(data, at)?;
+    match f.write_all_at(data, at) {
+        // Space freed by an unlink a moment ago may still be on its way
+        // back (`removals`): waited for, then the write runs again.
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                && removals::drain() =>
+        {
+            f.write_all_at(data, at)?
+        }
+        r => r?,
+    }
     ns.note_write(ino, at + len);
     let snapshots = ns.snapshots();
     let record = recorded != Some(snapshots);
@@ -402,9 +412,11 @@ impl SessionFs {
         }
     }
 
+    /// Freed inodes: their overlay files go on another thread, so the
+    /// kernel's next request is not kept waiting for the disk.
     fn free(&self, freed: Vec<u64>) {
         for ino in freed {
-            self.live.content.remove(ino);
+            self.live.content.remove_later(ino);
         }
     }
 
@@ -642,6 +654,8 @@ impl Filesystem for SessionFs {
         if let Err(e) = self.sync() {
             tracing::error!("syncing the overlay at unmount: {e}");
         }
+        // The files of inodes freed last are not left for the next open.
+        removals::drain();
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

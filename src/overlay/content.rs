@@ -121,7 +121,10 @@ impl Content {
     }
 
     pub(crate) fn path(&self, ino: u64) -> PathBuf {
-        self.dir.join(ino.to_string())
+        let path = self.dir.join(ino.to_string());
+        // Never a freed inode's file still waiting for its removal.
+        super::removals::settle(&path);
+        path
     }
 
     /// The overlay file of `ino`, opened once and shared by every handle.
@@ -186,6 +189,15 @@ impl Content {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(ino, "could not remove an overlay file: {e}"),
         }
+        self.drop_map(ino);
+    }
+
+    /// [`Content::remove`], the file itself removed soon by another thread
+    /// ([`super::removals`]): for a freed inode, whose number is not used
+    /// again.
+    pub fn remove_later(&self, ino: u64) {
+        self.close(ino);
+        super::removals::queue(self.dir.join(ino.to_string()));
         self.drop_map(ino);
     }
 

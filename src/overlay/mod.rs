@@ -13,6 +13,7 @@
 //! - [`live`]: one open session (tree + bytes) and the whole-file operations
 //!   the API makes on it.
 //! - [`open`]: opening a session's overlay, reconciling what a crash left.
+//! - [`removals`]: overlay files of freed inodes, removed off the FUSE thread.
 //! - [`registry`]: the open sessions of a bucket, shared by mounts and API.
 //! - [`export`]: the merged view (object + overlay) packed as a tarball.
 //! - [`follow`]: moving onto an object another writer stored, merging.
@@ -29,6 +30,7 @@ pub mod node;
 pub mod open;
 pub mod partial;
 pub mod registry;
+pub mod removals;
 pub mod reserve;
 pub mod writeback;
 

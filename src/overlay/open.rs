@@ -236,7 +236,9 @@ pub fn open_with(
                     let _ = std::fs::remove_file(e.path());
                 }
             } else if let Ok(ino) = name.parse::<u64>() {
-                if !local.contains(&ino) && !unjournaled.contains(&ino) && ns.get(ino).is_ok() {
+                // Also the files of inodes freed with their removal still
+                // queued when the process ended (`removals`).
+                if !local.contains(&ino) && !unjournaled.contains(&ino) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }

@@ -392,6 +392,55 @@ fn changes_and_inode_numbers_survive_a_remount() {
 }
 
 #[test]
+fn removed_files_leave_no_overlay_file_behind_even_after_a_kill_9() {
+    let site = site_with_fixture();
+    let data = site.overlay(SESSION, "sessions").join("data");
+    let in_overlay = || fs::read_dir(&data).unwrap().count();
+    let m = site.mount(SESSION, &[]);
+    fs::write(m.join("workspace/kept.txt"), b"kept").unwrap();
+    let before = in_overlay();
+    let written = |round: u64| {
+        let dir = m.join(format!("workspace/written{round}"));
+        fs::create_dir(&dir).unwrap();
+        for i in 0..300u64 {
+            let bytes = sessionfs_tests::pattern(1 + i as usize * 37, round * 1000 + i);
+            fs::write(dir.join(format!("f{i:03}")), bytes).unwrap();
+        }
+        assert_eq!(in_overlay(), before + 300);
+        dir
+    };
+    // The files of an `rm -rf` go on the mount's removal thread, after
+    // the answers: gone soon, all of them.
+    fs::remove_dir_all(written(1)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while in_overlay() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        in_overlay(),
+        before,
+        "overlay files of removed inodes stayed"
+    );
+    // A kill -9 right after the answers may leave some queued; so may a
+    // crash of any kind: the next open removes files no inode names.
+    fs::remove_dir_all(written(2)).unwrap();
+    m.kill9();
+    fs::write(data.join("987654321"), b"a freed inode's bytes").unwrap();
+    let m = site.mount(SESSION, &[]);
+    assert_eq!(fs::read(m.join("workspace/kept.txt")).unwrap(), b"kept");
+    assert_eq!(
+        errno(fs::metadata(m.join("workspace/written2"))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        in_overlay(),
+        before,
+        "the open left overlay files of freed inodes"
+    );
+    m.stop();
+}
+
+#[test]
 fn a_read_only_mount_refuses_changes() {
     let site = site_with_fixture();
     let m = site.mount(SESSION, &["--read-only"]);
