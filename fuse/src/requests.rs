@@ -15,119 +15,64 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The kinds of request counted, in the order they are listed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Lookup,
-    Getattr,
-    Setattr,
-    Readlink,
-    Mknod,
-    Mkdir,
-    Unlink,
-    Rmdir,
-    Symlink,
-    Rename,
-    Link,
-    Open,
-    Read,
-    Write,
-    Flush,
-    Release,
-    Fsync,
-    Opendir,
-    Readdir,
-    Readdirplus,
-    Releasedir,
-    Fsyncdir,
-    Statfs,
-    Setxattr,
-    Getxattr,
-    Listxattr,
-    Removexattr,
-    Access,
-    Create,
-    Ioctl,
-    Lseek,
-    CopyFileRange,
-    Fallocate,
+/// The kinds of request counted, each with the name shown (the kernel's
+/// opcode, lower case), in one table: the enum, [`KINDS`] and
+/// [`Kind::name`] come from it.
+macro_rules! kinds {
+    ($($kind:ident => $name:literal,)*) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Kind {
+            $($kind,)*
+        }
+
+        /// Every kind, in the enum's order (a kind is its own index).
+        const KINDS: &[Kind] = &[$(Kind::$kind,)*];
+
+        impl Kind {
+            /// The name shown: the kernel's opcode, lower case.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => $name,)*
+                }
+            }
+        }
+    };
 }
 
-const KINDS: [Kind; 33] = [
-    Kind::Lookup,
-    Kind::Getattr,
-    Kind::Setattr,
-    Kind::Readlink,
-    Kind::Mknod,
-    Kind::Mkdir,
-    Kind::Unlink,
-    Kind::Rmdir,
-    Kind::Symlink,
-    Kind::Rename,
-    Kind::Link,
-    Kind::Open,
-    Kind::Read,
-    Kind::Write,
-    Kind::Flush,
-    Kind::Release,
-    Kind::Fsync,
-    Kind::Opendir,
-    Kind::Readdir,
-    Kind::Readdirplus,
-    Kind::Releasedir,
-    Kind::Fsyncdir,
-    Kind::Statfs,
-    Kind::Setxattr,
-    Kind::Getxattr,
-    Kind::Listxattr,
-    Kind::Removexattr,
-    Kind::Access,
-    Kind::Create,
-    Kind::Ioctl,
-    Kind::Lseek,
-    Kind::CopyFileRange,
-    Kind::Fallocate,
-];
-
-impl Kind {
-    /// The name shown: the kernel's opcode, lower case.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Lookup => "lookup",
-            Kind::Getattr => "getattr",
-            Kind::Setattr => "setattr",
-            Kind::Readlink => "readlink",
-            Kind::Mknod => "mknod",
-            Kind::Mkdir => "mkdir",
-            Kind::Unlink => "unlink",
-            Kind::Rmdir => "rmdir",
-            Kind::Symlink => "symlink",
-            Kind::Rename => "rename",
-            Kind::Link => "link",
-            Kind::Open => "open",
-            Kind::Read => "read",
-            Kind::Write => "write",
-            Kind::Flush => "flush",
-            Kind::Release => "release",
-            Kind::Fsync => "fsync",
-            Kind::Opendir => "opendir",
-            Kind::Readdir => "readdir",
-            Kind::Readdirplus => "readdirplus",
-            Kind::Releasedir => "releasedir",
-            Kind::Fsyncdir => "fsyncdir",
-            Kind::Statfs => "statfs",
-            Kind::Setxattr => "setxattr",
-            Kind::Getxattr => "getxattr",
-            Kind::Listxattr => "listxattr",
-            Kind::Removexattr => "removexattr",
-            Kind::Access => "access",
-            Kind::Create => "create",
-            Kind::Ioctl => "ioctl",
-            Kind::Lseek => "lseek",
-            Kind::CopyFileRange => "copy_file_range",
-            Kind::Fallocate => "fallocate",
-        }
-    }
+kinds! {
+    Lookup => "lookup",
+    Getattr => "getattr",
+    Setattr => "setattr",
+    Readlink => "readlink",
+    Mknod => "mknod",
+    Mkdir => "mkdir",
+    Unlink => "unlink",
+    Rmdir => "rmdir",
+    Symlink => "symlink",
+    Rename => "rename",
+    Link => "link",
+    Open => "open",
+    Read => "read",
+    Write => "write",
+    Flush => "flush",
+    Release => "release",
+    Fsync => "fsync",
+    Opendir => "opendir",
+    Readdir => "readdir",
+    Readdirplus => "readdirplus",
+    Releasedir => "releasedir",
+    Fsyncdir => "fsyncdir",
+    Statfs => "statfs",
+    Setxattr => "setxattr",
+    Getxattr => "getxattr",
+    Listxattr => "listxattr",
+    Removexattr => "removexattr",
+    Access => "access",
+    Create => "create",
+    Ioctl => "ioctl",
+    Lseek => "lseek",
+    CopyFileRange => "copy_file_range",
+    Fallocate => "fallocate",
 }
 
 /// The counts of one mounted session.
