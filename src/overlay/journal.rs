@@ -247,7 +247,12 @@ impl Journal {
         }
         let (batch, full) = {
             let mut redo = self.redo.borrow_mut();
-            let number = redo.log.append(&ops)?;
+            let number = match redo.log.append(&ops) {
+                // Space an unlink freed may still be on its way back
+                // (`removals`); a failed append leaves nothing behind.
+                Err(e) if e.no_space() && super::removals::drain() => redo.log.append(&ops)?,
+                r => r?,
+            };
             self.writes.redo.fetch_add(1, Ordering::SeqCst);
             redo.note(&ops);
             redo.pending.push((number, ops));

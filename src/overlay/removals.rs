@@ -10,8 +10,8 @@
 //! Nothing may meet a queued file as a live inode's: whatever names an
 //! overlay file first calls [`settle`], which removes a queued file at once
 //! (or waits for the worker's removal under way). Space comes back a moment
-//! later than the unlink's answer, so a write that finds the disk full
-//! calls [`drain`] and tries again. A crash loses the queue; the next open
+//! later than the unlink's answer, so a write or a journal record that
+//! finds the disk full calls [`drain`] and tries again. A crash loses the queue; the next open
 //! of the overlay removes files that no inode names.
 
 use std::collections::{HashMap, VecDeque};
@@ -29,19 +29,42 @@ struct Queue {
     order: VecDeque<PathBuf>,
     state: HashMap<PathBuf, State>,
     worker: bool,
+    /// The worker waits for work: a queue must wake it. (A wake is a
+    /// system call, which the FUSE thread should not pay per file while
+    /// the worker is busy anyway.)
+    idle: bool,
+    /// Callers of [`settle`] and [`drain`] waiting for removals.
+    waiting: usize,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Signalled when a file is queued (for the worker) and when one is
-    /// gone (for [`settle`] and [`drain`]).
-    changed: Condvar,
+    /// Signalled when a file is queued and the worker is idle.
+    work: Condvar,
+    /// Signalled when a file is gone and someone waits for that.
+    gone: Condvar,
 }
 
 static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
     queue: Mutex::new(Queue::default()),
-    changed: Condvar::new(),
+    work: Condvar::new(),
+    gone: Condvar::new(),
 });
+
+/// Waits for a removal, as one of [`Queue::waiting`].
+fn wait_gone(q: MutexGuard<'static, Queue>) -> MutexGuard<'static, Queue> {
+    let mut q = q;
+    q.waiting += 1;
+    let mut q = SHARED.gone.wait(q).unwrap_or_else(|p| p.into_inner());
+    q.waiting -= 1;
+    q
+}
+
+fn tell_gone(q: &Queue) {
+    if q.waiting > 0 {
+        SHARED.gone.notify_all();
+    }
+}
 
 fn queue_lock() -> MutexGuard<'static, Queue> {
     SHARED.queue.lock().unwrap_or_else(|p| p.into_inner())
@@ -78,15 +101,18 @@ pub fn queue(path: PathBuf) {
             }
         }
     }
-    drop(q);
-    SHARED.changed.notify_all();
+    if q.idle {
+        q.idle = false;
+        SHARED.work.notify_one();
+    }
 }
 
 fn work() {
     let mut q = queue_lock();
     loop {
         let Some(path) = q.order.pop_front() else {
-            q = SHARED.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+            q.idle = true;
+            q = SHARED.work.wait(q).unwrap_or_else(|p| p.into_inner());
             continue;
         };
         // Settled meanwhile (removed by whoever named it).
@@ -98,7 +124,7 @@ fn work() {
         remove(&path);
         q = queue_lock();
         q.state.remove(&path);
-        SHARED.changed.notify_all();
+        tell_gone(&q);
     }
 }
 
@@ -113,15 +139,16 @@ pub fn settle(path: &Path) {
         match q.state.get(path) {
             None => return,
             Some(State::Queued) => {
-                q.state.remove(path);
+                let path = path.to_path_buf();
+                q.state.insert(path.clone(), State::Removing);
                 drop(q);
-                remove(path);
-                SHARED.changed.notify_all();
+                remove(&path);
+                let mut q = queue_lock();
+                q.state.remove(&path);
+                tell_gone(&q);
                 return;
             }
-            Some(State::Removing) => {
-                q = SHARED.changed.wait(q).unwrap_or_else(|p| p.into_inner());
-            }
+            Some(State::Removing) => q = wait_gone(q),
         }
     }
 }
@@ -131,7 +158,7 @@ pub fn drain() -> bool {
     let mut q = queue_lock();
     let any = !q.state.is_empty();
     while !q.state.is_empty() {
-        q = SHARED.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+        q = wait_gone(q);
     }
     any
 }
