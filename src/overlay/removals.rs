@@ -11,8 +11,8 @@
 //! overlay file first calls [`settle`], which removes a queued file at once
 //! (or waits for the worker's removal under way). Space comes back a moment
 //! later than the unlink's answer, so a write or a journal record that
-//! finds the disk full calls [`drain`] and tries again. A crash loses the queue; the next open
-//! of the overlay removes files that no inode names.
+//! finds the disk full calls [`drain`] and tries again. A crash loses the
+//! queue; the next open of the overlay removes files that no inode names.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -52,8 +52,7 @@ static SHARED: LazyLock<Shared> = LazyLock::new(|| Shared {
 });
 
 /// Waits for a removal, as one of [`Queue::waiting`].
-fn wait_gone(q: MutexGuard<'static, Queue>) -> MutexGuard<'static, Queue> {
-    let mut q = q;
+fn wait_gone(mut q: MutexGuard<'static, Queue>) -> MutexGuard<'static, Queue> {
     q.waiting += 1;
     let mut q = SHARED.gone.wait(q).unwrap_or_else(|p| p.into_inner());
     q.waiting -= 1;
