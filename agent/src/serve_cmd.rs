@@ -321,6 +321,8 @@ pub async fn serve(args: ServeArgs, stack: LocalStack, quiet: bool) -> Result<()
             tracing::error!("syncing the overlay of {}: {e}", s.name);
         }
     }
+    // The files replaced or freed last are not left for the next open.
+    let _ = tokio::task::spawn_blocking(sessionfs_core::overlay::removals::drain).await;
     if !quiet {
         eprintln!("stopped");
     }

@@ -5,7 +5,9 @@
 //! mount frees an inode on its FUSE thread, between two requests: `rm -rf`
 //! of files written a moment before waited for every removal before the
 //! kernel's next request was even read. [`queue`] hands the file to one
-//! worker thread for the whole process instead.
+//! worker thread for the whole process instead. The API's PUT does the
+//! same with the file its new bytes replace (`Content::install`), which a
+//! rename over it freed under the session's locks.
 //!
 //! Nothing may meet a queued file as a live inode's: whatever names an
 //! overlay file first calls [`settle`], which removes a queued file at once

@@ -140,6 +140,21 @@ async fn a_get_racing_puts_answers_one_whole_version_with_its_length() {
         &failures[..failures.len().min(5)]
     );
     assert_eq!(server.stop().code(), Some(0));
+    // Each PUT's replaced file went to the removal thread; a stopped
+    // server has removed them all, leaving at most the file's own (none
+    // once a write-back adopted it into the object).
+    let data = site
+        .overlay(&session, &sessionfs_tests::s3_bucket())
+        .join("data");
+    let left: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.len() <= 1 && left.iter().all(|n| n.parse::<u64>().is_ok()),
+        "overlay files left in {}: {left:?}",
+        data.display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
