@@ -206,7 +206,9 @@ pub fn open_with(
     let (mut ns, orphans) = Namespace::open(&journal_path, etag.as_deref(), entries)?;
     let content = Content::new(&spec.overlay, reader.clone(), rt.clone())?;
     // Copy-ups and staged writes a crash interrupted (`{ino}.copy`,
-    // `{ino}.put.…`): never renamed into place, so never part of the tree.
+    // `put.{pid}.{n}`), never put in place, and the old bytes a PUT's
+    // exchange left under a staged name for the removal thread: never part
+    // of the tree.
     if let Ok(dir) = std::fs::read_dir(content.dir()) {
         for e in dir.flatten() {
             if e.file_name().to_str().is_some_and(|n| n.contains('.')) {

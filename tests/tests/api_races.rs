@@ -3,13 +3,16 @@
 //! - GET racing PUT of one file: the length announced is the length sent,
 //!   and the body is one whole version;
 //! - PUT racing DELETE of one file: a PUT never answers 404;
-//! - session DELETE racing PUTs: nobody answers 500.
+//! - session DELETE racing PUTs: nobody answers 500;
+//! - a kill -9 after PUTs: the last answered bytes stay, and the replaced
+//!   ones still queued for removal are gone after the next open.
 //!
-//! Each suite runs 10,000 operations from many tasks at once.
+//! The race suites run 10,000 operations from many tasks at once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use sessionfs_tests::api::Server;
 use sessionfs_tests::mount::Site;
 
 const API: &str = "/api/storage-worker/sessions";
@@ -262,5 +265,58 @@ async fn a_session_delete_racing_puts_answers_as_if_each_came_alone() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    assert_eq!(server.stop().code(), Some(0));
+}
+
+/// PUTs put their bytes in place by exchanging files; the replaced bytes
+/// wait for a removal thread under a staged name. A kill -9 right after
+/// the last answer loses that queue, never an answered PUT: the restarted
+/// server answers the last bytes, and the session's next open removes the
+/// staged names left behind (one planted too, whatever the kill's timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaced_bytes_a_kill_9_left_queued_are_removed_at_the_next_open() {
+    let site = Site::s3();
+    let session = session_name("put-kill");
+    let server = site.serve_api(&[], &[]);
+    let url = |s: &Server| format!("{}{API}/{session}/files/workspace/raced.bin", s.url);
+    let http = client();
+    for k in 1..=200 {
+        let r = http
+            .put(url(&server))
+            .body(version(k))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "PUT {k}");
+    }
+    server.kill9();
+    let data = site
+        .overlay(&session, &sessionfs_tests::s3_bucket())
+        .join("data");
+    std::fs::write(data.join("put.999999.1"), b"left by a crash").unwrap();
+
+    let server = site.serve_api(&[], &[]);
+    let body = http
+        .get(url(&server))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        body[..] == version(200)[..],
+        "the last answered PUT's bytes"
+    );
+    // A write opens the session here (its overlay, and the clean-up).
+    let other = format!("{}{API}/{session}/files/workspace/other.txt", server.url);
+    let r = http.put(&other).body("x").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let staged: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("put."))
+        .collect();
+    assert!(staged.is_empty(), "staged names left: {staged:?}");
     assert_eq!(server.stop().code(), Some(0));
 }
