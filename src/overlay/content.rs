@@ -448,14 +448,10 @@ impl Content {
         let target = self.path(ino);
         match exchange(staged, &target) {
             Ok(()) => super::removals::queue(staged.to_owned()),
-            // Nothing there yet, or a filesystem without the exchange.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    || matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) =>
-            {
-                std::fs::rename(staged, &target)?
-            }
-            Err(e) => return Err(e.into()),
+            // Nothing there yet, or a filesystem that cannot exchange
+            // (`EINVAL`, or `EXDEV` on some overlayfs layers): a failed
+            // exchange changed nothing, and the rename says what is wrong.
+            Err(_) => std::fs::rename(staged, &target)?,
         }
         self.drop_map(ino);
         Ok(())
