@@ -307,6 +307,12 @@ impl BlockCache {
         }
     }
 
+    /// Whether the block is cached, without reading it: one `stat`. (A
+    /// damaged block is found, and fetched again, when it is read.)
+    pub fn holds(&self, id: &BlockId) -> bool {
+        self.path(id).exists()
+    }
+
     /// The block, if cached and sound. A damaged one is deleted.
     pub fn read(&self, id: &BlockId) -> Option<Bytes> {
         let path = self.path(id);

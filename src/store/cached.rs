@@ -2,7 +2,8 @@
 //! cache ([`crate::cache::blocks`]) and fetches only the blocks it lacks:
 //! adjacent missing blocks in one GET, each block once however many readers
 //! want it. A read that continues where the previous one of the same object
-//! ended starts a background readahead of the next blocks. A small read
+//! ended starts a background readahead of the next blocks (fetching those
+//! the cache lacks, without reading those it has). A small read
 //! that does not, of blocks not cached, fetches only its own bytes (kept as
 //! a fragment; see [`Inner::fragment`]) unless it comes in a burst of them.
 //!
@@ -49,6 +50,15 @@ struct Inner {
     /// Per key: where the last read ended and when, to spot sequential
     /// reads and bursts ([`FRAGMENT_QUIET`]).
     last_read: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+/// How a read looks for blocks in the cache.
+#[derive(Clone, Copy)]
+enum Look {
+    /// Reads each cached block: its bytes are wanted.
+    Read,
+    /// Only asks whether the block is cached (an empty stand-in if so).
+    Present,
 }
 
 /// A run of blocks and those of them the cache held when looked at.
@@ -106,23 +116,44 @@ impl Inner {
         Ok(meta)
     }
 
-    /// Blocks `first..=last` of a version as the cache holds them, read once.
-    fn cached(&self, key: &str, etag: &str, first: u64, last: u64) -> Cached {
+    /// Blocks `first..=last` of a version as `look` finds them in the
+    /// cache: [`Look::Read`] reads each once, [`Look::Present`] only asks.
+    fn cached(&self, key: &str, etag: &str, first: u64, last: u64, look: Look) -> Cached {
         let ids: Vec<BlockId> = (first..=last)
             .map(|b| block_id(&self.store_id, key, etag, b))
             .collect();
-        let got = ids.iter().map(|id| self.cache.read(id)).collect();
+        let got = ids.iter().map(|id| self.look(id, look)).collect();
         Cached { first, ids, got }
     }
 
-    /// Blocks `first..=last` of a version, from the cache or the store.
-    async fn blocks(&self, key: &str, etag: &str, first: u64, last: u64) -> Result<Vec<Bytes>> {
-        self.complete(key, etag, self.cached(key, etag, first, last))
-            .await
+    fn look(&self, id: &BlockId, look: Look) -> Option<Bytes> {
+        match look {
+            Look::Read => self.cache.read(id),
+            Look::Present => self.cache.holds(id).then(Bytes::new),
+        }
     }
 
-    /// The blocks a [`Cached`] lacks, fetched (or waited for).
-    async fn complete(&self, key: &str, etag: &str, cached: Cached) -> Result<Vec<Bytes>> {
+    /// Fetches what the cache lacks of blocks `first..=last` of a version,
+    /// without reading what it has: readahead wants the blocks on disk for
+    /// the reads to come, not in memory now. (Reading them cost each
+    /// sequential read 4 MiB copied from the page cache, and as much
+    /// memory for a moment.)
+    async fn prefetch(&self, key: &str, etag: &str, first: u64, last: u64) -> Result<()> {
+        let cached = self.cached(key, etag, first, last, Look::Present);
+        self.complete(key, etag, cached, Look::Present)
+            .await
+            .map(drop)
+    }
+
+    /// The blocks a [`Cached`] lacks, fetched (or waited for); those another
+    /// reader fetched meanwhile are looked at as `look` says.
+    async fn complete(
+        &self,
+        key: &str,
+        etag: &str,
+        cached: Cached,
+        look: Look,
+    ) -> Result<Vec<Bytes>> {
         let Cached {
             first,
             ids,
@@ -145,7 +176,7 @@ impl Inner {
         }
         for (slot, id) in got.iter_mut().zip(&ids) {
             if slot.is_none() {
-                *slot = self.cache.read(id);
+                *slot = self.look(id, look);
             }
         }
         let result = self.fetch_missing(key, etag, first, &ids, &mut got).await;
@@ -328,7 +359,7 @@ impl ObjectStore for CachedStore {
                 None => (false, true),
             }
         };
-        let cached = self.inner.cached(key, &etag, first, last);
+        let cached = self.inner.cached(key, &etag, first, last, Look::Read);
         if !sequential && cached.got.iter().any(Option::is_none) {
             if let Some(body) = self
                 .inner
@@ -342,7 +373,7 @@ impl ObjectStore for CachedStore {
                 });
             }
         }
-        let blocks = self.inner.complete(key, &etag, cached).await?;
+        let blocks = self.inner.complete(key, &etag, cached, Look::Read).await?;
         let mut body = BytesMut::with_capacity((wanted.end - wanted.start) as usize);
         for (i, block) in blocks.iter().enumerate() {
             let block_start = (first + i as u64) * bs;
@@ -368,7 +399,7 @@ impl ObjectStore for CachedStore {
                 // would otherwise hold later readers of these blocks
                 // behind a dead connection.
                 let deadline = super::deadline::read_deadline();
-                let ahead = inner.blocks(&key, &etag, last + 1, ahead_to);
+                let ahead = inner.prefetch(&key, &etag, last + 1, ahead_to);
                 match tokio::time::timeout(deadline, ahead).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!(key, "readahead failed: {e}"),

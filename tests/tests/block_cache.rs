@@ -2,7 +2,8 @@
 //! it: warm reads cost nothing, a restart keeps the cache, a damaged block is
 //! fetched again and never served, the byte budget holds under a read larger
 //! than the cache, concurrent readers of a block cause one fetch, a cold
-//! small read fetches only its bytes (a second in its block the block), and
+//! small read fetches only its bytes (a second in its block the block), a
+//! readahead fetches what is missing without reading what is cached, and
 //! eviction under heavy concurrent use never breaks a reader.
 
 use std::sync::Arc;
@@ -340,6 +341,42 @@ async fn sequential_reads_are_read_ahead() {
         s.data.slice((2 * MIB + 1) as usize..(6 * MIB) as usize)
     );
     assert_eq!(metered.snapshot().gets, before, "already read ahead");
+    s.s3.delete(&s.key).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_readahead_fetches_the_blocks_missing_and_reads_none_cached() {
+    let s = setup("cache-readahead-held", (8 * MIB) as usize).await;
+    let (metered, store) = cached(&s, 64 * MIB);
+    store.head(&s.key).await.unwrap();
+    let id = |b| block_id(&s.s3.describe(), &s.key, &s.etag, b);
+    // Blocks 3 and 4 cached by a read that continues nothing.
+    read(&store, &s, 3 * MIB, 5 * MIB).await;
+    let hits = store.cache().stats().hits;
+    read(&store, &s, 0, MIB).await;
+    read(&store, &s, MIB, 2 * MIB).await;
+    // The second read continued the first: the readahead of 2..=5 fetches
+    // 2 and 5, in a GET each.
+    for _ in 0..100 {
+        if store.cache().holds(&id(2)) && store.cache().holds(&id(5)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(store.cache().holds(&id(2)) && store.cache().holds(&id(5)));
+    assert_eq!(metered.snapshot().gets, 1 + 2 + 2);
+    assert_eq!(
+        store.cache().stats().hits,
+        hits,
+        "the readahead read the blocks it found cached"
+    );
+    // What it fetched is served right.
+    let before = metered.snapshot().gets;
+    assert_eq!(
+        read(&store, &s, 2 * MIB + 1, 6 * MIB).await,
+        s.data.slice((2 * MIB + 1) as usize..(6 * MIB) as usize)
+    );
+    assert_eq!(metered.snapshot().gets, before);
     s.s3.delete(&s.key).await.unwrap();
 }
 
