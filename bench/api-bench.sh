@@ -10,9 +10,19 @@
 set -euo pipefail
 bin="$1" secs="${2:-10}"
 threads=2 conns=32
-for tool in wrk nginx; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install wrk nginx-core)" >&2; exit 1; }
-done
+# The references come from Debian's packages, installed when missing (as root; else it says
+# which to install).
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-core)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "needs ${missing[*]} (apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 work="$(mktemp -d)"
 cleanup() {
   [ -n "${api_pid:-}" ] && kill "$api_pid" 2>/dev/null || true

@@ -245,6 +245,7 @@ impl SessionReader {
             &meta.etag,
             meta.size,
             toc.segments.clone(),
+            &toc.entries,
         ));
         SessionReader {
             segments,

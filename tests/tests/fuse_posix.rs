@@ -292,6 +292,46 @@ fn a_listing_changed_while_it_is_read_repeats_and_skips_nothing() {
     m.stop();
 }
 
+/// Listings come in name order (as far as a name's first five bytes go):
+/// a walk of the tree (`find`, `grep -r`, `cp -r`) reads the files in the
+/// session object's order, segment after segment.
+#[test]
+fn a_listing_comes_in_name_order() {
+    let site = site_with_fixture();
+    let m = site.mount(SESSION, &["--subdir", "workspace"]);
+    let d = m.join("ordered");
+    fs::create_dir(&d).unwrap();
+    let mut names = vec![
+        "mod10",
+        "b",
+        "Zed",
+        "mod02",
+        "x.rs",
+        "a",
+        "x-y",
+        "mod1",
+        "README.md",
+        "x_z",
+        ".hidden",
+        "0",
+        "node_modules",
+        "Makefile",
+    ];
+    for n in &names {
+        File::create(d.join(n)).unwrap();
+    }
+    names.sort_unstable();
+    // Twice: from the mount, then from the kernel's copy of the listing.
+    for _ in 0..2 {
+        let listed: Vec<String> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listed, names);
+    }
+    m.stop();
+}
+
 #[test]
 fn attributes_xattrs_sync_and_locks_work() {
     let site = site_with_fixture();
