@@ -171,7 +171,7 @@ fn ls_to(
             .iter()
             .map(|e| {
                 serde_json::json!({
-                    "path": e.p,
+                    "path": &*e.p,
                     "type": match e.t {
                         Kind::File => "file",
                         Kind::Dir => "dir",

@@ -244,7 +244,7 @@ fn restore_mtimes(toc_entry: &[u8], object_size: u64, dir: &Path) -> Result<()> 
     let toc = decode_toc(&locator, toc_bytes)?;
     let (dirs, others): (Vec<_>, Vec<_>) = toc.entries.iter().partition(|e| e.t == Kind::Dir);
     for e in others.into_iter().chain(dirs.into_iter().rev()) {
-        let path = std::ffi::CString::new(dir.join(&e.p).as_os_str().as_encoded_bytes())?;
+        let path = std::ffi::CString::new(dir.join(&*e.p).as_os_str().as_encoded_bytes())?;
         let t = libc::timespec {
             tv_sec: e.mt,
             tv_nsec: i64::from(e.mn.min(999_999_999)),

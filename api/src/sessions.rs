@@ -387,7 +387,7 @@ fn check_tarball(
         .entries
         .iter()
         .filter(|e| matches!(e.t, Kind::Symlink | Kind::HardLink))
-        .map(|e| e.p.as_str())
+        .map(|e| &*e.p)
         .collect();
     if let Some(e) = index.entries.iter().find(|e| {
         e.p.match_indices('/')

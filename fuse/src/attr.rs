@@ -20,7 +20,7 @@ pub fn file_type(kind: NodeKind) -> FileType {
 /// What the kernel is told about `node` (its inode number as stored).
 pub fn attr(node: &Node) -> FileAttr {
     let size = match node.kind {
-        NodeKind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
+        NodeKind::Symlink => node.target().map_or(0, |t| t.len() as u64),
         NodeKind::Dir => u64::from(BLOCK_SIZE),
         _ => node.size,
     };
@@ -34,7 +34,7 @@ pub fn attr(node: &Node) -> FileAttr {
         ctime: node.ctime.system(),
         crtime: node.ctime.system(),
         kind: file_type(node.kind),
-        perm: (node.perm & 0o7777) as u16,
+        perm: node.perm,
         nlink: node.nlink,
         uid: node.uid,
         gid: node.gid,

@@ -484,7 +484,7 @@ impl SessionFs {
     fn owner(&self, req: &Request, parent: u64) -> Result<(u32, u32, bool), OverlayError> {
         let ns = self.live.ns.lock();
         let p = ns.get(parent)?;
-        let setgid = p.perm & libc::S_ISGID != 0;
+        let setgid = u32::from(p.perm) & libc::S_ISGID != 0;
         if self.view.maps_owners() {
             // The caller is shown as the owner; what is stored stays the
             // session's own: the directory's.
@@ -801,11 +801,9 @@ impl Filesystem for SessionFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.requests.count(Kind::Readlink);
-        match self.live.ns.lock().get(self.inner(ino)) {
-            Ok(Node {
-                target: Some(t), ..
-            }) => reply.data(t.as_bytes()),
-            Ok(_) => reply.error(Errno::EINVAL),
+        match self.live.ns.lock().get(self.inner(ino)).map(Node::target) {
+            Ok(Some(t)) => reply.data(t.as_bytes()),
+            Ok(None) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(err(e)),
         }
     }

@@ -48,7 +48,7 @@ pub enum Origin {
     /// the entry's own path when `None` (most files: not renamed since).
     Base {
         ino: u64,
-        moved_from: Option<Box<str>>,
+        moved_from: Option<Arc<str>>,
     },
     /// The overlay file of `ino`, as it was at the snapshot.
     Local { ino: u64, size: u64, mtime: Time },
@@ -95,14 +95,14 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
     let xattrs = ns.journal().all_xattrs()?;
     // Unchanged files are read from the object when the packer reaches
     // them; their base path is the entry's own unless moved since.
-    let moved: Arc<parking_lot::Mutex<std::collections::HashMap<u64, Box<str>>>> = Arc::default();
+    let moved: Arc<parking_lot::Mutex<std::collections::HashMap<u64, Arc<str>>>> = Arc::default();
     let opener: Option<Opener> = reader.clone().map(|reader| {
         let (moved, rt) = (moved.clone(), live.content.runtime().clone());
         let open: Opener = Arc::new(move |entry: &Entry| {
             let ino = entry.sd.map(|sd| sd.i);
             let path = ino
                 .and_then(|i| moved.lock().get(&i).map(|p| p.to_string()))
-                .unwrap_or_else(|| entry.p.clone());
+                .unwrap_or_else(|| entry.p.to_string());
             Ok(Box::new(BaseReader {
                 reader: reader.clone(),
                 path,
@@ -122,10 +122,10 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
             .map(|(k, v)| (k.clone(), hex_encode(v)))
             .collect();
         let mut entry = Entry {
-            p: path.clone(),
+            p: path.as_str().into(),
             t: Kind::File,
             s: 0,
-            m: n.perm & 0o7777,
+            m: u32::from(n.perm),
             u: u64::from(n.uid),
             g: u64::from(n.gid),
             mt: n.mtime.s,
@@ -149,7 +149,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
             NodeKind::Dir => entry.t = Kind::Dir,
             NodeKind::Symlink => {
                 entry.t = Kind::Symlink;
-                entry.set_lt(n.target.as_deref().map(str::to_owned));
+                entry.set_lt(n.target().map(str::to_owned));
             }
             NodeKind::Fifo => entry.t = Kind::Fifo,
             NodeKind::CharDevice | NodeKind::BlockDevice => {
@@ -182,7 +182,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                             ino,
                             moved_from: (**base != *path).then(|| base.clone()),
                         },
-                        Data::None => Origin::Zeros { ino },
+                        Data::None | Data::Target(_) => Origin::Zeros { ino },
                     };
                     source = match &n.data {
                         _ if n.size == 0 => None,
@@ -196,7 +196,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                             }
                             Some(Source::Open(open))
                         }
-                        Data::None => {
+                        Data::None | Data::Target(_) => {
                             Some(Source::Stream(Box::new(std::io::repeat(0).take(n.size))))
                         }
                         Data::Partial(base) => {

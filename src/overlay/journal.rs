@@ -368,7 +368,12 @@ impl Journal {
         r
     }
 
-    pub fn load_nodes(&self) -> Result<Vec<Node>, OverlayError> {
+    /// Every inode. A file's base path takes `shared`'s copy where it has
+    /// one (the object's TOC holds the same path).
+    pub fn load_nodes(
+        &self,
+        shared: impl Fn(&str) -> Option<Arc<str>>,
+    ) -> Result<Vec<Node>, OverlayError> {
         self.caught_up()?;
         let mut stmt = self.conn.prepare(
             "SELECT ino, kind, perm, uid, gid, nlink, rdev, size, atime_s, atime_ns, \
@@ -376,7 +381,10 @@ impl Journal {
         )?;
         let rows = stmt.query_map([], |r| {
             let kind: i64 = r.get(1)?;
-            let base: Option<String> = r.get(15)?;
+            let base: Option<Arc<str>> = r
+                .get_ref(15)?
+                .as_str_or_null()?
+                .map(|b| shared(b).unwrap_or_else(|| b.into()));
             let local: bool = r.get(16)?;
             Ok((
                 kind,
@@ -401,12 +409,14 @@ impl Journal {
                         s: r.get(12)?,
                         ns: r.get(13)?,
                     },
-                    target: r.get::<_, Option<String>>(14)?.map(Box::from),
                     data: match (local, base) {
-                        (true, Some(b)) => Data::Partial(b.into()),
+                        (true, Some(b)) => Data::Partial(b),
                         (true, None) => Data::Local,
-                        (false, Some(b)) => Data::Base(b.into()),
-                        (false, None) => Data::None,
+                        (false, Some(b)) => Data::Base(b),
+                        (false, None) => match r.get_ref(14)?.as_str_or_null()? {
+                            Some(t) => Data::Target(t.into()),
+                            None => Data::None,
+                        },
                     },
                     parent: r.get::<_, i64>(17)? as u64,
                 },
@@ -671,7 +681,7 @@ fn apply_op(c: &Connection, op: &Op) -> Result<(), OverlayError> {
         }
         Op::PutNode(n) => {
             let (base, local) = match &n.data {
-                Data::None => (None, false),
+                Data::None | Data::Target(_) => (None, false),
                 Data::Base(b) => (Some(&**b), false),
                 Data::Local => (None, true),
                 // Local with a base: the chunks the overlay file does not
@@ -698,7 +708,7 @@ fn apply_op(c: &Connection, op: &Op) -> Result<(), OverlayError> {
                 { n.mtime.ns },
                 { n.ctime.s },
                 { n.ctime.ns },
-                n.target.as_deref(),
+                n.target(),
                 base,
                 local,
                 n.parent as i64

@@ -488,7 +488,7 @@ impl LiveSession {
                 self.ensure_writable(ino, false)?;
                 self.prepare_write(ino, offset, len)
             }
-            Data::None => self
+            Data::None | Data::Target(_) => self
                 .ensure_writable(ino, false)
                 .map(|()| Covered::default()),
         }
@@ -552,7 +552,7 @@ impl LiveSession {
                 self.content.copy_up(ino, path, len, node.mtime.system())?;
                 self.ns.lock().set_data(ino, Data::Local, Some(len))?;
             }
-            Data::None => {
+            Data::None | Data::Target(_) => {
                 // An empty file: nothing to fetch. The journal learns it is
                 // local at the next flush; a crash before that is repaired at
                 // mount from the overlay file itself.
@@ -610,7 +610,7 @@ impl LiveSession {
                 .content
                 .read_base_from(reader.as_ref(), &path, offset, end - offset)?
                 .to_vec()),
-            Data::None => Ok(vec![0u8; (end - offset) as usize]),
+            Data::None | Data::Target(_) => Ok(vec![0u8; (end - offset) as usize]),
         }
     }
 
@@ -653,7 +653,7 @@ impl LiveSession {
                 Some(r) => FileVersion::Base(r, p.to_string()),
                 None => return Err(OverlayError::Corrupt(format!("{p}: no session object"))),
             },
-            Data::None => FileVersion::Zeros,
+            Data::None | Data::Target(_) => FileVersion::Zeros,
         };
         Ok((node, version))
     }

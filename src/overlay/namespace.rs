@@ -14,12 +14,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use crate::tarball::by_path::ByPath;
 use crate::tarball::plain::usable_recorded_ino;
 use crate::tarball::tar_header::hex_decode;
 use crate::tarball::toc::{Entry, Kind};
 
 use super::journal::{Journal, Op, Tx};
-use super::node::{Data, Node, NodeKind, Time};
+use super::node::{perm_bits, Data, Node, NodeKind, Time};
 use super::OverlayError;
 
 mod rebase;
@@ -54,7 +55,7 @@ const UNJOURNALED_FREED: usize = 64;
 pub struct Namespace {
     journal: Journal,
     nodes: HashMap<u64, Node>,
-    children: HashMap<u64, BTreeMap<String, u64>>,
+    children: HashMap<u64, BTreeMap<Box<str>, u64>>,
     next_ino: u64,
     /// References that keep an inode alive after its last name goes: open
     /// handles, or (for a mount that has the kernel open files without
@@ -123,7 +124,9 @@ impl Namespace {
             ns.init_from_toc(base_etag, entries)?;
             return Ok((ns, Vec::new()));
         }
-        for node in ns.journal.load_nodes()? {
+        let by_path = ByPath::new(entries);
+        let shared = |p: &str| by_path.get(entries, p).map(|i| entries[i].p.clone());
+        for node in ns.journal.load_nodes(shared)? {
             if node.kind == NodeKind::Dir {
                 ns.children.entry(node.ino).or_default();
             }
@@ -131,7 +134,10 @@ impl Namespace {
             ns.nodes.insert(node.ino, node);
         }
         for (parent, name, ino) in ns.journal.load_dirents()? {
-            ns.children.entry(parent).or_default().insert(name, ino);
+            ns.children
+                .entry(parent)
+                .or_default()
+                .insert(name.into(), ino);
         }
         if !ns.nodes.contains_key(&ROOT) {
             return Err(OverlayError::Corrupt("the journal has no root".into()));
@@ -172,7 +178,6 @@ impl Namespace {
             atime: now,
             mtime: now,
             ctime: now,
-            target: None,
             data: Data::None,
             parent: ROOT,
         };
@@ -188,7 +193,7 @@ impl Namespace {
         for e in order {
             let (parent_path, name) = match e.p.rsplit_once('/') {
                 Some((p, n)) => (Some(p), n),
-                None => (None, e.p.as_str()),
+                None => (None, &*e.p),
             };
             let parent = match parent_path {
                 None => ROOT,
@@ -210,7 +215,7 @@ impl Namespace {
                 self.children
                     .entry(parent)
                     .or_default()
-                    .insert(name.to_owned(), target);
+                    .insert(name.into(), target);
                 if let Some(n) = self.nodes.get_mut(&target) {
                     n.nlink += 1;
                 }
@@ -220,11 +225,11 @@ impl Namespace {
             let Some(kind) = NodeKind::of_entry(e.t) else {
                 continue;
             };
-            let ino = match recorded.get(e.p.as_str()) {
+            let ino = match recorded.get(&*e.p) {
                 Some(&ino) => ino,
                 None => self.alloc(),
             };
-            let node = Node::from_entry(ino, kind, parent, e, Some(&e.p));
+            let node = Node::from_entry(ino, kind, parent, e, Some(e.p.clone()));
             for (k, hex) in e.x() {
                 if let Some(v) = hex_decode(hex) {
                     xattrs.push((ino, k.clone(), v));
@@ -239,7 +244,7 @@ impl Namespace {
             self.children
                 .entry(parent)
                 .or_default()
-                .insert(name.to_owned(), ino);
+                .insert(name.into(), ino);
             self.nodes.insert(ino, node);
             by_path.insert(&e.p, ino);
         }
@@ -259,7 +264,7 @@ impl Namespace {
             .flat_map(|(parent, names)| {
                 names
                     .iter()
-                    .map(move |(name, &ino)| Op::PutDirent(parent, name.clone(), ino))
+                    .map(move |(name, &ino)| Op::PutDirent(parent, name.to_string(), ino))
             });
         let xattrs = xattrs
             .into_iter()
@@ -301,7 +306,7 @@ impl Namespace {
         self.nodes.get_mut(&ino).ok_or(OverlayError::NotFound)
     }
 
-    fn dir(&self, ino: u64) -> Result<&BTreeMap<String, u64>, OverlayError> {
+    fn dir(&self, ino: u64) -> Result<&BTreeMap<Box<str>, u64>, OverlayError> {
         match self.nodes.get(&ino) {
             None => Err(OverlayError::NotFound),
             Some(n) if n.kind != NodeKind::Dir => Err(OverlayError::NotDir),
@@ -366,7 +371,7 @@ impl Namespace {
         };
         for (name, &child) in names {
             let path = if prefix.is_empty() {
-                name.clone()
+                name.to_string()
             } else {
                 format!("{prefix}/{name}")
             };
@@ -386,7 +391,7 @@ impl Namespace {
         out.push(("..".to_owned(), parent, NodeKind::Dir));
         for (name, &child) in names {
             if let Some(n) = self.nodes.get(&child) {
-                out.push((name.clone(), child, n.kind));
+                out.push((name.to_string(), child, n.kind));
             }
         }
         Ok(out)
@@ -415,7 +420,7 @@ impl Namespace {
         let node = Node {
             ino,
             kind,
-            perm: perm & 0o7777,
+            perm: perm_bits(perm),
             uid,
             gid,
             nlink: if kind == NodeKind::Dir { 2 } else { 1 },
@@ -424,8 +429,7 @@ impl Namespace {
             atime: now,
             mtime: now,
             ctime: now,
-            target: target.map(Box::from),
-            data: Data::None,
+            data: target.map_or(Data::None, |t| Data::Target(t.into())),
             parent,
         };
         let detail = self.path_in(parent, name);
@@ -443,7 +447,7 @@ impl Namespace {
         self.children
             .entry(parent)
             .or_default()
-            .insert(name.to_owned(), ino);
+            .insert(name.into(), ino);
         self.nodes.insert(ino, node.clone());
         Ok(node)
     }
@@ -474,7 +478,7 @@ impl Namespace {
         self.children
             .entry(parent)
             .or_default()
-            .insert(name.to_owned(), ino);
+            .insert(name.into(), ino);
         self.nodes.insert(ino, node.clone());
         Ok(node)
     }
@@ -673,11 +677,11 @@ impl Namespace {
                 self.children
                     .entry(parent)
                     .or_default()
-                    .insert(name.to_owned(), dst);
+                    .insert(name.into(), dst);
                 self.children
                     .entry(new_parent)
                     .or_default()
-                    .insert(new_name.to_owned(), src);
+                    .insert(new_name.into(), src);
             }
             _ => {
                 if let Some(c) = self.children.get_mut(&parent) {
@@ -686,7 +690,7 @@ impl Namespace {
                 self.children
                     .entry(new_parent)
                     .or_default()
-                    .insert(new_name.to_owned(), src);
+                    .insert(new_name.into(), src);
             }
         }
         for n in updates {
@@ -719,7 +723,7 @@ impl Namespace {
         let now = Time::now();
         let mut n = self.get(ino)?.clone();
         if let Some(perm) = set.perm {
-            n.perm = perm & 0o7777;
+            n.perm = perm_bits(perm);
         }
         if let Some(uid) = set.uid {
             n.uid = uid;
@@ -1036,7 +1040,7 @@ fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
         .filter_map(|e| {
             let i = e.sd?.i;
             let usable = usable_recorded_ino(i) && seen.get(&i) == Some(&1);
-            usable.then_some((e.p.as_str(), i))
+            usable.then_some((&*e.p, i))
         })
         .collect()
 }
@@ -1045,10 +1049,11 @@ fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
 mod tests {
     use super::*;
     use crate::tarball::toc::Rare;
+    use std::sync::Arc;
 
     fn entry(p: &str, t: Kind, lt: Option<&str>) -> Entry {
         Entry {
-            p: p.to_owned(),
+            p: p.into(),
             t,
             s: if t == Kind::File { 5 } else { 0 },
             m: if t == Kind::Dir { 0o755 } else { 0o644 },
@@ -1103,6 +1108,43 @@ mod tests {
         assert_eq!(ns.lookup(a.ino, "link").unwrap().ino, file.ino);
         assert_eq!(ns.lookup(b, "..").unwrap().ino, a.ino);
         assert_eq!(ns.get(ROOT).unwrap().nlink, 3);
+    }
+
+    #[test]
+    fn unchanged_files_share_their_path_with_the_toc_also_when_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            entry("a", Kind::Dir, None),
+            entry("a/file", Kind::File, None),
+            entry("sym", Kind::Symlink, Some("a/file")),
+        ];
+        let path = dir.path().join("j.db");
+        let shares = |ns: &Namespace| {
+            let a = ns.lookup(ROOT, "a").unwrap().ino;
+            match &ns.lookup(a, "file").unwrap().data {
+                Data::Base(p) => Arc::ptr_eq(p, &entries[1].p),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (ns, _) = Namespace::open(&path, Some("etag"), &entries).unwrap();
+        assert!(shares(&ns), "made from the TOC");
+        drop(ns);
+        // Loaded from the journal: the TOC's copy again, not the journal's.
+        let (ns, _) = Namespace::open(&path, Some("etag"), &entries).unwrap();
+        assert!(shares(&ns), "loaded from the journal");
+        let sym = ns.lookup(ROOT, "sym").unwrap();
+        assert_eq!(
+            (sym.target(), &sym.data),
+            (Some("a/file"), &Data::Target("a/file".into()))
+        );
+        // Without the TOC (an object gone), the journal's own copy.
+        drop(ns);
+        let (ns, _) = Namespace::open(&path, Some("etag"), &[]).unwrap();
+        let a = ns.lookup(ROOT, "a").unwrap().ino;
+        assert_eq!(
+            ns.lookup(a, "file").unwrap().data,
+            Data::Base("a/file".into())
+        );
     }
 
     #[test]

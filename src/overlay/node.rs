@@ -4,6 +4,7 @@
 //! The namespace keeps these in memory and the journal keeps them on disk;
 //! the FUSE layer turns them into what the kernel wants (`fuse/src/attr.rs`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The type of an inode, as stored in the journal.
@@ -126,13 +127,17 @@ impl Time {
 pub enum Data {
     /// Not a regular file, or a file with no bytes yet written.
     None,
-    /// Unchanged since the session object: this entry of it.
-    Base(Box<str>),
+    /// Unchanged since the session object: this entry of it (the path
+    /// shared with the object's TOC where it can be).
+    Base(Arc<str>),
     /// In the overlay, in the file named after the inode.
     Local,
     /// In the overlay file where its chunk map says so, elsewhere still the
     /// object's file at this path (see [`super::partial`]).
-    Partial(Box<str>),
+    Partial(Arc<str>),
+    /// A symlink's target: its content, kept here rather than in a field
+    /// of every node (16 bytes each of the namespace's table).
+    Target(Box<str>),
 }
 
 impl Data {
@@ -147,7 +152,7 @@ pub struct Node {
     pub ino: u64,
     pub kind: NodeKind,
     /// Permission bits, `0o7777`.
-    pub perm: u32,
+    pub perm: u16,
     pub uid: u32,
     pub gid: u32,
     pub nlink: u32,
@@ -156,14 +161,20 @@ pub struct Node {
     pub atime: Time,
     pub mtime: Time,
     pub ctime: Time,
-    /// Symlink target.
-    pub target: Option<Box<str>>,
     pub data: Data,
     /// The parent of a directory (directories have exactly one).
     pub parent: u64,
 }
 
 impl Node {
+    /// A symlink's target.
+    pub fn target(&self) -> Option<&str> {
+        match &self.data {
+            Data::Target(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// A node as an entry of a session object describes it, under `parent`;
     /// a file's bytes are the object's at `bytes_at` (none when empty).
     pub fn from_entry(
@@ -171,7 +182,7 @@ impl Node {
         kind: NodeKind,
         parent: u64,
         e: &crate::tarball::toc::Entry,
-        bytes_at: Option<&str>,
+        bytes_at: Option<Arc<str>>,
     ) -> Node {
         let mtime = Time { s: e.mt, ns: e.mn };
         let ctime = e.sd.map_or(mtime, |sd| Time {
@@ -181,7 +192,7 @@ impl Node {
         Node {
             ino,
             kind,
-            perm: e.m & 0o7777,
+            perm: perm_bits(e.m),
             uid: u32::try_from(e.u).unwrap_or(0),
             gid: u32::try_from(e.g).unwrap_or(0),
             nlink: if kind == NodeKind::Dir { 2 } else { 1 },
@@ -190,14 +201,19 @@ impl Node {
             atime: mtime,
             mtime,
             ctime,
-            target: e.lt().map(Box::from).filter(|_| kind == NodeKind::Symlink),
-            data: match bytes_at {
-                Some(p) if kind == NodeKind::File && e.s > 0 => Data::Base(p.into()),
+            data: match (bytes_at, e.lt()) {
+                (Some(p), _) if kind == NodeKind::File && e.s > 0 => Data::Base(p),
+                (_, Some(t)) if kind == NodeKind::Symlink => Data::Target(t.into()),
                 _ => Data::None,
             },
             parent,
         }
     }
+}
+
+/// The permission bits (`0o7777`) of a mode.
+pub fn perm_bits(mode: u32) -> u16 {
+    (mode & 0o7777) as u16
 }
 
 /// Reported block size; also the unit of `st_blocks` rounding.
@@ -227,7 +243,7 @@ mod tests {
         // The namespace holds one per inode, 200,000 in a large session:
         // each 8 bytes are 2 MB of its table.
         assert!(
-            std::mem::size_of::<Node>() <= 128,
+            std::mem::size_of::<Node>() <= 104,
             "{}",
             std::mem::size_of::<Node>()
         );

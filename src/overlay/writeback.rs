@@ -262,8 +262,8 @@ fn write_back_pending(
             Origin::Base {
                 moved_from: Some(_),
                 ..
-            } => Some((i, t.entry.p.clone())),
-            Origin::Local { .. } => Some((i, t.entry.p.clone())),
+            } => Some((i, t.entry.p.to_string())),
+            Origin::Local { .. } => Some((i, t.entry.p.to_string())),
             _ => None,
         })
         .collect();

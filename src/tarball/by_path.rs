@@ -27,8 +27,8 @@ impl ByPath {
         let mut repeated = false;
         for (i, e) in entries.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
-            let h = hasher.hash_one(e.p.as_str());
-            match table.find_mut(h, |&j| path_of(entries, j) == e.p) {
+            let h = hasher.hash_one(&*e.p);
+            match table.find_mut(h, |&j| path_of(entries, j) == &*e.p) {
                 Some(slot) => {
                     *slot = i;
                     repeated = true;
@@ -60,7 +60,7 @@ impl ByPath {
 }
 
 fn path_of(entries: &[Entry], i: u32) -> &str {
-    entries.get(i as usize).map_or("", |e| e.p.as_str())
+    entries.get(i as usize).map_or("", |e| &*e.p)
 }
 
 #[cfg(test)]

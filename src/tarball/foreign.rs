@@ -80,7 +80,7 @@ pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballErr
             }
             match describe(&mut entry, &tail) {
                 Ok(Some(e)) => {
-                    if let Some(old) = by_path.insert(e.p.clone(), entries.len()) {
+                    if let Some(old) = by_path.insert(e.p.to_string(), entries.len()) {
                         entries[old] = None;
                     }
                     entries.push(Some(e));
@@ -237,7 +237,7 @@ fn describe<R: Read>(
         data_offset,
         rare: Rare { lt, dv, x, sp }.boxed(),
         sd: None,
-        p,
+        p: p.into(),
     }))
 }
 
@@ -253,10 +253,10 @@ fn normalise(name: &str) -> Option<String> {
 
 /// Tarballs made from a file list may lack directory entries; a tree needs them.
 fn add_missing_parents(entries: &mut Vec<Entry>) {
-    let known: std::collections::HashSet<String> = entries.iter().map(|e| e.p.clone()).collect();
+    let known: std::collections::HashSet<&str> = entries.iter().map(|e| &*e.p).collect();
     let mut added = std::collections::BTreeSet::new();
     for e in entries.iter() {
-        let mut parent = e.p.as_str();
+        let mut parent = &*e.p;
         while let Some((dir, _)) = parent.rsplit_once('/') {
             if !known.contains(dir) {
                 added.insert(dir.to_owned());
@@ -266,7 +266,7 @@ fn add_missing_parents(entries: &mut Vec<Entry>) {
     }
     for dir in added {
         entries.push(Entry {
-            p: dir,
+            p: dir.into(),
             t: Kind::Dir,
             s: 0,
             m: 0o755,

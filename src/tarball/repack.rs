@@ -99,12 +99,12 @@ pub fn plan<E: AsRef<Entry>>(old: &Toc, new: &[E], same_bytes: &[bool]) -> Optio
         .entries
         .iter()
         .enumerate()
-        .map(|(i, e)| (e.p.as_str(), i))
+        .map(|(i, e)| (&*e.p, i))
         .collect();
     // For each old entry, the new entry that may keep it.
     let mut keeper: Vec<Option<usize>> = vec![None; old.entries.len()];
     for (j, e) in new.iter().map(AsRef::as_ref).enumerate() {
-        if let Some(&i) = old_by_path.get(e.p.as_str()) {
+        if let Some(&i) = old_by_path.get(&*e.p) {
             if same_bytes[j] && same_header(&old.entries[i], e) {
                 keeper[i] = Some(j);
             }
@@ -346,7 +346,7 @@ mod tests {
         assert!(p.moved.is_empty());
         assert_eq!(p.prefix.entries.len(), 9);
         // Contiguous and re-based: f5 now starts where f4 did.
-        assert_eq!(p.prefix.entries[4].p, "f5");
+        assert_eq!(&*p.prefix.entries[4].p, "f5");
         assert_eq!(p.prefix.entries[4].ho, old.entries[4].ho);
         let mut uo = 0;
         for s in &p.prefix.segments {
@@ -379,7 +379,11 @@ mod tests {
         new.remove(0);
         let same = vec![true; new.len()];
         let p = plan(&old, &new, &same).unwrap();
-        assert!(p.prefix.entries.iter().all(|e| e.p != "f0" && e.p != "l"));
+        assert!(p
+            .prefix
+            .entries
+            .iter()
+            .all(|e| &*e.p != "f0" && &*e.p != "l"));
         assert!(p.fresh.contains(&(new.len() - 1)), "the link is re-emitted");
     }
 }

@@ -18,7 +18,7 @@ pub fn encode(entry: &Entry) -> Result<Vec<u8>, TarballError> {
     let mut h = Header::new_ustar();
     let name = match entry.t {
         Kind::Dir => format!("{}/", entry.p),
-        _ => entry.p.clone(),
+        _ => entry.p.to_string(),
     };
     if h.set_path(&name).is_err() || name.len() > 255 {
         pax.push(("path".into(), name.clone().into_bytes()));
@@ -157,7 +157,7 @@ mod tests {
 
     fn file(p: &str) -> Entry {
         Entry {
-            p: p.to_owned(),
+            p: p.into(),
             t: Kind::File,
             s: 5,
             m: 0o644,

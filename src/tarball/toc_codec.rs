@@ -257,7 +257,7 @@ impl Before {
             }
             .boxed(),
             sd,
-            p,
+            p: p.into(),
         };
         self.step(&e);
         Ok(e)
@@ -298,7 +298,7 @@ impl<'de> Deserialize<'de> for EntriesIn {
                     Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
                 let mut before = Before::default();
                 while let Some(w) = seq.next_element::<Wire>()? {
-                    let prev_path = out.last().map_or("", |e| e.p.as_str());
+                    let prev_path = out.last().map_or("", |e| &*e.p);
                     let e = before.decode(w, prev_path).map_err(de::Error::custom)?;
                     out.push(e);
                 }
@@ -316,7 +316,7 @@ mod tests {
 
     fn entry(p: &str, t: Kind, s: u64, ho: u64, data_offset: u64) -> Entry {
         Entry {
-            p: p.to_owned(),
+            p: p.into(),
             t,
             s,
             m: 0o644,

@@ -121,7 +121,7 @@ fn walk_dir(
         let md = fs::symlink_metadata(&path).map_err(|e| TarballError::io(&path, e))?;
         let ft = md.file_type();
         let mut entry = Entry {
-            p: p.clone(),
+            p: p.as_str().into(),
             t: Kind::File,
             s: 0,
             m: md.mode() & 0o7777,

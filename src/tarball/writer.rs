@@ -219,7 +219,7 @@ pub fn pack_after<W: Write + Send>(
         .map_err(TarballError::write)?;
     let toc_entry_len = Locator::toc_entry_len(toc_bytes.len() as u64);
     let toc_header = tar_header::encode(&Entry {
-        p: TOC_PATH.to_owned(),
+        p: TOC_PATH.into(),
         t: Kind::File,
         s: toc_entry_len,
         m: 0o644,
@@ -322,7 +322,9 @@ fn lay_out(
         if let Some(source) = source {
             let label = match &source {
                 Source::File(path) => path.clone(),
-                Source::Stream(_) | Source::Open(_) | Source::Reusing(_) => PathBuf::from(&entry.p),
+                Source::Stream(_) | Source::Open(_) | Source::Reusing(_) => {
+                    PathBuf::from(&*entry.p)
+                }
             };
             let mut old_segments = Vec::new();
             let mut file: Box<dyn SkipRead> = match source {

@@ -57,7 +57,7 @@ async fn reader_snapshot(r: &SessionReader) -> BTreeMap<String, Node> {
             }
             other => panic!("{}: unexpected {other:?}", e.p),
         };
-        out.insert(e.p.clone(), node);
+        out.insert(e.p.to_string(), node);
     }
     out
 }
@@ -275,7 +275,7 @@ PY
     let r = SessionReader::open(store, "h/session.tar.gz", None)
         .await
         .unwrap();
-    let names: Vec<&str> = r.entries().iter().map(|e| e.p.as_str()).collect();
+    let names: Vec<&str> = r.entries().iter().map(|e| &*e.p).collect();
     // As `tar x` does: `..` members skipped, a leading `/` stripped.
     assert!(names.contains(&"workspace/ok.txt"), "{names:?}");
     assert!(names.contains(&"etc/abs.txt"), "{names:?}");

@@ -25,7 +25,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::super::node::{Data, Node, NodeKind, Time};
+use super::super::node::{perm_bits, Data, Node, NodeKind, Time};
 use super::super::OverlayError;
 
 /// One row-level change, as the journal's tables receive it.
@@ -206,14 +206,14 @@ fn encode_op(b: &mut Vec<u8>, op: &Op) {
             b.push(2);
             put_u64(b, n.ino);
             b.push(n.kind.code() as u8);
-            for v in [n.perm, n.uid, n.gid, n.nlink, n.rdev] {
+            for v in [u32::from(n.perm), n.uid, n.gid, n.nlink, n.rdev] {
                 put_u32(b, v);
             }
             put_u64(b, n.size);
             for t in [n.atime, n.mtime, n.ctime] {
                 put_time(b, t);
             }
-            match &n.target {
+            match n.target() {
                 None => b.push(0),
                 Some(t) => {
                     b.push(1);
@@ -221,7 +221,7 @@ fn encode_op(b: &mut Vec<u8>, op: &Op) {
                 }
             }
             match &n.data {
-                Data::None => b.push(0),
+                Data::None | Data::Target(_) => b.push(0),
                 Data::Base(p) => {
                     b.push(1);
                     put_bytes(b, p.as_bytes());
@@ -333,11 +333,11 @@ fn decode_op(r: &mut Reader) -> Option<Op> {
             let (atime, mtime, ctime) = (r.time()?, r.time()?, r.time()?);
             let target = match r.u8()? {
                 0 => None,
-                1 => Some(r.string()?.into()),
+                1 => Some(r.string()?),
                 _ => return None,
             };
             let data = match r.u8()? {
-                0 => Data::None,
+                0 => target.map_or(Data::None, |t| Data::Target(t.into())),
                 1 => Data::Base(r.string()?.into()),
                 2 => Data::Local,
                 3 => Data::Partial(r.string()?.into()),
@@ -346,7 +346,7 @@ fn decode_op(r: &mut Reader) -> Option<Op> {
             Op::PutNode(Node {
                 ino,
                 kind,
-                perm,
+                perm: perm_bits(perm),
                 uid,
                 gid,
                 nlink,
@@ -355,7 +355,6 @@ fn decode_op(r: &mut Reader) -> Option<Op> {
                 atime,
                 mtime,
                 ctime,
-                target,
                 data,
                 parent: r.u64()?,
             })
@@ -390,7 +389,6 @@ mod tests {
             atime: Time { s: -5, ns: 7 },
             mtime: Time { s: 1, ns: 2 },
             ctime: Time { s: 3, ns: 4 },
-            target: Some("t".into()),
             data: Data::Base("workspace/a".into()),
             parent: 1,
         }

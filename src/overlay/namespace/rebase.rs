@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Namespace, ROOT};
 use crate::overlay::journal::Op;
-use crate::overlay::node::{Data, Node, NodeKind, Time};
+use crate::overlay::node::{perm_bits, Data, Node, NodeKind, Time};
 use crate::overlay::OverlayError;
 use crate::tarball::tar_header::hex_decode;
 use crate::tarball::toc::{Entry, Kind};
@@ -82,8 +82,8 @@ impl<'a> Sides<'a> {
 impl Namespace {
     fn sides<'a>(&self, base: &'a [Entry], remote: &'a [Entry]) -> Sides<'a> {
         Sides {
-            base: base.iter().map(|e| (e.p.as_str(), e)).collect(),
-            remote: remote.iter().map(|e| (e.p.as_str(), e)).collect(),
+            base: base.iter().map(|e| (&*e.p, e)).collect(),
+            remote: remote.iter().map(|e| (&*e.p, e)).collect(),
             local: self.walk(ROOT).into_iter().collect(),
         }
     }
@@ -101,7 +101,7 @@ impl Namespace {
             return b.lt().and_then(|t| s.local.get(t)) == Some(&ino);
         }
         if NodeKind::of_entry(b.t) != Some(n.kind)
-            || n.perm != b.m & 0o7777
+            || n.perm != perm_bits(b.m)
             || u64::from(n.uid) != b.u
             || u64::from(n.gid) != b.g
         {
@@ -109,15 +109,13 @@ impl Namespace {
         }
         match n.kind {
             NodeKind::Dir => true,
-            NodeKind::Symlink => {
-                n.target.as_deref() == b.lt() && (n.mtime.s, n.mtime.ns) == (b.mt, b.mn)
-            }
+            NodeKind::Symlink => n.target() == b.lt() && (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
             NodeKind::File => {
                 (n.mtime.s, n.mtime.ns) == (b.mt, b.mn)
                     && n.size == b.s
                     && match &n.data {
                         Data::Base(q) => **q == *p,
-                        Data::None => b.s == 0,
+                        Data::None | Data::Target(_) => b.s == 0,
                         Data::Local | Data::Partial(_) => false,
                     }
             }
@@ -301,7 +299,7 @@ impl Namespace {
             self.children
                 .entry(parent)
                 .or_default()
-                .insert(name.to_owned(), target);
+                .insert(name.into(), target);
             out.entries.push((parent, name.to_owned()));
             out.inodes.push(target);
             return Ok(true);
@@ -310,6 +308,11 @@ impl Namespace {
             return Ok(false);
         };
         let ino = self.alloc();
+        let bytes_at = if bytes_at == &*r.p {
+            r.p.clone()
+        } else {
+            bytes_at.into()
+        };
         let node = Node::from_entry(ino, kind, parent, r, Some(bytes_at));
         if kind == NodeKind::Dir {
             self.children.insert(ino, Default::default());
@@ -329,7 +332,7 @@ impl Namespace {
         self.children
             .entry(parent)
             .or_default()
-            .insert(name.to_owned(), ino);
+            .insert(name.into(), ino);
         out.entries.push((parent, name.to_owned()));
         out.inodes.push(parent);
         Ok(true)
@@ -353,7 +356,8 @@ impl Namespace {
             }
             return Ok(());
         }
-        let mut m = Node::from_entry(ino, n.kind, n.parent, r, Some(p));
+        let bytes_at = if p == &*r.p { r.p.clone() } else { p.into() };
+        let mut m = Node::from_entry(ino, n.kind, n.parent, r, Some(bytes_at));
         m.nlink = n.nlink;
         m.atime = n.atime;
         m.ctime = Time::now();
@@ -435,7 +439,7 @@ mod tests {
 
     fn file(p: &str, mt: i64) -> Entry {
         Entry {
-            p: p.to_owned(),
+            p: p.into(),
             t: Kind::File,
             s: 5,
             m: 0o644,
