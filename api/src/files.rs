@@ -323,7 +323,7 @@ async fn find_in_object(
         s: entry.mt,
         ns: entry.mn,
     };
-    let ino = entry.sd.map_or(0, |sd| sd.i);
+    let ino = entry.sd.get().map_or(0, |sd| sd.i);
     let from = first_byte(headers, size);
     let source = Source::Object(reader.clone(), path.to_owned());
     let first = if want_bytes && from < size {

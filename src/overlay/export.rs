@@ -99,7 +99,7 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
     let opener: Option<Opener> = reader.clone().map(|reader| {
         let (moved, rt) = (moved.clone(), live.content.runtime().clone());
         let open: Opener = Arc::new(move |entry: &Entry| {
-            let ino = entry.sd.map(|sd| sd.i);
+            let ino = entry.sd.get().map(|sd| sd.i);
             let path = ino
                 .and_then(|i| moved.lock().get(&i).map(|p| p.to_string()))
                 .unwrap_or_else(|| entry.p.to_string());
@@ -137,11 +137,12 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                 ..Rare::default()
             }
             .boxed(),
-            sd: Some(StatData {
+            sd: StatData {
                 i: ino,
                 cs: n.ctime.s,
                 cn: n.ctime.ns,
-            }),
+            }
+            .into(),
         };
         let mut source = None;
         let mut from = Origin::Meta;

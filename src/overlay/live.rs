@@ -124,7 +124,7 @@ pub enum FileVersion {
     /// over the name; this handle keeps the old).
     Local(Arc<std::fs::File>),
     /// A file of an object version (objects never change).
-    Base(Arc<SessionReader>, String),
+    Base(Arc<SessionReader>, Arc<str>),
     /// A file copied up chunk by chunk (its overlay file as it was opened,
     /// and the object version its other chunks are read from).
     Partial(super::partial::PartialFile),
@@ -650,7 +650,7 @@ impl LiveSession {
                 p,
             )?),
             Data::Base(p) => match self.content.reader() {
-                Some(r) => FileVersion::Base(r, p.to_string()),
+                Some(r) => FileVersion::Base(r, p.clone()),
                 None => return Err(OverlayError::Corrupt(format!("{p}: no session object"))),
             },
             Data::None | Data::Target(_) => FileVersion::Zeros,

@@ -1030,7 +1030,7 @@ fn touched_dir(
 fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
     let mut seen: HashMap<u64, usize> = HashMap::new();
     for e in entries {
-        if let Some(sd) = e.sd.filter(|_| e.t != Kind::HardLink) {
+        if let Some(sd) = e.sd.get().filter(|_| e.t != Kind::HardLink) {
             *seen.entry(sd.i).or_default() += 1;
         }
     }
@@ -1038,7 +1038,7 @@ fn recorded_inodes(entries: &[Entry]) -> HashMap<&str, u64> {
         .iter()
         .filter(|e| e.t != Kind::HardLink)
         .filter_map(|e| {
-            let i = e.sd?.i;
+            let i = e.sd.get()?.i;
             let usable = usable_recorded_ino(i) && seen.get(&i) == Some(&1);
             usable.then_some((&*e.p, i))
         })
@@ -1068,7 +1068,7 @@ mod tests {
                 ..Rare::default()
             }
             .boxed(),
-            sd: None,
+            sd: crate::tarball::toc::Sd::NONE,
         }
     }
 

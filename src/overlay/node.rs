@@ -185,7 +185,7 @@ impl Node {
         bytes_at: Option<Arc<str>>,
     ) -> Node {
         let mtime = Time { s: e.mt, ns: e.mn };
-        let ctime = e.sd.map_or(mtime, |sd| Time {
+        let ctime = e.sd.get().map_or(mtime, |sd| Time {
             s: sd.cs,
             ns: sd.cn,
         });

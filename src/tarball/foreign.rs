@@ -17,7 +17,7 @@ use std::io::{self, Read};
 use super::path::check_entry_path;
 use super::sparse::{self, Tail, TapReader};
 use super::tar_header::hex_encode;
-use super::toc::{Entry, Kind, Rare, RESERVED_DIR};
+use super::toc::{Entry, Kind, Rare, Sd, RESERVED_DIR};
 use super::zran::{AccessPoint, RawInflater, SPAN, WINDOW};
 use super::TarballError;
 
@@ -236,7 +236,7 @@ fn describe<R: Read>(
         ho: entry.raw_header_position(),
         data_offset,
         rare: Rare { lt, dv, x, sp }.boxed(),
-        sd: None,
+        sd: Sd::NONE,
         p: p.into(),
     }))
 }
@@ -277,7 +277,7 @@ fn add_missing_parents(entries: &mut Vec<Entry>) {
             ho: 0,
             data_offset: 0,
             rare: None,
-            sd: None,
+            sd: Sd::NONE,
         });
     }
 }

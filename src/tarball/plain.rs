@@ -43,7 +43,8 @@ pub fn is_plain(entries: &[Entry], by_path: &ByPath) -> bool {
                 .and_then(kind_at)
                 .is_some_and(|t| t != Kind::Dir && t != Kind::HardLink),
             _ => {
-                e.sd.is_some_and(|sd| usable_recorded_ino(sd.i) && inos.insert(sd.i))
+                e.sd.get()
+                    .is_some_and(|sd| usable_recorded_ino(sd.i) && inos.insert(sd.i))
             }
         };
         parent_is_dir && shown

@@ -291,7 +291,7 @@ mod tests {
             ho,
             data_offset: ho + 512,
             rare: None,
-            sd: None,
+            sd: crate::tarball::toc::Sd::NONE,
         }
     }
 

@@ -168,7 +168,7 @@ mod tests {
             ho: 0,
             data_offset: 512,
             rare: None,
-            sd: None,
+            sd: crate::tarball::toc::Sd::NONE,
         }
     }
 

@@ -134,7 +134,7 @@ pub struct Entry {
     /// pushed directory, a mount's write-back). A mount shows them again,
     /// so that what tools recorded of the tree there (git's index) still
     /// matches `lstat` here. Not in the tar headers; no effect on bytes.
-    pub sd: Option<StatData>,
+    pub sd: Sd,
     /// `None` unless one of [`Rare`]'s fields is set.
     pub rare: Option<Box<Rare>>,
 }
@@ -252,7 +252,7 @@ impl From<EntryFields> for Entry {
             mn: f.mn,
             ho: f.ho,
             data_offset: f.data_offset,
-            sd: f.sd,
+            sd: f.sd.into(),
             rare: Rare {
                 lt: f.lt,
                 dv: f.dv,
@@ -282,7 +282,7 @@ impl From<Entry> for EntryFields {
             ho: e.ho,
             data_offset: e.data_offset,
             sp,
-            sd: e.sd,
+            sd: e.sd.get(),
         }
     }
 }
@@ -302,6 +302,61 @@ pub struct StatData {
     pub cs: i64,
     /// ctime, nanoseconds.
     pub cn: u32,
+}
+
+/// An entry's [`StatData`], if it has one, in 20 bytes aligned to 4: an
+/// `Option<StatData>` took 32 bytes of every entry (its `u64`s align it to
+/// 8, and the option's tag adds 8 more), here the entry's 4-byte fields
+/// fill the gaps, and a nanosecond count no ctime has marks "none".
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed(4))]
+pub struct Sd {
+    i: u64,
+    cs: i64,
+    cn: u32,
+}
+
+impl Sd {
+    pub const NONE: Sd = Sd {
+        i: 0,
+        cs: 0,
+        cn: u32::MAX,
+    };
+
+    pub fn get(self) -> Option<StatData> {
+        (self.cn != u32::MAX).then_some(StatData {
+            i: self.i,
+            cs: self.cs,
+            cn: self.cn,
+        })
+    }
+}
+
+impl From<Option<StatData>> for Sd {
+    fn from(sd: Option<StatData>) -> Sd {
+        match sd {
+            // A ctime's nanoseconds are below 10^9; one read from outside
+            // that is not is clamped, not taken for "none".
+            Some(StatData { i, cs, cn }) => Sd {
+                i,
+                cs,
+                cn: cn.min(999_999_999),
+            },
+            None => Sd::NONE,
+        }
+    }
+}
+
+impl From<StatData> for Sd {
+    fn from(sd: StatData) -> Sd {
+        Some(sd).into()
+    }
+}
+
+impl std::fmt::Debug for Sd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
 }
 
 /// The table of contents.
@@ -506,7 +561,7 @@ mod tests {
     #[test]
     fn an_entry_stays_small_and_its_rare_fields_leave_no_empty_box() {
         // Every reader holds one per entry of its object.
-        assert!(std::mem::size_of::<Entry>() <= 120);
+        assert!(std::mem::size_of::<Entry>() <= 104);
         let mut e: Entry =
             serde_json::from_str(r#"{"p":"a","t":"l","m":420,"mt":0,"lt":"b","ho":0,"do":512}"#)
                 .unwrap();
@@ -525,6 +580,45 @@ mod tests {
             "equal to one that never had the field"
         );
         assert!(plain.rare.is_none() && plain.x().is_empty() && plain.sp().is_none());
+    }
+
+    #[test]
+    fn stat_data_is_kept_as_given_in_its_packed_form() {
+        assert_eq!(std::mem::size_of::<Sd>(), 20);
+        assert_eq!(Sd::NONE.get(), None);
+        assert_eq!(Sd::from(None), Sd::NONE);
+        for sd in [
+            StatData { i: 0, cs: 0, cn: 0 },
+            StatData {
+                i: u64::MAX,
+                cs: i64::MIN,
+                cn: 999_999_999,
+            },
+        ] {
+            assert_eq!(Sd::from(sd).get(), Some(sd));
+        }
+        // Out of range from outside: still there, clamped, never "none".
+        let odd = StatData {
+            i: 7,
+            cs: 1,
+            cn: u32::MAX,
+        };
+        assert_eq!(Sd::from(odd).get().map(|s| s.cn), Some(999_999_999));
+        // Stored as before: absent, or the three fields.
+        let e: Entry = serde_json::from_str(
+            r#"{"p":"a","t":"f","m":420,"mt":0,"ho":0,"do":512,"sd":{"i":9,"cs":-4,"cn":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.sd.get(),
+            Some(StatData {
+                i: 9,
+                cs: -4,
+                cn: 5
+            })
+        );
+        let back = serde_json::to_value(&e).unwrap();
+        assert_eq!(back["sd"], serde_json::json!({"i": 9, "cs": -4, "cn": 5}));
     }
 
     fn locator(object_size: u64) -> Locator {

@@ -174,7 +174,7 @@ impl Before {
         self.mn = e.mn;
         let stored = if e.t == Kind::File { e.s } else { 0 };
         self.end = e.data_offset.wrapping_add(stored.wrapping_add(511) & !511);
-        if let Some(sd) = e.sd {
+        if let Some(sd) = e.sd.get() {
             self.ino = sd.i;
         }
     }
@@ -204,7 +204,7 @@ impl Before {
             ho: e.ho.wrapping_sub(self.end) as i64,
             data_offset: e.data_offset.wrapping_sub(e.ho).wrapping_sub(512) as i64,
             sp: e.sp().map(Cow::Borrowed),
-            sd: e.sd.map(|sd| WireStat {
+            sd: e.sd.get().map(|sd| WireStat {
                 i: sd.i.wrapping_sub(self.ino) as i64,
                 cs: sd.cs.wrapping_sub(e.mt),
                 cn: i64::from(sd.cn) - i64::from(e.mn),
@@ -256,7 +256,7 @@ impl Before {
                 sp: w.sp.map(Cow::into_owned),
             }
             .boxed(),
-            sd,
+            sd: sd.into(),
             p: p.into(),
         };
         self.step(&e);
@@ -327,11 +327,12 @@ mod tests {
             ho,
             data_offset,
             rare: None,
-            sd: Some(StatData {
+            sd: StatData {
                 i: 11_722_806,
                 cs: 1_796_178_454,
                 cn: 429_380_658,
-            }),
+            }
+            .into(),
         }
     }
 
@@ -339,16 +340,17 @@ mod tests {
         let mut odd = entry("dir/ünïcode/ß", Kind::File, 5, 4096, 5120);
         odd.mt = -3;
         odd.mn = 999_999_999;
-        odd.sd = Some(StatData {
+        odd.sd = StatData {
             i: u64::MAX,
             cs: i64::MIN,
             cn: 0,
-        });
+        }
+        .into();
         odd.set_x([("user.k".into(), "00ff".into())].into());
         odd.set_sp(Some(vec![(0, 1), (10, 4)]));
         let mut link = entry("dir/ünïcode/ß2", Kind::HardLink, 0, 8192, 8704);
         link.set_lt(Some("dir/ünïcode/ß".into()));
-        link.sd = None;
+        link.sd = crate::tarball::toc::Sd::NONE;
         let mut dev = entry("dev", Kind::CharDevice, 0, 0, 512);
         dev.set_dv(Some((1, 3)));
         Toc {

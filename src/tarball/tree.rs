@@ -136,11 +136,12 @@ fn walk_dir(
                 ..Rare::default()
             }
             .boxed(),
-            sd: Some(StatData {
+            sd: StatData {
                 i: md.ino(),
                 cs: md.ctime(),
                 cn: u32::try_from(md.ctime_nsec()).unwrap_or(0),
-            }),
+            }
+            .into(),
         };
         let mut source = None;
         if ft.is_dir() {

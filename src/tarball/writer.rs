@@ -24,7 +24,7 @@ use std::sync::mpsc;
 
 use super::deflate::{compress_segment, gzip_trailer, stored_blocks, ZlibSink, GZIP_HEADER};
 use super::tar_header;
-use super::toc::{Entry, Kind, Locator, Segment, Toc, EOA_LEN, TOC_PATH};
+use super::toc::{Entry, Kind, Locator, Sd, Segment, Toc, EOA_LEN, TOC_PATH};
 use super::tree::{walk, SkipRead, Source, TreeEntry};
 use super::TarballError;
 
@@ -230,7 +230,7 @@ pub fn pack_after<W: Write + Send>(
         ho: tar_data_end,
         data_offset: tar_data_end + 512,
         rare: None,
-        sd: None,
+        sd: Sd::NONE,
     })?;
     let tar_size = tar_data_end + 512 + toc_entry_len + EOA_LEN as u64;
     let mut head = toc_header;

@@ -450,7 +450,7 @@ mod tests {
             ho: 0,
             data_offset: 0,
             rare: None,
-            sd: None,
+            sd: crate::tarball::toc::Sd::NONE,
         }
     }
 
