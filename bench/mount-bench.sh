@@ -32,13 +32,20 @@ install_references
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f} s')"; }
 ratio() { python3 -c "a=$1; b=$2; print(f'{a/b:.2f}' if a >= 0 and b > 0 else '-')"; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# settle: waits for the mount's write-back of what earlier rows changed (`sessionfs flush`), so
+# that it shares the cores with no command timed here, the mount's or a reference's. A row's
+# own write-back starts once its changes have been quiet for 2 s, after its command.
+settle() {
+  if [ -n "${mnt:-}" ] && mountpoint -q "$mnt"; then "$bin" -q flush "$mnt" >/dev/null || true; fi
+}
+drop_caches() { settle; sync; echo 3 > /proc/sys/vm/drop_caches; }
 # time_cmd VAR command...: runs the command (at most LIMIT seconds), stores seconds in VAR
 # (-1 when it ran out of time).
 LIMIT=${LIMIT:-300}
 time_cmd() {
   local var=$1; shift
   local t0 t1
+  [ "$var" = s ] || settle
   t0=$(now)
   if timeout "$LIMIT" bash -c "$*" >/dev/null; then
     t1=$(now); printf -v "$var" '%s' "$(python3 -c "print($t1 - $t0)")"
@@ -69,6 +76,7 @@ PY
 # time_sfs command...: time_cmd s, and in q the requests the command sent the mount.
 time_sfs() {
   local before
+  settle
   before=$(requests)
   time_cmd s "$@"
   q=$(req_delta "$before" "$(requests)")

@@ -7,6 +7,7 @@
 //! the work lives in the library crates.
 
 mod arg_ranges;
+mod background;
 mod config_file;
 mod control;
 mod control_socket;

@@ -6,8 +6,8 @@
 //! is written back before the process exits.
 //!
 //! The work of one write-back is the core's (`overlay::writeback`); it
-//! blocks on the store, so it runs on the blocking pool, never on the
-//! runtime's threads.
+//! blocks on the store, so it runs on a thread of its own, never on the
+//! runtime's, and at background priority ([`crate::background`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -294,14 +294,17 @@ impl WriteBack {
         let live = s.clone();
         let store = self.store.clone();
         let opts = self.opts.clone();
-        let result =
-            tokio::task::spawn_blocking(move || writeback::write_back(&live, &store, &opts))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(WriteBackError::Spool(std::io::Error::other(format!(
-                        "the write-back task failed: {e}"
-                    ))))
-                });
+        // At background priority: the mount and the API go on answering,
+        // and whoever made the changes goes on working (`background`).
+        let result = crate::background::run(&self.rt, "sessionfs-writeback", move || {
+            writeback::write_back(&live, &store, &opts)
+        })
+        .await
+        .unwrap_or_else(|| {
+            Err(WriteBackError::Spool(std::io::Error::other(
+                "the write-back thread failed",
+            )))
+        });
         let mut status = s.writeback.lock();
         match &result {
             Ok(Some(r)) => {

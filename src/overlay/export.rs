@@ -50,8 +50,15 @@ pub enum Origin {
         ino: u64,
         moved_from: Option<Arc<str>>,
     },
-    /// The overlay file of `ino`, as it was at the snapshot.
-    Local { ino: u64, size: u64, mtime: Time },
+    /// The overlay file of `ino`, as it was at the snapshot; `in_object`:
+    /// the base object holds these very bytes at the entry's path (see
+    /// [`WrittenBack`](super::namespace::WrittenBack)).
+    Local {
+        ino: u64,
+        size: u64,
+        mtime: Time,
+        in_object: bool,
+    },
     /// Zeros (a file grown by truncate, never written).
     Zeros { ino: u64 },
 }
@@ -63,6 +70,7 @@ impl Snapshot {
         match &self.origin[i] {
             Origin::Meta => true,
             Origin::Base { moved_from, .. } => moved_from.is_none(),
+            Origin::Local { in_object, .. } => *in_object,
             _ => false,
         }
     }
@@ -86,6 +94,15 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
     let reader = live.reader();
     let seq = ns.journal().last_seq()?;
     let base_etag = ns.journal().meta("base_etag")?.unwrap_or_default();
+    let written_back = ns.written_back(&base_etag).filter(|_| reuse);
+    let changed_after = match written_back {
+        Some(w) => ns.journal().changed_since(w.seq)?,
+        None => Default::default(),
+    };
+    let in_object = |ino: u64, path: &str| {
+        written_back.is_some_and(|w| w.paths.get(&ino).is_some_and(|p| **p == *path))
+            && !changed_after.contains(&ino)
+    };
     let walk = ns.walk(ROOT);
     // Sized once: doubling a vector of 200,000 entries leaves up to half of
     // it unused, and the snapshot is the largest thing a write-back holds.
@@ -178,6 +195,9 @@ fn capture(live: &LiveSession, reuse: bool) -> Result<Snapshot, OverlayError> {
                             ino,
                             size: n.size,
                             mtime: n.mtime,
+                            in_object: n.data == Data::Local
+                                && n.nlink == 1
+                                && in_object(ino, &path),
                         },
                         Data::Base(base) => Origin::Base {
                             ino,

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::tarball::by_path::ByPath;
 use crate::tarball::plain::usable_recorded_ino;
@@ -68,6 +69,24 @@ pub struct Namespace {
     /// Counts the snapshots taken of the tree (write-backs): a file written
     /// through a handle records a change again once one was taken since.
     snapshots: u64,
+    /// Overlay files the last object written back holds exactly.
+    written_back: Option<WrittenBack>,
+}
+
+/// Overlay files whose bytes the object `etag` holds, each at its path
+/// there, as of change `seq`. A write-back packed them while the mount's
+/// kernel held them (it may write to a file it knows without asking), so
+/// they stayed in the overlay. Until one changes (a change recorded after
+/// `seq`: every write after a snapshot records one) or its path does, the
+/// next write-back copies its bytes from that object instead of packing
+/// them again: files created in a mount do not make every later write-back
+/// a full one. Kept in memory only: after a restart the kernel holds
+/// nothing, and the next write-back takes them back to the object.
+#[derive(Clone, Debug, Default)]
+pub struct WrittenBack {
+    pub etag: String,
+    pub seq: i64,
+    pub paths: HashMap<u64, Arc<str>>,
 }
 
 /// Inodes whose overlay data can go: the caller removes their files.
@@ -115,6 +134,7 @@ impl Namespace {
             held: HashMap::new(),
             freed_rows: Vec::new(),
             snapshots: 0,
+            written_back: None,
         };
         // Sized once: a table grown by doubling holds the old and the new
         // at once while it grows (for a 45,000-file session, the new one is
@@ -994,6 +1014,16 @@ impl Namespace {
     }
 
     /// A snapshot of the tree is being taken (see [`Namespace::snapshots`]).
+    /// Which overlay files the object `etag` holds as they are, if that
+    /// object is the one the last write-back stored.
+    pub fn written_back(&self, etag: &str) -> Option<&WrittenBack> {
+        self.written_back.as_ref().filter(|w| w.etag == etag)
+    }
+
+    pub fn set_written_back(&mut self, written_back: Option<WrittenBack>) {
+        self.written_back = written_back;
+    }
+
     pub fn snapshot_taken(&mut self) {
         self.snapshots += 1;
     }

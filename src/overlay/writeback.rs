@@ -38,6 +38,7 @@ use bytes::Bytes;
 use super::export::{self, Origin, Snapshot};
 use super::journal::{Attempt, WRITEBACK_ID_KEY};
 use super::live::LiveSession;
+use super::namespace::WrittenBack;
 use super::node::Data;
 use super::OverlayError;
 use crate::store::{
@@ -830,6 +831,7 @@ fn adopt(
     let changed = ns.journal().changed_since(snap.seq)?;
     let mut data = Vec::new();
     let mut freed = Vec::new();
+    let mut kept = std::collections::HashMap::new();
     for (i, path) in moving {
         match &snap.origin[*i] {
             Origin::Base { ino, .. } => {
@@ -844,16 +846,20 @@ fn adopt(
                     }
                 }
             }
-            Origin::Local { ino, size, mtime } => {
+            Origin::Local {
+                ino, size, mtime, ..
+            } => {
                 let Ok(n) = ns.get(*ino) else { continue };
-                let unchanged = n.data.in_overlay()
+                let packed = n.data.in_overlay()
                     && n.size == *size
                     && n.mtime == *mtime
-                    && !ns.is_held(*ino)
                     && !changed.contains(ino);
-                if unchanged {
+                if packed && !ns.is_held(*ino) {
                     data.push((*ino, Data::Base(path.as_str().into())));
                     freed.push(*ino);
+                } else if packed && n.data == Data::Local && n.nlink == 1 {
+                    // Held: it stays here, and the object holds it too.
+                    kept.insert(*ino, path.as_str().into());
                 } else if let Data::Partial(_) = n.data {
                     // Chunks it does not hold now, it held none of while
                     // packed: they went in from the old object, unchanged.
@@ -864,6 +870,11 @@ fn adopt(
         }
     }
     ns.adopt_object(&data, etag, snap.seq)?;
+    ns.set_written_back((!kept.is_empty()).then(|| WrittenBack {
+        etag: etag.to_owned(),
+        seq: snap.seq,
+        paths: kept,
+    }));
     live.content.set_reader(reader);
     Ok(freed)
 }
@@ -903,6 +914,8 @@ pub fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::overlay::namespace::{RenameMode, SetAttr};
+    use crate::overlay::node::Time;
     use crate::overlay::registry::{Registry, RegistrySpec};
     use crate::session::SessionPath;
     use crate::store::local::LocalStore;
@@ -957,6 +970,115 @@ mod tests {
         std::fs::write(live.content.path(ino), b"stale").unwrap();
         remove_freed(&live, &[ino]);
         assert!(live.content.stat(ino).is_none());
+    }
+
+    /// Bytes no deflate shrinks: an object of a few files is several
+    /// segments and parts, as a large session is.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// What the stored object itself holds at `path` (not the overlay).
+    fn stored(
+        rt: &tokio::runtime::Runtime,
+        store: &Arc<dyn ObjectStore>,
+        live: &LiveSession,
+        path: &str,
+    ) -> Vec<u8> {
+        rt.block_on(async {
+            let reader = SessionReader::open(store.clone(), &live.name.object_key(), None)
+                .await
+                .unwrap();
+            reader.read_all(path).await.unwrap().to_vec()
+        })
+    }
+
+    /// Files a mount's kernel holds stay in the overlay after a write-back
+    /// packed them (it may write to them without asking). The object holds
+    /// them too: later write-backs copy their bytes from it instead of
+    /// packing the whole session again, until a file changes, or its path
+    /// does (directories swapped over it), and what they store is always
+    /// what the files hold.
+    #[test]
+    fn held_files_written_back_are_copied_again_not_packed_until_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let registry = host(dir.path(), "overlays", &rt);
+        let store = registry.store().clone();
+        let name = SessionPath::parse("held").unwrap();
+        let live = registry.open(&name, true).unwrap();
+        let opts = WriteBackOptions {
+            small_object: 0,
+            ..WriteBackOptions::default()
+        };
+        // Same names, sizes and times in both directories: only the bytes
+        // tell `a/one` from `b/one`.
+        let mtime = Time {
+            s: 1_700_000_000,
+            ns: 0,
+        };
+        let mut files = Vec::new();
+        for (k, path) in ["workspace/a/one", "workspace/a/two", "workspace/b/one"]
+            .into_iter()
+            .enumerate()
+        {
+            let bytes = noise(k as u64 + 1, 6 << 20);
+            live.put_file(path, &bytes).unwrap();
+            let ino = live.resolve(path).unwrap().ino;
+            let mut ns = live.ns.lock();
+            ns.hold(ino);
+            let set = SetAttr {
+                mtime: Some(mtime),
+                ..SetAttr::default()
+            };
+            ns.setattr(ino, &set).unwrap();
+            files.push((path, ino, bytes));
+        }
+        let first = write_back(&live, &store, &opts).unwrap().unwrap();
+        assert!(first.full, "{first:?}");
+        for (path, ino, bytes) in &files {
+            assert!(live.content.stat(*ino).is_some(), "{path}: held, so kept");
+            assert!(stored(&rt, &store, &live, path) == *bytes, "{path}");
+        }
+
+        // An unrelated change: the held files' bytes are copied, not sent.
+        live.put_file("workspace/small.txt", b"small").unwrap();
+        let second = write_back(&live, &store, &opts).unwrap().unwrap();
+        assert!(!second.full, "{second:?}");
+        assert!(second.copied >= 12 << 20, "{second:?}");
+        assert!(second.uploaded < 6 << 20, "{second:?}");
+        for (path, _, bytes) in &files {
+            assert!(stored(&rt, &store, &live, path) == *bytes, "{path}");
+        }
+
+        // A held file changed: its new bytes are stored.
+        let changed = noise(99, 6 << 20);
+        live.put_file("workspace/a/two", &changed).unwrap();
+        let third = write_back(&live, &store, &opts).unwrap().unwrap();
+        assert!(third.uploaded >= 6 << 20, "{third:?}");
+        assert!(stored(&rt, &store, &live, "workspace/a/two") == changed);
+        assert!(stored(&rt, &store, &live, "workspace/a/one") == files[0].2);
+
+        // The directories swapped: no file changed, and each `one` is where
+        // the object holds the other one, under the same header.
+        let ws = live.resolve("workspace").unwrap().ino;
+        live.ns
+            .lock()
+            .rename(ws, "a", ws, "b", RenameMode::Exchange)
+            .unwrap();
+        write_back(&live, &store, &opts).unwrap().unwrap();
+        assert!(stored(&rt, &store, &live, "workspace/b/one") == files[0].2);
+        assert!(stored(&rt, &store, &live, "workspace/a/one") == files[2].2);
+        assert!(stored(&rt, &store, &live, "workspace/b/two") == changed);
+        assert!(!live.has_pending_changes().unwrap());
     }
 
     /// Another host replaced the object while this one packed unchanged

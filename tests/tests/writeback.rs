@@ -211,6 +211,78 @@ async fn a_mount_writes_back_what_changed_and_every_reader_extracts_it() {
     m.stop();
 }
 
+/// Files created through a mount stay in its overlay after a write-back
+/// (the kernel knows them and may write without asking), and the object
+/// holds them too: a later write-back copies them from it server-side
+/// instead of packing and sending the session again, and what it stores is
+/// what the mount shows after edits, renames and swaps alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_made_in_a_mount_are_copied_by_later_write_backs_not_packed_again() {
+    let site = Site::s3();
+    let session = session_name("heldcopy");
+    let src = site.dir.path().join("src");
+    make_fixture(&src);
+    site.push(&src, &session);
+    let m = site.mount(&session, &ONLY_FLUSHED);
+    let mnt = m.path.display().to_string();
+    let made = m.path.join("workspace/made");
+    for dir in ["a", "b"] {
+        std::fs::create_dir_all(made.join(dir)).unwrap();
+    }
+    for i in 0..12u64 {
+        for (k, dir) in ["a", "b"].into_iter().enumerate() {
+            let seed = 5000 + 100 * k as u64 + i;
+            std::fs::write(
+                made.join(dir).join(format!("f{i:02}")),
+                pattern(1 << 20, seed),
+            )
+            .unwrap();
+        }
+    }
+    let last = |site: &Site| status(site, &m)["lastWriteBack"].clone();
+    site.run(&["flush", &mnt]);
+    assert_eq!(last(&site)["full"], true, "{}", last(&site));
+
+    std::fs::write(m.path.join("workspace/small.txt"), b"small").unwrap();
+    site.run(&["flush", &mnt]);
+    let second = last(&site);
+    assert_eq!(second["full"], false, "{second}");
+    assert!(
+        second["copiedBytes"].as_u64().unwrap() >= 16 << 20,
+        "{second}"
+    );
+    assert!(
+        second["uploadedBytes"].as_u64().unwrap() < 8 << 20,
+        "{second}"
+    );
+
+    // An edit in place, then the two directories swapped (no file of them
+    // changes; each `fNN` lands where the object holds the other one).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(made.join("a/f03"))
+            .unwrap();
+        f.write_all_at(b"edited in place", 4096).unwrap();
+    }
+    site.run(&["flush", &mnt]);
+    let swapped = made.join("swap");
+    std::fs::rename(made.join("a"), &swapped).unwrap();
+    std::fs::rename(made.join("b"), made.join("a")).unwrap();
+    std::fs::rename(&swapped, made.join("b")).unwrap();
+    site.run(&["flush", &mnt]);
+    let expected = snapshot(&m.path);
+    let (_, object) = stored_object(&session, site.dir.path()).await.unwrap();
+    every_reader_agrees(&object, &expected);
+    let fresh = Site::s3();
+    let got = fresh.run(&["cat", &session, "workspace/made/b/f03"]);
+    let mut want = pattern(1 << 20, 5003).to_vec();
+    want[4096..4096 + 15].copy_from_slice(b"edited in place");
+    assert!(got == want, "the edit in place was not stored");
+    m.stop();
+}
+
 /// A close does not wait for the journal (files are opened with
 /// `FOPEN_NOFLUSH`), and a handle's writes are journaled as a change at the
 /// first write after each write-back: a file kept open and rewritten in
