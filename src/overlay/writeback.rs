@@ -233,6 +233,11 @@ fn write_back_pending(
     let _one_at_a_time = live.writeback_lock();
     let _in = live.enter()?;
     live.writable()?;
+    // Nothing pending (a `flush` with nothing to do): no snapshot, which
+    // is the size of the tree (tens of MB for 100,000 entries), to learn it.
+    if live.ns.lock().journal().last_seq()? == 0 {
+        return Ok(None);
+    }
     let started = Instant::now();
     let mut snap = export::snapshot(live)?;
     if snap.seq == 0 {
@@ -970,6 +975,25 @@ mod tests {
         std::fs::write(live.content.path(ino), b"stale").unwrap();
         remove_freed(&live, &[ino]);
         assert!(live.content.stat(ino).is_none());
+    }
+
+    /// With nothing pending (a `flush` after the last write-back), no
+    /// snapshot of the tree is taken: on a large session it is tens of MB.
+    #[test]
+    fn nothing_pending_takes_no_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let registry = host(dir.path(), "overlays", &rt);
+        let store = registry.store().clone();
+        let live = registry
+            .open(&SessionPath::parse("idle").unwrap(), true)
+            .unwrap();
+        live.put_file("workspace/a.txt", b"a").unwrap();
+        let opts = WriteBackOptions::default();
+        assert!(write_back(&live, &store, &opts).unwrap().is_some());
+        let taken = live.ns.lock().snapshots();
+        assert!(write_back(&live, &store, &opts).unwrap().is_none());
+        assert_eq!(live.ns.lock().snapshots(), taken);
     }
 
     /// Bytes no deflate shrinks: an object of a few files is several
