@@ -83,9 +83,16 @@ wrk.body = f:read("*a")
 f:close()
 LUA
 
+# settle: waits for the server's write-back of the PUTs so far (`sessionfs flush`), so that it
+# shares the cores with no run, the server's or nginx's.
+settle() {
+  SESSIONFS_STORE_DIR="$work/store" SESSIONFS_CACHE_DIR="$work/cache" \
+    SESSIONFS_OVERLAY_DIR="$work/overlays" "$bin" -q flush "$session" >/dev/null || true
+}
 # Runs wrk; prints "requests/s p99_ms bytes_read".
 measure() {
   local out
+  settle
   out="$(wrk -t"$threads" -c"$conns" -d"${secs}s" --latency "$@")"
   echo "$out" >> "$work/wrk.log"
   if grep -q "Non-2xx" <<<"$out"; then

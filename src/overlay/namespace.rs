@@ -82,7 +82,7 @@ pub struct Namespace {
 /// them again: files created in a mount do not make every later write-back
 /// a full one. Kept in memory only: after a restart the kernel holds
 /// nothing, and the next write-back takes them back to the object.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 pub struct WrittenBack {
     pub etag: String,
     pub seq: i64,
@@ -1013,7 +1013,6 @@ impl Namespace {
         Ok(())
     }
 
-    /// A snapshot of the tree is being taken (see [`Namespace::snapshots`]).
     /// Which overlay files the object `etag` holds as they are, if that
     /// object is the one the last write-back stored.
     pub fn written_back(&self, etag: &str) -> Option<&WrittenBack> {
@@ -1024,6 +1023,7 @@ impl Namespace {
         self.written_back = written_back;
     }
 
+    /// A snapshot of the tree is being taken (see [`Namespace::snapshots`]).
     pub fn snapshot_taken(&mut self) {
         self.snapshots += 1;
     }
