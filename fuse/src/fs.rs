@@ -10,10 +10,10 @@
 //! The mount root may be a subdirectory of the session (`--subdir`): the
 //! kernel's inode 1 and that directory's inode swap numbers at this boundary.
 //!
-//! Opens: a session mounted on its own answers `open`, `opendir` and `flush`
-//! with ENOSYS once, and the kernel then opens, lists and closes without a
-//! request: a warm `cat` or `grep` of an unchanged file never reaches this
-//! process. So nothing here is kept by file handle: writes are tracked by
+//! Opens: a session mounted on its own answers `open`, `opendir`, `flush`
+//! and `create` with ENOSYS once, and the kernel then opens, lists and
+//! closes without a request (and makes files by `MKNOD`): a warm `cat` or
+//! `grep` of an unchanged file never reaches this process. So nothing here is kept by file handle: writes are tracked by
 //! inode, a file is copied up at its first write, and an inode whose last
 //! name goes lives until the kernel forgets its last lookup (each entry
 //! answered is counted; `forget` counts down).
@@ -283,6 +283,53 @@ fn setattr_file(live: &LiveSession, ino: u64, set: SetAttr) -> Result<Node, Over
     live.ns.lock().setattr(ino, &set)
 }
 
+/// The permission bits a file keeps when a write or a change of owner takes
+/// set-user-ID away, and set-group-ID where group execute is set (without
+/// it the bit marks mandatory locking, not a privilege), as the kernel does
+/// for its own filesystems; `None` when there is nothing to take.
+fn killed_perm(perm: u16) -> Option<u32> {
+    let perm = u32::from(perm);
+    let mut kept = perm & !libc::S_ISUID;
+    if kept & libc::S_IXGRP != 0 {
+        kept &= !libc::S_ISGID;
+    }
+    (kept != perm).then_some(kept)
+}
+
+/// Takes set-user-ID and set-group-ID from file `ino` at a write by a
+/// caller without `CAP_FSETID` (the kernel says so in the write's flags).
+fn kill_suidgid(live: &LiveSession, ino: u64) -> Result<(), OverlayError> {
+    let mut ns = live.ns.lock();
+    let node = ns.get(ino)?;
+    if node.kind != NodeKind::File {
+        return Ok(());
+    }
+    if let Some(perm) = killed_perm(node.perm) {
+        let set = SetAttr {
+            perm: Some(perm),
+            ..SetAttr::default()
+        };
+        ns.setattr(ino, &set)?;
+    }
+    Ok(())
+}
+
+/// Whether process `pid` has `CAP_FSETID` (bit 4 of its effective set, in
+/// its own user namespace, where the kernel asks the initial one). A
+/// process that is gone, or a status that cannot be read, counts as
+/// without: the bits then go, which is the safe side.
+fn has_fsetid(pid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps >> CAP_FSETID & 1 == 1)
+}
+
 fn fallocate_file(
     live: &LiveSession,
     ino: u64,
@@ -477,6 +524,33 @@ impl SessionFs {
     fn entry(&self, node: &Node, reply: ReplyEntry) {
         self.entry_held(&mut self.live.ns.lock(), node);
         reply.entry(&TTL, &self.attr(node), Generation(0));
+    }
+
+    /// The permission bits a setattr without a mode leaves file `ino`
+    /// with, when it takes set-user-ID or set-group-ID away: a change of
+    /// owner (also `chown(-1, -1)`, which the kernel sends with nothing
+    /// set) always does, a truncate by a caller without
+    /// `CAP_FSETID`. The kernel sends `FATTR_KILL_SUIDGID` in exactly these
+    /// cases, which fuser does not pass on.
+    fn killed_by_setattr(
+        &self,
+        req: &Request,
+        ino: u64,
+        chown: bool,
+        truncate: bool,
+    ) -> Option<u32> {
+        if !chown && !truncate {
+            return None;
+        }
+        let perm = {
+            let ns = self.live.ns.lock();
+            let node = ns.get(ino).ok()?;
+            if node.kind != NodeKind::File {
+                return None;
+            }
+            killed_perm(node.perm)?
+        };
+        (chown || !has_fsetid(req.pid())).then_some(perm)
     }
 
     /// Owner and group of a new inode: BSD group semantics under a setgid
@@ -697,7 +771,12 @@ impl Filesystem for SessionFs {
             InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO
-                | InitFlags::FUSE_CACHE_SYMLINKS,
+                | InitFlags::FUSE_CACHE_SYMLINKS
+                // The kernel then asks whether a file has capabilities
+                // (a `GETXATTR`) at its first write only, not at every
+                // one, and leaves taking set-user-ID and set-group-ID
+                // away to us (`kill_suidgid`, `killed_by_setattr`).
+                | InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         );
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -746,7 +825,7 @@ impl Filesystem for SessionFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -754,7 +833,7 @@ impl Filesystem for SessionFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<std::time::SystemTime>,
+        ctime: Option<std::time::SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
@@ -763,6 +842,18 @@ impl Filesystem for SessionFs {
         reply: ReplyAttr,
     ) {
         self.requests.count(Kind::Setattr);
+        let ino = self.inner(ino);
+        let owner_change = uid.is_some() || gid.is_some();
+        // `chown(-1, -1)` changes nothing but takes the bits too; the
+        // kernel sends it with nothing set (the ctime is the kernel's). It
+        // sends a write's removal of file capabilities the same way, so a
+        // file with capabilities and set-user-ID loses the bit at root's
+        // first write too, where ext4 keeps it.
+        let nothing = size.is_none() && atime.is_none() && mtime.is_none() && ctime.is_none();
+        let mode = match mode {
+            Some(mode) => Some(mode),
+            None => self.killed_by_setattr(req, ino, owner_change || nothing, size.is_some()),
+        };
         // Shown owners are not stored ones: a chown to the shown owner
         // changes nothing; to anyone else it is refused.
         let (uid, gid) = if self.view.maps_owners() {
@@ -784,7 +875,6 @@ impl Filesystem for SessionFs {
             atime: atime.map(time_of),
             mtime: mtime.map(time_of),
         };
-        let ino = self.inner(ino);
         let (kernel_ino, view) = (self.kernel(ino), self.view);
         let truncates = set.size.is_some();
         let answer = move |live: &LiveSession| match setattr_file(live, ino, set) {
@@ -1023,6 +1113,11 @@ impl Filesystem for SessionFs {
     ) {
         self.requests.count(Kind::Write);
         let ino = self.inner(ino);
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = kill_suidgid(&self.live, ino) {
+                return reply.error(err(e));
+            }
+        }
         let append = appends(write_flags, flags);
         if self.live.write_fetches(ino, offset, data.len() as u64) {
             // A copy-up or chunks to fill first may wait on the store: on
@@ -1311,29 +1406,25 @@ impl Filesystem for SessionFs {
         reply: ReplyCreate,
     ) {
         self.requests.count(Kind::Create);
+        if self.unopened() {
+            // ENOSYS once, and the kernel makes files by `MKNOD` and opens
+            // them as it opens the others, without a request: a file made
+            // by `CREATE` comes with a handle, whose close sends a `RELEASE`.
+            return reply.error(Errno::ENOSYS);
+        }
         let parent = self.inner(parent);
         let r = (|| {
             let node = self.make(req, parent, name, NodeKind::File, mode, umask, 0, None)?;
-            let opened = if self.unopened() {
-                // The entry's lookup is what holds it; its handle is unopened too.
-                self.entry_held(&mut self.live.ns.lock(), &node);
-                Ok(())
-            } else {
-                self.open_handle(node.ino, flags | libc::O_RDWR)
-            };
-            match opened {
-                Ok(()) => {}
-                Err(e) => {
-                    // A failed create creates nothing (EMFILE, ENOSPC): a
-                    // retry must not meet EEXIST.
-                    if let Ok(n) = name_str(name) {
-                        let freed = self.live.ns.lock().remove(parent, n, false);
-                        for ino in freed.unwrap_or_default() {
-                            self.live.content.remove(ino);
-                        }
+            if let Err(e) = self.open_handle(node.ino, flags | libc::O_RDWR) {
+                // A failed create creates nothing (EMFILE, ENOSPC): a retry
+                // must not meet EEXIST.
+                if let Ok(n) = name_str(name) {
+                    let freed = self.live.ns.lock().remove(parent, n, false);
+                    for ino in freed.unwrap_or_default() {
+                        self.live.content.remove(ino);
                     }
-                    return Err(e);
                 }
+                return Err(e);
             }
             let node = self.live.ns.lock().get(node.ino)?.clone();
             Ok::<_, OverlayError>(node)

@@ -1035,3 +1035,118 @@ fn first_file(dir: &Path) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+/// A file written in many pieces costs the mount one request per piece:
+/// the kernel asks whether a file has capabilities at its first write only
+/// (`FUSE_HANDLE_KILLPRIV_V2`), where it asked before every write, and a
+/// file created is made by `MKNOD`, so its close sends no `RELEASE`. With
+/// that, taking set-user-ID and set-group-ID away is the mount's: they go
+/// as on a local disk, at a write or truncate by a user without
+/// `CAP_FSETID` and at any change of owner; a write by root keeps them.
+#[test]
+fn writes_ask_once_for_capabilities_and_set_id_bits_go_as_on_a_local_disk() {
+    let site = site_with_fixture();
+    // uid 1000 must reach the mount point inside the test's directory.
+    fs::set_permissions(site.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = site.mount(SESSION, &["--allow-other"]);
+    let w = m.join("workspace");
+    let counts = || -> serde_json::Value {
+        let raw = xattr::get(&m.path, "user.sessionfs.requests")
+            .unwrap()
+            .unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    };
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    // Teach the kernel that opens need no request (a file read) and that
+    // creates are MKNODs (a first create), then count one file's writes.
+    fs::read_dir(&w).unwrap().for_each(drop);
+    if let Some(f) = first_file(&w) {
+        fs::read(f).unwrap();
+    }
+    fs::write(w.join("first"), b"1").unwrap();
+    let before = counts();
+    {
+        let mut f = File::create(w.join("pieces")).unwrap();
+        for i in 0..256u32 {
+            f.write_all(&[i as u8; 4096]).unwrap();
+        }
+    }
+    let after = counts();
+    let delta = |k: &str| n(&after, k) - n(&before, k);
+    assert_eq!(delta("write"), 256, "{before} → {after}");
+    assert!(delta("getxattr") <= 2, "{before} → {after}");
+    assert_eq!(delta("release"), 0, "{before} → {after}");
+    assert_eq!(delta("mknod"), 1, "{before} → {after}");
+    let data = fs::read(w.join("pieces")).unwrap();
+    assert_eq!(data.len(), 256 * 4096);
+    assert!(data
+        .chunks(4096)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+
+    let as_1000 = |script: &str| {
+        let out = Command::new("setpriv")
+            .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+            .args(["sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mode = |name: &str| fs::metadata(w.join(name)).unwrap().mode() & 0o7777;
+    let set = |name: &str, perm: u32| {
+        fs::write(w.join(name), b"x").unwrap();
+        fs::set_permissions(w.join(name), fs::Permissions::from_mode(perm)).unwrap();
+        assert_eq!(mode(name), perm);
+    };
+    let at = |name: &str| w.join(name).display().to_string();
+    // A write by uid 1000: both bits go; set-group-ID without group
+    // execute stays (it marks locking, not a privilege).
+    set("w1", 0o6777);
+    set("w2", 0o2766);
+    as_1000(&format!(
+        "echo more >> {}; echo more >> {}",
+        at("w1"),
+        at("w2")
+    ));
+    assert_eq!((mode("w1"), mode("w2")), (0o777, 0o2766));
+    // A truncate by uid 1000.
+    set("t1", 0o6777);
+    as_1000(&format!("truncate -s 0 {}", at("t1")));
+    assert_eq!(mode("t1"), 0o777);
+    // Root has CAP_FSETID: its writes and truncates keep them.
+    set("r1", 0o6777);
+    OpenOptions::new()
+        .append(true)
+        .open(w.join("r1"))
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(w.join("r1"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert_eq!(mode("r1"), 0o6777);
+    // A change of owner takes them, even root's, as `chown(-1, -1)` does.
+    set("c1", 0o6755);
+    std::os::unix::fs::chown(w.join("c1"), Some(0), Some(0)).unwrap();
+    assert_eq!(mode("c1"), 0o755);
+    set("c2", 0o4755);
+    std::os::unix::fs::chown(w.join("c2"), None, None).unwrap();
+    assert_eq!(mode("c2"), 0o755);
+    // What the mount shows is what it journaled: the same after a remount.
+    m.stop();
+    let m = site.mount(SESSION, &[]);
+    let w = m.join("workspace");
+    let mode = |name: &str| fs::metadata(w.join(name)).unwrap().mode() & 0o7777;
+    assert_eq!(
+        ["w1", "w2", "t1", "r1", "c1", "c2"].map(mode),
+        [0o777, 0o2766, 0o777, 0o6777, 0o755, 0o755]
+    );
+    m.stop();
+}
