@@ -1408,8 +1408,10 @@ impl Filesystem for SessionFs {
         self.requests.count(Kind::Create);
         if self.unopened() {
             // ENOSYS once, and the kernel makes files by `MKNOD` and opens
-            // them as it opens the others, without a request: a file made
-            // by `CREATE` comes with a handle, whose close sends a `RELEASE`.
+            // them as it opens the others, without a request. A file made
+            // by `CREATE` comes with a handle, whose close sent a `RELEASE`
+            // until the kernel had an `open` refused: a fresh mount that
+            // only created files paid one a file.
             return reply.error(Errno::ENOSYS);
         }
         let parent = self.inner(parent);
