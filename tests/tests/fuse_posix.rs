@@ -1057,13 +1057,13 @@ fn writes_ask_once_for_capabilities_and_set_id_bits_go_as_on_a_local_disk() {
         serde_json::from_slice(&raw).unwrap()
     };
     let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
-    // Teach the kernel that opens need no request (a file read) and that
-    // creates are MKNODs (a first create), then count one file's writes.
-    fs::read_dir(&w).unwrap().for_each(drop);
-    if let Some(f) = first_file(&w) {
-        fs::read(f).unwrap();
+    // Files created in a fresh mount before anything was opened: made by
+    // MKNOD, closed without a request (a CREATE's handle sent a RELEASE).
+    for name in ["first", "second", "third"] {
+        fs::write(w.join(name), name).unwrap();
     }
-    fs::write(w.join("first"), b"1").unwrap();
+    let made = counts();
+    assert_eq!((n(&made, "mknod"), n(&made, "release")), (3, 0), "{made}");
     let before = counts();
     {
         let mut f = File::create(w.join("pieces")).unwrap();
