@@ -25,6 +25,14 @@ fn site_with_fixture() -> Site {
     site
 }
 
+/// The requests the kernel sent a mount, by kind (`user.sessionfs.requests`).
+fn requests(mount: &Path) -> serde_json::Value {
+    let raw = xattr::get(mount, "user.sessionfs.requests")
+        .unwrap()
+        .unwrap();
+    serde_json::from_slice(&raw).unwrap()
+}
+
 fn errno(r: std::io::Result<impl Sized>) -> i32 {
     match r {
         Ok(_) => 0,
@@ -983,12 +991,7 @@ fn a_warm_read_of_an_unchanged_file_sends_the_mount_no_request() {
     let site = site_with_fixture();
     let m = site.mount(SESSION, &[]);
     let file = first_file(&m.join("workspace")).expect("a file in the fixture");
-    let counts = || -> serde_json::Value {
-        let raw = xattr::get(&m.path, "user.sessionfs.requests")
-            .unwrap()
-            .unwrap();
-        serde_json::from_slice(&raw).unwrap()
-    };
+    let counts = || requests(&m.path);
     let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     let before = counts();
     let bytes = fs::read(&file).unwrap();
@@ -1050,12 +1053,7 @@ fn writes_ask_once_for_capabilities_and_set_id_bits_go_as_on_a_local_disk() {
     fs::set_permissions(site.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let m = site.mount(SESSION, &["--allow-other"]);
     let w = m.join("workspace");
-    let counts = || -> serde_json::Value {
-        let raw = xattr::get(&m.path, "user.sessionfs.requests")
-            .unwrap()
-            .unwrap();
-        serde_json::from_slice(&raw).unwrap()
-    };
+    let counts = || requests(&m.path);
     let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     // Files created in a fresh mount before anything was opened: made by
     // MKNOD, closed without a request (a CREATE's handle sent a RELEASE).
