@@ -235,14 +235,13 @@ fn write_back_pending(
     live.writable()?;
     // Nothing pending (a `flush` with nothing to do): no snapshot, which
     // is the size of the tree (tens of MB for 100,000 entries), to learn it.
+    // Changes only go at an adoption, under the lock held here, so the
+    // snapshot below has some too.
     if live.ns.lock().journal().last_seq()? == 0 {
         return Ok(None);
     }
     let started = Instant::now();
     let mut snap = export::snapshot(live)?;
-    if snap.seq == 0 {
-        return Ok(None);
-    }
     *entries = snap.tree.len();
     let changes = live.ns.lock().journal().pending_count()?;
     let key = live.name.object_key();
