@@ -208,16 +208,25 @@ fn describe<R: Read>(
         _ => None,
     };
     let mut x = BTreeMap::new();
+    let mut pax_mtime = None;
     if let Ok(Some(pax)) = entry.pax_extensions() {
         for ext in pax.flatten() {
             if let (Ok(key), value) = (ext.key(), ext.value_bytes()) {
                 if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                     x.insert(name.to_owned(), hex_encode(value));
+                } else if key == "mtime" {
+                    pax_mtime = std::str::from_utf8(value).ok().and_then(pax_time);
                 }
             }
         }
     }
     let header = entry.header();
+    let (mt, mn) = pax_mtime.unwrap_or_else(|| {
+        let secs = header
+            .mtime()
+            .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX));
+        (secs, 0)
+    });
     let (s, data_offset, sp) = match sparse {
         Some(sp) => (sp.real_size, sp.data_offset, Some(sp.map)),
         None if t == Kind::File => (entry.size(), entry.raw_file_position(), None),
@@ -229,16 +238,38 @@ fn describe<R: Read>(
         m: header.mode().unwrap_or(0o644) & 0o7777,
         u: header.uid().unwrap_or(0),
         g: header.gid().unwrap_or(0),
-        mt: header
-            .mtime()
-            .map_or(0, |m| i64::try_from(m).unwrap_or(i64::MAX)),
-        mn: 0,
+        mt,
+        mn,
         ho: entry.raw_header_position(),
         data_offset,
         rare: Rare { lt, dv, x, sp }.boxed(),
         sd: Sd::NONE,
         p: p.into(),
     }))
+}
+
+/// A PAX time (`1700000000.25`, `-1.5`: seconds with a sign and a
+/// fraction, as Python's `tarfile` and GNU tar write them) as whole seconds
+/// and nanoseconds, floored as `stat` gives them: -1.5 is (-2, 500000000).
+fn pax_time(value: &str) -> Option<(i64, u32)> {
+    let (negative, digits) = match value.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !all_digits(whole) || !all_digits(fraction) {
+        return None;
+    }
+    let secs: i64 = whole.parse().ok()?;
+    let nanos: u32 = format!("{:0<9}", &fraction[..fraction.len().min(9)])
+        .parse()
+        .ok()?;
+    Some(match (negative, nanos) {
+        (false, n) => (secs, n),
+        (true, 0) => (-secs, 0),
+        (true, n) => (-secs - 1, 1_000_000_000 - n),
+    })
 }
 
 /// `./a/b/` → `a/b`; `/abs` → `abs` (as `tar x` strips a leading `/`);
@@ -525,6 +556,21 @@ impl<R: Read> Read for Decoder<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pax_times_are_floored_to_seconds_and_nanoseconds() {
+        assert_eq!(pax_time("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(
+            pax_time("1700000000.25"),
+            Some((1_700_000_000, 250_000_000))
+        );
+        assert_eq!(pax_time("1.1234567891"), Some((1, 123_456_789)));
+        assert_eq!(pax_time("-2147472000"), Some((-2_147_472_000, 0)));
+        assert_eq!(pax_time("-1.5"), Some((-2, 500_000_000)));
+        for bad in ["", "-", ".5", "1e9", "1.-5", "99999999999999999999", " 1"] {
+            assert_eq!(pax_time(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn names_are_normalised_like_tar_x() {

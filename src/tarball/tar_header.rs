@@ -1,6 +1,6 @@
 //! Tar headers as the writer emits them: ustar, plus a PAX extended header
 //! only where ustar cannot say it (long names or link targets, sizes of 8 GiB
-//! and more, large ids, xattrs). That keeps the stream as small as `tar czf`'s
+//! and more, large ids, mtimes before 1970, xattrs). That keeps the stream as small as `tar czf`'s
 //! while GNU tar, bsdtar, Python and Node read every field back. Nanosecond
 //! mtimes live in the TOC, not in PAX records, for the same reason.
 
@@ -46,7 +46,15 @@ pub fn encode(entry: &Entry) -> Result<Vec<u8>, TarballError> {
             set(&mut h, value);
         }
     }
-    h.set_mtime(u64::try_from(entry.mt).unwrap_or(0));
+    match u64::try_from(entry.mt) {
+        Ok(mt) => h.set_mtime(mt),
+        Err(_) => {
+            // Before 1970 ustar has no field for it (GNU tar's base-256 is
+            // not read by every reader); PAX says it, seconds with a sign.
+            pax.push(("mtime".into(), entry.mt.to_string().into_bytes()));
+            h.set_mtime(0);
+        }
+    }
     let size = if entry.t == Kind::File { entry.s } else { 0 };
     if size > USTAR_MAX_SIZE {
         pax.push(("size".into(), size.to_string().into_bytes()));
@@ -200,6 +208,17 @@ mod tests {
         let ustar = &blocks[blocks.len() - 512..];
         assert_eq!(&ustar[157..256], "t".repeat(99).as_bytes());
         assert_eq!(ustar[256], 0);
+    }
+
+    #[test]
+    fn mtimes_before_1970_go_in_a_pax_record() {
+        let mut e = file("workspace/old");
+        e.mt = -2_147_472_000;
+        let blocks = encode(&e).unwrap();
+        assert!(String::from_utf8_lossy(&blocks).contains(" mtime=-2147472000\n"));
+        let ustar = Header::from_byte_slice(&blocks[blocks.len() - 512..]);
+        assert_eq!(ustar.mtime().unwrap(), 0);
+        assert_eq!(encode(&file("workspace/new")).unwrap().len(), 512);
     }
 
     #[test]

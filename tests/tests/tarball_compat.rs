@@ -399,3 +399,47 @@ fn objects_are_written_in_the_format_version_asked_for() {
     );
     assert!(!p.root.join("v3.tar.gz").exists());
 }
+
+#[test]
+fn mtimes_ustar_cannot_hold_come_back_from_every_reader() {
+    use std::os::unix::fs::MetadataExt;
+    use std::time::{Duration, UNIX_EPOCH};
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("src/workspace");
+    std::fs::create_dir_all(&w).unwrap();
+    // 1901 (a 32-bit time's lowest), a second before 1970, now, and 2300
+    // (past ustar's eleven octal digits).
+    let times: [(&str, i64); 4] = [
+        ("old", -2_147_472_000),
+        ("before-epoch", -1),
+        ("now", 1_796_000_000),
+        ("far", 10_413_792_000),
+    ];
+    for (name, secs) in times {
+        let f = std::fs::File::create(w.join(name)).unwrap();
+        let t = if secs < 0 {
+            UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+        } else {
+            UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+        };
+        f.set_modified(t).unwrap();
+    }
+    let object = dir.path().join("session.tar.gz");
+    sessionfs_tests::run_ok(
+        Command::new(sessionfs_bin())
+            .args(["--quiet", "pack"])
+            .arg(dir.path().join("src"))
+            .arg("-o")
+            .arg(&object),
+        "pack",
+    );
+    let scratch = dir.path().join("out");
+    sessionfs_tests::extract::every_reader(&object, &scratch);
+    for who in std::fs::read_dir(&scratch).unwrap() {
+        let who = who.unwrap().path();
+        for (name, secs) in times {
+            let md = std::fs::metadata(who.join("workspace").join(name)).unwrap();
+            assert_eq!(md.mtime(), secs, "{}: {name}", who.display());
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! makes later reads lazy: about one span per small file.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -172,6 +173,16 @@ async fn foreign_tarballs_list_and_read_like_tar_x() {
             assert_eq!(&part[..], &whole[(3 << 16) - 10..(6 << 16) - 10], "{name}");
         }
         assert_same_tree(&snapshot(&extracted), &reader_snapshot(&r).await, name);
+        // File mtimes to the nanosecond, where the archive has them (PAX).
+        for e in r.entries().iter().filter(|e| e.t == Kind::File) {
+            let md = std::fs::metadata(extracted.join(&*e.p)).unwrap();
+            assert_eq!(
+                (e.mt, e.mn),
+                (md.mtime(), u32::try_from(md.mtime_nsec()).unwrap()),
+                "{name}: {}",
+                e.p
+            );
+        }
         // Opened again, the index comes from the database and reads the same.
         let again = SessionReader::open(store.clone(), &key, Some(&index))
             .await
