@@ -71,7 +71,16 @@ pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballErr
     {
         let iter = archive.entries().map_err(|e| tar_error(e, None))?;
         for entry in iter {
-            let mut entry = entry.map_err(|e| tar_error(e, None))?;
+            let mut entry = entry.map_err(|e| {
+                if entries.is_empty() && skipped.is_empty() && !is_truncation(&e) {
+                    TarballError::Corrupt(
+                        "no tar header at its start: the object is neither a tar.gz nor a tar"
+                            .into(),
+                    )
+                } else {
+                    tar_error(e, None)
+                }
+            })?;
             if entries.len() >= limits.max_entries {
                 return Err(TarballError::Corrupt(format!(
                     "more than {} entries",
@@ -120,12 +129,32 @@ pub fn index<R: Read>(src: R, limits: Limits) -> Result<ForeignIndex, TarballErr
 
 fn tar_error(e: io::Error, path: Option<&str>) -> TarballError {
     let at = path.map(|p| format!(" at {p:?}")).unwrap_or_default();
-    // The tar crate reports running out of data mid-entry as `Other`.
-    if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") {
-        TarballError::Corrupt(format!("the archive is truncated{at}: {e}"))
+    let said = printable(&e.to_string());
+    if is_truncation(&e) {
+        TarballError::Corrupt(format!("the archive is truncated{at}: {said}"))
     } else {
-        TarballError::Corrupt(format!("not a readable tar archive{at}: {e}"))
+        TarballError::Corrupt(format!("not a readable tar archive{at}: {said}"))
     }
+}
+
+/// The tar crate reports running out of data mid-entry as `Other`.
+fn is_truncation(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF")
+}
+
+/// The tar crate quotes the header bytes it could not parse: from outside,
+/// they are anything. The message ends where they begin.
+fn printable(message: &str) -> String {
+    let cut = message
+        .find(|c: char| c.is_control() || c == char::REPLACEMENT_CHARACTER)
+        .map_or(message.len(), |bad| {
+            message[..bad].rfind(": ").unwrap_or(bad)
+        });
+    let mut out: String = message[..cut].chars().take(200).collect();
+    if out.len() < message.len() {
+        out.push('…');
+    }
+    out
 }
 
 /// The entry as the index keeps it, `Ok(None)` for entries that are not
@@ -556,6 +585,25 @@ impl<R: Read> Read for Decoder<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_stop_before_quoted_garbage() {
+        assert_eq!(printable("unexpected EOF"), "unexpected EOF");
+        assert_eq!(
+            printable("numeric field did not have utf-8 text: \u{fffd}\u{1}x when getting cksum"),
+            "numeric field did not have utf-8 text…"
+        );
+        assert_eq!(printable(&"a".repeat(300)).chars().count(), 201);
+    }
+
+    #[test]
+    fn garbage_is_named_for_what_it_is_not() {
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let err = index(&noise[..], Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("neither a tar.gz nor a tar"), "{err}");
+    }
 
     #[test]
     fn pax_times_are_floored_to_seconds_and_nanoseconds() {
