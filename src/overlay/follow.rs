@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::live::{Invalidation, LiveSession};
 use super::namespace::Rebased;
-use super::writeback::{WriteBackError, COUNTERS};
+use super::writeback::{remove_freed, WriteBackError, COUNTERS};
 use super::OverlayError;
 use crate::store::{ObjectStore, StoreError};
 use crate::tarball::reader::SessionReader;
@@ -67,7 +67,7 @@ pub fn follow(
         .take(8)
         .collect();
     for _ in 0..3 {
-        let copy_ups = live.ns.lock().rebase_copy_ups(&base, remote.entries());
+        let copy_ups = live.ns.lock().rebase_copy_ups(&base, remote.entries())?;
         for ino in copy_ups {
             live.ensure_local(ino, false)?;
         }
@@ -84,8 +84,14 @@ pub fn follow(
                 Err(e) => return Err(e.into()),
             }
         };
-        for ino in &rebased.freed {
-            live.content.remove(*ino);
+        // As after a write-back: the journal's new pointers survive a power
+        // loss before the overlay copies go (left in place otherwise, they
+        // are removed at the next open).
+        if !rebased.freed.is_empty() {
+            match live.durable() {
+                Ok(()) => remove_freed(live, &rebased.freed),
+                Err(e) => tracing::warn!("syncing the journal after a rebase: {e}"),
+            }
         }
         let mut told: Vec<Invalidation> = rebased
             .entries

@@ -890,7 +890,7 @@ fn adopt(
 /// acknowledged write. Every such writer holds a share of
 /// [`Content::exclusive`](super::content::Content::exclusive), so none can
 /// start while the check and the deletions run.
-fn remove_freed(live: &LiveSession, freed: &[u64]) {
+pub(super) fn remove_freed(live: &LiveSession, freed: &[u64]) {
     // Nothing to delete: no wait for the copy-ups under way.
     if freed.is_empty() {
         return;

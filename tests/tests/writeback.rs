@@ -772,6 +772,72 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     );
 }
 
+/// Both mounts change one file and write it back: the later one keeps the
+/// other's version as a conflict copy, and then both settle on the same
+/// tree. Neither takes the other's version for a change of its own (two
+/// hosts once made a new conflict copy of each other's file at every
+/// follow, writing back without end).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_mounts_settle_after_a_conflict() {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let session = session_name("settle");
+    let src = a_site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/same.txt"), b"base\n").unwrap();
+    a_site.push(&src, &session);
+    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
+    let a = a_site.mount(&session, &flags);
+    let b = b_site.mount(&session, &flags);
+    std::fs::write(a.join("workspace/same.txt"), b"from a\n").unwrap();
+    std::fs::write(b.join("workspace/same.txt"), b"from b\n").unwrap();
+    a_site.run(&["flush", &a.path.display().to_string()]);
+    b_site.run(&["flush", &b.path.display().to_string()]);
+    let names = |m: &Mount| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(m.join("workspace"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    wait_for(Duration::from_secs(20), "A following B's object", || {
+        names(&a) == names(&b)
+    });
+    // Twenty follow intervals later nothing has moved: the same object, the
+    // same two files in both mounts, nothing pending.
+    let (etag, _) = stored_object(&session, a_site.dir.path()).await.unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let (later, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
+    let (in_a, in_b) = (names(&a), names(&b));
+    let diag = format!(
+        "A: {in_a:?}\nB: {in_b:?}\n--- A's log:\n{}\n--- B's log:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert_eq!(etag, later, "written back again without a change\n{diag}");
+    assert_eq!(in_a, in_b, "{diag}");
+    let mut versions: Vec<&[u8]> = in_a.values().map(Vec::as_slice).collect();
+    versions.sort();
+    assert_eq!(versions, [&b"from a\n"[..], b"from b\n"], "{diag}");
+    for (site, m) in [(&a_site, &a), (&b_site, &b)] {
+        let st = status(site, m);
+        assert_eq!(st["pendingChanges"], 0, "{st}\n{diag}");
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    let stored: Vec<&String> = tree
+        .keys()
+        .filter(|p| p.starts_with("workspace/"))
+        .collect();
+    assert_eq!(stored.len(), 2, "{stored:?}\n{diag}");
+    a.stop();
+    b.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_during_write_back_loses_nothing_acknowledged() {
     let site = Site::s3();

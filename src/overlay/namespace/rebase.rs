@@ -4,7 +4,9 @@
 //! local tree (L).
 //!
 //! For each path R changed (B and R differ):
-//! - unchanged here → R's version is taken (created, updated or removed);
+//! - unchanged here (including a file this host wrote back into B and kept
+//!   in the overlay, not written since) → R's version is taken (created,
+//!   updated or removed);
 //! - changed here too → the local version stays, and R's is kept beside it
 //!   as `NAME.conflict-<tag>` (a file or symlink; directories merge by
 //!   their children);
@@ -21,6 +23,7 @@
 //! in R.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::{Namespace, ROOT};
 use crate::overlay::journal::Op;
@@ -67,6 +70,9 @@ struct Sides<'a> {
     base: HashMap<&'a str, &'a Entry>,
     remote: HashMap<&'a str, &'a Entry>,
     local: HashMap<String, u64>,
+    /// Overlay files the base object holds exactly, at these paths: what
+    /// the last write-back here packed while the kernel held the file.
+    written: HashMap<u64, Arc<str>>,
 }
 
 impl<'a> Sides<'a> {
@@ -80,12 +86,25 @@ impl<'a> Sides<'a> {
 }
 
 impl Namespace {
-    fn sides<'a>(&self, base: &'a [Entry], remote: &'a [Entry]) -> Sides<'a> {
-        Sides {
+    fn sides<'a>(&self, base: &'a [Entry], remote: &'a [Entry]) -> Result<Sides<'a>, OverlayError> {
+        let base_etag = self.journal.meta("base_etag")?.unwrap_or_default();
+        let written = match self.written_back(&base_etag) {
+            Some(w) => {
+                let changed = self.journal.changed_since(w.seq)?;
+                w.paths
+                    .iter()
+                    .filter(|(ino, _)| !changed.contains(ino))
+                    .map(|(ino, p)| (*ino, p.clone()))
+                    .collect()
+            }
+            None => HashMap::new(),
+        };
+        Ok(Sides {
             base: base.iter().map(|e| (&*e.p, e)).collect(),
             remote: remote.iter().map(|e| (&*e.p, e)).collect(),
             local: self.walk(ROOT).into_iter().collect(),
-        }
+            written,
+        })
     }
 
     /// Whether the local node at `p` is still what the base had there.
@@ -116,7 +135,9 @@ impl Namespace {
                     && match &n.data {
                         Data::Base(q) => **q == *p,
                         Data::None | Data::Target(_) => b.s == 0,
-                        Data::Local | Data::Partial(_) => false,
+                        // Written back from here: the base is this file.
+                        Data::Local => s.written.get(&ino).is_some_and(|q| **q == *p),
+                        Data::Partial(_) => false,
                     }
             }
             _ => (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
@@ -127,8 +148,12 @@ impl Namespace {
     /// the base object's at a path the stored object changed, and that keep
     /// those bytes through the rebase: they must be copied up in full (from
     /// the base object, or its cached blocks) first.
-    pub fn rebase_copy_ups(&self, base: &[Entry], remote: &[Entry]) -> Vec<u64> {
-        let s = self.sides(base, remote);
+    pub fn rebase_copy_ups(
+        &self,
+        base: &[Entry],
+        remote: &[Entry],
+    ) -> Result<Vec<u64>, OverlayError> {
+        let s = self.sides(base, remote)?;
         let mut out = Vec::new();
         for n in self.nodes.values() {
             // A file copied up chunk by chunk reads the chunks it does not
@@ -145,7 +170,7 @@ impl Namespace {
                 out.push(n.ino);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Rebases the tree onto the stored object `remote` (ETag `etag`),
@@ -159,12 +184,12 @@ impl Namespace {
         etag: &str,
         tag: &str,
     ) -> Result<Rebased, OverlayError> {
-        if !self.rebase_copy_ups(base, remote).is_empty() {
+        if !self.rebase_copy_ups(base, remote)?.is_empty() {
             return Err(OverlayError::Invalid(
                 "files still need a copy-up before the rebase",
             ));
         }
-        let s = self.sides(base, remote);
+        let s = self.sides(base, remote)?;
         let mut paths: Vec<&str> = s
             .base
             .keys()
@@ -364,6 +389,11 @@ impl Namespace {
         if n.kind == NodeKind::Dir {
             m.mtime = n.mtime;
         }
+        if n.data.in_overlay() {
+            // Its bytes were the base's (see `local_unchanged`): they are
+            // read from the object now, and the overlay file can go.
+            out.freed.push(ino);
+        }
         ops.push(Op::PutNode(m.clone()));
         for name in self.journal.xattr_names(ino)? {
             ops.push(Op::RemoveXattr(ino, name));
@@ -542,7 +572,7 @@ mod tests {
         ns.setattr(dd, &set).unwrap();
         let remote = vec![dir("w"), file("w/a", 2), file("w/b", 1), file("w/c", 2)];
         // Ours keep the base's bytes, which the new object lacks.
-        let mut copy_ups = ns.rebase_copy_ups(&base(), &remote);
+        let mut copy_ups = ns.rebase_copy_ups(&base(), &remote).unwrap();
         copy_ups.sort();
         assert_eq!(copy_ups, vec![a, dd]);
         for i in copy_ups {
@@ -565,6 +595,48 @@ mod tests {
         );
     }
 
+    /// A mount keeps the files it wrote back in the overlay while the
+    /// kernel knows them. Its base object holds them as they are, so a later
+    /// object from another writer changing one takes that writer's version:
+    /// not a conflict (two hosts once made a conflict copy of each other's
+    /// version every time they followed, without end).
+    #[test]
+    fn files_written_back_from_here_take_the_next_version_without_conflict() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ns = open(d.path());
+        let (a, b) = (ino(&ns, "w/a"), ino(&ns, "w/b"));
+        for i in [a, b] {
+            ns.set_data(i, Data::Local, None).unwrap();
+        }
+        let seq = ns.journal().last_seq().unwrap();
+        ns.set_written_back(Some(crate::overlay::namespace::WrittenBack {
+            etag: "base".into(),
+            seq,
+            paths: [(a, "w/a".into()), (b, "w/b".into())].into(),
+        }));
+        // b is written again after the write-back (same attributes).
+        let same = SetAttr {
+            perm: Some(0o644),
+            ..SetAttr::default()
+        };
+        ns.setattr(b, &same).unwrap();
+        let remote = vec![
+            dir("w"),
+            file("w/a", 2),
+            file("w/b", 2),
+            file("w/c", 1),
+            file("w/d", 1),
+        ];
+        assert!(ns.rebase_copy_ups(&base(), &remote).unwrap().is_empty());
+        let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
+        assert_eq!(ns.get(a).unwrap().data, Data::Base("w/a".into()));
+        assert_eq!({ ns.get(a).unwrap().mtime.s }, 2);
+        assert_eq!(r.freed, vec![a], "a's overlay file can go");
+        assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
+        assert_eq!(r.conflicts[0].0, "w/b", "b changed here since");
+        assert_eq!(ns.get(b).unwrap().data, Data::Local);
+    }
+
     #[test]
     fn files_reading_bytes_the_new_object_lacks_are_copied_up_first() {
         let d = tempfile::tempdir().unwrap();
@@ -580,10 +652,10 @@ mod tests {
             file("w/c", 1),
             file("w/d", 1),
         ];
-        assert_eq!(ns.rebase_copy_ups(&base(), &remote), vec![a]);
+        assert_eq!(ns.rebase_copy_ups(&base(), &remote).unwrap(), vec![a]);
         assert!(ns.rebase(&base(), &remote, "remote", "tag").is_err());
         ns.set_data(a, Data::Local, None).unwrap();
-        assert!(ns.rebase_copy_ups(&base(), &remote).is_empty());
+        assert!(ns.rebase_copy_ups(&base(), &remote).unwrap().is_empty());
         ns.rebase(&base(), &remote, "remote", "tag").unwrap();
         // Both survive: ours moved, theirs at the old name.
         assert_eq!(ino(&ns, "w/moved"), a);
