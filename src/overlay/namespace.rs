@@ -76,12 +76,16 @@ pub struct Namespace {
 /// Overlay files whose bytes the object `etag` holds, each at its path
 /// there, as of change `seq`. A write-back packed them while the mount's
 /// kernel held them (it may write to a file it knows without asking), so
-/// they stayed in the overlay. Until one changes (a change recorded after
-/// `seq`: every write after a snapshot records one) or its path does, the
-/// next write-back copies its bytes from that object instead of packing
-/// them again: files created in a mount do not make every later write-back
-/// a full one. Kept in memory only: after a restart the kernel holds
-/// nothing, and the next write-back takes them back to the object.
+/// they stayed in the overlay (whole, or chunk by chunk). Until one
+/// changes (a change recorded after `seq`: every write after a snapshot
+/// records one) or its path does:
+/// - the next write-back copies the bytes of a whole, singly linked one
+///   from that object instead of packing them again: files created in a
+///   mount do not make every later write-back a full one;
+/// - following another writer's object counts each as unchanged here.
+///
+/// Kept in memory only: after a restart the kernel holds nothing, and the
+/// next write-back takes them back to the object.
 #[derive(Debug)]
 pub struct WrittenBack {
     pub etag: String,

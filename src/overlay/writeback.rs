@@ -861,13 +861,16 @@ fn adopt(
                 if packed && !ns.is_held(*ino) {
                     data.push((*ino, Data::Base(path.as_str().into())));
                     freed.push(*ino);
-                } else if packed && n.data == Data::Local && n.nlink == 1 {
+                } else if packed && n.data == Data::Local {
                     // Held: it stays here, and the object holds it too.
                     kept.insert(*ino, path.as_str().into());
                 } else if let Data::Partial(_) = n.data {
                     // Chunks it does not hold now, it held none of while
                     // packed: they went in from the old object, unchanged.
                     data.push((*ino, Data::Partial(path.as_str().into())));
+                    if packed {
+                        kept.insert(*ino, path.as_str().into());
+                    }
                 }
             }
             Origin::Meta | Origin::Zeros { .. } => {}

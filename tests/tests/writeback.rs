@@ -772,11 +772,12 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     );
 }
 
-/// Both mounts change one file and write it back: the later one keeps the
-/// other's version as a conflict copy, and then both settle on the same
-/// tree. Neither takes the other's version for a change of its own (two
-/// hosts once made a new conflict copy of each other's file at every
-/// follow, writing back without end).
+/// Two mounts settle on one object and stop writing back after they changed
+/// the same small file at once (the later one keeps the other's version as
+/// a conflict copy) and after each changed a large file in place (copied up
+/// chunk by chunk) in turn. Neither takes the other's version for a change
+/// of its own (two hosts once made a new conflict copy of each other's file
+/// at every follow, writing back without end).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_mounts_settle_after_a_conflict() {
     let (a_site, b_site) = (Site::s3(), Site::s3());
@@ -784,31 +785,55 @@ async fn two_mounts_settle_after_a_conflict() {
     let src = a_site.dir.path().join("src");
     std::fs::create_dir_all(src.join("workspace")).unwrap();
     std::fs::write(src.join("workspace/same.txt"), b"base\n").unwrap();
+    // Large enough to be copied up chunk by chunk when written in place.
+    std::fs::write(src.join("workspace/big.bin"), pattern(9 << 20, 5)).unwrap();
     a_site.push(&src, &session);
     let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
     let a = a_site.mount(&session, &flags);
     let b = b_site.mount(&session, &flags);
-    std::fs::write(a.join("workspace/same.txt"), b"from a\n").unwrap();
-    std::fs::write(b.join("workspace/same.txt"), b"from b\n").unwrap();
-    a_site.run(&["flush", &a.path.display().to_string()]);
-    b_site.run(&["flush", &b.path.display().to_string()]);
+    let flush = |site: &Site, m: &Mount| {
+        site.run(&["flush", &m.path.display().to_string()]);
+    };
+    // The two bytes each mount writes into the big file, in turn.
+    let at = [1u64 << 20, 7 << 20];
     let names = |m: &Mount| -> BTreeMap<String, Vec<u8>> {
         std::fs::read_dir(m.join("workspace"))
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap(),
-                )
+                let mut bytes = std::fs::read(e.path()).unwrap();
+                if bytes.len() > 1 << 20 {
+                    bytes = at.iter().map(|&o| bytes[o as usize]).collect();
+                }
+                (e.file_name().to_string_lossy().into_owned(), bytes)
             })
             .collect()
     };
-    wait_for(Duration::from_secs(20), "A following B's object", || {
-        names(&a) == names(&b)
-    });
+    let settled = |what: &str| {
+        wait_for(Duration::from_secs(20), what, || names(&a) == names(&b));
+    };
+    for (m, tag) in [(&a, b"a"), (&b, b"b")] {
+        std::fs::write(
+            m.join("workspace/same.txt"),
+            [&b"from "[..], tag, b"\n"].concat(),
+        )
+        .unwrap();
+    }
+    flush(&a_site, &a);
+    flush(&b_site, &b);
+    settled("both mounts on the object with the conflict copy");
+    for (i, (site, m)) in [(&a_site, &a), (&b_site, &b)].into_iter().enumerate() {
+        let big = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("workspace/big.bin"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&big, b"!", at[i]).unwrap();
+        drop(big);
+        flush(site, m);
+        settled("the other mount following the big file's change");
+    }
     // Twenty follow intervals later nothing has moved: the same object, the
-    // same two files in both mounts, nothing pending.
+    // same files in both mounts, nothing pending.
     let (etag, _) = stored_object(&session, a_site.dir.path()).await.unwrap();
     std::thread::sleep(Duration::from_secs(4));
     let (later, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
@@ -820,9 +845,18 @@ async fn two_mounts_settle_after_a_conflict() {
     );
     assert_eq!(etag, later, "written back again without a change\n{diag}");
     assert_eq!(in_a, in_b, "{diag}");
-    let mut versions: Vec<&[u8]> = in_a.values().map(Vec::as_slice).collect();
-    versions.sort();
-    assert_eq!(versions, [&b"from a\n"[..], b"from b\n"], "{diag}");
+    assert_eq!(in_a.len(), 3, "{diag}");
+    assert_eq!(
+        in_a["big.bin"], b"!!",
+        "both changes to the big file\n{diag}"
+    );
+    let mut small: Vec<&[u8]> = in_a
+        .iter()
+        .filter(|(name, _)| name.starts_with("same.txt"))
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    small.sort();
+    assert_eq!(small, [&b"from a\n"[..], b"from b\n"], "{diag}");
     for (site, m) in [(&a_site, &a), (&b_site, &b)] {
         let st = status(site, m);
         assert_eq!(st["pendingChanges"], 0, "{st}\n{diag}");
@@ -833,7 +867,7 @@ async fn two_mounts_settle_after_a_conflict() {
         .keys()
         .filter(|p| p.starts_with("workspace/"))
         .collect();
-    assert_eq!(stored.len(), 2, "{stored:?}\n{diag}");
+    assert_eq!(stored.len(), 3, "{stored:?}\n{diag}");
     a.stop();
     b.stop();
 }

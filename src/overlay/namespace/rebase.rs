@@ -136,8 +136,9 @@ impl Namespace {
                         Data::Base(q) => **q == *p,
                         Data::None | Data::Target(_) => b.s == 0,
                         // Written back from here: the base is this file.
-                        Data::Local => s.written.get(&ino).is_some_and(|q| **q == *p),
-                        Data::Partial(_) => false,
+                        Data::Local | Data::Partial(_) => {
+                            s.written.get(&ino).is_some_and(|q| **q == *p)
+                        }
                     }
             }
             _ => (n.mtime.s, n.mtime.ns) == (b.mt, b.mn),
