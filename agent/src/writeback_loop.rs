@@ -73,6 +73,9 @@ pub struct WriteBack {
 /// How often the change feeds are looked at.
 const POLL: Duration = Duration::from_millis(250);
 
+/// How a failed follow begins in the status's last error.
+const FOLLOW_FAILED: &str = "moving onto the newer stored object";
+
 #[derive(Default)]
 struct Track {
     seq: i64,
@@ -81,6 +84,9 @@ struct Track {
     failures: u32,
     retry_at: Option<Instant>,
     checked_at: Option<Instant>,
+    /// Follows of a newer object that failed in a row: the next check
+    /// waits [`writeback::backoff`] of them, not the follow interval.
+    follow_failures: u32,
 }
 
 impl WriteBack {
@@ -142,11 +148,19 @@ impl WriteBack {
                 .unwrap_or(0);
                 let now = Instant::now();
                 let t = tracks.entry(s.name.as_str().to_owned()).or_default();
-                let follow_due =
-                    follow.is_some_and(|every| t.checked_at.is_none_or(|c| now - c >= every));
+                let follow_due = follow.is_some_and(|every| {
+                    let every = match t.follow_failures {
+                        0 => every,
+                        n => every.max(writeback::backoff(n)),
+                    };
+                    t.checked_at.is_none_or(|c| now - c >= every)
+                });
                 if follow_due {
                     t.checked_at = Some(now);
-                    self.check_remote(&s, seq != 0).await;
+                    match self.check_remote(&s, seq != 0).await {
+                        true => t.follow_failures = 0,
+                        false => t.follow_failures += 1,
+                    }
                 }
                 // Read-only sessions and --no-writeback only follow.
                 if seq == 0 || s.read_only() || !self.enabled() {
@@ -228,19 +242,32 @@ impl WriteBack {
     }
 
     /// Asks the store whether another writer replaced `s`'s object, and
-    /// moves onto it if so.
-    async fn check_remote(&self, s: &Arc<LiveSession>, pending: bool) {
+    /// moves onto it if so. Returns false when moving onto it failed.
+    async fn check_remote(&self, s: &Arc<LiveSession>, pending: bool) -> bool {
         let Some(base) = s.reader().map(|r| r.meta().etag.clone()) else {
-            return;
+            return true;
         };
         let key = s.name.object_key();
         match self.store.head(&key).await {
             Ok(m) if m.etag == base => {}
-            Ok(_) => {
-                if let Err(e) = self.follow(s).await {
-                    tracing::warn!(session = %s.name, "moving onto the newer stored object: {e}");
+            Ok(_) => match self.follow(s).await {
+                Ok(_) => {
+                    let mut status = s.writeback.lock();
+                    if status
+                        .last_error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with(FOLLOW_FAILED))
+                    {
+                        status.last_error = None;
+                    }
                 }
-            }
+                Err(e) => {
+                    let msg = format!("{FOLLOW_FAILED}: {e}");
+                    tracing::warn!(session = %s.name, "{msg}");
+                    s.writeback.lock().last_error = Some(msg);
+                    return false;
+                }
+            },
             Err(StoreError::NotFound { .. }) if !pending => (self.on_gone)(s),
             Err(StoreError::NotFound { .. }) => {
                 let msg = "the object was deleted from the store by another writer; the changes here stay pending in the overlay".to_owned();
@@ -250,6 +277,7 @@ impl WriteBack {
             // The store is unreachable: the write-back reports it.
             Err(_) => {}
         }
+        true
     }
 
     /// Moves `s` onto the stored object (after a conflict, or when another
@@ -280,8 +308,13 @@ impl WriteBack {
     pub async fn once(&self, s: &Arc<LiveSession>) -> Result<Option<Report>, WriteBackError> {
         match self.attempt(s).await {
             Err(e) if e.is_conflict() => {
-                if let Followed::Gone = self.follow(s).await? {
-                    return Err(e);
+                match self.follow(s).await {
+                    Ok(Followed::Gone) => return Err(e),
+                    Ok(_) => {}
+                    Err(f) => {
+                        s.writeback.lock().last_error = Some(format!("{FOLLOW_FAILED}: {f}"));
+                        return Err(f);
+                    }
                 }
                 self.attempt(s).await
             }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use super::live::{Invalidation, LiveSession};
 use super::namespace::Rebased;
-use super::writeback::{remove_freed, WriteBackError, COUNTERS};
+use super::namespace::ROOT;
+use super::writeback::{read_a_replaced_object, remove_freed, WriteBackError, COUNTERS};
 use super::OverlayError;
 use crate::store::{ObjectStore, StoreError};
 use crate::tarball::reader::SessionReader;
@@ -69,7 +70,21 @@ pub fn follow(
     for _ in 0..3 {
         let copy_ups = live.ns.lock().rebase_copy_ups(&base, remote.entries())?;
         for ino in copy_ups {
-            live.ensure_local(ino, false)?;
+            if let Err(e) = live.ensure_local(ino, false) {
+                if !read_a_replaced_object(&e) {
+                    return Err(e.into());
+                }
+                let path = live
+                    .ns
+                    .lock()
+                    .walk(ROOT)
+                    .into_iter()
+                    .find(|(_, i)| *i == ino);
+                return Err(WriteBackError::BaseBytesGone {
+                    path: path
+                        .map_or_else(|| format!("an unlinked file (inode {ino})"), |(p, _)| p),
+                });
+            }
         }
         let rebased = {
             let _no_copy_up = live.content.exclusive();

@@ -126,6 +126,12 @@ pub enum WriteBackError {
     /// against: another writer replaced or deleted it.
     #[error("the stored object changed since this overlay's base {base:?} (another writer); the changes stay pending")]
     Conflict { base: String },
+    /// Moving onto another writer's object needs bytes of the object it
+    /// replaced: a file here still reads some (copied up chunk by chunk)
+    /// and the other writer changed it too. Neither the store nor the
+    /// block cache has them any more.
+    #[error("{path} was changed here and by another writer; here it still reads bytes of the object that writer replaced (it was copied up chunk by chunk), and neither the store nor the block cache has them any more, so it cannot be kept beside their version. Every change here stays pending until it goes: delete it here (their version comes back) to let the rest be written back")]
+    BaseBytesGone { path: String },
     #[error(transparent)]
     Overlay(#[from] OverlayError),
     #[error("the store: {0}")]
@@ -162,7 +168,7 @@ impl WriteBackError {
 /// Whether `e`, or an error it wraps (an I/O error included: the packer
 /// reads the object through `std::io::Read`), says the object read was
 /// replaced.
-fn read_a_replaced_object(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(super) fn read_a_replaced_object(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut at = Some(e);
     while let Some(e) = at {
         let replaced = match e.downcast_ref::<TarballError>() {

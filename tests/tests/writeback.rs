@@ -872,6 +872,67 @@ async fn two_mounts_settle_after_a_conflict() {
     b.stop();
 }
 
+/// Two mounts change one large file in place at once (each copied up chunk
+/// by chunk). Once one writes back, the other's version still reads bytes of
+/// the object that replaced no longer holds, and its cache does not either:
+/// it cannot be kept, so the other's changes stay pending and `status` says
+/// why and what to do; deleting the file there lets the rest go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_file_changed_in_place_on_two_hosts_at_once_says_what_to_do() {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let session = session_name("bytes-gone");
+    let src = a_site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/big.bin"), pattern(40 << 20, 9)).unwrap();
+    a_site.push(&src, &session);
+    let flags = ["--writeback-quiet-ms", "600000", "--follow-ms", "200"];
+    let a = a_site.mount(&session, &flags);
+    let b = b_site.mount(&session, &flags);
+    for (m, at) in [(&a, 39u64 << 20), (&b, 0)] {
+        let big = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("workspace/big.bin"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&big, b"!", at).unwrap();
+    }
+    std::fs::write(b.join("workspace/note.txt"), b"from b\n").unwrap();
+    a_site.run(&["flush", &a.path.display().to_string()]);
+    let flush_b = || {
+        b_site
+            .command()
+            .args(["flush", &b.path.display().to_string()])
+            .output()
+            .unwrap()
+    };
+    assert!(!flush_b().status.success(), "{}", b.log_text());
+    let st = status(&b_site, &b);
+    let said = st["lastError"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        said.contains("workspace/big.bin") && said.contains("delete it here"),
+        "{st}"
+    );
+    assert_ne!(st["pendingChanges"], 0, "{st}");
+    std::fs::remove_file(b.join("workspace/big.bin")).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "B's write-back after the delete",
+        || flush_b().status.success(),
+    );
+    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    match (&tree["workspace/note.txt"], &tree["workspace/big.bin"]) {
+        (Node::File { content: note, .. }, Node::File { content: big, .. }) => {
+            assert_eq!(note, b"from b\n");
+            assert_eq!(big[39 << 20], b'!', "A's version came back");
+            assert_ne!(big[0], b'!');
+        }
+        other => panic!("{other:?}"),
+    }
+    a.stop();
+    b.stop();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_during_write_back_loses_nothing_acknowledged() {
     let site = Site::s3();
