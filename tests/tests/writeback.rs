@@ -912,6 +912,16 @@ async fn a_large_file_changed_in_place_on_two_hosts_at_once_says_what_to_do() {
         "{st}"
     );
     assert_ne!(st["pendingChanges"], 0, "{st}");
+    // Meanwhile the checks for a newer object back off: 2 s, 4 s, ... apart,
+    // not 200 ms (fifteen failed follows in these three seconds).
+    let failed = || {
+        b.log_text()
+            .matches("moving onto the newer stored object")
+            .count()
+    };
+    let before = failed();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(failed() - before <= 3, "{}", b.log_text());
     std::fs::remove_file(b.join("workspace/big.bin")).unwrap();
     wait_for(
         Duration::from_secs(20),
