@@ -163,6 +163,10 @@ enum Command {
         session: String,
         /// Where to extract it (created if missing; nothing is written outside it).
         dir: PathBuf,
+        /// Extract into a directory that holds files: the session's files
+        /// replace those of the same name, the others stay.
+        #[arg(long)]
+        allow_non_empty: bool,
         /// Print what was extracted as JSON (`sessionPath`, `entries`,
         /// `objectBytes`, `etag`).
         #[arg(long)]
@@ -549,10 +553,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull {
             session,
             dir,
+            allow_non_empty,
             json,
             store,
         } => {
             let session = SessionPath::parse(&session)?;
+            if !allow_non_empty {
+                transfer::refuse_non_empty(&dir)?;
+            }
             let store = store.config()?.open().await?;
             return transfer::pull(store, &session, &dir, cli.quiet, json).await;
         }

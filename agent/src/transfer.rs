@@ -119,6 +119,24 @@ pub async fn push(
     Ok(())
 }
 
+/// Refuses a pull into an existing directory that holds files: the
+/// session's files would replace any of the same name there, unasked.
+pub fn refuse_non_empty(dir: &Path) -> Result<()> {
+    let held = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.count(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("{}", dir.display())),
+    };
+    if held > 0 {
+        bail!(
+            "{} is not empty ({held} entries, which files of the session could replace): \
+             choose a new or empty directory, or pass --allow-non-empty",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Downloads session `session` and extracts it into `dir`.
 pub async fn pull(
     store: Arc<dyn ObjectStore>,

@@ -287,3 +287,71 @@ async fn store_down_at_mount_serves_the_cached_version_read_only() {
     );
     assert!(!is_mounted(&mnt));
 }
+
+/// `pull` into a directory that holds files would replace any the session
+/// has too: it is refused before anything is downloaded, and changes
+/// nothing, unless `--allow-non-empty` asks for it.
+#[test]
+fn pull_into_a_directory_holding_files_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let vars = vec![
+        ("SESSIONFS_STORE".to_owned(), "local".to_owned()),
+        (
+            "SESSIONFS_STORE_DIR".to_owned(),
+            home.path().join("store").display().to_string(),
+        ),
+    ];
+    let src = home.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/a.txt"), b"stored\n").unwrap();
+    let s = session("pull");
+    let out = sessionfs(
+        home.path(),
+        &["-q", "push", &src.display().to_string(), &s],
+        &vars,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dest = home.path().join("dest");
+    std::fs::create_dir_all(dest.join("workspace")).unwrap();
+    std::fs::write(dest.join("workspace/a.txt"), b"mine\n").unwrap();
+    let d = dest.display().to_string();
+    let out = sessionfs(home.path(), &["pull", &s, &d], &vars);
+    refused(&out, 1, &[&d, "is not empty", "--allow-non-empty"]);
+    assert_eq!(
+        std::fs::read(dest.join("workspace/a.txt")).unwrap(),
+        b"mine\n"
+    );
+    let out = sessionfs(
+        home.path(),
+        &["-q", "pull", &s, &d, "--allow-non-empty"],
+        &vars,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dest.join("workspace/a.txt")).unwrap(),
+        b"stored\n"
+    );
+    // An empty directory, or none, needs no flag.
+    let empty = home.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    for to in [empty, home.path().join("new")] {
+        let out = sessionfs(
+            home.path(),
+            &["-q", "pull", &s, &to.display().to_string()],
+            &vars,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
