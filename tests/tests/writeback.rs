@@ -872,6 +872,61 @@ async fn two_mounts_settle_after_a_conflict() {
     b.stop();
 }
 
+/// A mount stopped after its write-back and mounted again still knows the
+/// files it wrote back are the stored ones: another writer's later change
+/// to them is taken, not kept beside a stale copy (it was, and the stale
+/// copy then overwrote that change in the store).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remounted_mount_takes_the_next_writers_version_of_what_it_wrote_back() {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let session = session_name("remounted");
+    let src = a_site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/f.txt"), b"base\n").unwrap();
+    a_site.push(&src, &session);
+    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
+    let a = a_site.mount(&session, &flags);
+    std::fs::write(a.join("workspace/f.txt"), b"from a\n").unwrap();
+    std::fs::write(a.join("workspace/new.txt"), b"new from a\n").unwrap();
+    a.stop();
+    let a = a_site.mount(&session, &flags);
+    let b = b_site.mount(&session, &flags);
+    std::fs::write(b.join("workspace/f.txt"), b"from b\n").unwrap();
+    std::fs::write(b.join("workspace/new.txt"), b"new from b\n").unwrap();
+    b_site.run(&["flush", &b.path.display().to_string()]);
+    wait_for(Duration::from_secs(20), "A following B's object", || {
+        std::fs::read(a.join("workspace/f.txt")).is_ok_and(|v| v == b"from b\n")
+    });
+    let names: Vec<String> = std::fs::read_dir(a.join("workspace"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "no conflict copies: {names:?}\n{}",
+        a.log_text()
+    );
+    assert_eq!(
+        std::fs::read(a.join("workspace/new.txt")).unwrap(),
+        b"new from b\n"
+    );
+    let st = status(&a_site, &a);
+    assert_eq!(st["pendingChanges"], 0, "{st}");
+    a.stop();
+    b.stop();
+    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    assert_eq!(
+        tree["workspace/f.txt"],
+        Node::File {
+            mode: 0o644,
+            content: b"from b\n".to_vec()
+        }
+    );
+}
+
 /// Two mounts change one large file in place at once (each copied up chunk
 /// by chunk). Once one writes back, the other's version still reads bytes of
 /// the object that replaced no longer holds, and its cache does not either:

@@ -5,8 +5,8 @@
 //!
 //! For each path R changed (B and R differ):
 //! - unchanged here (including a file this host wrote back into B and kept
-//!   in the overlay, not written since) → R's version is taken (created,
-//!   updated or removed);
+//!   in the overlay, not changed since, before a remount too) → R's version
+//!   is taken (created, updated or removed);
 //! - changed here too → the local version stays, and R's is kept beside it
 //!   as `NAME.conflict-<tag>` (a file or symlink; directories merge by
 //!   their children);
@@ -135,9 +135,15 @@ impl Namespace {
                     && match &n.data {
                         Data::Base(q) => **q == *p,
                         Data::None | Data::Target(_) => b.s == 0,
-                        // Written back from here: the base is this file.
+                        // Written back from here, unchanged since: the base
+                        // is this file. The base's stat data say so across
+                        // remounts (the inode packed, and its ctime, which
+                        // every change moves); the last write-back's list
+                        // says so in objects without stat data.
                         Data::Local | Data::Partial(_) => {
-                            s.written.get(&ino).is_some_and(|q| **q == *p)
+                            b.sd.get().is_some_and(|sd| {
+                                sd.i == ino && (sd.cs, sd.cn) == (n.ctime.s, n.ctime.ns)
+                            }) || s.written.get(&ino).is_some_and(|q| **q == *p)
                         }
                     }
             }
@@ -636,6 +642,41 @@ mod tests {
         assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
         assert_eq!(r.conflicts[0].0, "w/b", "b changed here since");
         assert_eq!(ns.get(b).unwrap().data, Data::Local);
+    }
+
+    /// After a remount the last write-back's list is gone; the base's stat
+    /// data still name the inode packed and its ctime then.
+    #[test]
+    fn the_bases_stat_data_vouch_for_overlay_files_across_remounts() {
+        use crate::tarball::toc::StatData;
+        let d = tempfile::tempdir().unwrap();
+        let mut ns = open(d.path());
+        let (a, b) = (ino(&ns, "w/a"), ino(&ns, "w/b"));
+        let mut packed = base();
+        for (i, inode) in [(1, a), (2, b)] {
+            ns.set_data(inode, Data::Local, None).unwrap();
+            let ctime = ns.get(inode).unwrap().ctime;
+            // b changed after it was packed: its ctime moved on.
+            let cn = if inode == b { ctime.ns ^ 1 } else { ctime.ns };
+            packed[i].sd = StatData {
+                i: inode,
+                cs: ctime.s,
+                cn,
+            }
+            .into();
+        }
+        let remote = vec![
+            dir("w"),
+            file("w/a", 2),
+            file("w/b", 2),
+            file("w/c", 1),
+            file("w/d", 1),
+        ];
+        let r = ns.rebase(&packed, &remote, "remote", "tag").unwrap();
+        assert_eq!(ns.get(a).unwrap().data, Data::Base("w/a".into()));
+        assert_eq!(r.freed, vec![a]);
+        let conflicts: Vec<&str> = r.conflicts.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(conflicts, ["w/b"]);
     }
 
     #[test]
