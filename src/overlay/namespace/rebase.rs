@@ -220,8 +220,12 @@ impl Namespace {
             let here = self.lookup_path(p);
             match (s.remote.get(p), here) {
                 (None, Some(_)) if unchanged_here => removals.push(p),
-                // Changed here, deleted there: ours stays.
-                (None, Some(_)) => out.conflicts.push((p.to_owned(), None)),
+                // Changed here, deleted there: ours stays, and goes to the
+                // store (pending already, unless changed before a remount).
+                (None, Some(ino)) => {
+                    ops.push(Op::Change("kept".into(), ino, p.to_owned()));
+                    out.conflicts.push((p.to_owned(), None));
+                }
                 (None, None) => {}
                 (Some(r), None) => {
                     // New there, or deleted here and changed there: theirs.
@@ -258,6 +262,8 @@ impl Namespace {
                             copy = Some(at);
                         }
                     }
+                    // Ours stays, and goes to the store beside theirs.
+                    ops.push(Op::Change("kept".into(), ino, p.to_owned()));
                     out.conflicts.push((p.to_owned(), copy));
                 }
             }
@@ -665,6 +671,9 @@ mod tests {
             }
             .into();
         }
+        // Nothing pending: as after the write-back, before the remount.
+        let seq = ns.journal().last_seq().unwrap();
+        ns.adopt_object(&[], "base", seq).unwrap();
         let remote = vec![
             dir("w"),
             file("w/a", 2),
@@ -677,6 +686,9 @@ mod tests {
         assert_eq!(r.freed, vec![a]);
         let conflicts: Vec<&str> = r.conflicts.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(conflicts, ["w/b"]);
+        // Ours stays, so it goes to the store: a change here again.
+        let pending = ns.journal().changed_since(0).unwrap();
+        assert!(pending.contains(&b) && !pending.contains(&a), "{pending:?}");
     }
 
     #[test]
