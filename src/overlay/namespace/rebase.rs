@@ -73,8 +73,6 @@ struct Sides<'a> {
     /// Overlay files the base object holds exactly, at these paths: what
     /// the last write-back here packed while the kernel held the file.
     written: HashMap<u64, Arc<str>>,
-    /// Inodes with changes not yet written back.
-    pending: HashSet<u64>,
 }
 
 impl<'a> Sides<'a> {
@@ -106,7 +104,6 @@ impl Namespace {
             remote: remote.iter().map(|e| (&*e.p, e)).collect(),
             local: self.walk(ROOT).into_iter().collect(),
             written,
-            pending,
         })
     }
 
@@ -119,12 +116,6 @@ impl Namespace {
             _ => return false,
         };
         let Ok(n) = self.get(ino) else { return false };
-        // A change waiting to go (an xattr, a chmod and back) is a change,
-        // even where the attributes compared below match. Directories
-        // record their children's comings and goings: those merge by name.
-        if n.kind != NodeKind::Dir && s.pending.contains(&ino) {
-            return false;
-        }
         if b.t == Kind::HardLink {
             return b.lt().and_then(|t| s.local.get(t)) == Some(&ino);
         }
@@ -658,30 +649,6 @@ mod tests {
         assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
         assert_eq!(r.conflicts[0].0, "w/b", "b changed here since");
         assert_eq!(ns.get(b).unwrap().data, Data::Local);
-    }
-
-    /// A change not written back yet counts even where the attributes the
-    /// rebase compares are the base's: an xattr set here stays, beside
-    /// their version, rather than going with ours.
-    #[test]
-    fn a_pending_xattr_is_a_change_here() {
-        let d = tempfile::tempdir().unwrap();
-        let mut ns = open(d.path());
-        let a = ino(&ns, "w/a");
-        ns.setxattr(a, "user.k", b"v", 0).unwrap();
-        let remote = vec![
-            dir("w"),
-            file("w/a", 2),
-            file("w/b", 1),
-            file("w/c", 1),
-            file("w/d", 1),
-        ];
-        for i in ns.rebase_copy_ups(&base(), &remote).unwrap() {
-            ns.set_data(i, Data::Local, None).unwrap();
-        }
-        let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
-        assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
-        assert_eq!(ns.getxattr(a, "user.k").unwrap(), b"v");
     }
 
     /// After a remount the last write-back's list is gone; the base's stat
