@@ -128,8 +128,7 @@ pub enum WriteBackError {
     Conflict { base: String },
     /// Moving onto another writer's object needs bytes of the object it
     /// replaced: a file changed here still reads some (a large file copied
-    /// up chunk by chunk, a file whose mode alone changed) and the other
-    /// writer changed it too. Neither the store nor the block cache has
+    /// up chunk by chunk) and the other writer changed it too. Neither the store nor the block cache has
     /// them any more.
     #[error("{path} was changed here and by another writer, and its version here still reads bytes of the object that writer replaced, which neither the store nor the block cache has any more: it cannot be kept beside theirs. Every change here stays pending until it goes: delete it here (their version comes back) to let the rest be written back")]
     BaseBytesGone { path: String },

@@ -927,6 +927,54 @@ async fn a_remounted_mount_takes_the_next_writers_version_of_what_it_wrote_back(
     );
 }
 
+/// `chmod +x` on one host while another edits the file: both land, on
+/// both hosts and in the store, with no conflict copy. (The chmodded file
+/// still read the replaced object's bytes, which were gone: the host was
+/// stuck, and the file unreadable there.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chmod_here_and_an_edit_there_both_land() {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let session = session_name("chmod-edit");
+    let src = a_site.dir.path().join("src");
+    std::fs::create_dir_all(src.join("workspace")).unwrap();
+    std::fs::write(src.join("workspace/run.sh"), b"echo v1\n").unwrap();
+    a_site.push(&src, &session);
+    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
+    let a = a_site.mount(&session, &flags);
+    let b = b_site.mount(&session, &flags);
+    std::fs::write(a.join("workspace/run.sh"), b"echo v2\n").unwrap();
+    let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(b.join("workspace/run.sh"), exec).unwrap();
+    a_site.run(&["flush", &a.path.display().to_string()]);
+    b_site.run(&["flush", &b.path.display().to_string()]);
+    let seen = |m: &Mount| {
+        let p = m.join("workspace/run.sh");
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).unwrap().permissions());
+        (mode & 0o777, std::fs::read(&p).unwrap_or_default())
+    };
+    let want = (0o755, b"echo v2\n".to_vec());
+    wait_for(
+        Duration::from_secs(20),
+        "both hosts with both changes",
+        || seen(&a) == want && seen(&b) == want,
+    );
+    let names = std::fs::read_dir(b.join("workspace")).unwrap().count();
+    assert_eq!(names, 1, "no conflict copy\n{}", b.log_text());
+    a.stop();
+    b.stop();
+    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    assert_eq!(
+        tree["workspace/run.sh"],
+        Node::File {
+            mode: 0o755,
+            content: want.1
+        }
+    );
+}
+
 /// Two mounts change one large file in place at once (each copied up chunk
 /// by chunk). Once one writes back, the other's version still reads bytes of
 /// the object that replaced no longer holds, and its cache does not either:

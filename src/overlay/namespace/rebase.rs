@@ -11,7 +11,10 @@
 //!   as `NAME.conflict-<tag>` (a file or symlink; directories merge by
 //!   their children);
 //! - deleted here, changed there → R's version comes back (a deletion never
-//!   wins over a change); changed here, deleted there → the local one stays.
+//!   wins over a change); changed here, deleted there → the local one stays;
+//! - a file whose mode, owner or xattrs alone changed here (its bytes still
+//!   the base's) takes R's bytes with those on top, or goes if R deleted
+//!   it: B's bytes, which it would need to stay, may be gone from the store.
 //!
 //! What R brings is not a local change: it is applied without change-feed
 //! rows, so following another writer never triggers a write-back of its
@@ -29,7 +32,7 @@ use super::{Namespace, ROOT};
 use crate::overlay::journal::Op;
 use crate::overlay::node::{perm_bits, Data, Node, NodeKind, Time};
 use crate::overlay::OverlayError;
-use crate::tarball::tar_header::hex_decode;
+use crate::tarball::tar_header::{hex_decode, hex_encode};
 use crate::tarball::toc::{Entry, Kind};
 
 /// What a rebase did.
@@ -151,6 +154,21 @@ impl Namespace {
         }
     }
 
+    /// Whether the file at `p` still reads the base's bytes there, changed
+    /// here (if at all) in its mode, owner or xattrs only: its content is
+    /// the base's, so theirs wins it, and what changed here stays on top.
+    fn content_from_base(&self, s: &Sides<'_>, p: &str) -> bool {
+        let (Some(b), Some(ino)) = (s.base.get(p), s.local.get(p)) else {
+            return false;
+        };
+        self.get(*ino).is_ok_and(|n| {
+            b.t == Kind::File
+                && n.kind == NodeKind::File
+                && n.size == b.s
+                && matches!(&n.data, Data::Base(q) if **q == *p)
+        })
+    }
+
     /// Files whose bytes (or, copied up chunk by chunk, some of them) are
     /// the base object's at a path the stored object changed, and that keep
     /// those bytes through the rebase: they must be copied up in full (from
@@ -172,7 +190,8 @@ impl Namespace {
             if !s.remote_changed(q) {
                 continue;
             }
-            let takes_remote = s.local.get(&**q) == Some(&n.ino) && self.local_unchanged(&s, q);
+            let takes_remote = s.local.get(&**q) == Some(&n.ino)
+                && (self.local_unchanged(&s, q) || self.content_from_base(&s, q));
             if !takes_remote {
                 out.push(n.ino);
             }
@@ -217,9 +236,13 @@ impl Namespace {
         let mut removals = Vec::new();
         for p in paths {
             let unchanged_here = self.local_unchanged(&s, p);
+            // Its mode, owner or xattrs changed here, not its bytes: those
+            // are the replaced object's, which may be gone. Deleted there,
+            // it goes; changed there, theirs comes with ours on top.
+            let only_attributes_here = !unchanged_here && self.content_from_base(&s, p);
             let here = self.lookup_path(p);
             match (s.remote.get(p), here) {
-                (None, Some(_)) if unchanged_here => removals.push(p),
+                (None, Some(_)) if unchanged_here || only_attributes_here => removals.push(p),
                 // Changed here, deleted there: ours stays, and goes to the
                 // store (pending already, unless changed before a remount).
                 (None, Some(ino)) => {
@@ -238,6 +261,46 @@ impl Namespace {
                 }
                 (Some(r), Some(ino)) if unchanged_here => {
                     self.update_remote(&mut ops, p, ino, r, &mut out)?;
+                    out.taken.push(p.to_owned());
+                }
+                (Some(r), Some(ino)) if only_attributes_here => {
+                    let b = s.base[p];
+                    let ours = self.get(ino)?.clone();
+                    let mut our_xattrs = std::collections::BTreeMap::new();
+                    for name in self.journal.xattr_names(ino)? {
+                        if let Some(v) = self.journal.xattr(ino, &name)? {
+                            our_xattrs.insert(name, v);
+                        }
+                    }
+                    let xattrs_changed = our_xattrs.len() != b.x().len()
+                        || our_xattrs
+                            .iter()
+                            .any(|(k, v)| b.x().get(k) != Some(&hex_encode(v)));
+                    self.update_remote(&mut ops, p, ino, r, &mut out)?;
+                    if r.t == Kind::File {
+                        let mut m = self.get(ino)?.clone();
+                        if ours.perm != perm_bits(b.m) {
+                            m.perm = ours.perm;
+                        }
+                        if u64::from(ours.uid) != b.u {
+                            m.uid = ours.uid;
+                        }
+                        if u64::from(ours.gid) != b.g {
+                            m.gid = ours.gid;
+                        }
+                        ops.push(Op::PutNode(m.clone()));
+                        self.nodes.insert(ino, m);
+                        if xattrs_changed {
+                            for name in r.x().keys() {
+                                ops.push(Op::RemoveXattr(ino, name.clone()));
+                            }
+                            for (k, v) in our_xattrs {
+                                ops.push(Op::SetXattr(ino, k, v));
+                            }
+                        }
+                        // Ours on top of theirs: a change here, for the store.
+                        ops.push(Op::Change("merged".into(), ino, p.to_owned()));
+                    }
                     out.taken.push(p.to_owned());
                 }
                 (Some(r), Some(ino)) => {
@@ -572,8 +635,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut ns = open(d.path());
         let a = ino(&ns, "w/a");
+        // Their bytes changed here (a mode alone would go on top of theirs).
         let set = SetAttr {
-            perm: Some(0o600),
+            size: Some(3),
             ..SetAttr::default()
         };
         ns.setattr(a, &set).unwrap();
@@ -592,7 +656,7 @@ mod tests {
             ns.set_data(i, Data::Local, None).unwrap();
         }
         let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
-        assert_eq!(ns.get(a).unwrap().perm, 0o600, "ours stays");
+        assert_eq!(ns.get(a).unwrap().size, 3, "ours stays");
         let copy = ino(&ns, "w/a.conflict-tag");
         assert_eq!(ns.get(copy).unwrap().data, Data::Base("w/a".into()));
         assert_eq!(r.conflicts.len(), 3, "{:?}", r.conflicts);
@@ -602,8 +666,8 @@ mod tests {
             "a deletion does not win over a change"
         );
         assert_eq!(
-            ns.get(dd).unwrap().perm,
-            0o600,
+            ns.get(dd).unwrap().size,
+            3,
             "a change does not lose to a deletion"
         );
     }
@@ -649,6 +713,33 @@ mod tests {
         assert_eq!(r.conflicts.len(), 1, "{:?}", r.conflicts);
         assert_eq!(r.conflicts[0].0, "w/b", "b changed here since");
         assert_eq!(ns.get(b).unwrap().data, Data::Local);
+    }
+
+    /// A chmod or an xattr here, a new version there: their bytes, with
+    /// ours on top, and no copy-up (the replaced object's bytes may be
+    /// gone). A file only chmodded here and deleted there goes.
+    #[test]
+    fn attributes_changed_here_go_on_top_of_their_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let mut ns = open(d.path());
+        let (a, b) = (ino(&ns, "w/a"), ino(&ns, "w/b"));
+        let exec = SetAttr {
+            perm: Some(0o755),
+            ..SetAttr::default()
+        };
+        ns.setattr(a, &exec).unwrap();
+        ns.setxattr(a, "user.k", b"ours", 0).unwrap();
+        ns.setattr(b, &exec).unwrap();
+        let remote = vec![dir("w"), file("w/a", 2), file("w/c", 1), file("w/d", 1)];
+        assert!(ns.rebase_copy_ups(&base(), &remote).unwrap().is_empty());
+        let r = ns.rebase(&base(), &remote, "remote", "tag").unwrap();
+        assert!(r.conflicts.is_empty(), "{:?}", r.conflicts);
+        let n = ns.get(a).unwrap();
+        assert_eq!(n.data, Data::Base("w/a".into()));
+        assert_eq!(({ n.mtime.s }, n.perm), (2, 0o755));
+        assert_eq!(ns.getxattr(a, "user.k").unwrap(), b"ours");
+        assert!(ns.journal().changed_since(0).unwrap().contains(&a));
+        assert!(ns.lookup_path("w/b").is_none());
     }
 
     /// After a remount the last write-back's list is gone; the base's stat
