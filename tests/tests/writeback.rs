@@ -54,6 +54,15 @@ async fn stored_object(session: &str, into: &Path) -> Option<(String, PathBuf)> 
     }
 }
 
+/// The stored object's tree, as GNU tar extracts it.
+async fn stored_tree(session: &str, scratch: &Path) -> BTreeMap<String, Node> {
+    let (_, object) = stored_object(session, scratch)
+        .await
+        .expect("a stored object");
+    let into = tempfile::tempdir().unwrap();
+    every_reader(&object, into.path()).remove(0).1
+}
+
 /// `sessionfs flush SESSION`, then the object it stored, fetched into `into`.
 async fn flushed_object(site: &Site, session: &str, into: &Path) -> PathBuf {
     site.run(&["flush", session]);
@@ -680,17 +689,29 @@ async fn a_mount_follows_a_push_and_merges_what_is_pending() {
     m.stop();
 }
 
+/// Two hosts (sites of their own) and a session pushed from the first
+/// with `files` (paths under `workspace/`).
+fn two_hosts(test: &str, files: &[(&str, &[u8])]) -> (Site, Site, String) {
+    let (a_site, b_site) = (Site::s3(), Site::s3());
+    let session = session_name(test);
+    let src = a_site.dir.path().join("src");
+    for (path, bytes) in files {
+        let path = src.join("workspace").join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    a_site.push(&src, &session);
+    (a_site, b_site, session)
+}
+
+/// Mount flags for hosts that write back and follow each other quickly.
+const FOLLOWING: [&str; 4] = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_mounts_writing_at_once_lose_nothing() {
-    let (a_site, b_site) = (Site::s3(), Site::s3());
-    let session = session_name("two-mounts");
-    let src = a_site.dir.path().join("src");
-    std::fs::create_dir_all(src.join("workspace")).unwrap();
-    std::fs::write(src.join("workspace/same.txt"), b"base\n").unwrap();
-    a_site.push(&src, &session);
-    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "300"];
-    let a = a_site.mount(&session, &flags);
-    let b = b_site.mount(&session, &flags);
+    let (a_site, b_site, session) = two_hosts("two-mounts", &[("same.txt", b"base\n")]);
+    let a = a_site.mount(&session, &FOLLOWING);
+    let b = b_site.mount(&session, &FOLLOWING);
     // The later mount warns that another overlay of the session is held here.
     wait_for(
         Duration::from_secs(10),
@@ -735,9 +756,7 @@ async fn two_mounts_writing_at_once_lose_nothing() {
     };
     a.stop();
     b.stop();
-    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    let tree = stored_tree(&session, a_site.dir.path()).await;
     for tag in ["a", "b"] {
         for i in 0..files {
             let p = format!("workspace/{tag}-{i:02}.txt");
@@ -780,17 +799,13 @@ async fn two_mounts_writing_at_once_lose_nothing() {
 /// at every follow, writing back without end).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_mounts_settle_after_a_conflict() {
-    let (a_site, b_site) = (Site::s3(), Site::s3());
-    let session = session_name("settle");
-    let src = a_site.dir.path().join("src");
-    std::fs::create_dir_all(src.join("workspace")).unwrap();
-    std::fs::write(src.join("workspace/same.txt"), b"base\n").unwrap();
-    // Large enough to be copied up chunk by chunk when written in place.
-    std::fs::write(src.join("workspace/big.bin"), pattern(9 << 20, 5)).unwrap();
-    a_site.push(&src, &session);
-    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
-    let a = a_site.mount(&session, &flags);
-    let b = b_site.mount(&session, &flags);
+    // The big file is large enough to be copied up chunk by chunk when
+    // written in place.
+    let big = pattern(9 << 20, 5);
+    let files: [(&str, &[u8]); 2] = [("same.txt", b"base\n"), ("big.bin", &big)];
+    let (a_site, b_site, session) = two_hosts("settle", &files);
+    let a = a_site.mount(&session, &FOLLOWING);
+    let b = b_site.mount(&session, &FOLLOWING);
     let flush = |site: &Site, m: &Mount| {
         site.run(&["flush", &m.path.display().to_string()]);
     };
@@ -878,13 +893,8 @@ async fn two_mounts_settle_after_a_conflict() {
 /// copy then overwrote that change in the store).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remounted_mount_takes_the_next_writers_version_of_what_it_wrote_back() {
-    let (a_site, b_site) = (Site::s3(), Site::s3());
-    let session = session_name("remounted");
-    let src = a_site.dir.path().join("src");
-    std::fs::create_dir_all(src.join("workspace")).unwrap();
-    std::fs::write(src.join("workspace/f.txt"), b"base\n").unwrap();
-    a_site.push(&src, &session);
-    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
+    let (a_site, b_site, session) = two_hosts("remounted", &[("f.txt", b"base\n")]);
+    let flags = FOLLOWING;
     let a = a_site.mount(&session, &flags);
     std::fs::write(a.join("workspace/f.txt"), b"from a\n").unwrap();
     std::fs::write(a.join("workspace/new.txt"), b"new from a\n").unwrap();
@@ -915,9 +925,7 @@ async fn a_remounted_mount_takes_the_next_writers_version_of_what_it_wrote_back(
     assert_eq!(st["pendingChanges"], 0, "{st}");
     a.stop();
     b.stop();
-    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    let tree = stored_tree(&session, a_site.dir.path()).await;
     assert_eq!(
         tree["workspace/f.txt"],
         Node::File {
@@ -933,15 +941,9 @@ async fn a_remounted_mount_takes_the_next_writers_version_of_what_it_wrote_back(
 /// stuck, and the file unreadable there.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chmod_here_and_an_edit_there_both_land() {
-    let (a_site, b_site) = (Site::s3(), Site::s3());
-    let session = session_name("chmod-edit");
-    let src = a_site.dir.path().join("src");
-    std::fs::create_dir_all(src.join("workspace")).unwrap();
-    std::fs::write(src.join("workspace/run.sh"), b"echo v1\n").unwrap();
-    a_site.push(&src, &session);
-    let flags = ["--writeback-quiet-ms", "200", "--follow-ms", "200"];
-    let a = a_site.mount(&session, &flags);
-    let b = b_site.mount(&session, &flags);
+    let (a_site, b_site, session) = two_hosts("chmod-edit", &[("run.sh", b"echo v1\n")]);
+    let a = a_site.mount(&session, &FOLLOWING);
+    let b = b_site.mount(&session, &FOLLOWING);
     std::fs::write(a.join("workspace/run.sh"), b"echo v2\n").unwrap();
     let exec = std::os::unix::fs::PermissionsExt::from_mode(0o755);
     std::fs::set_permissions(b.join("workspace/run.sh"), exec).unwrap();
@@ -963,9 +965,7 @@ async fn a_chmod_here_and_an_edit_there_both_land() {
     assert_eq!(names, 1, "no conflict copy\n{}", b.log_text());
     a.stop();
     b.stop();
-    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    let tree = stored_tree(&session, a_site.dir.path()).await;
     assert_eq!(
         tree["workspace/run.sh"],
         Node::File {
@@ -982,12 +982,8 @@ async fn a_chmod_here_and_an_edit_there_both_land() {
 /// why and what to do; deleting the file there lets the rest go.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_large_file_changed_in_place_on_two_hosts_at_once_says_what_to_do() {
-    let (a_site, b_site) = (Site::s3(), Site::s3());
-    let session = session_name("bytes-gone");
-    let src = a_site.dir.path().join("src");
-    std::fs::create_dir_all(src.join("workspace")).unwrap();
-    std::fs::write(src.join("workspace/big.bin"), pattern(40 << 20, 9)).unwrap();
-    a_site.push(&src, &session);
+    let big = pattern(40 << 20, 9);
+    let (a_site, b_site, session) = two_hosts("bytes-gone", &[("big.bin", &big)]);
     let flags = ["--writeback-quiet-ms", "600000", "--follow-ms", "200"];
     let a = a_site.mount(&session, &flags);
     let b = b_site.mount(&session, &flags);
@@ -1031,9 +1027,7 @@ async fn a_large_file_changed_in_place_on_two_hosts_at_once_says_what_to_do() {
         "B's write-back after the delete",
         || flush_b().status.success(),
     );
-    let (_, object) = stored_object(&session, a_site.dir.path()).await.unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let (_, tree) = every_reader(&object, scratch.path()).remove(0);
+    let tree = stored_tree(&session, a_site.dir.path()).await;
     match (&tree["workspace/note.txt"], &tree["workspace/big.bin"]) {
         (Node::File { content: note, .. }, Node::File { content: big, .. }) => {
             assert_eq!(note, b"from b\n");
