@@ -52,14 +52,25 @@ fn ask(mountpoint: &Path, what: &str) -> Result<String> {
                 mountpoint.display()
             ),
             Some(libc::EIO) => bail!(
-                "the mount at {} could not {what}: see its log",
-                mountpoint.display()
+                "the mount at {} could not {what}: {}",
+                mountpoint.display(),
+                last_error(mountpoint, what).unwrap_or_else(|| "see its log".into())
             ),
             _ => return Err(e).with_context(|| format!("asking {}", mountpoint.display())),
         }
     }
     buf.truncate(n as usize);
     Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Why the mount's last write-back (or follow) failed, as its status says:
+/// an xattr carries only an errno back.
+fn last_error(mountpoint: &Path, what: &str) -> Option<String> {
+    if what == "status" {
+        return None;
+    }
+    let status: serde_json::Value = serde_json::from_str(&ask(mountpoint, "status").ok()?).ok()?;
+    status["lastError"].as_str().map(str::to_owned)
 }
 
 pub fn flush(mountpoint: &Path, quiet: bool) -> Result<()> {

@@ -1003,7 +1003,11 @@ async fn a_large_file_changed_in_place_on_two_hosts_at_once_says_what_to_do() {
             .output()
             .unwrap()
     };
-    assert!(!flush_b().status.success(), "{}", b.log_text());
+    let refused = flush_b();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{}", b.log_text());
+    // The flush says why, not only "see its log".
+    assert!(said.contains("delete it here"), "{said}");
     let st = status(&b_site, &b);
     let said = st["lastError"].as_str().unwrap_or_default().to_owned();
     assert!(
